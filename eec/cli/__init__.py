@@ -1,0 +1,1 @@
+"""The `eec` command line: a thin typer app over the library."""

@@ -1,0 +1,5 @@
+"""The torch side of eec: load a model, plan segments, export ONNX, write the artifact."""
+
+from eec.compiler.pipeline import compile_model
+
+__all__ = ["compile_model"]

@@ -1,0 +1,169 @@
+"""Plain PyTorch modules for one decoder segment, written to export cleanly.
+
+A segment holds layers ``[start, stop)`` of a Llama-family backbone; the
+last one has the final head fused at its end. Everything is explicit tensors
+in and out (no cache objects, no config lookups at trace time), so the ONNX
+graph has exactly the inputs and outputs the runtime drives:
+
+    inputs   input_ids | hidden, position_ids, attention_mask,
+             past_key_<i>, past_value_<i> for each layer i of the segment
+    outputs  hidden_out (unless last), present_key_<i>, present_value_<i>,
+             token, confidence (last segment only)
+
+An exit head is a graph of its own (`LastPositionHead`): onnxruntime runs a
+whole graph whatever outputs are asked for, so a head fused into a middle
+segment would cost every token that passes it, in full mode too.
+
+The weights are the Hugging Face model's own tensors (shared, not copied);
+tests compare these modules against transformers token for token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, hf_attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.q_proj, self.k_proj = hf_attn.q_proj, hf_attn.k_proj
+        self.v_proj, self.o_proj = hf_attn.v_proj, hf_attn.o_proj
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+
+    def forward(self, x, cos, sin, allowed, past_k, past_v):
+        bsz, seq, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k = torch.cat([past_k, k], dim=2)
+        v = torch.cat([past_v, v], dim=2)
+        # Grouped-query attention: query heads are grouped over the KV heads by
+        # a reshape, not by repeating the KV (no copy of the cache per step).
+        group = self.n_heads // self.n_kv_heads
+        qg = q.reshape(bsz, self.n_kv_heads, group * seq, self.head_dim)
+        scores = torch.matmul(qg, k.transpose(2, 3)) * self.scale
+        scores = scores.view(bsz, self.n_kv_heads, group, seq, -1)
+        scores = scores.masked_fill(~allowed[:, None, None, :, :], torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1).view(bsz, self.n_kv_heads, group * seq, -1)
+        out = torch.matmul(probs, v).view(bsz, self.n_heads, seq, self.head_dim)
+        out = out.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim)
+        return self.o_proj(out), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, hf_mlp: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = hf_mlp.gate_proj, hf_mlp.up_proj, hf_mlp.down_proj
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_layer: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.input_norm = RMSNorm(hf_layer.input_layernorm.weight.data, eps)
+        self.attn = Attention(hf_layer.self_attn, n_heads, n_kv_heads, head_dim)
+        self.post_norm = RMSNorm(hf_layer.post_attention_layernorm.weight.data, eps)
+        self.mlp = MLP(hf_layer.mlp)
+
+    def forward(self, x, cos, sin, allowed, past_k, past_v):
+        attn_out, k, v = self.attn(self.input_norm(x), cos, sin, allowed, past_k, past_v)
+        x = x + attn_out
+        return x + self.mlp(self.post_norm(x)), k, v
+
+
+class ExitHead(nn.Module):
+    """Norm, vocabulary projection, softmax and the confidence, on the last position.
+
+    Confidence is the top-1 minus top-2 probability ("breaking ties"); the
+    host reads ``token`` and ``confidence``, two scalars per sequence.
+    """
+
+    def __init__(self, norm_weight: torch.Tensor, eps: float, proj: nn.Linear):
+        super().__init__()
+        self.norm = RMSNorm(norm_weight, eps)
+        self.proj = proj
+
+    def forward(self, hidden_last: torch.Tensor):
+        logits = self.proj(self.norm(hidden_last))
+        probs = F.softmax(logits.float(), dim=-1)
+        top = torch.topk(probs, 2, dim=-1)
+        return top.indices[:, 0], top.values[:, 0] - top.values[:, 1]
+
+
+class LastPositionHead(nn.Module):
+    """An exit head as its own graph: reads a segment's ``hidden_out``, judges its last position."""
+
+    def __init__(self, head: ExitHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor):
+        return self.head(hidden[:, -1, :])
+
+
+class Segment(nn.Module):
+    """Layers [start, stop) of the backbone; the last segment also holds the final head."""
+
+    def __init__(
+        self,
+        layers: list[DecoderLayer],
+        inv_freq: torch.Tensor,
+        rope_scaling: float,
+        embed: nn.Embedding | None,
+        head: ExitHead | None,
+        emit_hidden: bool,
+    ):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.rope_scaling = float(rope_scaling)
+        self.embed = embed
+        self.head = head
+        self.emit_hidden = emit_hidden
+
+    def forward(self, x, position_ids, attention_mask, *past):
+        if self.embed is not None:
+            x = self.embed(x)
+        seq = x.shape[1]
+        total = attention_mask.shape[1]
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scaling)[:, None, :, :]
+        sin = (emb.sin() * self.rope_scaling)[:, None, :, :]
+        # Query i sits at absolute index total - seq + i; it sees keys at or
+        # before it that the attention mask keeps.
+        q_idx = torch.arange(seq, device=x.device) + (total - seq)
+        k_idx = torch.arange(total, device=x.device)
+        causal = k_idx[None, :] <= q_idx[:, None]
+        allowed = causal[None, :, :] & attention_mask[:, None, :].bool()
+        presents = []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, cos, sin, allowed, past[2 * i], past[2 * i + 1])
+            presents += [k, v]
+        outputs = [x] if self.emit_hidden else []
+        if self.head is not None:
+            outputs += list(self.head(x[:, -1, :]))
+        return tuple(outputs + presents)

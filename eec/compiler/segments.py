@@ -1,0 +1,134 @@
+"""Plan the segments from the exit layers and build their PyTorch modules.
+
+Rules:
+1. Exits are layer indices in ``1 .. num_layers - 1``, each at most once;
+   an exit at ``b`` reads the hidden state after ``b`` layers.
+2. The backbone is cut at every exit: ``[0, e1), [e1, e2), ..., [ek, L)``.
+3. Segment 0 takes ``input_ids`` (the embedding is fused into it); the others
+   take ``hidden``. Every segment but the last emits ``hidden_out``.
+4. The last segment ends with the model's final norm and LM head, fused.
+5. Each exit has a head graph of its own that reads the segment's
+   ``hidden_out``: the trained head from ``model.pt`` where there is one
+   (``heads/exit<b>.onnx``), else the model's own final norm and LM head
+   ("shared", as in CALM and LayerSkip), stored once in ``heads/shared.onnx``
+   for every exit that uses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from eec.compiler.frontends import SourceModel
+from eec.compiler.modules import DecoderLayer, ExitHead, LastPositionHead, Segment
+from eec.errors import InputError, UnsupportedModelError
+from eec.runtime.manifest import ExitSpec, SegmentSpec
+
+
+def check_exits(layers: list[int], num_layers: int) -> list[int]:
+    repeated = sorted({x for x in layers if layers.count(x) > 1})
+    if repeated:
+        raise InputError(f"exit layers repeated: {', '.join(map(str, repeated))}")
+    bad = [x for x in layers if not 1 <= x < num_layers]
+    if bad:
+        raise InputError(
+            f"exit layers {', '.join(map(str, bad))} out of range: this model has {num_layers} layers, "
+            f"so exits go at 1..{num_layers - 1}"
+        )
+    return sorted(layers)
+
+
+def default_exits(src: SourceModel) -> list[int]:
+    """Trained heads' layers when the checkpoint has them, else quarter depths."""
+    if src.heads:
+        return sorted(src.heads)
+    n = src.config.num_hidden_layers
+    return sorted({n * q // 4 for q in (1, 2, 3)} - {0, n})
+
+
+@dataclass
+class PlannedSegment:
+    spec: SegmentSpec
+    module: Segment
+
+
+@dataclass
+class PlannedHead:
+    file: str
+    module: LastPositionHead
+
+
+@dataclass
+class Plan:
+    segments: list[PlannedSegment]
+    heads: list[PlannedHead]
+
+
+def io_names(start: int, stop: int, first: bool, last: bool) -> tuple[list[str], list[str]]:
+    kv_in = [f"past_{kv}_{i}" for i in range(start, stop) for kv in ("key", "value")]
+    kv_out = [f"present_{kv}_{i}" for i in range(start, stop) for kv in ("key", "value")]
+    inputs = ["input_ids" if first else "hidden", "position_ids", "attention_mask", *kv_in]
+    outputs = (["token", "confidence"] if last else ["hidden_out"]) + kv_out
+    return inputs, outputs
+
+
+HEAD_INPUTS, HEAD_OUTPUTS = ["hidden"], ["token", "confidence"]
+
+
+def plan_segments(src: SourceModel, exits: list[int]) -> Plan:
+    config = src.config
+    n_layers = config.num_hidden_layers
+    exits = check_exits(exits, n_layers)
+    unused = sorted(set(src.heads) - set(exits))
+    if unused:
+        raise InputError(
+            f"trained heads at layers {', '.join(map(str, unused))} are not among the exits {exits}; "
+            "add them to --exits or leave --exits out to use the checkpoint's heads"
+        )
+    model = src.model
+    backbone = model.model
+    rotary = backbone.rotary_emb
+    if getattr(rotary, "rope_type", "default") in ("dynamic", "longrope"):
+        raise UnsupportedModelError(f"rope type {rotary.rope_type!r} changes with sequence length and is not supported")
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    eps = config.rms_norm_eps
+
+    def shared_head() -> ExitHead:
+        return ExitHead(backbone.norm.weight.data, eps, model.lm_head)
+
+    heads: dict[str, PlannedHead] = {}
+    segments = []
+    bounds = [0, *exits, n_layers]
+    for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        first, last = i == 0, stop == n_layers
+        if last:
+            exit_spec = ExitSpec(stop, "final", None)
+        elif stop in src.heads:
+            exit_spec = ExitSpec(stop, "trained", f"heads/exit{stop}.onnx")
+            heads[exit_spec.file] = PlannedHead(exit_spec.file, LastPositionHead(_trained_head(src.heads[stop], eps)))
+        else:
+            exit_spec = ExitSpec(stop, "shared", "heads/shared.onnx")
+            heads.setdefault(exit_spec.file, PlannedHead(exit_spec.file, LastPositionHead(shared_head())))
+        module = Segment(
+            [DecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)],
+            inv_freq=rotary.inv_freq,
+            rope_scaling=rotary.attention_scaling,
+            embed=backbone.embed_tokens if first else None,
+            head=shared_head() if last else None,
+            emit_hidden=not last,
+        ).eval()
+        inputs, outputs = io_names(start, stop, first, last)
+        spec = SegmentSpec(f"segments/seg{i}_layers{start}-{stop}.onnx", start, stop, inputs, outputs, exit_spec)
+        segments.append(PlannedSegment(spec, module))
+    return Plan(segments, [h for h in heads.values()])
+
+
+def _trained_head(h, eps: float) -> ExitHead:
+    proj = nn.Linear(h.proj_weight.shape[1], h.proj_weight.shape[0], bias=h.proj_bias is not None)
+    proj.weight = nn.Parameter(h.proj_weight.float(), requires_grad=False)
+    if h.proj_bias is not None:
+        proj.bias = nn.Parameter(h.proj_bias.float(), requires_grad=False)
+    return ExitHead(h.norm_weight.float(), eps, proj)

@@ -1,0 +1,22 @@
+"""Typed errors. Each is a user-facing mistake with a one-line message;
+the CLI prints ``error: <message>`` and exits non-zero, with no traceback."""
+
+
+class EecError(Exception):
+    """Base class of every error eec raises on purpose."""
+
+
+class InputError(EecError):
+    """A path, option or prompt the user gave is not usable."""
+
+
+class UnsupportedModelError(EecError):
+    """The model's architecture or configuration is not one eec compiles."""
+
+
+class ArtifactError(EecError):
+    """An artifact is missing, malformed or tampered with."""
+
+
+class CompileError(EecError):
+    """Compilation failed for a reason other than the user's input."""

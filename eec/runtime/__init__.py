@@ -1,0 +1,13 @@
+"""Run an eec artifact with numpy and onnxruntime; no torch, no transformers.
+
+    from eec.runtime import load
+    model = load("smollm2.eec")
+    for piece in model.generate("Hello", stream=True):
+        print(piece, end="", flush=True)
+    print(model.stats)
+"""
+
+from eec.runtime.manifest import Manifest, read_manifest
+from eec.runtime.model import EarlyExitModel, GenerationResult, Stats, load
+
+__all__ = ["EarlyExitModel", "GenerationResult", "Manifest", "Stats", "load", "read_manifest"]

@@ -1,0 +1,103 @@
+"""One sequence's decoding state and the per-token step over the segments.
+
+Each segment keeps its layers' KV and a *pending* list: hidden states at
+its input for positions that exited before reaching it. The next token that
+goes that deep runs the segment over ``[pending..., current]`` in one call
+(synchronized catch-up), so every layer's KV always equals what the full
+model computes for the generated sequence. Pending positions are contiguous
+and directly follow the segment's KV, so positions are implied by lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from eec.runtime.manifest import SegmentSpec
+
+
+@dataclass
+class SegmentState:
+    kv: list[np.ndarray]  # past key, value per layer: [batch, kv_heads, length, head_dim]
+    pending: np.ndarray | None = None  # [batch, n, hidden]
+
+    @property
+    def length(self) -> int:
+        return self.kv[0].shape[2]
+
+
+@dataclass
+class StepResult:
+    token: int
+    exit_layer: int  # layers the token passed through (num_layers for the final head)
+    confidences: dict[int, float] = field(default_factory=dict)  # exit layer -> confidence seen
+
+
+class Decoder:
+    """Runs the segments and exit heads for one sequence (batch 1)."""
+
+    def __init__(
+        self,
+        specs: list[SegmentSpec],
+        sessions: list[ort.InferenceSession],
+        heads: dict[str, ort.InferenceSession],
+        kv_heads: int,
+        head_dim: int,
+        context: int,
+    ):
+        self.specs, self.sessions, self.heads = specs, sessions, heads
+        self.mask = np.ones((1, context), dtype=np.int64)  # sliced, never reallocated
+        empty = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
+        self.states = [SegmentState(kv=[empty] * (2 * (s.stop - s.start))) for s in specs]
+
+    @property
+    def length(self) -> int:
+        """Positions whose first-segment KV exists (tokens consumed so far)."""
+        return self.states[0].length
+
+    def _run(self, j: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run segment j over x; keep its KV; return (hidden_out | token, confidence)."""
+        spec, state = self.specs[j], self.states[j]
+        past, seq = state.length, x.shape[1]
+        feeds = {
+            spec.inputs[0]: x,
+            "position_ids": np.arange(past, past + seq, dtype=np.int64)[None, :],
+            "attention_mask": self.mask[:, : past + seq],
+        }
+        feeds.update(zip(spec.inputs[3:], state.kv))
+        outputs = self.sessions[j].run(None, feeds)
+        if spec.emits_hidden:
+            state.kv = outputs[1:]
+            return outputs[0], None
+        state.kv = outputs[2:]
+        return outputs[0], outputs[1]
+
+    def step(self, ids: np.ndarray, thresholds: dict[int, float] | None) -> StepResult:
+        """Feed ``ids`` ([1, n] int64) and predict the next token.
+
+        ``thresholds`` maps exit layer -> minimum confidence; an exit not in
+        it is passed without running its head (None: full mode).
+        """
+        x = ids
+        confidences: dict[int, float] = {}
+        last = len(self.specs) - 1
+        for j, spec in enumerate(self.specs):
+            state = self.states[j]
+            if state.pending is not None:
+                x = np.concatenate([state.pending, x], axis=1)
+                state.pending = None
+            x, conf = self._run(j, x)
+            if j == last:
+                confidences[spec.exit.layer] = float(conf[0])
+                return StepResult(int(x[0]), spec.stop, confidences)
+            if thresholds is None or spec.exit.layer not in thresholds:
+                continue
+            token, conf = self.heads[spec.exit.file].run(None, {"hidden": x})
+            confidences[spec.exit.layer] = float(conf[0])
+            if conf[0] >= thresholds[spec.exit.layer]:
+                nxt = self.states[j + 1]
+                nxt.pending = x if nxt.pending is None else np.concatenate([nxt.pending, x], axis=1)
+                return StepResult(int(token[0]), spec.stop, confidences)
+        raise AssertionError("unreachable: the last segment always returns")

@@ -1,0 +1,161 @@
+"""The artifact's manifest: schema, validation and file hashes.
+
+The compiler writes it and the runtime reads it, so it lives on the runtime
+side and needs nothing but the standard library. docs/format.md describes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from eec.errors import ArtifactError
+
+SCHEMA = "eec-artifact"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ExitSpec:
+    layer: int  # the exit reads the hidden state after this many layers
+    kind: str  # "shared" (the model's final norm + LM head), "trained" or "final"
+    file: str | None  # the head's own graph; None where it is fused (the final head)
+    metric: str = "top2-margin"
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    file: str
+    start: int  # first layer (inclusive)
+    stop: int  # last layer (exclusive)
+    inputs: list[str]
+    outputs: list[str]
+    exit: ExitSpec | None  # the head at `stop`; the last segment's is the final head, fused
+
+    @property
+    def takes_ids(self) -> bool:
+        return self.inputs[0] == "input_ids"
+
+    @property
+    def emits_hidden(self) -> bool:
+        return "hidden_out" in self.outputs
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    source: str
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    file: str
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelSpec
+    segments: list[SegmentSpec]
+    precision: str
+    target: str
+    eos_token_ids: list[int]
+    tokenizer: TokenizerSpec | None
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    eec_version: str = ""
+
+    @property
+    def exits(self) -> list[int]:
+        """Layers of the early exits (the final head is not one)."""
+        return [s.exit.layer for s in self.segments[:-1] if s.exit is not None]
+
+    def to_json(self) -> str:
+        body = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **asdict(self)}
+        return json.dumps(body, indent=2) + "\n"
+
+    @staticmethod
+    def from_json(text: str) -> "Manifest":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"manifest.json is not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+            raise ArtifactError("manifest.json is not an eec artifact manifest")
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise ArtifactError(
+                f"artifact schema version {raw.get('schema_version')} is not supported "
+                f"(this eec reads version {SCHEMA_VERSION}); recompile it"
+            )
+        try:
+            segments = [
+                SegmentSpec(**{**s, "exit": ExitSpec(**s["exit"]) if s.get("exit") else None})
+                for s in raw["segments"]
+            ]
+            tok = raw.get("tokenizer")
+            return Manifest(
+                model=ModelSpec(**raw["model"]),
+                segments=segments,
+                precision=raw["precision"],
+                target=raw["target"],
+                eos_token_ids=list(raw["eos_token_ids"]),
+                tokenizer=TokenizerSpec(**tok) if tok else None,
+                files=dict(raw["files"]),
+                eec_version=raw.get("eec_version", ""),
+            )
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_files(root: Path) -> dict[str, str]:
+    """sha256 of every file under root except the manifest, by relative path."""
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def read_manifest(root: Path, verify: bool = True) -> Manifest:
+    """Read and validate an artifact directory's manifest.
+
+    With ``verify``, every file's sha256 must match and no file may be
+    missing or unlisted: an artifact is used whole or not at all.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise ArtifactError(f"no artifact at {root}")
+    if not root.is_dir() or not (root / MANIFEST).is_file():
+        raise ArtifactError(f"{root} is not an eec artifact (no {MANIFEST}); compile one with `eec compile`")
+    manifest = Manifest.from_json((root / MANIFEST).read_text(encoding="utf-8"))
+    if verify:
+        actual = hash_files(root)
+        for name, digest in manifest.files.items():
+            if name not in actual:
+                raise ArtifactError(f"artifact {root} is missing {name}")
+            if actual[name] != digest:
+                raise ArtifactError(f"artifact {root}: {name} does not match its sha256 in the manifest (modified or corrupt)")
+        extra = sorted(set(actual) - set(manifest.files))
+        if extra:
+            raise ArtifactError(f"artifact {root} holds files the manifest does not list: {', '.join(extra)}")
+    return manifest

@@ -1,0 +1,177 @@
+"""``load`` an artifact and ``generate`` from it, greedy, one sequence at a time."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from eec.errors import InputError
+from eec.runtime.decode import Decoder
+from eec.runtime.manifest import Manifest, read_manifest
+from eec.runtime.sessions import open_sessions
+from eec.runtime.text import TextCodec
+
+MODES = ("early-exit", "full")
+DEFAULT_THRESHOLD = 0.9  # top-1 minus top-2 probability; ε-calibrated thresholds replace it
+
+
+@dataclass
+class Stats:
+    """Figures of the last generation."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    exits: dict[int, int] = field(default_factory=dict)  # layer -> tokens that left there
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first, over the time they took."""
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+    def __str__(self) -> str:
+        exits = ", ".join(f"layer {k}: {v}" for k, v in sorted(self.exits.items()))
+        return (
+            f"{self.new_tokens} tokens, {self.tokens_per_s:.1f} tok/s decode, "
+            f"prefill {self.prompt_tokens} tokens in {self.prefill_s * 1e3:.0f} ms; exits: {exits}"
+        )
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # new token ids
+    exits: list[int]  # layer each token left at (num_layers = the final head)
+    text: str | None  # decoded new text, when the artifact has a tokenizer
+
+
+class EarlyExitModel:
+    def __init__(self, root: Path, manifest: Manifest, threads: int | None = None):
+        self.root, self.manifest = root, manifest
+        self.sessions = open_sessions(root, [s.file for s in manifest.segments], threads)
+        head_files = sorted({s.exit.file for s in manifest.segments if s.exit and s.exit.file})
+        self.heads = dict(zip(head_files, open_sessions(root, head_files, threads)))
+        self.codec = TextCodec(root, manifest.tokenizer) if manifest.tokenizer else None
+        self.stats = Stats()
+
+    @property
+    def num_layers(self) -> int:
+        return self.manifest.model.num_layers
+
+    @property
+    def exits(self) -> list[int]:
+        return self.manifest.exits
+
+    def new_decoder(self) -> Decoder:
+        m = self.manifest.model
+        return Decoder(self.manifest.segments, self.sessions, self.heads, m.num_kv_heads, m.head_dim, m.context_length)
+
+    def encode(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
+        if isinstance(prompt, str):
+            if self.codec is None:
+                raise InputError("this artifact has no tokenizer; pass the prompt as a list of token ids")
+            ids = self.codec.encode(prompt, chat=chat if chat is not None else True)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise InputError("the prompt is empty")
+        vocab = self.manifest.model.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InputError(f"prompt token ids must be in 0..{vocab - 1}")
+        context = self.manifest.model.context_length
+        if len(ids) >= context:
+            raise InputError(f"the prompt is {len(ids)} tokens; this model's context is {context} tokens")
+        return ids
+
+    def resolve_thresholds(self, mode: str, thresholds) -> dict[int, float] | None:
+        """Per-exit thresholds from a number, a list (one per exit) or a {layer: value} map."""
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "full":
+            return None
+        exits = self.exits
+        if thresholds is None:
+            thresholds = DEFAULT_THRESHOLD
+        if isinstance(thresholds, (int, float)):
+            values = {e: float(thresholds) for e in exits}
+        elif isinstance(thresholds, Mapping):
+            unknown = sorted(set(int(k) for k in thresholds) - set(exits))
+            if unknown:
+                raise InputError(f"no exit at layers {unknown}; this artifact's exits are {exits}")
+            values = {int(k): float(v) for k, v in thresholds.items()}
+        else:
+            thresholds = list(thresholds)
+            if len(thresholds) != len(exits):
+                raise InputError(f"{len(thresholds)} thresholds for {len(exits)} exits ({exits})")
+            values = {e: float(t) for e, t in zip(exits, thresholds)}
+        if any(math.isnan(v) for v in values.values()):
+            raise InputError("thresholds must be numbers, not NaN")
+        return values
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 128,
+        mode: str = "early-exit",
+        thresholds: float | Sequence[float] | Mapping[int, float] | None = None,
+        stream: bool = False,
+        chat: bool | None = None,
+    ):
+        """Greedy generation.
+
+        ``prompt`` is a string (wrapped in the chat template when the model has
+        one, unless ``chat=False``) or token ids. ``mode="full"`` runs every
+        layer; ``"early-exit"`` leaves at the first exit whose confidence
+        reaches its threshold. Returns a `GenerationResult`, or with
+        ``stream=True`` an iterator of text pieces (token ids when the artifact
+        has no tokenizer). ``self.stats`` describes the last generation.
+        """
+        if max_new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1")
+        ids = self.encode(prompt, chat)
+        values = self.resolve_thresholds(mode, thresholds)
+        steps = self._steps(ids, max_new_tokens, values)
+        if stream:
+            tokens = (token for token, _ in steps)
+            return self.codec.stream(tokens) if self.codec else tokens
+        tokens, exits = [], []
+        for token, layer in steps:
+            tokens.append(token)
+            exits.append(layer)
+        text = self.codec.decode(tokens) if self.codec else None
+        return GenerationResult(tokens=tokens, exits=exits, text=text)
+
+    def _steps(self, ids: list[int], max_new_tokens: int, thresholds: dict[int, float] | None) -> Iterator[tuple[int, int]]:
+        decoder = self.new_decoder()
+        stats = self.stats = Stats(prompt_tokens=len(ids))
+        eos = set(self.manifest.eos_token_ids)
+        room = self.manifest.model.context_length - len(ids)
+        # The prompt runs through every layer: all its positions need KV everywhere.
+        feed, step_thresholds = np.asarray([ids], dtype=np.int64), None
+        for n in range(min(max_new_tokens, room)):
+            start = time.perf_counter()
+            result = decoder.step(feed, step_thresholds)
+            elapsed = time.perf_counter() - start  # the caller's time between tokens is not ours
+            if n == 0:
+                stats.prefill_s = elapsed
+            else:
+                stats.decode_s += elapsed
+            stats.new_tokens = n + 1
+            stats.exits[result.exit_layer] = stats.exits.get(result.exit_layer, 0) + 1
+            yield result.token, result.exit_layer
+            if result.token in eos:
+                break
+            feed, step_thresholds = np.asarray([[result.token]], dtype=np.int64), thresholds
+
+
+def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True) -> EarlyExitModel:
+    """Open an artifact directory. ``verify`` checks every file's sha256 first."""
+    root = Path(path)
+    return EarlyExitModel(root, read_manifest(root, verify=verify), threads)

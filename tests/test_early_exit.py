@@ -1,0 +1,94 @@
+"""Early exits: the exited token is the exit head's, and catch-up keeps every KV exact."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eec.runtime import load
+from tests.reference import exit_tokens, hf_forward
+
+PROMPT = [7, 21, 3, 55, 11, 80, 2]
+
+
+def check_tokens_against_transformers(hf, prompt, tokens, exits, heads=None):
+    """Each generated token must be what the head it left through predicts from
+    transformers' hidden state at that layer, for the sequence generated so far."""
+    out = hf_forward(hf, prompt + tokens[:-1])
+    cache = {}
+    for i, (token, layer) in enumerate(zip(tokens, exits)):
+        if layer not in cache:
+            w = (heads or {}).get(layer)
+            cache[layer] = exit_tokens(hf, out.hidden_states, layer, *(w if w else ()))
+        assert token == cache[layer][len(prompt) - 1 + i], f"token {i} (exit at layer {layer})"
+
+
+def test_minus_infinity_exits_every_token_at_first_exit(tiny_compiled):
+    model = load(tiny_compiled.artifact)
+    result = model.generate(PROMPT, max_new_tokens=16, thresholds=-math.inf)
+    first = tiny_compiled.exits[0]
+    n = tiny_compiled.hf.config.num_hidden_layers
+    # The first token comes from the prompt pass, which runs every layer.
+    assert result.exits == [n] + [first] * 15
+    check_tokens_against_transformers(tiny_compiled.hf, PROMPT, result.tokens, result.exits)
+
+
+def mixed_thresholds(model, prompt, steps=24):
+    """Median confidence per exit over a run where no token exits: some tokens
+    will then exit and some will not."""
+    decoder = model.new_decoder()
+    seen = {e: [] for e in model.exits}
+    result = decoder.step(np.asarray([prompt]), None)
+    for _ in range(steps):
+        result = decoder.step(np.asarray([[result.token]]), {e: math.inf for e in model.exits})
+        for e in model.exits:
+            seen[e].append(result.confidences[e])
+    return {e: float(np.median(v)) for e, v in seen.items()}
+
+
+def test_catch_up_fills_skipped_layers_kv_exactly(llama_compiled):
+    hf, model = llama_compiled.hf, load(llama_compiled.artifact)
+    thresholds = mixed_thresholds(model, PROMPT)
+    decoder = model.new_decoder()
+    result = decoder.step(np.asarray([PROMPT]), None)
+    tokens, exits = [result.token], [result.exit_layer]
+    for _ in range(30):
+        result = decoder.step(np.asarray([[tokens[-1]]]), thresholds)
+        tokens.append(result.token)
+        exits.append(result.exit_layer)
+    n = hf.config.num_hidden_layers
+    assert set(exits) - {n}, "no token exited early; the test would check nothing"
+    assert exits.count(n) > 1, "every token exited early; catch-up was never exercised"
+    check_tokens_against_transformers(hf, PROMPT, tokens, exits)
+
+    # Every layer's KV equals transformers' cache for the sequence fed so far.
+    sequence = PROMPT + tokens[:-1]
+    cache = hf_forward(hf, sequence).past_key_values
+    for spec, state in zip(decoder.specs, decoder.states):
+        pending = 0 if state.pending is None else state.pending.shape[1]
+        assert state.length + pending == len(sequence)
+        for i, layer in enumerate(range(spec.start, spec.stop)):
+            want_k = cache.layers[layer].keys[:, :, : state.length].numpy()
+            want_v = cache.layers[layer].values[:, :, : state.length].numpy()
+            np.testing.assert_allclose(state.kv[2 * i], want_k, atol=2e-4, rtol=1e-4)
+            np.testing.assert_allclose(state.kv[2 * i + 1], want_v, atol=2e-4, rtol=1e-4)
+    # And the early-exit run is a different trajectory from full decoding.
+    assert model.generate(PROMPT, max_new_tokens=31, mode="full").tokens != tokens
+
+
+def test_stats_count_exits(llama_compiled):
+    model = load(llama_compiled.artifact)
+    result = model.generate(PROMPT, max_new_tokens=12, thresholds=-math.inf)
+    assert model.stats.new_tokens == 12
+    assert model.stats.exits == {l: result.exits.count(l) for l in set(result.exits)}
+    assert model.stats.tokens_per_s > 0
+
+
+@pytest.mark.parametrize("bad", [[0.5], {"9": 0.1}, float("nan")])
+def test_bad_thresholds_are_refused(llama_compiled, bad):
+    from eec.errors import InputError
+
+    model = load(llama_compiled.artifact)
+    with pytest.raises(InputError):
+        model.generate(PROMPT, max_new_tokens=2, thresholds=bad)
