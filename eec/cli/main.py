@@ -55,11 +55,15 @@ def compile_cmd(
     precision: Optional[str] = typer.Option(None, help="weight precision (default: the target's)"),
     overwrite: bool = typer.Option(False, help="replace an existing artifact"),
 ) -> None:
-    """Compile MODEL into per-segment ONNX graphs with fused exit heads."""
+    """Compile MODEL into per-segment ONNX graphs with exit heads."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from transformers.utils import logging as hf_logging
 
     from eec.compiler import compile_model
+
+    hf_logging.disable_progress_bar()  # eec shows one progress display of its own
+    hf_logging.set_verbosity_error()
 
     layers = None
     if exits is not None:
@@ -68,7 +72,7 @@ def compile_cmd(
         except ValueError:
             raise InputError(f"--exits must be layer numbers separated by commas, got {exits!r}") from None
     with Progress(TextColumn("{task.description:<48}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, transient=False) as bar:
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task("compiling", total=None)
 
         def progress(what: str, done: int, total: int) -> None:
@@ -107,7 +111,7 @@ def generate(
         sys.stdout.write(piece if isinstance(piece, str) else f"{piece} ")
         sys.stdout.flush()
     sys.stdout.write("\n")
-    err.print(str(model.stats), highlight=False)
+    err.print(str(model.stats), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -123,11 +127,16 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
               f"vocab {spec.vocab_size}, context {spec.context_length}")
     out.print(f"precision {m.precision}, target {m.target}, tokenizer {'yes' if m.tokenizer else 'no (token ids)'}, "
               f"chat template {'yes' if m.tokenizer and m.tokenizer.chat_template else 'no'}")
-    table = Table("segment", "layers", "head at end", "size (MB)")
+    def megabytes(file: str) -> str:  # the graph and its external weights
+        return f"{sum((artifact / f).stat().st_size for f in m.files if f.startswith(file)) / 1e6:.1f}"
+
+    table = Table("graph", "layers", "head at its end", "size (MB)")
     for s in m.segments:
-        size = sum((artifact / f).stat().st_size for f in m.files if f.startswith(s.file))
-        head = f"{s.exit.kind} head, layer {s.exit.layer}" if s.exit else "-"
-        table.add_row(s.file, f"{s.start}-{s.stop}", head, f"{size / 1e6:.1f}")
+        head = f"{s.exit.kind}, layer {s.exit.layer}" + ("" if s.exit.file else " (fused)")
+        table.add_row(s.file, f"{s.start}-{s.stop}", head, megabytes(s.file))
+    for file in sorted({s.exit.file for s in m.segments if s.exit.file}):
+        users = [str(s.exit.layer) for s in m.segments if s.exit.file == file]
+        table.add_row(file, "-", f"exit head for layer {', '.join(users)}", megabytes(file))
     out.print(table)
     out.print(f"exits: {', '.join(map(str, m.exits)) or 'none'}")
 

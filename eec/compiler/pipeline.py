@@ -11,7 +11,7 @@ from typing import Callable
 from eec import __version__
 from eec.compiler.export import export_head, export_segment
 from eec.compiler.frontends import SourceModel, load_source
-from eec.compiler.segments import default_exits, plan_segments
+from eec.compiler.segments import check_repeats, default_exits, plan_segments
 from eec.errors import InputError
 from eec.runtime.manifest import MANIFEST, Manifest, ModelSpec, TokenizerSpec, hash_files
 from eec.targets.profiles import check_precision, get_target
@@ -81,6 +81,8 @@ def compile_model(
     tgt = get_target(target)
     precision = check_precision(tgt, precision)
     _check_output(out, overwrite)
+    if exits is not None:
+        check_repeats(exits)  # the range needs the model; repeats can be refused before loading it
 
     progress("loading model", 0, 1)
     src = load_source(model)

@@ -26,10 +26,14 @@ from eec.errors import InputError, UnsupportedModelError
 from eec.runtime.manifest import ExitSpec, SegmentSpec
 
 
-def check_exits(layers: list[int], num_layers: int) -> list[int]:
+def check_repeats(layers: list[int]) -> None:
     repeated = sorted({x for x in layers if layers.count(x) > 1})
     if repeated:
         raise InputError(f"exit layers repeated: {', '.join(map(str, repeated))}")
+
+
+def check_exits(layers: list[int], num_layers: int) -> list[int]:
+    check_repeats(layers)
     bad = [x for x in layers if not 1 <= x < num_layers]
     if bad:
         raise InputError(
@@ -121,7 +125,7 @@ def plan_segments(src: SourceModel, exits: list[int]) -> Plan:
             emit_hidden=not last,
         ).eval()
         inputs, outputs = io_names(start, stop, first, last)
-        spec = SegmentSpec(f"segments/seg{i}_layers{start}-{stop}.onnx", start, stop, inputs, outputs, exit_spec)
+        spec = SegmentSpec(f"segments/seg{i}.onnx", start, stop, inputs, outputs, exit_spec)
         segments.append(PlannedSegment(spec, module))
     return Plan(segments, [h for h in heads.values()])
 

@@ -1,0 +1,139 @@
+"""User mistakes: one line on stderr, exit status 1, no traceback, nothing half-written."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from eec.cli.main import app
+
+runner = CliRunner()
+
+
+def run_fails(args, *expected):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory):
+    from tests.conftest import tiny_model
+
+    d = tmp_path_factory.mktemp("hf") / "tiny"
+    tiny_model("llama").save_pretrained(d)
+    return d
+
+
+def test_missing_model_path(tmp_path):
+    run_fails(["compile", tmp_path / "nope", "-o", tmp_path / "a.eec"], "no such file")
+    assert leftovers(tmp_path) == []
+
+
+def test_file_that_is_not_a_model(tmp_path):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a model")
+    run_fails(["compile", junk, "-o", tmp_path / "a.eec"], "not")
+    assert leftovers(tmp_path) == ["notes.txt"]
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    run_fails(["compile", tmp_path / "empty", "-o", tmp_path / "a.eec"], "config.json")
+
+
+def test_broken_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF\x00garbage")
+    run_fails(["compile", bad, "-o", tmp_path / "a.eec"], "GGUF")
+    assert leftovers(tmp_path) == ["model.gguf"]
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    run_fails(["compile", tmp_path / "gpt2", "-o", tmp_path / "a.eec"], "'gpt2' is not supported", "llama")
+
+
+@pytest.mark.parametrize(
+    "exits, message",
+    [("2,2", "repeated"), ("0", "out of range"), ("6", "out of range"), ("3,99", "out of range"), ("a,b", "comma")],
+)
+def test_bad_exit_layers(tiny_hf_dir, tmp_path, exits, message):
+    run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", "--exits", exits], message)
+    assert leftovers(tmp_path) == []
+
+
+def test_unknown_target_lists_known_ones(tiny_hf_dir, tmp_path):
+    run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", "--target", "tpu-v9"], "unknown target", "cpu")
+
+
+def test_failed_compile_leaves_nothing(tiny_hf_dir, tmp_path, monkeypatch):
+    import eec.compiler.pipeline as pipeline
+    from eec.errors import CompileError
+
+    def broken(*_args):
+        raise CompileError("simulated failure in the last step")
+
+    monkeypatch.setattr(pipeline, "export_head", broken)
+    run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", "--exits", "3"], "simulated")
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_output_is_not_replaced_silently(llama_compiled, tiny_hf_dir):
+    run_fails(["compile", tiny_hf_dir, "-o", llama_compiled.artifact], "already exists", "--overwrite")
+
+
+def test_tampered_artifact(llama_compiled, tmp_path):
+    copy = tmp_path / "copy.eec"
+    shutil.copytree(llama_compiled.artifact, copy)
+    data = next((copy / "segments").glob("seg1.onnx*.data"))
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    run_fails(["generate", copy, "1,2,3", "--ids"], "sha256")
+    run_fails(["inspect", copy], "sha256")
+
+
+def test_missing_artifact(tmp_path):
+    run_fails(["generate", tmp_path / "none.eec", "1,2", "--ids"], "no artifact")
+    (tmp_path / "dir").mkdir()
+    run_fails(["inspect", tmp_path / "dir"], "not an eec artifact")
+
+
+def test_prompt_longer_than_context(llama_compiled):
+    context = llama_compiled.hf.config.max_position_embeddings
+    ids = ",".join(["5"] * (context + 3))
+    run_fails(["generate", llama_compiled.artifact, ids, "--ids"], f"context is {context} tokens")
+
+
+def test_text_prompt_without_tokenizer(llama_compiled):
+    run_fails(["generate", llama_compiled.artifact, "hello"], "no tokenizer")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--threshold", "high"], "--threshold"), (["--mode", "fast"], "mode"), (["--max-new-tokens", "0"], "at least 1")],
+)
+def test_bad_generate_options(llama_compiled, extra, message):
+    run_fails(["generate", llama_compiled.artifact, "1,2,3", "--ids", *extra], message)
+
+
+def test_generate_and_inspect_work(llama_compiled):
+    result = runner.invoke(app, ["generate", str(llama_compiled.artifact), "1,2,3", "--ids", "--max-new-tokens", "5", "--mode", "full"])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.split()) == 5
+    assert "5 tokens" in result.stderr
+    result = runner.invoke(app, ["inspect", str(llama_compiled.artifact)])
+    assert result.exit_code == 0 and "exits: 1, 3, 4" in result.stdout

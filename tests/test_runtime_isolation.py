@@ -1,0 +1,26 @@
+"""eec.runtime must run where only numpy, onnxruntime and tokenizers are installed."""
+
+import subprocess
+import sys
+
+FORBIDDEN = ("torch", "transformers", "eec.compiler", "eec.train", "eec.cli", "onnx", "onnxscript")
+
+
+def test_runtime_imports_no_torch_or_compiler():
+    code = (
+        "import sys, eec.runtime, eec.runtime.model, eec.runtime.decode, eec.runtime.text; "
+        f"print(' '.join(m for m in {FORBIDDEN!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"eec.runtime imported {out.stdout.strip()}"
+
+
+def test_cli_generate_path_does_not_import_torch(llama_compiled):
+    code = (
+        "import sys; from typer.testing import CliRunner; from eec.cli.main import app; "
+        f"r = CliRunner().invoke(app, ['generate', {str(llama_compiled.artifact)!r}, '1,2', '--ids', '--max-new-tokens', '2']); "
+        "assert r.exit_code == 0, r.output; "
+        f"print(' '.join(m for m in {FORBIDDEN[:4]!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
