@@ -45,6 +45,13 @@ def _parse_floats(text: str, what: str) -> list[float]:
         raise InputError(f"{what} must be numbers separated by commas, got {text!r}") from None
 
 
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", ",").split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--ids expects token ids separated by commas, got {text!r}") from None
+
+
 @app.command("compile")
 @_user_errors
 def compile_cmd(
@@ -103,7 +110,7 @@ def generate(
     if threshold is not None:
         values = _parse_floats(threshold, "--threshold")
         thresholds = values[0] if len(values) == 1 else values
-    the_prompt = [int(x) for x in _parse_floats(prompt, "token ids")] if ids else prompt
+    the_prompt = _parse_ids(prompt) if ids else prompt
     model = load(artifact, threads=threads)
     pieces = model.generate(the_prompt, max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds,
                             stream=True, chat=chat)
