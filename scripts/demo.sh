@@ -9,4 +9,4 @@ if [ ! -f smollm2.eec/manifest.json ]; then
     .venv/bin/eec compile "$gguf" --exits 8,16,24 -o smollm2.eec
 fi
 .venv/bin/eec inspect smollm2.eec
-.venv/bin/eec generate smollm2.eec "${1:-What is the capital of France? Answer in one sentence.}" --threshold "${EEC_THRESHOLD:-0.95}" --max-new-tokens 64
+.venv/bin/eec generate smollm2.eec "${1:-Explain photosynthesis in three sentences.}" --threshold "${EEC_THRESHOLD:-0.95}" --max-new-tokens 64

@@ -64,6 +64,7 @@ def compile_cmd(
 ) -> None:
     """Compile MODEL into per-segment ONNX graphs with exit heads."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader has a bar of its own
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers.utils import logging as hf_logging
 
@@ -118,6 +119,7 @@ def generate(
         sys.stdout.write(piece if isinstance(piece, str) else f"{piece} ")
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     err.print(str(model.stats), highlight=False, soft_wrap=True)
 
 
