@@ -1,0 +1,106 @@
+"""Threshold rules: from calibration traces (confidence, agreed) to τ(ε). numpy only.
+
+A trace holds, per token that reached an exit, the exit's confidence and
+whether its token equals the final head's. A token exits when
+``confidence >= τ``; ``τ = inf`` means the exit is never taken.
+
+Rules:
+1. `valade_threshold` (Valade, seed 002 §3.3.1): sort by confidence; τ is the
+   smallest confidence value such that, among the tokens at or above it, the
+   share that agree is at least ε. Candidate cuts are at the start of a run
+   of equal confidences, so "at or above τ" is exactly the set the cut keeps.
+2. `risk_controlled_threshold`: Learn-then-Test (Angelopoulos et al. 2021,
+   arXiv:2110.01052) with fixed-sequence testing. Candidate thresholds are
+   tested from the highest down; at each the null "agreement of the tokens at
+   or above it is below ε" is rejected when Hoeffding's p-value
+   exp(-2 n (p̂ - ε)²) (Hoeffding 1963) is at most δ; τ is the lowest
+   threshold reached before the first failure (cuts that keep too few tokens
+   to be certified even if all agreed are skipped). With i.i.d. tokens, the
+   agreement of exited tokens on new data is at least ε with probability at
+   least 1 - δ. (Tokens of one sequence are not independent: the guarantee is
+   only as good as the calibration set's diversity.)
+3. `cascade_thresholds`: exits are calibrated in the order a token meets
+   them: τ_1 on all tokens, τ_2 on the tokens τ_1 keeps, and so on, since at
+   run time exit k only sees the tokens earlier exits did not take. Each
+   exit's taken tokens then agree at rate ≥ ε, so all exited tokens do too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from eec.errors import InputError
+
+Rule = Callable[[np.ndarray, np.ndarray, float], float]
+
+
+def _check(confidence: np.ndarray, agreed: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    if not 0.0 <= eps <= 1.0:
+        raise InputError(f"epsilon must be in [0, 1], got {eps}")
+    c = np.asarray(confidence, dtype=np.float64).ravel()
+    t = np.asarray(agreed, dtype=bool).ravel()
+    if c.shape != t.shape:
+        raise InputError("confidence and agreement traces differ in length")
+    return c, t
+
+
+def _cuts(c: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct confidence values (ascending) with, for each, how many tokens lie
+    at or above it and how many of those agree."""
+    order = np.argsort(c, kind="stable")
+    c, t = c[order], t[order]
+    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])  # first index of each run of equal values
+    agree_suffix = np.cumsum(t[::-1])[::-1]  # agreeing tokens from index i to the end
+    return c[starts], len(c) - starts, agree_suffix[starts]
+
+
+def valade_threshold(confidence: np.ndarray, agreed: np.ndarray, eps: float) -> float:
+    c, t = _check(confidence, agreed, eps)
+    if c.size == 0:
+        return float("inf")
+    values, n, k = _cuts(c, t)
+    ok = k >= eps * n  # share of agreeing tokens at or above each cut is at least eps
+    return float(values[np.argmax(ok)]) if ok.any() else float("inf")
+
+
+def hoeffding_p_value(k: np.ndarray, n: np.ndarray, eps: float) -> np.ndarray:
+    """p-value of "agreement < eps" after k agreeing out of n (one-sided Hoeffding)."""
+    gap = np.clip(k / np.maximum(n, 1) - eps, 0.0, None)
+    return np.where(gap > 0, np.exp(-2.0 * n * gap**2), 1.0)
+
+
+def risk_controlled_threshold(confidence: np.ndarray, agreed: np.ndarray, eps: float, delta: float = 0.1) -> float:
+    if not 0.0 < delta < 1.0:
+        raise InputError(f"delta must be in (0, 1), got {delta}")
+    c, t = _check(confidence, agreed, eps)
+    if c.size == 0:
+        return float("inf")
+    values, n, k = _cuts(c, t)
+    # A cut that keeps too few tokens cannot be certified even if all agree; it
+    # is left out of the sequence rather than allowed to end it. Which cuts those
+    # are depends on the confidences alone, not on the agreement being tested.
+    if eps >= 1.0:
+        return float("inf")
+    testable = n >= math.log(1.0 / delta) / (2.0 * (1.0 - eps) ** 2)
+    values, n, k = values[testable], n[testable], k[testable]
+    rejected = hoeffding_p_value(k, n, eps)[::-1] <= delta  # from the highest threshold down
+    passed = int(np.argmin(rejected)) if not rejected.all() else len(rejected)
+    return float(values[::-1][passed - 1]) if passed else float("inf")
+
+
+def cascade_thresholds(confidence: np.ndarray, agreed: np.ndarray, eps: float, rule: Rule = valade_threshold) -> list[float]:
+    """τ for each exit, in order; ``confidence`` and ``agreed`` are [tokens, exits]."""
+    c = np.asarray(confidence, dtype=np.float64)
+    t = np.asarray(agreed, dtype=bool)
+    if c.ndim != 2 or c.shape != t.shape:
+        raise InputError("cascade traces must be [tokens, exits] arrays of the same shape")
+    remaining = np.ones(c.shape[0], dtype=bool)
+    taus = []
+    for k in range(c.shape[1]):
+        tau = rule(c[remaining, k], t[remaining, k], eps)
+        taus.append(tau)
+        remaining &= ~(c[:, k] >= tau)
+    return taus
