@@ -52,11 +52,6 @@ class Decoder:
         empty = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
         self.states = [SegmentState(kv=[empty] * (2 * (s.stop - s.start))) for s in specs]
 
-    @property
-    def length(self) -> int:
-        """Positions whose first-segment KV exists (tokens consumed so far)."""
-        return self.states[0].length
-
     def _run(self, j: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Run segment j over x; keep its KV; return (hidden_out | token, confidence)."""
         spec, state = self.specs[j], self.states[j]
