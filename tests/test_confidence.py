@@ -1,4 +1,4 @@
-"""The exit heads' in-graph confidence is the numpy top-2 margin of transformers' logits."""
+"""The exit heads' in-graph scores are the numpy metrics of transformers' logits."""
 
 import numpy as np
 import torch
@@ -22,8 +22,10 @@ def test_head_graph_confidence_equals_numpy_metric(llama_compiled):
     out = hf_forward(hf, sequence)
     for spec in model.manifest.segments[:-1]:
         hidden = out.hidden_states[spec.exit.layer]  # [1, seq, hidden]
-        token, conf = model.heads[spec.exit.file].run(None, {"hidden": hidden.numpy()})
+        token, scores = model.heads[spec.exit.file].run(None, {"hidden": hidden.numpy()})
         logits = (rms_norm(hidden[0, -1], hf.model.norm.weight, hf.config.rms_norm_eps) @ hf.lm_head.weight.T)
         logits = logits.detach().numpy()
         assert int(token[0]) == int(np.argmax(logits))
-        np.testing.assert_allclose(conf[0], top2_margin(logits[None])[0], atol=1e-5)
+        np.testing.assert_allclose(scores[0, 0], top2_margin(logits[None])[0], atol=1e-5)
+        np.testing.assert_allclose(scores[0, 1], max_probability(logits[None])[0], atol=1e-5)
+        np.testing.assert_allclose(scores[0, 2], entropy(logits[None])[0], atol=1e-4)

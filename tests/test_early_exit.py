@@ -43,7 +43,7 @@ def mixed_thresholds(model, prompt, steps=24):
     for _ in range(steps):
         result = decoder.step(np.asarray([[result.token]]), {e: math.inf for e in model.exits})
         for e in model.exits:
-            seen[e].append(result.confidences[e])
+            seen[e].append(result.scores[e][0])
     return {e: float(np.median(v)) for e, v in seen.items()}
 
 

@@ -27,4 +27,15 @@ def entropy(logits: np.ndarray) -> np.ndarray:
     return (p * np.log(np.clip(p, 1e-300, None))).sum(axis=-1)
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of consecutive exits' hidden states (CALM's state propagation)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
 METRICS = {"top2-margin": top2_margin, "max-prob": max_probability, "neg-entropy": entropy}
+# The columns of an exit head graph's `scores` output, in order.
+GRAPH_METRICS = ("top2-margin", "max-prob", "neg-entropy")
+# What the runtime can threshold on: the graph's scores, then the host-side cosine
+# between this exit's hidden state and the previous exit's (none before the first exit).
+ALL_METRICS = (*GRAPH_METRICS, "cosine")

@@ -3,6 +3,7 @@ the user's to fix print one line and exit with status 1."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -45,6 +46,15 @@ def _parse_floats(text: str, what: str) -> list[float]:
         raise InputError(f"{what} must be numbers separated by commas, got {text!r}") from None
 
 
+@contextlib.contextmanager
+def _progress():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description:<48}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        yield bar, bar.add_task("working", total=None)
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(" ", ",").split(",") if x.strip()]
@@ -61,11 +71,13 @@ def compile_cmd(
     target: str = typer.Option("cpu", help="device target"),
     precision: Optional[str] = typer.Option(None, help="weight precision (default: the target's)"),
     overwrite: bool = typer.Option(False, help="replace an existing artifact"),
+    calibrate: bool = typer.Option(True, help="trace the compiled artifact on calibration prompts (for --eps)"),
+    prompts: Optional[Path] = typer.Option(None, help="calibration prompts, one per line (default: eec's own set)"),
+    calibration_tokens: int = typer.Option(48, help="tokens generated per calibration prompt"),
 ) -> None:
-    """Compile MODEL into per-segment ONNX graphs with exit heads."""
+    """Compile MODEL into per-segment ONNX graphs with exit heads, then calibrate them."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader has a bar of its own
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers.utils import logging as hf_logging
 
     from eec.compiler import compile_model
@@ -79,17 +91,47 @@ def compile_cmd(
             layers = [int(x) for x in exits.split(",") if x.strip()]
         except ValueError:
             raise InputError(f"--exits must be layer numbers separated by commas, got {exits!r}") from None
-    with Progress(TextColumn("{task.description:<48}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
-        task = bar.add_task("compiling", total=None)
+    with _progress() as (bar, task):
 
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
         manifest = compile_model(model, output, exits=layers, target=target, precision=precision,
-                                 overwrite=overwrite, progress=progress)
+                                 overwrite=overwrite, calibrate=calibrate, calibration_prompts=prompts,
+                                 calibration_tokens=calibration_tokens, progress=progress)
+    cal = manifest.calibration
     err.print(f"wrote {output}: {len(manifest.segments)} segments, exits at {manifest.exits or 'none'}, "
-              f"{manifest.precision}, target {manifest.target}")
+              f"{manifest.precision}, target {manifest.target}, "
+              + (f"calibrated on {cal.tokens} tokens (metric {cal.metric})" if cal else "not calibrated"))
+
+
+@app.command("calibrate")
+@_user_errors
+def calibrate_cmd(
+    artifact: Path = typer.Argument(..., help="compiled artifact directory"),
+    prompts: Optional[Path] = typer.Option(None, help="calibration prompts, one per line (default: eec's own set)"),
+    max_new_tokens: int = typer.Option(48, help="tokens generated per prompt"),
+    metric: Optional[str] = typer.Option(None, help="confidence metric (default: the one that exits most at ε = 0.9)"),
+) -> None:
+    """Trace ARTIFACT on calibration prompts and store the traces, so that --eps works."""
+    from eec.calib.calibrate import calibrate
+    from eec.calib.traces import simulate, thresholds_for
+
+    with _progress() as (bar, task):
+        spec = calibrate(artifact, prompts, max_new_tokens, metric,
+                         progress=lambda what, done, total: bar.update(task, description=what, completed=done, total=total))
+    from eec.runtime import load
+
+    model = load(artifact)
+    table = Table("ε", *[f"τ at {e}" for e in model.exits], "exit rate", "mean depth", "agreement")
+    for eps in (0.8, 0.9, 0.95, 0.99):
+        taus = thresholds_for(model.traces, eps, spec.metric)
+        sim = simulate(model.traces, taus, spec.metric, model.num_layers)
+        table.add_row(f"{eps}", *[f"{taus[e]:.3f}" for e in model.exits], f"{sim.exit_rate:.2f}", f"{sim.mean_depth:.1f}",
+                      f"{sim.agreement:.3f}")
+    err.print(f"calibrated {artifact} on {spec.tokens} tokens from {spec.prompts} prompts; metric {spec.metric}")
+    err.print("on the calibration traces themselves (risk rule, δ = 0.1):")
+    err.print(table)
 
 
 @app.command()
@@ -98,7 +140,11 @@ def generate(
     artifact: Path = typer.Argument(..., help="compiled artifact directory"),
     prompt: str = typer.Argument(..., help="prompt text (or token ids with --ids)"),
     mode: str = typer.Option("early-exit", help="early-exit or full"),
-    threshold: Optional[str] = typer.Option(None, help="exit confidence threshold: one number, or one per exit (e.g. 0.8,0.9,0.95)"),
+    eps: Optional[float] = typer.Option(None, "--eps", help="accuracy level ε in [0, 1]: share of exited tokens that agree with the full model (calibrated artifacts; default 0.9)"),
+    threshold: Optional[str] = typer.Option(None, help="fixed exit thresholds instead of --eps: one number, or one per exit (e.g. 0.8,0.9,0.95)"),
+    metric: Optional[str] = typer.Option(None, help="confidence metric (default: the calibrated one)"),
+    rule: str = typer.Option("risk", help="threshold rule for --eps: risk (holds with probability 1-δ) or valade"),
+    delta: float = typer.Option(0.1, help="δ of the risk rule"),
     max_new_tokens: int = typer.Option(128, help="tokens to generate at most"),
     ids: bool = typer.Option(False, "--ids", help="PROMPT is comma-separated token ids"),
     chat: bool = typer.Option(True, help="wrap the prompt in the model's chat template"),
@@ -113,8 +159,8 @@ def generate(
         thresholds = values[0] if len(values) == 1 else values
     the_prompt = _parse_ids(prompt) if ids else prompt
     model = load(artifact, threads=threads)
-    pieces = model.generate(the_prompt, max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds,
-                            stream=True, chat=chat)
+    pieces = model.generate(the_prompt, max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=eps,
+                            metric=metric, rule=rule, delta=delta, stream=True, chat=chat)
     for piece in pieces:
         sys.stdout.write(piece if isinstance(piece, str) else f"{piece} ")
         sys.stdout.flush()

@@ -103,7 +103,7 @@ def _verify(module, args, inputs, outputs, path: Path, what: str, rtol: float = 
     got = session.run(outputs, {n: a.numpy() for n, a in zip(inputs, args)})
     for name, g, e in zip(outputs, got, expected):
         if name == "token":
-            continue  # near-ties may legitimately swap; the confidence is compared instead
+            continue  # near-ties may legitimately swap; the scores are compared instead
         e = e.numpy()
         err = float(np.max(np.abs(g - e)) / (1.0 + np.max(np.abs(e)))) if e.size else 0.0
         if not err <= rtol:

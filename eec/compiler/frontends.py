@@ -23,6 +23,7 @@ from torch import nn
 from eec.compiler.checkpoint import HeadWeights, load_checkpoint
 from eec.errors import InputError, UnsupportedModelError
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 SUPPORTED = {"llama": "Llama / SmolLM2", "mistral": "Mistral", "qwen2": "Qwen2"}
 
 
@@ -104,6 +105,10 @@ def _load_hf(directory: Path, gguf_file: str | None) -> SourceModel:
 def _load_tokenizer(directory: Path, gguf_file: str | None) -> TokenizerData | None:
     from transformers import AutoTokenizer
 
+    # transformers builds an empty default tokenizer for some model types when
+    # a directory has no tokenizer files; that is no tokenizer at all.
+    if gguf_file is None and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return None
     try:
         tok = AutoTokenizer.from_pretrained(directory, **_hf_kwargs(gguf_file))
         backend = tok.backend_tokenizer

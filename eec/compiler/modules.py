@@ -8,7 +8,7 @@ graph has exactly the inputs and outputs the runtime drives:
     inputs   input_ids | hidden, position_ids, attention_mask,
              past_key_<i>, past_value_<i> for each layer i of the segment
     outputs  hidden_out (unless last), present_key_<i>, present_value_<i>,
-             token, confidence (last segment only)
+             token, scores (last segment only)
 
 An exit head is a graph of its own (`LastPositionHead`): onnxruntime runs a
 whole graph whatever outputs are asked for, so a head fused into a middle
@@ -95,10 +95,12 @@ class DecoderLayer(nn.Module):
 
 
 class ExitHead(nn.Module):
-    """Norm, vocabulary projection, softmax and the confidence, on the last position.
+    """Norm, vocabulary projection and softmax on the last position; returns the
+    token and its confidence scores.
 
-    Confidence is the top-1 minus top-2 probability ("breaking ties"); the
-    host reads ``token`` and ``confidence``, two scalars per sequence.
+    ``scores`` [batch, 3] holds, in the order of `eec.calib.metrics.GRAPH_METRICS`:
+    top-1 minus top-2 probability ("breaking ties"), the top-1 probability and
+    the negative entropy. The host reads two small tensors per exit.
     """
 
     def __init__(self, norm_weight: torch.Tensor, eps: float, proj: nn.Linear):
@@ -107,10 +109,13 @@ class ExitHead(nn.Module):
         self.proj = proj
 
     def forward(self, hidden_last: torch.Tensor):
-        logits = self.proj(self.norm(hidden_last))
-        probs = F.softmax(logits.float(), dim=-1)
+        logits = self.proj(self.norm(hidden_last)).float()
+        logp = F.log_softmax(logits, dim=-1)
+        probs = logp.exp()
         top = torch.topk(probs, 2, dim=-1)
-        return top.indices[:, 0], top.values[:, 0] - top.values[:, 1]
+        margin = top.values[:, 0] - top.values[:, 1]
+        neg_entropy = (probs * logp).sum(-1)
+        return top.indices[:, 0], torch.stack([margin, top.values[:, 0], neg_entropy], dim=-1)
 
 
 class LastPositionHead(nn.Module):

@@ -13,7 +13,17 @@ from eec.compiler.export import export_head, export_segment
 from eec.compiler.frontends import SourceModel, load_source
 from eec.compiler.segments import check_repeats, default_exits, plan_segments
 from eec.errors import InputError
-from eec.runtime.manifest import MANIFEST, Manifest, ModelSpec, TokenizerSpec, hash_files
+from eec.calib.calibrate import calibrate_dir, read_prompts
+from eec.runtime.manifest import (
+    MANIFEST,
+    Manifest,
+    ModelSpec,
+    TokenizerSpec,
+    hash_files,
+    read_manifest,
+    replace_dir,
+    write_manifest,
+)
 from eec.targets.profiles import check_precision, get_target
 
 Progress = Callable[[str, int, int], None]  # (what is happening, steps done, steps in all)
@@ -70,12 +80,17 @@ def compile_model(
     target: str = "cpu",
     precision: str | None = None,
     overwrite: bool = False,
+    calibrate: bool = True,
+    calibration_prompts: Path | None = None,
+    calibration_tokens: int = 48,
     progress: Progress = _silent,
 ) -> Manifest:
     """Compile ``model`` into the artifact directory ``out`` and return its manifest.
 
     The artifact is built in a temporary directory beside ``out`` and renamed
-    into place at the end, so a failure leaves nothing behind.
+    into place at the end, so a failure leaves nothing behind. With
+    ``calibrate`` (and at least one exit) the built artifact is traced on the
+    calibration prompts before it is moved into place (`eec.calib.calibrate`).
     """
     out = Path(out).absolute()
     tgt = get_target(target)
@@ -83,11 +98,13 @@ def compile_model(
     _check_output(out, overwrite)
     if exits is not None:
         check_repeats(exits)  # the range needs the model; repeats can be refused before loading it
+    if calibrate and calibration_prompts is not None:
+        read_prompts(calibration_prompts, has_tokenizer=True)  # unreadable or empty: refuse before the long work
 
     progress("loading model", 0, 1)
     src = load_source(model)
     plan = plan_segments(src, exits if exits is not None else default_exits(src))
-    total = len(plan.segments) + len(plan.heads) + 2
+    total = len(plan.segments) + len(plan.heads) + 2 + int(calibrate)
     step = 1
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -116,20 +133,14 @@ def compile_model(
             files=hash_files(tmp),
             eec_version=__version__,
         )
-        (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
-        _move_into_place(tmp, out)
+        write_manifest(tmp, manifest)
+        if calibrate and manifest.exits:
+            calibrate_dir(tmp, calibration_prompts, calibration_tokens,
+                          progress=lambda what, done, n: progress(f"calibrating: {what}", step + 1, total))
+            manifest = read_manifest(tmp, verify=False)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     progress("done", total, total)
     return manifest
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)

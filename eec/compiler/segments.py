@@ -73,11 +73,11 @@ def io_names(start: int, stop: int, first: bool, last: bool) -> tuple[list[str],
     kv_in = [f"past_{kv}_{i}" for i in range(start, stop) for kv in ("key", "value")]
     kv_out = [f"present_{kv}_{i}" for i in range(start, stop) for kv in ("key", "value")]
     inputs = ["input_ids" if first else "hidden", "position_ids", "attention_mask", *kv_in]
-    outputs = (["token", "confidence"] if last else ["hidden_out"]) + kv_out
+    outputs = (["token", "scores"] if last else ["hidden_out"]) + kv_out
     return inputs, outputs
 
 
-HEAD_INPUTS, HEAD_OUTPUTS = ["hidden"], ["token", "confidence"]
+HEAD_INPUTS, HEAD_OUTPUTS = ["hidden"], ["token", "scores"]
 
 
 def plan_segments(src: SourceModel, exits: list[int]) -> Plan:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
+from eec.calib.metrics import cosine
 from eec.runtime.manifest import SegmentSpec
 
 
@@ -32,7 +33,8 @@ class SegmentState:
 class StepResult:
     token: int
     exit_layer: int  # layers the token passed through (num_layers for the final head)
-    confidences: dict[int, float] = field(default_factory=dict)  # exit layer -> confidence seen
+    scores: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> one value per ALL_METRICS, heads that ran
+    exit_tokens: dict[int, int] = field(default_factory=dict)  # layer -> that head's token
 
 
 class Decoder:
@@ -53,7 +55,7 @@ class Decoder:
         self.states = [SegmentState(kv=[empty] * (2 * (s.stop - s.start))) for s in specs]
 
     def _run(self, j: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run segment j over x; keep its KV; return (hidden_out | token, confidence)."""
+        """Run segment j over x; keep its KV; return (hidden_out, None) or (token, scores)."""
         spec, state = self.specs[j], self.states[j]
         past, seq = state.length, x.shape[1]
         feeds = {
@@ -69,30 +71,39 @@ class Decoder:
         state.kv = outputs[2:]
         return outputs[0], outputs[1]
 
-    def step(self, ids: np.ndarray, thresholds: dict[int, float] | None) -> StepResult:
+    def step(self, ids: np.ndarray, thresholds: dict[int, float] | None, metric: int = 0) -> StepResult:
         """Feed ``ids`` ([1, n] int64) and predict the next token.
 
-        ``thresholds`` maps exit layer -> minimum confidence; an exit not in
-        it is passed without running its head (None: full mode).
+        ``thresholds`` maps exit layer -> minimum score of metric ``metric``
+        (an index into `ALL_METRICS`); an exit not in it is passed without
+        running its head (None: full mode).
         """
         x = ids
-        confidences: dict[int, float] = {}
+        result = StepResult(token=-1, exit_layer=-1)
+        previous = None  # last position's hidden state at the previous exit
         last = len(self.specs) - 1
         for j, spec in enumerate(self.specs):
             state = self.states[j]
             if state.pending is not None:
                 x = np.concatenate([state.pending, x], axis=1)
                 state.pending = None
-            x, conf = self._run(j, x)
+            x, scores = self._run(j, x)
+            layer = spec.exit.layer
             if j == last:
-                confidences[spec.exit.layer] = float(conf[0])
-                return StepResult(int(x[0]), spec.stop, confidences)
-            if thresholds is None or spec.exit.layer not in thresholds:
+                result.token, result.exit_layer = int(x[0]), layer
+                result.exit_tokens[layer], result.scores[layer] = result.token, np.append(scores[0], np.nan)
+                return result
+            current = x[0, -1]
+            if thresholds is None or layer not in thresholds:
+                previous = current
                 continue
-            token, conf = self.heads[spec.exit.file].run(None, {"hidden": x})
-            confidences[spec.exit.layer] = float(conf[0])
-            if conf[0] >= thresholds[spec.exit.layer]:
+            token, scores = self.heads[spec.exit.file].run(None, {"hidden": x})
+            row = np.append(scores[0], np.nan if previous is None else cosine(current, previous))
+            result.exit_tokens[layer], result.scores[layer] = int(token[0]), row
+            previous = current
+            if row[metric] >= thresholds[layer]:
                 nxt = self.states[j + 1]
                 nxt.pending = x if nxt.pending is None else np.concatenate([nxt.pending, x], axis=1)
-                return StepResult(int(token[0]), spec.stop, confidences)
+                result.token, result.exit_layer = int(token[0]), layer
+                return result
         raise AssertionError("unreachable: the last segment always returns")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,6 @@ class ExitSpec:
     layer: int  # the exit reads the hidden state after this many layers
     kind: str  # "shared" (the model's final norm + LM head), "trained" or "final"
     file: str | None  # the head's own graph; None where it is fused (the final head)
-    metric: str = "top2-margin"
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,14 @@ class TokenizerSpec:
 
 
 @dataclass(frozen=True)
+class CalibrationSpec:
+    file: str  # npz of traces: eec.calib.traces.Traces
+    metric: str  # the metric thresholds apply to by default (one of eec.calib.metrics.ALL_METRICS)
+    tokens: int  # traced tokens
+    prompts: int  # calibration prompts
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: ModelSpec
     segments: list[SegmentSpec]
@@ -76,6 +85,7 @@ class Manifest:
     tokenizer: TokenizerSpec | None
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     eec_version: str = ""
+    calibration: CalibrationSpec | None = None
 
     @property
     def exits(self) -> list[int]:
@@ -105,6 +115,7 @@ class Manifest:
                 for s in raw["segments"]
             ]
             tok = raw.get("tokenizer")
+            cal = raw.get("calibration")
             return Manifest(
                 model=ModelSpec(**raw["model"]),
                 segments=segments,
@@ -114,9 +125,28 @@ class Manifest:
                 tokenizer=TokenizerSpec(**tok) if tok else None,
                 files=dict(raw["files"]),
                 eec_version=raw.get("eec_version", ""),
+                calibration=CalibrationSpec(**cal) if cal else None,
             )
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    """Write manifest.json by replacing the file, never by writing into it (it may be a hard link)."""
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(manifest.to_json(), encoding="utf-8")
+    os.replace(tmp, root / MANIFEST)
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Move the finished directory ``new`` to ``out``, replacing what is there."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        new.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(out)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -11,6 +11,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from eec.calib.traces import Traces, metric_index, thresholds_for
 from eec.errors import InputError
 from eec.runtime.decode import Decoder
 from eec.runtime.manifest import Manifest, read_manifest
@@ -18,7 +19,8 @@ from eec.runtime.sessions import open_sessions
 from eec.runtime.text import TextCodec
 
 MODES = ("early-exit", "full")
-DEFAULT_THRESHOLD = 0.9  # top-1 minus top-2 probability; ε-calibrated thresholds replace it
+DEFAULT_THRESHOLD = 0.9  # top-1 minus top-2 probability, for artifacts without calibration
+DEFAULT_EPSILON = 0.9  # for calibrated artifacts
 
 
 @dataclass
@@ -59,6 +61,20 @@ class EarlyExitModel:
         self.heads = dict(zip(head_files, open_sessions(root, head_files, threads)))
         self.codec = TextCodec(root, manifest.tokenizer) if manifest.tokenizer else None
         self.stats = Stats()
+        self._traces: Traces | None = None
+
+    @property
+    def traces(self) -> Traces:
+        """The calibration traces stored in the artifact."""
+        if self.manifest.calibration is None:
+            raise InputError("this artifact is not calibrated; run `eec calibrate ARTIFACT` first, or pass thresholds")
+        if self._traces is None:
+            self._traces = Traces.load(self.root / self.manifest.calibration.file)
+        return self._traces
+
+    def thresholds_for(self, epsilon: float, metric: str | None = None, rule: str = "risk", delta: float = 0.1) -> dict[int, float]:
+        """τ per exit for accuracy level ε, from the stored traces (cascade order)."""
+        return thresholds_for(self.traces, epsilon, metric or self.manifest.calibration.metric, rule, delta)
 
     @property
     def num_layers(self) -> int:
@@ -89,12 +105,25 @@ class EarlyExitModel:
             raise InputError(f"the prompt is {len(ids)} tokens; this model's context is {context} tokens")
         return ids
 
-    def resolve_thresholds(self, mode: str, thresholds) -> dict[int, float] | None:
-        """Per-exit thresholds from a number, a list (one per exit) or a {layer: value} map."""
+    def resolve_thresholds(self, mode: str, thresholds=None, epsilon: float | None = None, metric: str | None = None,
+                           rule: str = "risk", delta: float = 0.1) -> tuple[dict[int, float] | None, int]:
+        """Per-exit thresholds and the metric they apply to.
+
+        ``thresholds``: a number, a list (one per exit) or a {layer: value}
+        map; or ``epsilon``, for calibrated artifacts. With neither, a
+        calibrated artifact uses ε = 0.9, an uncalibrated one 0.9 on the top-2 margin.
+        """
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if thresholds is not None and epsilon is not None:
+            raise InputError("give thresholds or epsilon, not both")
+        calibrated = self.manifest.calibration is not None
+        metric = metric or (self.manifest.calibration.metric if calibrated else "top2-margin")
+        index = metric_index(metric)
         if mode == "full":
-            return None
+            return None, index
+        if thresholds is None and (epsilon is not None or calibrated):
+            return self.thresholds_for(DEFAULT_EPSILON if epsilon is None else epsilon, metric, rule, delta), index
         exits = self.exits
         if thresholds is None:
             thresholds = DEFAULT_THRESHOLD
@@ -112,7 +141,7 @@ class EarlyExitModel:
             values = {e: float(t) for e, t in zip(exits, thresholds)}
         if any(math.isnan(v) for v in values.values()):
             raise InputError("thresholds must be numbers, not NaN")
-        return values
+        return values, index
 
     def generate(
         self,
@@ -121,6 +150,10 @@ class EarlyExitModel:
         max_new_tokens: int = 128,
         mode: str = "early-exit",
         thresholds: float | Sequence[float] | Mapping[int, float] | None = None,
+        epsilon: float | None = None,
+        metric: str | None = None,
+        rule: str = "risk",
+        delta: float = 0.1,
         stream: bool = False,
         chat: bool | None = None,
         ignore_eos: bool = False,
@@ -130,7 +163,10 @@ class EarlyExitModel:
         ``prompt`` is a string (wrapped in the chat template when the model has
         one, unless ``chat=False``) or token ids. ``mode="full"`` runs every
         layer; ``"early-exit"`` leaves at the first exit whose confidence
-        reaches its threshold. Returns a `GenerationResult`, or with
+        reaches its threshold: given as ``thresholds``, or computed from the
+        artifact's calibration for accuracy level ``epsilon`` (the share of
+        exited tokens that agree with the full model), with ``rule`` "risk"
+        (holds with probability 1 - ``delta``) or "valade" (the paper's rule). Returns a `GenerationResult`, or with
         ``stream=True`` an iterator of text pieces (token ids when the artifact
         has no tokenizer). ``ignore_eos`` keeps going past the end-of-sequence
         token (for benchmarks). ``self.stats`` describes the last generation.
@@ -138,8 +174,8 @@ class EarlyExitModel:
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         ids = self.encode(prompt, chat)
-        values = self.resolve_thresholds(mode, thresholds)
-        steps = self._steps(ids, max_new_tokens, values, set() if ignore_eos else set(self.manifest.eos_token_ids))
+        values, index = self.resolve_thresholds(mode, thresholds, epsilon, metric, rule, delta)
+        steps = self._steps(ids, max_new_tokens, values, index, set() if ignore_eos else set(self.manifest.eos_token_ids))
         if stream:
             tokens = (token for token, _ in steps)
             return self.codec.stream(tokens) if self.codec else tokens
@@ -150,7 +186,8 @@ class EarlyExitModel:
         text = self.codec.decode(tokens) if self.codec else None
         return GenerationResult(tokens=tokens, exits=exits, text=text)
 
-    def _steps(self, ids: list[int], max_new_tokens: int, thresholds: dict[int, float] | None, eos: set[int]) -> Iterator[tuple[int, int]]:
+    def _steps(self, ids: list[int], max_new_tokens: int, thresholds: dict[int, float] | None, metric: int,
+               eos: set[int]) -> Iterator[tuple[int, int]]:
         decoder = self.new_decoder()
         stats = self.stats = Stats(prompt_tokens=len(ids))
         room = self.manifest.model.context_length - len(ids)
@@ -158,7 +195,7 @@ class EarlyExitModel:
         feed, step_thresholds = np.asarray([ids], dtype=np.int64), None
         for n in range(min(max_new_tokens, room)):
             start = time.perf_counter()
-            result = decoder.step(feed, step_thresholds)
+            result = decoder.step(feed, step_thresholds, metric)
             elapsed = time.perf_counter() - start  # the caller's time between tokens is not ours
             if n == 0:
                 stats.prefill_s = elapsed

@@ -1,0 +1,104 @@
+"""Calibration traces and the thresholds they give; numpy only.
+
+A trace row is one generated token: for each exit, every metric's score and
+whether the exit's token equalled the final head's. The artifact keeps the
+traces themselves (``calibration.npz``), so τ_k(ε) is computed at load time
+for any ε, rule and metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from eec.calib.metrics import ALL_METRICS
+from eec.calib.thresholds import cascade_thresholds, risk_controlled_threshold, valade_threshold
+from eec.errors import ArtifactError, InputError
+
+RULES = ("risk", "valade")
+
+
+@dataclass
+class Traces:
+    exits: list[int]  # exit layers, the columns
+    scores: np.ndarray  # [tokens, exits, len(ALL_METRICS)] float32; NaN where a metric is undefined
+    agreed: np.ndarray  # [tokens, exits] bool: exit token == final token
+    sequence: np.ndarray  # [tokens] int: the calibration prompt each token came from
+
+    def __len__(self) -> int:
+        return self.scores.shape[0]
+
+    def save(self, path: Path) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, exits=np.asarray(self.exits, dtype=np.int64), scores=self.scores.astype(np.float32),
+                     agreed=self.agreed, sequence=self.sequence, metrics=np.asarray(ALL_METRICS))
+
+    @staticmethod
+    def load(path: Path) -> "Traces":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if tuple(z["metrics"].tolist()) != ALL_METRICS:
+                    raise ArtifactError(f"{path}: traces hold metrics {z['metrics'].tolist()}; recalibrate")
+                return Traces(z["exits"].tolist(), z["scores"], z["agreed"].astype(bool), z["sequence"])
+        except (OSError, KeyError, ValueError) as e:
+            raise ArtifactError(f"{path} is not a readable calibration file ({e})") from None
+
+    def subset(self, rows: np.ndarray) -> "Traces":
+        return Traces(self.exits, self.scores[rows], self.agreed[rows], self.sequence[rows])
+
+
+def metric_index(metric: str) -> int:
+    try:
+        return ALL_METRICS.index(metric)
+    except ValueError:
+        raise InputError(f"unknown metric {metric!r}; choose from {', '.join(ALL_METRICS)}") from None
+
+
+def thresholds_for(traces: Traces, eps: float, metric: str, rule: str = "risk", delta: float = 0.1) -> dict[int, float]:
+    """τ per exit at accuracy level ε, calibrated in cascade order."""
+    if rule not in RULES:
+        raise InputError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
+    if not 0.0 <= eps <= 1.0:  # NaN fails too
+        raise InputError(f"epsilon must be in [0, 1], got {eps}")
+    column = traces.scores[:, :, metric_index(metric)]
+    # NaN (e.g. cosine at the first exit) never reaches a threshold.
+    column = np.where(np.isnan(column), -np.inf, column)
+
+    def fit(c, t, e):
+        c, t = c[np.isfinite(c)], t[np.isfinite(c)]
+        return risk_controlled_threshold(c, t, e, delta) if rule == "risk" else valade_threshold(c, t, e)
+
+    return dict(zip(traces.exits, cascade_thresholds(column, traces.agreed, eps, fit)))
+
+
+@dataclass
+class Simulation:
+    exit_rate: float  # share of tokens that leave early
+    mean_depth: float  # mean layers run per token
+    agreement: float  # share of tokens whose token equals the final head's
+    exits: dict[int, int]  # layer -> tokens leaving there
+
+
+def simulate(traces: Traces, thresholds: dict[int, float], metric: str, num_layers: int) -> Simulation:
+    """Replay the exit decisions on the traces (teacher-forced: each row is the full model's prefix)."""
+    column = traces.scores[:, :, metric_index(metric)]
+    n = len(traces)
+    depth = np.full(n, num_layers, dtype=np.float64)
+    agree = np.ones(n, dtype=bool)
+    remaining = np.ones(n, dtype=bool)
+    counts = {}
+    for k, layer in enumerate(traces.exits):
+        take = remaining & (column[:, k] >= thresholds[layer])  # NaN compares False
+        depth[take], agree[take] = layer, traces.agreed[take, k]
+        counts[layer] = int(take.sum())
+        remaining &= ~take
+    counts[num_layers] = int(remaining.sum())
+    return Simulation(float(1 - remaining.mean()) if n else 0.0, float(depth.mean()) if n else float(num_layers),
+                      float(agree.mean()) if n else 1.0, counts)
+
+
+def choose_metric(traces: Traces, num_layers: int, eps: float = 0.9, rule: str = "risk") -> str:
+    """The metric with the smallest mean depth at ε on the traces."""
+    return min(ALL_METRICS, key=lambda m: simulate(traces, thresholds_for(traces, eps, m, rule), m, num_layers).mean_depth)
