@@ -59,7 +59,51 @@ def _parse_ids(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(" ", ",").split(",") if x.strip()]
     except ValueError:
-        raise InputError(f"--ids expects token ids separated by commas, got {text!r}") from None
+        raise InputError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+@app.command("train")
+@_user_errors
+def train_cmd(
+    base: Path = typer.Argument(..., help="base model: Hugging Face directory or .gguf file"),
+    exits: str = typer.Option(..., help="exit layers to train heads for, e.g. 8,12,16,20,24"),
+    output: Path = typer.Option(..., "-o", "--output", help="checkpoint to write (model.pt)"),
+    prompts: Optional[Path] = typer.Option(None, help="starting prompts, one per line (default: eec's own set)"),
+    lam: float = typer.Option(0.1, "--lambda", help="entropy weight λ in (1-λ)·CE − λ·H"),
+    epochs: int = typer.Option(3, help="passes over the training tokens"),
+    lr: float = typer.Option(1e-4, help="learning rate (AdamW)"),
+    max_new_tokens: int = typer.Option(64, help="tokens the base model generates per prompt"),
+    tokens: Optional[int] = typer.Option(None, help="use at most this many training tokens"),
+    init: str = typer.Option("copy", help="copy (the final norm and LM head) or fresh"),
+    seed: int = typer.Option(0, help="random seed; the same seed gives the same heads"),
+) -> None:
+    """Train self-supervised exit heads (Valade) on a frozen BASE model and write model.pt."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from transformers.utils import logging as hf_logging
+
+    from eec.train import TrainConfig, train
+    from eec.train.data import read_prompt_file
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    config = TrainConfig(exits=_parse_ids(exits), lam=lam, epochs=epochs, lr=lr, max_new_tokens=max_new_tokens,
+                         max_tokens=tokens, init=init, seed=seed,
+                         prompts=read_prompt_file(prompts) if prompts else [])
+    with _progress() as (bar, task):
+
+        def progress(what: str, done: int, total: int, figures: dict) -> None:
+            extra = " ".join(f"{k} {v:.3f}" for k, v in figures.items())
+            bar.update(task, description=f"{what} {extra}".strip(), completed=done, total=total)
+            if "agreement" in figures:
+                err.print(f"{what}: agreement with the final model {figures['agreement']:.3f}")
+
+        reports = train(base, output, config, progress)
+    table = Table("exit layer", "agreement before", "after", "last loss")
+    for r in reports:
+        table.add_row(str(r.layer), f"{r.agreement_before:.3f}", f"{r.agreement:.3f}", f"{r.loss:.3f}")
+    err.print(table)
+    err.print(f"wrote {output}; compile it with `eec compile {output} -o ARTIFACT`")
 
 
 @app.command("compile")

@@ -1,0 +1,159 @@
+"""``eec train``: Valade's self-supervised exit heads on a frozen backbone."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from eec.compiler.checkpoint import Checkpoint, save_checkpoint
+from eec.compiler.frontends import load_source
+from eec.compiler.segments import check_exits
+from eec.errors import InputError
+from eec.train.data import TrainingData, default_prompts, encode_prompts, generate_training_data, read_prompt_file
+from eec.train.heads import INITS, new_head, valade_loss
+
+# (what, done, total, figures to show)
+Progress = Callable[[str, int, int, dict], None]
+
+
+@dataclass
+class TrainConfig:
+    exits: list[int]
+    lam: float = 0.1  # entropy weight λ of the loss
+    epochs: int = 3
+    lr: float = 1e-4
+    max_new_tokens: int = 64  # per prompt, when generating training data
+    max_tokens: int | None = None  # cap on training tokens
+    init: str = "copy"
+    seed: int = 0
+    batch_size: int = 256
+    top_k: int = 32
+    validation: float = 0.1  # share of prompts held out to report agreement on
+    prompts: list = field(default_factory=list)  # empty: eec's default set
+
+
+@dataclass
+class HeadReport:
+    layer: int
+    loss: float
+    agreement_before: float  # validation agreement with the final model's token
+    agreement: float
+
+
+def fit_head(head, data: TrainingData, layer: int, config: TrainConfig, generator: torch.Generator,
+             on_step: Callable[[float], None] = lambda _: None) -> float:
+    """Train one head on ``data`` with Valade's loss; return the last batch's loss."""
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=0.0)
+    loss_value = float("nan")
+    for _ in range(config.epochs):
+        for rows in torch.randperm(len(data), generator=generator).split(config.batch_size):
+            loss = valade_loss(head(data.hidden[layer][rows]), data.top_index[rows], data.top_logp[rows], config.lam)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_value = loss.item()
+            on_step(loss_value)
+    return loss_value
+
+
+def agreement(head, data: TrainingData, layer: int) -> float:
+    """Share of tokens where the head's top token is the final model's."""
+    if len(data) == 0:
+        return float("nan")
+    with torch.no_grad():
+        hits = sum(int((head(h).argmax(-1) == t).sum()) for h, t in zip(data.hidden[layer].split(1024), data.target.split(1024)))
+    return hits / len(data)
+
+
+def _check(config: TrainConfig, num_layers: int) -> None:
+    check_exits(config.exits, num_layers)
+    if not config.exits:
+        raise InputError("give at least one exit layer (--exits)")
+    if not 0.0 <= config.lam <= 1.0:
+        raise InputError(f"--lambda must be in [0, 1], got {config.lam}")
+    if config.init not in INITS:
+        raise InputError(f"--init must be one of {', '.join(INITS)}, got {config.init!r}")
+    if config.epochs < 1 or config.lr <= 0 or config.max_new_tokens < 2:
+        raise InputError("--epochs must be at least 1, --lr positive and --max-new-tokens at least 2")
+
+
+def train(base: str | os.PathLike, out: str | os.PathLike, config: TrainConfig,
+          progress: Progress = lambda *_: None) -> list[HeadReport]:
+    """Generate data with the base model, train one head per exit, write ``model.pt``."""
+    out = Path(out)
+    if not out.parent.exists():
+        raise InputError(f"output folder {out.parent} does not exist")
+    torch.manual_seed(config.seed)
+    src = load_source(base)
+    model = src.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _check(config, model.config.num_hidden_layers)
+    tokenizer = _hf_tokenizer(src)
+    prompts = encode_prompts(config.prompts or default_prompts(), tokenizer)
+    data = generate_training_data(model, prompts, config.exits, config.max_new_tokens, src.eos_token_ids, config.top_k,
+                                  progress=lambda what, done, total: progress(what, done, total, {}))
+    if len(data) == 0:
+        raise InputError("the base model generated no tokens from these prompts")
+    g = torch.Generator().manual_seed(config.seed)
+    n_val = int(round(len(prompts) * config.validation)) if len(prompts) > 1 else 0
+    val_seqs = torch.randperm(len(prompts), generator=g)[:n_val]
+    is_val = torch.isin(data.sequence, val_seqs)
+    train_data, val_data = data.subset(~is_val), data.subset(is_val)
+    if config.max_tokens:
+        train_data = train_data.subset(torch.arange(min(config.max_tokens, len(train_data))))
+
+    reports, heads = [], []
+    steps = len(config.exits) * config.epochs * -(-len(train_data) // config.batch_size)
+    done = 0
+    for layer in config.exits:
+        head = new_head(model, config.init, g)
+        before = agreement(head, val_data, layer)
+
+        def on_step(loss: float) -> None:
+            nonlocal done
+            done += 1
+            progress(f"training head at layer {layer}", done, steps, {"loss": loss})
+
+        loss = fit_head(head, train_data, layer, config, g, on_step)
+        after = agreement(head, val_data, layer)
+        progress(f"head at layer {layer} done", done, steps, {"agreement": after})
+        reports.append(HeadReport(layer, loss, before, after))
+        heads.append(head.to_weights(layer))
+
+    ckpt = Checkpoint(
+        base={"path": str(Path(base).absolute())},
+        exits=heads,
+        tokenizer=None,
+        metadata={
+            "trained_by": "eec train (frozen backbone, Valade loss)",
+            "config": {k: v for k, v in asdict(config).items() if k != "prompts"},
+            "training_tokens": len(train_data),
+            "validation_tokens": len(val_data),
+            "reports": [asdict(r) for r in reports],
+        },
+    )
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_checkpoint(ckpt, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return reports
+
+
+def _hf_tokenizer(src):
+    """The base model's tokenizer as a transformers tokenizer (chat template included), or None."""
+    if src.tokenizer is None:
+        return None
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(src.tokenizer.json),
+                                  bos_token=src.tokenizer.bos_token, eos_token=src.tokenizer.eos_token)
+    tok.chat_template = src.tokenizer.chat_template
+    return tok
