@@ -109,3 +109,32 @@ def test_train_cli_and_bad_input(tmp_path):
     assert result.exit_code == 0, result.output
     assert [h.layer for h in load_checkpoint(tmp_path / "m.pt").exits] == [2, 4]
     assert "agreement" in result.stderr
+
+
+def test_layer_weights_grow_with_depth_and_sum_to_one():
+    from eec.train.joint import layer_weights
+
+    w = layer_weights([2, 4], 6)
+    assert list(w) == [2, 4, 6] and w[2] < w[4] < w[6]
+    assert abs(sum(w.values()) - 1) < 1e-12
+
+
+def test_joint_mode_fine_tunes_backbone_and_compiles(tmp_path):
+    from eec.compiler import compile_model
+    from eec.compiler.frontends import load_source
+    from eec.runtime import load
+
+    src = tmp_path / "base"
+    original = tiny_model("llama", seed=5)
+    original.save_pretrained(src)
+    config = TrainConfig(exits=[2, 4], prompts=PROMPTS[:20], max_new_tokens=10, epochs=3, lr=1e-3, mode="joint")
+    result = train(src, tmp_path / "joint.pt", config)
+    assert 0.0 <= result.final_agreement <= 1.0 and [r.layer for r in result.heads] == [2, 4]
+    ckpt = load_checkpoint(tmp_path / "joint.pt")
+    assert "state_dict" in ckpt.base and ckpt.metadata["final_agreement"] == result.final_agreement
+    tuned = load_source(tmp_path / "joint.pt").model
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
+    assert any("layers.0." in k for k in changed)  # the backbone itself moved
+    compile_model(tmp_path / "joint.pt", tmp_path / "joint.eec", calibrate=False)
+    prompt = [3, 9, 27]
+    assert load(tmp_path / "joint.eec").generate(prompt, max_new_tokens=8, mode="full").tokens == hf_greedy(tuned, prompt, 8)

@@ -70,14 +70,15 @@ def train_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint to write (model.pt)"),
     prompts: Optional[Path] = typer.Option(None, help="starting prompts, one per line (default: eec's own set)"),
     lam: float = typer.Option(0.1, "--lambda", help="entropy weight λ in (1-λ)·CE − λ·H"),
-    epochs: int = typer.Option(3, help="passes over the training tokens"),
-    lr: float = typer.Option(1e-4, help="learning rate (AdamW)"),
+    epochs: int = typer.Option(4, help="passes over the training tokens"),
+    lr: float = typer.Option(1e-3, help="learning rate (AdamW)"),
     max_new_tokens: int = typer.Option(64, help="tokens the base model generates per prompt"),
     tokens: Optional[int] = typer.Option(None, help="use at most this many training tokens"),
     init: str = typer.Option("copy", help="copy (the final norm and LM head) or fresh"),
+    mode: str = typer.Option("heads", help="heads (frozen backbone) or joint (fine-tune the backbone too)"),
     seed: int = typer.Option(0, help="random seed; the same seed gives the same heads"),
 ) -> None:
-    """Train self-supervised exit heads (Valade) on a frozen BASE model and write model.pt."""
+    """Train self-supervised exit heads (Valade) for BASE and write model.pt."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     from transformers.utils import logging as hf_logging
@@ -88,7 +89,7 @@ def train_cmd(
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     config = TrainConfig(exits=_parse_ids(exits), lam=lam, epochs=epochs, lr=lr, max_new_tokens=max_new_tokens,
-                         max_tokens=tokens, init=init, seed=seed,
+                         max_tokens=tokens, init=init, mode=mode, seed=seed,
                          prompts=read_prompt_file(prompts) if prompts else [])
     with _progress() as (bar, task):
 
@@ -98,11 +99,14 @@ def train_cmd(
             if "agreement" in figures:
                 err.print(f"{what}: agreement with the final model {figures['agreement']:.3f}")
 
-        reports = train(base, output, config, progress)
+        result = train(base, output, config, progress)
     table = Table("exit layer", "agreement before", "after", "last loss")
-    for r in reports:
+    for r in result.heads:
         table.add_row(str(r.layer), f"{r.agreement_before:.3f}", f"{r.agreement:.3f}", f"{r.loss:.3f}")
+    err.print("held-out agreement with the original model's token:")
     err.print(table)
+    if result.final_agreement is not None:
+        err.print(f"fine-tuned final layer agrees with the original on {result.final_agreement:.3f} of held-out tokens")
     err.print(f"wrote {output}; compile it with `eec compile {output} -o ARTIFACT`")
 
 

@@ -157,6 +157,7 @@ def _from_embedded(base: dict, where: str) -> SourceModel:
 
     cfg = dict(base["config"])
     model_type = cfg.pop("model_type", None)
+    cfg.pop("quantization_config", None)  # embedded weights are plain tensors
     _check_model_type(model_type, where)
     config = AutoConfig.for_model(model_type, **cfg)
     _check_config(config, where)

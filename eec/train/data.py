@@ -9,7 +9,7 @@ vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,6 +27,9 @@ class TrainingData:
     top_index: torch.Tensor  # [tokens, k] the final distribution's top-k token ids
     top_logp: torch.Tensor  # [tokens, k] their log-probabilities
     sequence: torch.Tensor  # [tokens] which prompt each token came from
+    # The generated batches themselves, for training the backbone (joint mode):
+    # (token ids [B, T], attention mask [B, T], position ids [B, T], target rows [B, T] bool), in row order.
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.top_index.shape[0]
@@ -37,7 +40,8 @@ class TrainingData:
         return self.top_index[:, 0]
 
     def subset(self, rows: torch.Tensor) -> "TrainingData":
-        return TrainingData({k: v[rows] for k, v in self.hidden.items()}, self.top_index[rows], self.top_logp[rows], self.sequence[rows])
+        return TrainingData({k: v[rows] for k, v in self.hidden.items()}, self.top_index[rows], self.top_logp[rows],
+                            self.sequence[rows])
 
 
 def default_prompts() -> list[str]:
@@ -88,7 +92,7 @@ def generate_training_data(
 ) -> TrainingData:
     pad = eos_ids[0] if eos_ids else 0
     hidden = {e: [] for e in exits}
-    top_index, top_logp, sequence = [], [], []
+    top_index, top_logp, sequence, batches = [], [], [], []
     for start in range(0, len(prompts), batch_size):
         progress("generating training data", start, len(prompts))
         batch = prompts[start : start + batch_size]
@@ -117,5 +121,7 @@ def generate_training_data(
         for e in exits:
             hidden[e].append(fwd.hidden_states[e][rows].float())
         sequence.append(torch.arange(start, start + len(batch)).repeat_interleave(keep.sum(1)))
+        batches.append((out, full_mask, positions, rows))
     progress("generated training data", len(prompts), len(prompts))
-    return TrainingData({e: torch.cat(v) for e, v in hidden.items()}, torch.cat(top_index), torch.cat(top_logp), torch.cat(sequence))
+    return TrainingData({e: torch.cat(v) for e, v in hidden.items()}, torch.cat(top_index), torch.cat(top_logp),
+                        torch.cat(sequence), batches)

@@ -24,11 +24,12 @@ Progress = Callable[[str, int, int, dict], None]
 class TrainConfig:
     exits: list[int]
     lam: float = 0.1  # entropy weight λ of the loss
-    epochs: int = 3
-    lr: float = 1e-4
+    epochs: int = 4
+    lr: float = 1e-3
     max_new_tokens: int = 64  # per prompt, when generating training data
     max_tokens: int | None = None  # cap on training tokens
     init: str = "copy"
+    mode: str = "heads"  # "heads": frozen backbone; "joint": fine-tune the backbone too
     seed: int = 0
     batch_size: int = 256
     top_k: int = 32
@@ -36,12 +37,21 @@ class TrainConfig:
     prompts: list = field(default_factory=list)  # empty: eec's default set
 
 
+MODES = ("heads", "joint")
+
+
 @dataclass
 class HeadReport:
     layer: int
     loss: float
-    agreement_before: float  # validation agreement with the final model's token
+    agreement_before: float  # validation agreement with the original model's final token
     agreement: float
+
+
+@dataclass
+class TrainResult:
+    heads: list[HeadReport]
+    final_agreement: float | None = None  # joint mode: fine-tuned final layer vs the original, held out
 
 
 def fit_head(head, data: TrainingData, layer: int, config: TrainConfig, generator: torch.Generator,
@@ -75,6 +85,8 @@ def _check(config: TrainConfig, num_layers: int) -> None:
         raise InputError("give at least one exit layer (--exits)")
     if not 0.0 <= config.lam <= 1.0:
         raise InputError(f"--lambda must be in [0, 1], got {config.lam}")
+    if config.mode not in MODES:
+        raise InputError(f"--mode must be one of {', '.join(MODES)}, got {config.mode!r}")
     if config.init not in INITS:
         raise InputError(f"--init must be one of {', '.join(INITS)}, got {config.init!r}")
     if config.epochs < 1 or config.lr <= 0 or config.max_new_tokens < 2:
@@ -82,8 +94,9 @@ def _check(config: TrainConfig, num_layers: int) -> None:
 
 
 def train(base: str | os.PathLike, out: str | os.PathLike, config: TrainConfig,
-          progress: Progress = lambda *_: None) -> list[HeadReport]:
-    """Generate data with the base model, train one head per exit, write ``model.pt``."""
+          progress: Progress = lambda *_: None) -> TrainResult:
+    """Generate data with the base model, train one head per exit (and in joint
+    mode the backbone too), write ``model.pt``."""
     out = Path(out)
     if not out.parent.exists():
         raise InputError(f"output folder {out.parent} does not exist")
@@ -103,15 +116,34 @@ def train(base: str | os.PathLike, out: str | os.PathLike, config: TrainConfig,
     n_val = int(round(len(prompts) * config.validation)) if len(prompts) > 1 else 0
     val_seqs = torch.randperm(len(prompts), generator=g)[:n_val]
     is_val = torch.isin(data.sequence, val_seqs)
-    train_data, val_data = data.subset(~is_val), data.subset(is_val)
-    if config.max_tokens:
-        train_data = train_data.subset(torch.arange(min(config.max_tokens, len(train_data))))
+    if config.mode == "joint":
+        result, ckpt = _train_joint(src, data, is_val, config, g, progress)
+    else:
+        train_data, val_data = data.subset(~is_val), data.subset(is_val)
+        if config.max_tokens:
+            train_data = train_data.subset(torch.arange(min(config.max_tokens, len(train_data))))
+        result, ckpt = _train_heads(src, train_data, val_data, config, g, progress)
+    ckpt.metadata.update({
+        "config": {k: v for k, v in asdict(config).items() if k != "prompts"},
+        "validation_tokens": int(is_val.sum()),
+        "reports": [asdict(r) for r in result.heads],
+        "final_agreement": result.final_agreement,
+    })
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_checkpoint(ckpt, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return result
 
+
+def _train_heads(src, train_data, val_data, config, g, progress) -> tuple[TrainResult, Checkpoint]:
     reports, heads = [], []
     steps = len(config.exits) * config.epochs * -(-len(train_data) // config.batch_size)
     done = 0
     for layer in config.exits:
-        head = new_head(model, config.init, g)
+        head = new_head(src.model, config.init, g)
         before = agreement(head, val_data, layer)
 
         def on_step(loss: float) -> None:
@@ -124,26 +156,40 @@ def train(base: str | os.PathLike, out: str | os.PathLike, config: TrainConfig,
         progress(f"head at layer {layer} done", done, steps, {"agreement": after})
         reports.append(HeadReport(layer, loss, before, after))
         heads.append(head.to_weights(layer))
+    base = {"path": str(Path(src.source).absolute())}
+    meta = {"trained_by": "eec train --mode heads (frozen backbone)", "training_tokens": len(train_data)}
+    return TrainResult(reports), Checkpoint(base, heads, None, meta)
 
+
+def _train_joint(src, data, is_val, config, g, progress) -> tuple[TrainResult, Checkpoint]:
+    from eec.train.joint import train_joint
+
+    heads = {layer: new_head(src.model, config.init, g) for layer in config.exits}
+    steps = config.epochs * len(data.batches)
+    done = 0
+
+    def on_step(loss: float) -> None:
+        nonlocal done
+        done += 1
+        progress("fine-tuning backbone and heads", done, steps, {"loss": loss})
+
+    student, report = train_joint(src.model, heads, data, is_val, lam=config.lam, epochs=config.epochs, lr=config.lr,
+                                  generator=g, on_step=on_step)
+    progress("joint training done", done, steps, {"agreement": report.final_agreement})
+    reports = [HeadReport(layer, report.final_loss, report.exit_agreement_before[layer], report.exit_agreement[layer])
+               for layer in config.exits]
+    cfg = student.config.to_dict()
+    cfg.pop("quantization_config", None)  # the weights are plain fp32 now, whatever they were loaded from
+    tok = src.tokenizer
     ckpt = Checkpoint(
-        base={"path": str(Path(base).absolute())},
-        exits=heads,
-        tokenizer=None,
-        metadata={
-            "trained_by": "eec train (frozen backbone, Valade loss)",
-            "config": {k: v for k, v in asdict(config).items() if k != "prompts"},
-            "training_tokens": len(train_data),
-            "validation_tokens": len(val_data),
-            "reports": [asdict(r) for r in reports],
-        },
+        base={"config": cfg, "state_dict": {k: v.detach().clone() for k, v in student.state_dict().items()}},
+        exits=[heads[layer].to_weights(layer) for layer in config.exits],
+        tokenizer=None if tok is None else {"json": tok.json, "chat_template": tok.chat_template,
+                                            "bos_token": tok.bos_token, "eos_token": tok.eos_token},
+        metadata={"trained_by": "eec train --mode joint (fine-tuned backbone)", "eos_token_ids": src.eos_token_ids,
+                  "training_tokens": int((~is_val).sum())},
     )
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        save_checkpoint(ckpt, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return reports
+    return TrainResult(reports, report.final_agreement), ckpt
 
 
 def _hf_tokenizer(src):

@@ -1,0 +1,98 @@
+"""Joint mode: fine-tune the backbone together with the exit heads.
+
+The loss is CALM's layer-weighted sum over the exits and the final layer,
+with weights growing with depth (w_i ∝ i, the layer index), each term
+Valade's loss against the *frozen original* model's distribution (top-k plus
+the rest). The final layer's term is distillation from the original, so that
+intermediate layers become better exits while the final output stays close
+to what the user had. What the user loses is measured: the fine-tuned final
+layer's agreement with the original on held-out tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from eec.train.data import TrainingData
+from eec.train.heads import TrainableHead, valade_loss
+
+
+@dataclass
+class JointReport:
+    final_agreement: float  # fine-tuned final layer vs the original, held-out tokens
+    exit_agreement: dict[int, float]  # each exit vs the original's token, held-out tokens
+    exit_agreement_before: dict[int, float]
+    final_loss: float
+
+
+def layer_weights(exits: list[int], num_layers: int) -> dict[int, float]:
+    """CALM's depth-growing weights over the exits and the final layer, summing to 1."""
+    layers = [*exits, num_layers]
+    total = sum(layers)
+    return {layer: layer / total for layer in layers}
+
+
+def _forward(student, heads: dict[int, TrainableHead], batch) -> dict[int, torch.Tensor]:
+    ids, mask, positions, rows = batch
+    out = student(ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+    logits = {layer: head(out.hidden_states[layer][rows]) for layer, head in heads.items()}
+    logits[student.config.num_hidden_layers] = out.logits[rows]
+    return logits
+
+
+def _agreement(student, heads, data: TrainingData, is_val: torch.Tensor) -> dict[int, float]:
+    hits: dict[int, int] = {}
+    offset = 0
+    with torch.no_grad():
+        for batch in data.batches:
+            n = int(batch[3].sum())
+            val = is_val[offset : offset + n]
+            target = data.target[offset : offset + n][val]
+            for layer, logits in _forward(student, heads, batch).items():
+                hits[layer] = hits.get(layer, 0) + int((logits[val].argmax(-1) == target).sum())
+            offset += n
+    count = max(int(is_val.sum()), 1)
+    return {layer: h / count for layer, h in hits.items()}
+
+
+def train_joint(model, heads: dict[int, TrainableHead], data: TrainingData, is_val: torch.Tensor, *, lam: float,
+                epochs: int, lr: float, generator: torch.Generator, on_step: Callable[[float], None] = lambda _: None):
+    """Fine-tune a copy of ``model`` and ``heads`` in place; return (student, report)."""
+    student = copy.deepcopy(model).train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    n_layers = model.config.num_hidden_layers
+    weights = layer_weights(sorted(heads), n_layers)
+    before = _agreement(student, heads, data, is_val)
+    params = list(student.parameters()) + [p for h in heads.values() for p in h.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    offsets = torch.tensor([0] + [int(b[3].sum()) for b in data.batches]).cumsum(0)
+    loss_value = float("nan")
+    for _ in range(epochs):
+        for b in torch.randperm(len(data.batches), generator=generator).tolist():
+            start, stop = int(offsets[b]), int(offsets[b + 1])
+            train_rows = ~is_val[start:stop]
+            if not train_rows.any():
+                continue
+            idx, logp = data.top_index[start:stop][train_rows], data.top_logp[start:stop][train_rows]
+            logits = _forward(student, heads, data.batches[b])
+            loss = sum(w * valade_loss(logits[layer][train_rows], idx, logp, lam if layer < n_layers else 0.0)
+                       for layer, w in weights.items())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_value = loss.item()
+            on_step(loss_value)
+    student.eval()
+    after = _agreement(student, heads, data, is_val)
+    report = JointReport(
+        final_agreement=after.pop(n_layers),
+        exit_agreement=after,
+        exit_agreement_before={k: v for k, v in before.items() if k != n_layers},
+        final_loss=loss_value,
+    )
+    return student, report
