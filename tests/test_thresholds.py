@@ -98,3 +98,13 @@ def test_cascade_keeps_overall_agreement_on_its_traces():
             exited_agree.extend(t[take, k])
             remaining &= ~take
         assert np.mean(exited_agree) >= eps
+
+
+def test_binomial_p_value_against_direct_sum():
+    from math import comb
+
+    from eec.calib.thresholds import binomial_p_value
+
+    for n, k, eps in [(10, 9, 0.8), (50, 50, 0.9), (30, 20, 0.5), (7, 0, 0.3)]:
+        want = sum(comb(n, j) * eps**j * (1 - eps) ** (n - j) for j in range(k, n + 1))
+        assert abs(binomial_p_value(np.array([k]), np.array([n]), eps)[0] - want) < 1e-10

@@ -127,7 +127,8 @@ def test_joint_mode_fine_tunes_backbone_and_compiles(tmp_path):
     src = tmp_path / "base"
     original = tiny_model("llama", seed=5)
     original.save_pretrained(src)
-    config = TrainConfig(exits=[2, 4], prompts=PROMPTS[:20], max_new_tokens=10, epochs=3, lr=1e-3, mode="joint")
+    config = TrainConfig(exits=[2, 4], prompts=PROMPTS[:20], max_new_tokens=10, epochs=3, lr=1e-3, backbone_lr=1e-3,
+                         mode="joint")
     result = train(src, tmp_path / "joint.pt", config)
     assert 0.0 <= result.final_agreement <= 1.0 and [r.layer for r in result.heads] == [2, 4]
     ckpt = load_checkpoint(tmp_path / "joint.pt")

@@ -12,10 +12,11 @@ Rules:
 2. `risk_controlled_threshold`: Learn-then-Test (Angelopoulos et al. 2021,
    arXiv:2110.01052) with fixed-sequence testing. Candidate thresholds are
    tested from the highest down; at each the null "agreement of the tokens at
-   or above it is below ε" is rejected when Hoeffding's p-value
-   exp(-2 n (p̂ - ε)²) (Hoeffding 1963) is at most δ; τ is the lowest
-   threshold reached before the first failure (cuts that keep too few tokens
-   to be certified even if all agreed are skipped). With i.i.d. tokens, the
+   or above it is below ε" is rejected when the exact binomial p-value
+   P(Binomial(n, ε) ≥ k), k agreeing out of n, is at most δ (the one-sided
+   test behind the Clopper-Pearson bound); τ is the lowest threshold reached
+   before the first failure (cuts that keep too few tokens to be certified
+   even if all agreed are skipped). With i.i.d. tokens, the
    agreement of exited tokens on new data is at least ε with probability at
    least 1 - δ. (Tokens of one sequence are not independent: the guarantee is
    only as good as the calibration set's diversity.)
@@ -66,10 +67,18 @@ def valade_threshold(confidence: np.ndarray, agreed: np.ndarray, eps: float) -> 
     return float(values[np.argmax(ok)]) if ok.any() else float("inf")
 
 
-def hoeffding_p_value(k: np.ndarray, n: np.ndarray, eps: float) -> np.ndarray:
-    """p-value of "agreement < eps" after k agreeing out of n (one-sided Hoeffding)."""
-    gap = np.clip(k / np.maximum(n, 1) - eps, 0.0, None)
-    return np.where(gap > 0, np.exp(-2.0 * n * gap**2), 1.0)
+def binomial_p_value(k: np.ndarray, n: np.ndarray, eps: float) -> np.ndarray:
+    """p-value of "agreement < eps" after k agreeing out of n: P(Binomial(n, eps) >= k), exactly."""
+    k, n = np.asarray(k, dtype=np.int64), np.asarray(n, dtype=np.int64)
+    if eps <= 0.0:
+        return np.zeros(k.shape)
+    log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, int(n.max(initial=0)) + 1)))])
+    out = np.empty(k.shape)
+    for i, (ki, ni) in enumerate(zip(k.ravel(), n.ravel())):
+        j = np.arange(ki, ni + 1)
+        log_pmf = log_fact[ni] - log_fact[j] - log_fact[ni - j] + j * math.log(eps) + (ni - j) * math.log1p(-eps)
+        out.flat[i] = float(np.exp(log_pmf).sum()) if j.size else 0.0
+    return np.minimum(out, 1.0)
 
 
 def risk_controlled_threshold(confidence: np.ndarray, agreed: np.ndarray, eps: float, delta: float = 0.1) -> float:
@@ -84,9 +93,10 @@ def risk_controlled_threshold(confidence: np.ndarray, agreed: np.ndarray, eps: f
     # are depends on the confidences alone, not on the agreement being tested.
     if eps >= 1.0:
         return float("inf")
-    testable = n >= math.log(1.0 / delta) / (2.0 * (1.0 - eps) ** 2)
-    values, n, k = values[testable], n[testable], k[testable]
-    rejected = hoeffding_p_value(k, n, eps)[::-1] <= delta  # from the highest threshold down
+    if eps > 0.0:  # even all n agreeing gives p = eps**n
+        testable = n >= math.log(delta) / math.log(eps)
+        values, n, k = values[testable], n[testable], k[testable]
+    rejected = binomial_p_value(k, n, eps)[::-1] <= delta  # from the highest threshold down
     passed = int(np.argmin(rejected)) if not rejected.all() else len(rejected)
     return float(values[::-1][passed - 1]) if passed else float("inf")
 

@@ -55,6 +55,16 @@ def _progress():
         yield bar, bar.add_task("working", total=None)
 
 
+def _torch_side() -> None:
+    """Before the compiler or trainer loads a model: local files only, and one progress display (eec's)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader has a bar of its own
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(" ", ",").split(",") if x.strip()]
@@ -71,7 +81,8 @@ def train_cmd(
     prompts: Optional[Path] = typer.Option(None, help="starting prompts, one per line (default: eec's own set)"),
     lam: float = typer.Option(0.1, "--lambda", help="entropy weight λ in (1-λ)·CE − λ·H"),
     epochs: int = typer.Option(4, help="passes over the training tokens"),
-    lr: float = typer.Option(1e-3, help="learning rate (AdamW)"),
+    lr: float = typer.Option(1e-3, help="learning rate of the heads (AdamW)"),
+    backbone_lr: float = typer.Option(2e-5, help="learning rate of the backbone in joint mode"),
     max_new_tokens: int = typer.Option(64, help="tokens the base model generates per prompt"),
     tokens: Optional[int] = typer.Option(None, help="use at most this many training tokens"),
     init: str = typer.Option("copy", help="copy (the final norm and LM head) or fresh"),
@@ -79,16 +90,12 @@ def train_cmd(
     seed: int = typer.Option(0, help="random seed; the same seed gives the same heads"),
 ) -> None:
     """Train self-supervised exit heads (Valade) for BASE and write model.pt."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    from transformers.utils import logging as hf_logging
-
+    _torch_side()
     from eec.train import TrainConfig, train
     from eec.train.data import read_prompt_file
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    config = TrainConfig(exits=_parse_ids(exits), lam=lam, epochs=epochs, lr=lr, max_new_tokens=max_new_tokens,
+    config = TrainConfig(exits=_parse_ids(exits), lam=lam, epochs=epochs, lr=lr, backbone_lr=backbone_lr,
+                         max_new_tokens=max_new_tokens,
                          max_tokens=tokens, init=init, mode=mode, seed=seed,
                          prompts=read_prompt_file(prompts) if prompts else [])
     with _progress() as (bar, task):
@@ -124,21 +131,10 @@ def compile_cmd(
     calibration_tokens: int = typer.Option(48, help="tokens generated per calibration prompt"),
 ) -> None:
     """Compile MODEL into per-segment ONNX graphs with exit heads, then calibrate them."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader has a bar of its own
-    from transformers.utils import logging as hf_logging
-
+    _torch_side()
     from eec.compiler import compile_model
 
-    hf_logging.disable_progress_bar()  # eec shows one progress display of its own
-    hf_logging.set_verbosity_error()
-
-    layers = None
-    if exits is not None:
-        try:
-            layers = [int(x) for x in exits.split(",") if x.strip()]
-        except ValueError:
-            raise InputError(f"--exits must be layer numbers separated by commas, got {exits!r}") from None
+    layers = _parse_ids(exits) if exits is not None else None
     with _progress() as (bar, task):
 
         def progress(what: str, done: int, total: int) -> None:

@@ -62,6 +62,7 @@ class EarlyExitModel:
         self.codec = TextCodec(root, manifest.tokenizer) if manifest.tokenizer else None
         self.stats = Stats()
         self._traces: Traces | None = None
+        self._thresholds: dict[tuple, dict[int, float]] = {}  # (ε, metric, rule, δ) -> τ per exit
 
     @property
     def traces(self) -> Traces:
@@ -74,7 +75,10 @@ class EarlyExitModel:
 
     def thresholds_for(self, epsilon: float, metric: str | None = None, rule: str = "risk", delta: float = 0.1) -> dict[int, float]:
         """τ per exit for accuracy level ε, from the stored traces (cascade order)."""
-        return thresholds_for(self.traces, epsilon, metric or self.manifest.calibration.metric, rule, delta)
+        key = (epsilon, metric or self.manifest.calibration.metric, rule, delta)
+        if key not in self._thresholds:
+            self._thresholds[key] = thresholds_for(self.traces, *key)
+        return self._thresholds[key]
 
     @property
     def num_layers(self) -> int:

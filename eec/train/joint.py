@@ -60,7 +60,8 @@ def _agreement(student, heads, data: TrainingData, is_val: torch.Tensor) -> dict
 
 
 def train_joint(model, heads: dict[int, TrainableHead], data: TrainingData, is_val: torch.Tensor, *, lam: float,
-                epochs: int, lr: float, generator: torch.Generator, on_step: Callable[[float], None] = lambda _: None):
+                epochs: int, lr: float, backbone_lr: float, generator: torch.Generator,
+                on_step: Callable[[float], None] = lambda _: None):
     """Fine-tune a copy of ``model`` and ``heads`` in place; return (student, report)."""
     student = copy.deepcopy(model).train()
     for p in student.parameters():
@@ -68,8 +69,9 @@ def train_joint(model, heads: dict[int, TrainableHead], data: TrainingData, is_v
     n_layers = model.config.num_hidden_layers
     weights = layer_weights(sorted(heads), n_layers)
     before = _agreement(student, heads, data, is_val)
-    params = list(student.parameters()) + [p for h in heads.values() for p in h.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    head_params = [p for h in heads.values() for p in h.parameters()]
+    optimizer = torch.optim.AdamW([{"params": list(student.parameters()), "lr": backbone_lr},
+                                   {"params": head_params, "lr": lr}], weight_decay=0.0)
     offsets = torch.tensor([0] + [int(b[3].sum()) for b in data.batches]).cumsum(0)
     loss_value = float("nan")
     for _ in range(epochs):

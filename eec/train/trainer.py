@@ -25,7 +25,8 @@ class TrainConfig:
     exits: list[int]
     lam: float = 0.1  # entropy weight λ of the loss
     epochs: int = 4
-    lr: float = 1e-3
+    lr: float = 1e-3  # exit heads
+    backbone_lr: float = 2e-5  # joint mode: the backbone and its final head
     max_new_tokens: int = 64  # per prompt, when generating training data
     max_tokens: int | None = None  # cap on training tokens
     init: str = "copy"
@@ -174,7 +175,7 @@ def _train_joint(src, data, is_val, config, g, progress) -> tuple[TrainResult, C
         progress("fine-tuning backbone and heads", done, steps, {"loss": loss})
 
     student, report = train_joint(src.model, heads, data, is_val, lam=config.lam, epochs=config.epochs, lr=config.lr,
-                                  generator=g, on_step=on_step)
+                                  backbone_lr=config.backbone_lr, generator=g, on_step=on_step)
     progress("joint training done", done, steps, {"agreement": report.final_agreement})
     reports = [HeadReport(layer, report.final_loss, report.exit_agreement_before[layer], report.exit_agreement[layer])
                for layer in config.exits]
