@@ -68,7 +68,7 @@ def main() -> None:
     if artifact is None or not (artifact / "manifest.json").exists():
         artifact = artifact or Path(tempfile.mkdtemp()) / "smollm2.eec"
         print(f"compiling {gguf.name} -> {artifact}")
-        compile_model(gguf, artifact, exits=[8, 16, 24])
+        compile_model(gguf, artifact, exits=[8, 16, 24], calibrate=False)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt")
