@@ -75,6 +75,11 @@ def test_bad_exit_layers(tiny_hf_dir, tmp_path, exits, message):
     assert leftovers(tmp_path) == []
 
 
+def test_unknown_metric_is_refused_before_compiling(tiny_hf_dir, tmp_path):
+    run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", "--metric", "vibes"], "unknown metric", "top2-margin")
+    assert leftovers(tmp_path) == []
+
+
 def test_unknown_target_lists_known_ones(tiny_hf_dir, tmp_path):
     run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", "--target", "tpu-v9"], "unknown target", "cpu")
 

@@ -129,6 +129,7 @@ def compile_cmd(
     calibrate: bool = typer.Option(True, help="trace the compiled artifact on calibration prompts (for --eps)"),
     prompts: Optional[Path] = typer.Option(None, help="calibration prompts, one per line (default: eec's own set)"),
     calibration_tokens: int = typer.Option(48, help="tokens generated per calibration prompt"),
+    metric: Optional[str] = typer.Option(None, help="confidence metric (default: the one that exits most at ε = 0.9)"),
 ) -> None:
     """Compile MODEL into per-segment ONNX graphs with exit heads, then calibrate them."""
     _torch_side()
@@ -142,7 +143,8 @@ def compile_cmd(
 
         manifest = compile_model(model, output, exits=layers, target=target, precision=precision,
                                  overwrite=overwrite, calibrate=calibrate, calibration_prompts=prompts,
-                                 calibration_tokens=calibration_tokens, progress=progress)
+                                 calibration_tokens=calibration_tokens, calibration_metric=metric,
+                                 progress=progress)
     cal = manifest.calibration
     err.print(f"wrote {output}: {len(manifest.segments)} segments, exits at {manifest.exits or 'none'}, "
               f"{manifest.precision}, target {manifest.target}, "

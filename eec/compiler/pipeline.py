@@ -14,6 +14,7 @@ from eec.compiler.frontends import SourceModel, load_source
 from eec.compiler.segments import check_repeats, default_exits, plan_segments
 from eec.errors import InputError
 from eec.calib.calibrate import calibrate_dir, read_prompts
+from eec.calib.traces import metric_index
 from eec.runtime.manifest import (
     MANIFEST,
     Manifest,
@@ -83,6 +84,7 @@ def compile_model(
     calibrate: bool = True,
     calibration_prompts: Path | None = None,
     calibration_tokens: int = 48,
+    calibration_metric: str | None = None,
     progress: Progress = _silent,
 ) -> Manifest:
     """Compile ``model`` into the artifact directory ``out`` and return its manifest.
@@ -100,6 +102,8 @@ def compile_model(
         check_repeats(exits)  # the range needs the model; repeats can be refused before loading it
     if calibrate and calibration_prompts is not None:
         read_prompts(calibration_prompts, has_tokenizer=True)  # unreadable or empty: refuse before the long work
+    if calibrate and calibration_metric is not None:
+        metric_index(calibration_metric)
 
     progress("loading model", 0, 1)
     src = load_source(model)
@@ -135,7 +139,7 @@ def compile_model(
         )
         write_manifest(tmp, manifest)
         if calibrate and manifest.exits:
-            calibrate_dir(tmp, calibration_prompts, calibration_tokens,
+            calibrate_dir(tmp, calibration_prompts, calibration_tokens, calibration_metric,
                           progress=lambda what, done, n: progress(f"calibrating: {what}", step + 1, total))
             manifest = read_manifest(tmp, verify=False)
         replace_dir(tmp, out)
