@@ -68,7 +68,7 @@ def main() -> None:
     prompts = heldout_prompts()
     epsilons = [float(e) for e in args.eps.split(",")]
     print(f"{len(prompts)} held-out prompts, {args.tokens} tokens each, fp32")
-    print(f"| artifact | heads | rule | ε | exit rate | mean depth | agreement | ≥ ε − 0.02 | tok/s vs full | exits per layer |")
+    print("| artifact | heads | rule | ε | exit rate | mean depth | agreement | ≥ ε − 0.02 | tok/s vs full | exits per layer |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in args.artifacts:
         model = load(path)

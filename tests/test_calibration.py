@@ -1,7 +1,6 @@
 """Calibration traces come from the compiled artifact and agree with transformers;
 ε-thresholds at run time are the cascade rule applied to the stored traces."""
 
-import math
 import shutil
 
 import numpy as np

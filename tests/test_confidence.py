@@ -1,7 +1,6 @@
 """The exit heads' in-graph scores are the numpy metrics of transformers' logits."""
 
 import numpy as np
-import torch
 
 from eec.calib import entropy, max_probability, top2_margin
 from tests.reference import hf_forward, rms_norm

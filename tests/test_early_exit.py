@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from eec.runtime import load
 from tests.reference import exit_tokens, hf_forward

@@ -40,8 +40,8 @@ def default_prompts(has_tokenizer: bool, vocab_size: int) -> list[str] | list[li
     return [rng.integers(0, vocab_size, size=8).tolist() for _ in range(32)]
 
 
-def read_prompts(path: Path, has_tokenizer: bool) -> list[str] | list[list[int]]:
-    """One prompt per line; token ids separated by commas when the artifact has no tokenizer."""
+def read_prompt_lines(path: Path) -> list[str]:
+    """A prompts file: one prompt per line; blank lines and lines starting with # are skipped."""
     try:
         lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     except OSError as e:
@@ -49,6 +49,12 @@ def read_prompts(path: Path, has_tokenizer: bool) -> list[str] | list[list[int]]
     lines = [line for line in lines if line and not line.startswith("#")]
     if not lines:
         raise InputError(f"prompts file {path} has no prompts (one per line)")
+    return lines
+
+
+def read_prompts(path: Path, has_tokenizer: bool) -> list[str] | list[list[int]]:
+    """Prompts for an artifact: token ids separated by commas when it has no tokenizer."""
+    lines = read_prompt_lines(path)
     if has_tokenizer:
         return lines
     try:

@@ -92,12 +92,12 @@ def train_cmd(
     """Train self-supervised exit heads (Valade) for BASE and write model.pt."""
     _torch_side()
     from eec.train import TrainConfig, train
-    from eec.train.data import read_prompt_file
+    from eec.calib.calibrate import read_prompt_lines
 
     config = TrainConfig(exits=_parse_ids(exits), lam=lam, epochs=epochs, lr=lr, backbone_lr=backbone_lr,
                          max_new_tokens=max_new_tokens,
                          max_tokens=tokens, init=init, mode=mode, seed=seed,
-                         prompts=read_prompt_file(prompts) if prompts else [])
+                         prompts=read_prompt_lines(prompts) if prompts else [])
     with _progress() as (bar, task):
 
         def progress(what: str, done: int, total: int, figures: dict) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -47,17 +46,6 @@ class TrainingData:
 def default_prompts() -> list[str]:
     text = resources.files("eec.train").joinpath("prompts.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def read_prompt_file(path: Path) -> list[str]:
-    try:
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    except OSError as e:
-        raise InputError(f"cannot read prompts file {path}: {e.strerror}") from None
-    prompts = [line for line in lines if line and not line.startswith("#")]
-    if not prompts:
-        raise InputError(f"prompts file {path} has no prompts (one per line)")
-    return prompts
 
 
 def encode_prompts(prompts: Sequence, tokenizer) -> list[list[int]]:

@@ -13,7 +13,7 @@ from eec.compiler.checkpoint import Checkpoint, save_checkpoint
 from eec.compiler.frontends import load_source
 from eec.compiler.segments import check_exits
 from eec.errors import InputError
-from eec.train.data import TrainingData, default_prompts, encode_prompts, generate_training_data, read_prompt_file
+from eec.train.data import TrainingData, default_prompts, encode_prompts, generate_training_data
 from eec.train.heads import INITS, new_head, valade_loss
 
 # (what, done, total, figures to show)
