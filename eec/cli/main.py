@@ -235,7 +235,7 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
     for s in m.segments:
         head = f"{s.exit.kind}, layer {s.exit.layer}" + ("" if s.exit.file else " (fused)")
         table.add_row(s.file, f"{s.start}-{s.stop}", head, megabytes(s.file))
-    for file in sorted({s.exit.file for s in m.segments if s.exit.file}):
+    for file in dict.fromkeys(s.exit.file for s in m.segments if s.exit.file):  # in layer order
         users = [str(s.exit.layer) for s in m.segments if s.exit.file == file]
         table.add_row(file, "-", f"exit head for layer {', '.join(users)}", megabytes(file))
     out.print(table)
