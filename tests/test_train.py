@@ -99,6 +99,7 @@ def test_train_cli_and_bad_input(tmp_path):
     run_fails(["train", src, "--exits", "2,9", "-o", tmp_path / "m.pt"], "out of range")
     run_fails(["train", src, "--exits", "2", "-o", tmp_path / "m.pt", "--lambda", "1.5"], "lambda")
     run_fails(["train", src, "--exits", "2", "-o", tmp_path / "m.pt", "--init", "magic"], "init")
+    run_fails(["train", src, "--exits", "2", "-o", tmp_path / "m.pt", "--mode", "joint", "--floor", "2"], "floor")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     run_fails(["train", src, "--exits", "2", "-o", tmp_path / "m.pt", "--prompts", empty], "no prompts")
@@ -128,7 +129,7 @@ def test_joint_mode_fine_tunes_backbone_and_compiles(tmp_path):
     original = tiny_model("llama", seed=5)
     original.save_pretrained(src)
     config = TrainConfig(exits=[2, 4], prompts=PROMPTS[:20], max_new_tokens=10, epochs=3, lr=1e-3, backbone_lr=1e-3,
-                         mode="joint")
+                         mode="joint", floor=0.0)
     result = train(src, tmp_path / "joint.pt", config)
     assert 0.0 <= result.final_agreement <= 1.0 and [r.layer for r in result.heads] == [2, 4]
     ckpt = load_checkpoint(tmp_path / "joint.pt")
@@ -139,3 +140,18 @@ def test_joint_mode_fine_tunes_backbone_and_compiles(tmp_path):
     compile_model(tmp_path / "joint.pt", tmp_path / "joint.eec", calibrate=False)
     prompt = [3, 9, 27]
     assert load(tmp_path / "joint.eec").generate(prompt, max_new_tokens=8, mode="full").tokens == hf_greedy(tuned, prompt, 8)
+
+
+def test_joint_floor_undoes_the_epoch_that_crosses_it(tmp_path):
+    from eec.compiler.frontends import load_source
+
+    src = tmp_path / "base"
+    original = tiny_model("llama", seed=5)
+    original.save_pretrained(src)
+    config = TrainConfig(exits=[2], prompts=PROMPTS[:20], max_new_tokens=10, epochs=3, lr=1e-3, backbone_lr=1e-2,
+                         mode="joint", floor=1.0)
+    result = train(src, tmp_path / "j.pt", config)
+    assert result.epochs_run == 0 and result.final_agreement == 1.0  # the first epoch moved it; undone
+    tuned = load_source(tmp_path / "j.pt").model
+    for k, v in tuned.state_dict().items():
+        assert torch.equal(v, original.state_dict()[k]), k

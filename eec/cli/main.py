@@ -83,6 +83,7 @@ def train_cmd(
     epochs: int = typer.Option(4, help="passes over the training tokens"),
     lr: float = typer.Option(1e-3, help="learning rate of the heads (AdamW)"),
     backbone_lr: float = typer.Option(2e-5, help="learning rate of the backbone in joint mode"),
+    floor: float = typer.Option(0.95, help="joint mode: undo the epoch that takes the final layer's agreement with the original below this"),
     max_new_tokens: int = typer.Option(64, help="tokens the base model generates per prompt"),
     tokens: Optional[int] = typer.Option(None, help="use at most this many training tokens"),
     init: str = typer.Option("copy", help="copy (the final norm and LM head) or fresh"),
@@ -94,7 +95,7 @@ def train_cmd(
     from eec.train import TrainConfig, train
     from eec.calib.calibrate import read_prompt_lines
 
-    config = TrainConfig(exits=_parse_ids(exits), lam=lam, epochs=epochs, lr=lr, backbone_lr=backbone_lr,
+    config = TrainConfig(exits=_parse_ids(exits), lam=lam, epochs=epochs, lr=lr, backbone_lr=backbone_lr, floor=floor,
                          max_new_tokens=max_new_tokens,
                          max_tokens=tokens, init=init, mode=mode, seed=seed,
                          prompts=read_prompt_lines(prompts) if prompts else [])
@@ -113,7 +114,8 @@ def train_cmd(
     err.print("held-out agreement with the original model's token:")
     err.print(table)
     if result.final_agreement is not None:
-        err.print(f"fine-tuned final layer agrees with the original on {result.final_agreement:.3f} of held-out tokens")
+        err.print(f"fine-tuned final layer agrees with the original on {result.final_agreement:.3f} of held-out tokens "
+                  f"after {result.epochs_run} of {epochs} epochs (floor {floor})")
     err.print(f"wrote {output}; compile it with `eec compile {output} -o ARTIFACT`")
 
 

@@ -27,6 +27,8 @@ class JointReport:
     exit_agreement: dict[int, float]  # each exit vs the original's token, held-out tokens
     exit_agreement_before: dict[int, float]
     final_loss: float
+    epochs_run: int  # epochs kept; fewer than asked when the floor stopped training
+    stopped_at_floor: bool
 
 
 def layer_weights(exits: list[int], num_layers: int) -> dict[int, float]:
@@ -60,9 +62,14 @@ def _agreement(student, heads, data: TrainingData, is_val: torch.Tensor) -> dict
 
 
 def train_joint(model, heads: dict[int, TrainableHead], data: TrainingData, is_val: torch.Tensor, *, lam: float,
-                epochs: int, lr: float, backbone_lr: float, generator: torch.Generator,
+                epochs: int, lr: float, backbone_lr: float, generator: torch.Generator, floor: float = 0.0,
                 on_step: Callable[[float], None] = lambda _: None):
-    """Fine-tune a copy of ``model`` and ``heads`` in place; return (student, report)."""
+    """Fine-tune a copy of ``model`` and ``heads`` in place; return (student, report).
+
+    After each epoch the fine-tuned final layer's held-out agreement with the
+    original is measured; an epoch that takes it below ``floor`` is undone and
+    training stops there.
+    """
     student = copy.deepcopy(model).train()
     for p in student.parameters():
         p.requires_grad_(True)
@@ -74,7 +81,10 @@ def train_joint(model, heads: dict[int, TrainableHead], data: TrainingData, is_v
                                    {"params": head_params, "lr": lr}], weight_decay=0.0)
     offsets = torch.tensor([0] + [int(b[3].sum()) for b in data.batches]).cumsum(0)
     loss_value = float("nan")
+    epochs_run, stopped = 0, False
     for _ in range(epochs):
+        if floor > 0:
+            snapshot = copy.deepcopy((student.state_dict(), {k: h.state_dict() for k, h in heads.items()}))
         for b in torch.randperm(len(data.batches), generator=generator).tolist():
             start, stop = int(offsets[b]), int(offsets[b + 1])
             train_rows = ~is_val[start:stop]
@@ -89,6 +99,13 @@ def train_joint(model, heads: dict[int, TrainableHead], data: TrainingData, is_v
             optimizer.step()
             loss_value = loss.item()
             on_step(loss_value)
+        if floor > 0 and _agreement(student, heads, data, is_val)[n_layers] < floor:
+            student.load_state_dict(snapshot[0])
+            for k, h in heads.items():
+                h.load_state_dict(snapshot[1][k])
+            stopped = True
+            break
+        epochs_run += 1
     student.eval()
     after = _agreement(student, heads, data, is_val)
     report = JointReport(
@@ -96,5 +113,7 @@ def train_joint(model, heads: dict[int, TrainableHead], data: TrainingData, is_v
         exit_agreement=after,
         exit_agreement_before={k: v for k, v in before.items() if k != n_layers},
         final_loss=loss_value,
+        epochs_run=epochs_run,
+        stopped_at_floor=stopped,
     )
     return student, report

@@ -27,6 +27,7 @@ class TrainConfig:
     epochs: int = 4
     lr: float = 1e-3  # exit heads
     backbone_lr: float = 2e-5  # joint mode: the backbone and its final head
+    floor: float = 0.95  # joint mode: undo the epoch that takes final-layer agreement with the original below this
     max_new_tokens: int = 64  # per prompt, when generating training data
     max_tokens: int | None = None  # cap on training tokens
     init: str = "copy"
@@ -53,6 +54,7 @@ class HeadReport:
 class TrainResult:
     heads: list[HeadReport]
     final_agreement: float | None = None  # joint mode: fine-tuned final layer vs the original, held out
+    epochs_run: int | None = None  # joint mode: epochs kept (the floor may stop training early)
 
 
 def fit_head(head, data: TrainingData, layer: int, config: TrainConfig, generator: torch.Generator,
@@ -90,6 +92,8 @@ def _check(config: TrainConfig, num_layers: int) -> None:
         raise InputError(f"--mode must be one of {', '.join(MODES)}, got {config.mode!r}")
     if config.init not in INITS:
         raise InputError(f"--init must be one of {', '.join(INITS)}, got {config.init!r}")
+    if not 0.0 <= config.floor <= 1.0:
+        raise InputError(f"--floor must be in [0, 1], got {config.floor}")
     if config.epochs < 1 or config.lr <= 0 or config.max_new_tokens < 2:
         raise InputError("--epochs must be at least 1, --lr positive and --max-new-tokens at least 2")
 
@@ -129,6 +133,7 @@ def train(base: str | os.PathLike, out: str | os.PathLike, config: TrainConfig,
         "validation_tokens": int(is_val.sum()),
         "reports": [asdict(r) for r in result.heads],
         "final_agreement": result.final_agreement,
+        "epochs_run": result.epochs_run,
     })
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
@@ -175,7 +180,7 @@ def _train_joint(src, data, is_val, config, g, progress) -> tuple[TrainResult, C
         progress("fine-tuning backbone and heads", done, steps, {"loss": loss})
 
     student, report = train_joint(src.model, heads, data, is_val, lam=config.lam, epochs=config.epochs, lr=config.lr,
-                                  backbone_lr=config.backbone_lr, generator=g, on_step=on_step)
+                                  backbone_lr=config.backbone_lr, generator=g, floor=config.floor, on_step=on_step)
     progress("joint training done", done, steps, {"agreement": report.final_agreement})
     reports = [HeadReport(layer, report.final_loss, report.exit_agreement_before[layer], report.exit_agreement[layer])
                for layer in config.exits]
@@ -190,7 +195,7 @@ def _train_joint(src, data, is_val, config, g, progress) -> tuple[TrainResult, C
         metadata={"trained_by": "eec train --mode joint (fine-tuned backbone)", "eos_token_ids": src.eos_token_ids,
                   "training_tokens": int((~is_val).sum())},
     )
-    return TrainResult(reports, report.final_agreement), ckpt
+    return TrainResult(reports, report.final_agreement, report.epochs_run), ckpt
 
 
 def _hf_tokenizer(src):
