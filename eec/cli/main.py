@@ -48,11 +48,17 @@ def _parse_floats(text: str, what: str) -> list[float]:
 
 @contextlib.contextmanager
 def _progress():
+    """Yields ``update(what, done, total, extra="")`` driving a live bar (shown on terminals only)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description:<48}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=True) as bar:
-        yield bar, bar.add_task("working", total=None)
+        task = bar.add_task("working", total=None)
+
+        def update(what: str, done: int, total: int, extra: str = "") -> None:
+            bar.update(task, description=f"{what} {extra}".strip(), completed=done, total=total)
+
+        yield update
 
 
 def _torch_side() -> None:
@@ -99,11 +105,10 @@ def train_cmd(
                          max_new_tokens=max_new_tokens,
                          max_tokens=tokens, init=init, mode=mode, seed=seed,
                          prompts=read_prompt_lines(prompts) if prompts else [])
-    with _progress() as (bar, task):
+    with _progress() as update:
 
         def progress(what: str, done: int, total: int, figures: dict) -> None:
-            extra = " ".join(f"{k} {v:.3f}" for k, v in figures.items())
-            bar.update(task, description=f"{what} {extra}".strip(), completed=done, total=total)
+            update(what, done, total, " ".join(f"{k} {v:.3f}" for k, v in figures.items()))
             if "agreement" in figures:
                 err.print(f"{what}: agreement with the final model {figures['agreement']:.3f}")
 
@@ -138,15 +143,11 @@ def compile_cmd(
     from eec.compiler import compile_model
 
     layers = _parse_ids(exits) if exits is not None else None
-    with _progress() as (bar, task):
-
-        def progress(what: str, done: int, total: int) -> None:
-            bar.update(task, description=what, completed=done, total=total)
-
+    with _progress() as update:
         manifest = compile_model(model, output, exits=layers, target=target, precision=precision,
                                  overwrite=overwrite, calibrate=calibrate, calibration_prompts=prompts,
                                  calibration_tokens=calibration_tokens, calibration_metric=metric,
-                                 progress=progress)
+                                 progress=update)
     cal = manifest.calibration
     err.print(f"wrote {output}: {len(manifest.segments)} segments, exits at {manifest.exits or 'none'}, "
               f"{manifest.precision}, target {manifest.target}, "
@@ -165,9 +166,8 @@ def calibrate_cmd(
     from eec.calib.calibrate import calibrate
     from eec.calib.traces import simulate, thresholds_for
 
-    with _progress() as (bar, task):
-        spec = calibrate(artifact, prompts, max_new_tokens, metric,
-                         progress=lambda what, done, total: bar.update(task, description=what, completed=done, total=total))
+    with _progress() as update:
+        spec = calibrate(artifact, prompts, max_new_tokens, metric, progress=update)
     from eec.runtime import load
 
     model = load(artifact)
