@@ -155,3 +155,7 @@ def test_joint_floor_undoes_the_epoch_that_crosses_it(tmp_path):
     tuned = load_source(tmp_path / "j.pt").model
     for k, v in tuned.state_dict().items():
         assert torch.equal(v, original.state_dict()[k]), k
+    # ... and the heads were then trained on the unchanged backbone, not left at their initial copy.
+    head = load_checkpoint(tmp_path / "j.pt").exits[0]
+    assert not torch.equal(head.proj_weight, original.lm_head.weight)
+    assert "stopped by --floor" in load_checkpoint(tmp_path / "j.pt").metadata["trained_by"]

@@ -121,10 +121,17 @@ def train(base: str | os.PathLike, out: str | os.PathLike, config: TrainConfig,
     n_val = int(round(len(prompts) * config.validation)) if len(prompts) > 1 else 0
     val_seqs = torch.randperm(len(prompts), generator=g)[:n_val]
     is_val = torch.isin(data.sequence, val_seqs)
+    train_data, val_data = data.subset(~is_val), data.subset(is_val)
     if config.mode == "joint":
         result, ckpt = _train_joint(src, data, is_val, config, g, progress)
+        if result.epochs_run == 0:
+            # The floor undid the first epoch: the backbone stays as it was, so the
+            # heads are worth training on it as in frozen mode rather than left untrained.
+            progress("floor reached before any joint epoch: training heads on the frozen backbone", 0, 1, {})
+            result, ckpt = _train_heads(src, train_data, val_data, config, g, progress)
+            result.final_agreement, result.epochs_run = 1.0, 0
+            ckpt.metadata["trained_by"] += "; joint mode stopped by --floor before its first epoch"
     else:
-        train_data, val_data = data.subset(~is_val), data.subset(is_val)
         if config.max_tokens:
             train_data = train_data.subset(torch.arange(min(config.max_tokens, len(train_data))))
         result, ckpt = _train_heads(src, train_data, val_data, config, g, progress)
