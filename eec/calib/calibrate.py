@@ -24,29 +24,36 @@ from eec.errors import InputError
 from eec.runtime.manifest import CalibrationSpec, read_manifest, replace_dir, sha256_file, write_manifest
 
 CALIBRATION_FILE = "calibration.npz"
-Progress = Callable[[str, int, int], None]
+Progress = Callable[[str, int, int], None]  # (what is happening, steps done, steps in all)
 
 
-def _silent(_what: str, _done: int, _total: int) -> None:
+def no_progress(_what: str, _done: int, _total: int) -> None:
     pass
+
+
+def prompt_lines(text: str) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def packaged_prompts(package: str) -> list[str]:
+    return prompt_lines(resources.files(package).joinpath("prompts.txt").read_text(encoding="utf-8"))
 
 
 def default_prompts(has_tokenizer: bool, vocab_size: int) -> list[str] | list[list[int]]:
     """The packaged prompt set; for an artifact without a tokenizer, fixed random token ids."""
     if has_tokenizer:
-        text = resources.files("eec.calib").joinpath("prompts.txt").read_text(encoding="utf-8")
-        return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return packaged_prompts("eec.calib")
     rng = np.random.default_rng(0)
     return [rng.integers(0, vocab_size, size=8).tolist() for _ in range(32)]
 
 
 def read_prompt_lines(path: Path) -> list[str]:
-    """A prompts file: one prompt per line; blank lines and lines starting with # are skipped."""
+    """A prompts file (`prompt_lines`); an unreadable or empty one is an error."""
     try:
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        lines = prompt_lines(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise InputError(f"cannot read prompts file {path}: {e.strerror}") from None
-    lines = [line for line in lines if line and not line.startswith("#")]
     if not lines:
         raise InputError(f"prompts file {path} has no prompts (one per line)")
     return lines
@@ -63,7 +70,7 @@ def read_prompts(path: Path, has_tokenizer: bool) -> list[str] | list[list[int]]
         raise InputError(f"{path}: this artifact has no tokenizer, so each line must be comma-separated token ids") from None
 
 
-def collect_traces(model, prompts: Sequence, max_new_tokens: int, progress: Progress = _silent) -> Traces:
+def collect_traces(model, prompts: Sequence, max_new_tokens: int, progress: Progress = no_progress) -> Traces:
     """Decode each prompt through every layer with every exit head running."""
     exits = model.exits
     if not exits:
@@ -101,7 +108,7 @@ def write_calibration(root: Path, traces: Traces, metric: str, prompts: int) -> 
 
 
 def calibrate_dir(root: Path, prompts_file: Path | None = None, max_new_tokens: int = 48,
-                  metric: str | None = None, progress: Progress = _silent) -> CalibrationSpec:
+                  metric: str | None = None, progress: Progress = no_progress) -> CalibrationSpec:
     """Trace and store, in place: for an artifact directory nobody else uses yet."""
     from eec.runtime import load
 
@@ -116,7 +123,7 @@ def calibrate_dir(root: Path, prompts_file: Path | None = None, max_new_tokens: 
 
 
 def calibrate(artifact: str | os.PathLike, prompts_file: Path | None = None, max_new_tokens: int = 48,
-              metric: str | None = None, progress: Progress = _silent) -> CalibrationSpec:
+              metric: str | None = None, progress: Progress = no_progress) -> CalibrationSpec:
     """Calibrate an existing artifact. The new artifact is staged beside it (hard
     links, no copy of the weights) and swapped in whole, so a failure changes nothing."""
     root = Path(artifact).absolute()

@@ -60,14 +60,11 @@ def thresholds_for(traces: Traces, eps: float, metric: str, rule: str = "risk", 
     """τ per exit at accuracy level ε, calibrated in cascade order."""
     if rule not in RULES:
         raise InputError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
-    if not 0.0 <= eps <= 1.0:  # NaN fails too
-        raise InputError(f"epsilon must be in [0, 1], got {eps}")
     column = traces.scores[:, :, metric_index(metric)]
-    # NaN (e.g. cosine at the first exit) never reaches a threshold.
-    column = np.where(np.isnan(column), -np.inf, column)
 
     def fit(c, t, e):
-        c, t = c[np.isfinite(c)], t[np.isfinite(c)]
+        # NaN (cosine at the first exit) is left out of the fit; it compares False, so it never exits.
+        c, t = c[~np.isnan(c)], t[~np.isnan(c)]
         return risk_controlled_threshold(c, t, e, delta) if rule == "risk" else valade_threshold(c, t, e)
 
     return dict(zip(traces.exits, cascade_thresholds(column, traces.agreed, eps, fit)))

@@ -6,14 +6,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 from eec import __version__
 from eec.compiler.export import export_head, export_segment
 from eec.compiler.frontends import SourceModel, load_source
 from eec.compiler.segments import check_repeats, default_exits, plan_segments
 from eec.errors import InputError
-from eec.calib.calibrate import calibrate_dir, read_prompts
+from eec.calib.calibrate import Progress, calibrate_dir, no_progress, read_prompts
 from eec.calib.traces import metric_index
 from eec.runtime.manifest import (
     MANIFEST,
@@ -27,11 +26,6 @@ from eec.runtime.manifest import (
 )
 from eec.targets.profiles import check_precision, get_target
 
-Progress = Callable[[str, int, int], None]  # (what is happening, steps done, steps in all)
-
-
-def _silent(_what: str, _done: int, _total: int) -> None:
-    pass
 
 
 def context_length(config) -> int:
@@ -85,7 +79,7 @@ def compile_model(
     calibration_prompts: Path | None = None,
     calibration_tokens: int = 48,
     calibration_metric: str | None = None,
-    progress: Progress = _silent,
+    progress: Progress = no_progress,
 ) -> Manifest:
     """Compile ``model`` into the artifact directory ``out`` and return its manifest.
 

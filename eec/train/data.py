@@ -10,11 +10,11 @@ vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Callable, Sequence
 
 import torch
 
+from eec.calib.calibrate import packaged_prompts
 from eec.errors import InputError
 
 Progress = Callable[[str, int, int], None]
@@ -44,8 +44,7 @@ class TrainingData:
 
 
 def default_prompts() -> list[str]:
-    text = resources.files("eec.train").joinpath("prompts.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return packaged_prompts("eec.train")
 
 
 def encode_prompts(prompts: Sequence, tokenizer) -> list[list[int]]:
