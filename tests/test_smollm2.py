@@ -72,3 +72,20 @@ def test_streamed_text_equals_decoded_text(smollm2):
     assert "".join(pieces) == result.text
     assert "Paris" in result.text
     assert sum(model.stats.exits.values()) == len(result.tokens)
+
+
+def test_int4_full_mode_tracks_fp32(smollm2, tmp_path):
+    """Weight-only int4 (block 32) keeps teacher-forced agreement with fp32 on a real model."""
+    from eec.compiler import compile_model
+    from eec.runtime.evaluate import agreement
+
+    model, _, tok = smollm2
+    out = compile_model(smollm2_gguf(), tmp_path / "int4.eec", exits=[16], precision="int4", calibrate=False)
+    assert out.precision == "int4"
+    int4 = load(tmp_path / "int4.eec")
+    scores = []
+    for text in ("Explain photosynthesis in two sentences.", "Write a haiku about the sea."):
+        prompt = chat_ids(tok, text)
+        reference = model.generate(prompt, max_new_tokens=48, mode="full", ignore_eos=True).tokens
+        scores.append(agreement(int4, prompt, reference))
+    assert min(scores) >= 0.9, scores

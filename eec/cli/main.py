@@ -129,9 +129,13 @@ def train_cmd(
 def compile_cmd(
     model: Path = typer.Argument(..., help="Hugging Face model directory, .gguf file or eec model.pt"),
     output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write (e.g. smollm2.eec)"),
-    exits: Optional[str] = typer.Option(None, help="exit layers, e.g. 8,16,24 (default: the checkpoint's heads, else quarter depths)"),
-    target: str = typer.Option("cpu", help="device target"),
-    precision: Optional[str] = typer.Option(None, help="weight precision (default: the target's)"),
+    exits: Optional[str] = typer.Option(None, help="exit layers, e.g. 8,16,24, or 'auto' to choose among the heads by "
+                                        "predicted latency (default: the checkpoint's heads, else quarter depths)"),
+    eps: float = typer.Option(0.9, help="accuracy level the --exits auto placement optimises for"),
+    target: str = typer.Option("cpu", help="device target (`eec targets list`)"),
+    profile: Optional[Path] = typer.Option(None, help="latency profile from `eec targets measure` (default: the target's model)"),
+    precision: Optional[str] = typer.Option(None, help="fp32, fp16, int8 or int4 (default: the target's)"),
+    block_size: int = typer.Option(32, help="int4 quantization block size (weights per scale)"),
     overwrite: bool = typer.Option(False, help="replace an existing artifact"),
     calibrate: bool = typer.Option(True, help="trace the compiled artifact on calibration prompts (for --eps)"),
     prompts: Optional[Path] = typer.Option(None, help="calibration prompts, one per line (default: eec's own set)"),
@@ -142,12 +146,15 @@ def compile_cmd(
     _torch_side()
     from eec.compiler import compile_model
 
-    layers = _parse_ids(exits) if exits is not None else None
+    layers = exits.strip() if exits is not None and exits.strip() == "auto" else (
+        _parse_ids(exits) if exits is not None else None)
     with _progress() as update:
-        manifest = compile_model(model, output, exits=layers, target=target, precision=precision,
+        manifest = compile_model(model, output, exits=layers, target=target, precision=precision, block_size=block_size,
                                  overwrite=overwrite, calibrate=calibrate, calibration_prompts=prompts,
                                  calibration_tokens=calibration_tokens, calibration_metric=metric,
-                                 progress=update)
+                                 placement_eps=eps, profile=profile, progress=update)
+    for line in (manifest.placement or {}).get("report", []):
+        err.print(line)
     cal = manifest.calibration
     err.print(f"wrote {output}: {len(manifest.segments)} segments, exits at {manifest.exits or 'none'}, "
               f"{manifest.precision}, target {manifest.target}, "
@@ -242,6 +249,61 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
         table.add_row(file, "-", f"exit head for layer {', '.join(users)}", megabytes(file))
     out.print(table)
     out.print(f"exits: {', '.join(map(str, m.exits)) or 'none'}")
+
+
+targets_app = typer.Typer(no_args_is_help=True, help="Device targets: their figures and measured latency profiles.")
+app.add_typer(targets_app, name="targets")
+
+
+@targets_app.command("list")
+@_user_errors
+def targets_list() -> None:
+    """List the known targets with their backend, precisions and memory bandwidth."""
+    from eec.targets.profiles import TARGETS
+
+    table = Table("target", "backend", "precisions", "GB/s", "fp16 TFLOPS")
+    for t in TARGETS.values():
+        precisions = [f"{t.default_precision}*"] + [p for p in t.precisions if p != t.default_precision]
+        table.add_row(t.name, t.backend, ",".join(precisions), f"{t.bandwidth_gbs:g}", f"{t.fp16_tflops:g}")
+    out.print(table)
+    out.print("* default precision; `eec targets show NAME` for the description and sources")
+
+
+@targets_app.command("show")
+@_user_errors
+def targets_show(name: str = typer.Argument(..., help="target name, e.g. jetson-orin-agx")) -> None:
+    """Show one target's figures and where they come from."""
+    from eec.targets.profiles import get_target
+
+    for key, value in get_target(name).to_dict().items():
+        out.print(f"{key:18} {', '.join(value) if isinstance(value, tuple) else value}")
+
+
+@targets_app.command("measure")
+@_user_errors
+def targets_measure(
+    artifact: Path = typer.Argument(..., help="compiled artifact to time on this device"),
+    output: Path = typer.Option(..., "-o", "--output", help="latency profile to write (JSON)"),
+    past: int = typer.Option(128, help="cached positions before the timed calls"),
+    repeats: int = typer.Option(20, help="timed calls per entry (the median is kept)"),
+) -> None:
+    """Time every segment of ARTIFACT at 1..8 tokens per call and every exit head, on this device."""
+    from eec.targets.measure import measure_artifact
+
+    if not output.parent.exists():
+        raise InputError(f"output folder {output.parent} does not exist")
+    with _progress() as update:
+        table = measure_artifact(artifact, past=past, repeats=repeats, progress=update)
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(table.to_json(), encoding="utf-8")
+    tmp.replace(output)
+    rows = Table("layers", *[f"{s} tok (ms)" for s in (1, 2, 4, 8)])
+    for (a, b), times in table.segments.items():
+        rows.add_row(f"{a}-{b}", *[f"{times[s - 1] * 1e3:.2f}" for s in (1, 2, 4, 8)])
+    out.print(rows)
+    for layer, t in table.heads.items():
+        out.print(f"exit head at layer {layer}: {t * 1e3:.2f} ms")
+    out.print(f"per-call overhead {table.call_overhead * 1e6:.0f} µs; wrote {output}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.export import Dim
 
+from eec.compiler.ops import TRANSLATIONS
 from eec.compiler.segments import HEAD_INPUTS, HEAD_OUTPUTS, PlannedHead, PlannedSegment
 from eec.errors import CompileError
 from eec.runtime.sessions import open_sessions
@@ -32,7 +33,7 @@ def segment_inputs(seg: PlannedSegment, batch: int, seq: int, past: int, seed: i
     if seg.spec.takes_ids:
         x = torch.randint(0, module.embed.num_embeddings, (batch, seq), generator=g)
     else:
-        x = torch.randn(batch, seq, attn.q_proj.in_features, generator=g)
+        x = torch.randn(batch, seq, attn.hidden_size, generator=g)
     positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     kv = [torch.randn(batch, attn.n_kv_heads, past, attn.head_dim, generator=g) for _ in range(2 * len(module.layers))]
@@ -87,7 +88,7 @@ def _export(module, args, inputs, outputs, shapes, path: Path, what: str) -> Non
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(
                 module, args, input_names=inputs, output_names=outputs, dynamic_shapes=shapes,
-                opset_version=OPSET, dynamo=True, verbose=False,
+                opset_version=OPSET, dynamo=True, verbose=False, custom_translation_table=TRANSLATIONS,
             )
             path.parent.mkdir(parents=True, exist_ok=True)
             program.save(str(path), external_data=True)

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from eec.compiler import ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float):
@@ -32,8 +34,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(variance + self.eps))
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear computing several that read the same input: one weight-only
+    quantized matmul instead of three (q, k, v) or two (gate, up)."""
+    out = sum(lin.out_features for lin in linears)
+    biased = [lin.bias is not None for lin in linears]
+    fused = nn.Linear(linears[0].in_features, out, bias=any(biased))
+    fused.weight = nn.Parameter(torch.cat([lin.weight.data for lin in linears]), requires_grad=False)
+    if any(biased):
+        bias = [lin.bias.data if lin.bias is not None else torch.zeros(lin.out_features) for lin in linears]
+        fused.bias = nn.Parameter(torch.cat(bias), requires_grad=False)
+    return fused
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +61,7 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj = hf_attn.q_proj, hf_attn.k_proj
         self.v_proj, self.o_proj = hf_attn.v_proj, hf_attn.o_proj
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.hidden_size = hf_attn.q_proj.in_features
         self.scale = head_dim**-0.5
 
     def forward(self, x, cos, sin, allowed, past_k, past_v):
@@ -94,6 +109,52 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_norm(x)), k, v
 
 
+class FusedAttention(nn.Module):
+    """Attention as `ops.gqa` (onnxruntime's GroupQueryAttention, rotary inside) over a fused QKV projection."""
+
+    def __init__(self, hf_attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.qkv = concat_linears([hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj])
+        self.o_proj = hf_attn.o_proj
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.hidden_size = hf_attn.q_proj.in_features
+        self.sizes = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
+
+    def forward(self, x, cos_cache, sin_cache, attention_mask, past_k, past_v):
+        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        out, k, v = ops.gqa(q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache, self.n_heads, self.n_kv_heads)
+        return self.o_proj(out), k, v
+
+
+class FusedMLP(nn.Module):
+    def __init__(self, hf_mlp: nn.Module):
+        super().__init__()
+        self.gate_up = concat_linears([hf_mlp.gate_proj, hf_mlp.up_proj])
+        self.down_proj = hf_mlp.down_proj
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class FusedDecoderLayer(nn.Module):
+    """A decoder layer in onnxruntime's fused kernels. The segment chains the
+    residual adds into the norms (`ops.skip_rms_norm`), so a layer takes the
+    normed input and the residual stream, and returns its MLP output unsummed."""
+
+    def __init__(self, hf_layer: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.input_norm = RMSNorm(hf_layer.input_layernorm.weight.data, eps)
+        self.attn = FusedAttention(hf_layer.self_attn, n_heads, n_kv_heads, head_dim)
+        self.post_norm = RMSNorm(hf_layer.post_attention_layernorm.weight.data, eps)
+        self.mlp = FusedMLP(hf_layer.mlp)
+
+    def forward(self, normed, residual, cos_cache, sin_cache, attention_mask, past_k, past_v):
+        attn_out, k, v = self.attn(normed, cos_cache, sin_cache, attention_mask, past_k, past_v)
+        normed, residual = ops.skip_rms_norm(attn_out, residual, self.post_norm.weight, self.post_norm.eps)
+        return self.mlp(normed), residual, k, v
+
+
 class ExitHead(nn.Module):
     """Norm, vocabulary projection and softmax on the last position; returns the
     token and its confidence scores.
@@ -109,7 +170,9 @@ class ExitHead(nn.Module):
         self.proj = proj
 
     def forward(self, hidden_last: torch.Tensor):
-        logits = self.proj(self.norm(hidden_last)).float()
+        # Projected as [batch, 1, hidden]: a 2-D input exports as Gemm, which
+        # the weight-only quantizer (MatMulNBits) does not rewrite.
+        logits = self.proj(self.norm(hidden_last)[:, None, :])[:, 0, :].float()
         logp = F.log_softmax(logits, dim=-1)
         probs = logp.exp()
         top = torch.topk(probs, 2, dim=-1)
@@ -168,6 +231,59 @@ class Segment(nn.Module):
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, cos, sin, allowed, past[2 * i], past[2 * i + 1])
             presents += [k, v]
+        outputs = [x] if self.emit_hidden else []
+        if self.head is not None:
+            outputs += list(self.head(x[:, -1, :]))
+        return tuple(outputs + presents)
+
+
+def rotary_cache(inv_freq: torch.Tensor, scaling: float, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_dim / 2] for positions 0..length-1, as GroupQueryAttention reads them."""
+    freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+    return freqs.cos() * scaling, freqs.sin() * scaling
+
+
+class FusedSegment(nn.Module):
+    """`Segment` in onnxruntime's fused kernels (`eec.compiler.ops`); same inputs and outputs.
+
+    ``position_ids`` is accepted for the common interface; GroupQueryAttention
+    derives positions from the KV length, which the runtime keeps equal.
+    """
+
+    def __init__(
+        self,
+        layers: list[FusedDecoderLayer],
+        inv_freq: torch.Tensor,
+        rope_scaling: float,
+        context: int,
+        embed: nn.Embedding | None,
+        head: ExitHead | None,
+        emit_hidden: bool,
+    ):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        cos, sin = rotary_cache(inv_freq, rope_scaling, context)
+        self.register_buffer("cos_cache", cos, persistent=False)
+        self.register_buffer("sin_cache", sin, persistent=False)
+        self.embed = embed
+        self.head = head
+        self.emit_hidden = emit_hidden
+
+    def forward(self, x, position_ids, attention_mask, *past):
+        if self.embed is not None:
+            x = self.embed(x)
+        first = self.layers[0].input_norm
+        normed, residual = ops.rms_norm(x, first.weight, first.eps), x
+        presents = []
+        for i, layer in enumerate(self.layers):
+            out, residual, k, v = layer(normed, residual, self.cos_cache, self.sin_cache, attention_mask,
+                                        past[2 * i], past[2 * i + 1])
+            presents += [k, v]
+            if i + 1 < len(self.layers):
+                nxt = self.layers[i + 1].input_norm
+                normed, residual = ops.skip_rms_norm(out, residual, nxt.weight, nxt.eps)
+            else:
+                x = residual + out
         outputs = [x] if self.emit_hidden else []
         if self.head is not None:
             outputs += list(self.head(x[:, -1, :]))

@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from eec import __version__
 from eec.compiler.export import export_head, export_segment
 from eec.compiler.frontends import SourceModel, load_source
+from eec.compiler.precision import DEFAULT_BLOCK_SIZE, apply_precision
 from eec.compiler.segments import check_repeats, default_exits, plan_segments
 from eec.errors import InputError
 from eec.calib.calibrate import Progress, calibrate_dir, no_progress, read_prompts
-from eec.calib.traces import metric_index
 from eec.runtime.manifest import (
     MANIFEST,
     Manifest,
@@ -24,7 +25,10 @@ from eec.runtime.manifest import (
     replace_dir,
     write_manifest,
 )
-from eec.targets.profiles import check_precision, get_target
+from eec.calib.traces import Traces, metric_index
+from eec.targets.latency import ModelShape, load_profile, model_table
+from eec.targets.placement import describe, place_exits
+from eec.targets.profiles import Target, check_precision, get_target
 
 
 
@@ -55,6 +59,7 @@ def model_spec(src: SourceModel) -> ModelSpec:
         vocab_size=c.vocab_size,
         context_length=context_length(c),
         source=src.source,
+        intermediate_size=c.intermediate_size,
     )
 
 
@@ -71,14 +76,17 @@ def compile_model(
     model: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    exits: list[int] | None = None,
+    exits: list[int] | str | None = None,
     target: str = "cpu",
     precision: str | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     overwrite: bool = False,
     calibrate: bool = True,
     calibration_prompts: Path | None = None,
     calibration_tokens: int = 48,
     calibration_metric: str | None = None,
+    placement_eps: float = 0.9,
+    profile: Path | None = None,
     progress: Progress = no_progress,
 ) -> Manifest:
     """Compile ``model`` into the artifact directory ``out`` and return its manifest.
@@ -87,12 +95,28 @@ def compile_model(
     into place at the end, so a failure leaves nothing behind. With
     ``calibrate`` (and at least one exit) the built artifact is traced on the
     calibration prompts before it is moved into place (`eec.calib.calibrate`).
+
+    ``exits="auto"`` compiles and calibrates every layer that has a head
+    (the checkpoint's trained heads, else quarter depths), then keeps the
+    exit set with the lowest expected latency at ``placement_eps`` on the
+    target (`eec.targets.placement`), from the measured ``profile`` when
+    given, else the target's latency model; the choice is in
+    ``manifest.placement``.
     """
     out = Path(out).absolute()
     tgt = get_target(target)
     precision = check_precision(tgt, precision)
     _check_output(out, overwrite)
-    if exits is not None:
+    if block_size < 16 or block_size & (block_size - 1):
+        raise InputError(f"--block-size must be a power of two of at least 16, got {block_size}")
+    auto = exits == "auto"
+    if isinstance(exits, str) and not auto:
+        raise InputError(f"exits must be layer numbers or 'auto', got {exits!r}")
+    if auto and not calibrate:
+        raise InputError("--exits auto needs calibration traces; leave out --no-calibrate")
+    if auto and not 0 < placement_eps < 1:
+        raise InputError(f"--eps must be between 0 and 1, got {placement_eps}")
+    if isinstance(exits, list):
         check_repeats(exits)  # the range needs the model; repeats can be refused before loading it
     if calibrate and calibration_prompts is not None:
         read_prompts(calibration_prompts, has_tokenizer=True)  # unreadable or empty: refuse before the long work
@@ -101,44 +125,108 @@ def compile_model(
 
     progress("loading model", 0, 1)
     src = load_source(model)
-    plan = plan_segments(src, exits if exits is not None else default_exits(src))
-    total = len(plan.segments) + len(plan.heads) + 2 + int(calibrate)
-    step = 1
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    shape = model_shape(src)
+    table = None
+    if auto:
+        table = load_profile(profile, shape, precision) if profile else model_table(tgt, shape, precision)
+    layers = default_exits(src) if auto or exits is None else exits
+    build = _Build(src, tgt, precision, block_size, calibrate, calibration_prompts, calibration_tokens,
+                   calibration_metric, progress, placed=auto)
+    tmp = build.run(layers, out.parent)
     try:
-        for seg in plan.segments:
-            progress(f"exporting layers {seg.spec.start}-{seg.spec.stop}", step, total)
-            export_segment(seg, tmp)
-            step += 1
-        for head in plan.heads:
-            progress(f"exporting {head.file}", step, total)
-            export_head(head, tmp)
-            step += 1
-        progress("writing manifest", step, total)
-        tokenizer = None
-        if src.tokenizer is not None:
-            (tmp / "tokenizer.json").write_text(src.tokenizer.json, encoding="utf-8")
-            t = src.tokenizer
-            tokenizer = TokenizerSpec("tokenizer.json", t.chat_template, t.bos_token, t.eos_token)
-        manifest = Manifest(
-            model=model_spec(src),
-            segments=[p.spec for p in plan.segments],
-            precision=precision,
-            target=tgt.name,
-            eos_token_ids=src.eos_token_ids,
-            tokenizer=tokenizer,
-            files=hash_files(tmp),
-            eec_version=__version__,
-        )
-        write_manifest(tmp, manifest)
-        if calibrate and manifest.exits:
-            calibrate_dir(tmp, calibration_prompts, calibration_tokens, calibration_metric,
-                          progress=lambda what, done, n: progress(f"calibrating: {what}", step + 1, total))
-            manifest = read_manifest(tmp, verify=False)
+        manifest = read_manifest(tmp, verify=False)
+        if auto:
+            manifest, tmp = _place(build, tmp, manifest, table, placement_eps, out.parent)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    progress("done", total, total)
+    progress("done", 1, 1)
     return manifest
+
+
+def model_shape(src: SourceModel) -> ModelShape:
+    m = model_spec(src)
+    return ModelShape(m.family, m.num_layers, m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads,
+                      m.head_dim, m.vocab_size)
+
+
+def _place(build: "_Build", tmp: Path, manifest: Manifest, table, eps: float, parent: Path) -> tuple[Manifest, Path]:
+    """Choose the exit set on the candidates' traces; rebuild with it when it is not all of them."""
+    traces = Traces.load(tmp / manifest.calibration.file)
+    placement = place_exits(traces, table, eps, manifest.calibration.metric)
+    record = {
+        "epsilon": eps,
+        "exits": list(placement.best.exits),
+        "candidates": list(traces.exits),
+        "predicted_speedup": round(placement.best.speedup, 4),
+        "latency_source": f"{table.source} ({table.target}, {table.precision})",
+        "ranked": [{"exits": list(c.exits), "predicted_speedup": round(c.speedup, 4),
+                    "exit_rate": round(c.exit_rate, 4)} for c in placement.ranked[:8]],
+        "report": describe(placement),
+    }
+    if list(placement.best.exits) != list(traces.exits):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = build.run(list(placement.best.exits), parent)
+    manifest = replace(read_manifest(tmp, verify=False), placement=record)
+    write_manifest(tmp, manifest)
+    return manifest, tmp
+
+
+@dataclass
+class _Build:
+    """Export, quantize and (optionally) calibrate one exit set into a fresh staging directory."""
+
+    src: SourceModel
+    target: Target
+    precision: str
+    block_size: int
+    calibrate: bool
+    prompts: Path | None
+    tokens: int
+    metric: str | None
+    progress: Progress
+    placed: bool  # --exits auto: the exit set may leave trained heads out
+
+    def run(self, exits: list[int], parent: Path) -> Path:
+        src, progress = self.src, self.progress
+        plan = plan_segments(src, exits, fused=self.target.fused_ops, context=context_length(src.config),
+                             all_heads=not self.placed)
+        total = len(plan.segments) + len(plan.heads) + 2 + int(self.calibrate)
+        step = 1
+        tmp = Path(tempfile.mkdtemp(prefix=".eec-build-", dir=parent))
+        try:
+            for seg in plan.segments:
+                progress(f"exporting layers {seg.spec.start}-{seg.spec.stop}", step, total)
+                export_segment(seg, tmp)
+                apply_precision(tmp / seg.spec.file, self.precision, self.block_size)
+                step += 1
+            for head in plan.heads:
+                progress(f"exporting {head.file}", step, total)
+                export_head(head, tmp)
+                apply_precision(tmp / head.file, self.precision, self.block_size)
+                step += 1
+            progress("writing manifest", step, total)
+            tokenizer = None
+            if src.tokenizer is not None:
+                (tmp / "tokenizer.json").write_text(src.tokenizer.json, encoding="utf-8")
+                t = src.tokenizer
+                tokenizer = TokenizerSpec("tokenizer.json", t.chat_template, t.bos_token, t.eos_token)
+            manifest = Manifest(
+                model=model_spec(src),
+                segments=[p.spec for p in plan.segments],
+                precision=self.precision,
+                target=self.target.name,
+                eos_token_ids=src.eos_token_ids,
+                tokenizer=tokenizer,
+                files=hash_files(tmp),
+                eec_version=__version__,
+            )
+            write_manifest(tmp, manifest)
+            if self.calibrate and manifest.exits:
+                calibrate_dir(tmp, self.prompts, self.tokens, self.metric,
+                              progress=lambda what, done, n: progress(f"calibrating: {what}", step + 1, total))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return tmp

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from torch import nn
 
 from eec.compiler.frontends import SourceModel
-from eec.compiler.modules import DecoderLayer, ExitHead, LastPositionHead, Segment
+from eec.compiler.modules import (
+    DecoderLayer,
+    ExitHead,
+    FusedDecoderLayer,
+    FusedSegment,
+    LastPositionHead,
+    Segment,
+)
+from eec.compiler.ops import gqa_supported
 from eec.errors import InputError, UnsupportedModelError
 from eec.runtime.manifest import ExitSpec, SegmentSpec
 
@@ -80,12 +88,16 @@ def io_names(start: int, stop: int, first: bool, last: bool) -> tuple[list[str],
 HEAD_INPUTS, HEAD_OUTPUTS = ["hidden"], ["token", "scores"]
 
 
-def plan_segments(src: SourceModel, exits: list[int]) -> Plan:
+def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, context: int = 2048,
+                  all_heads: bool = True) -> Plan:
+    """``fused``: build the segments from onnxruntime's fused kernels (`eec.compiler.ops`)
+    where the model allows it; ``context`` is the longest sequence the rotary cache covers;
+    ``all_heads``: refuse exits that leave a trained head out (placement may drop heads)."""
     config = src.config
     n_layers = config.num_hidden_layers
     exits = check_exits(exits, n_layers)
     unused = sorted(set(src.heads) - set(exits))
-    if unused:
+    if unused and all_heads:
         raise InputError(
             f"trained heads at layers {', '.join(map(str, unused))} are not among the exits {exits}; "
             "add them to --exits or leave --exits out to use the checkpoint's heads"
@@ -99,6 +111,7 @@ def plan_segments(src: SourceModel, exits: list[int]) -> Plan:
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     eps = config.rms_norm_eps
+    fused = fused and gqa_supported(head_dim)
 
     def shared_head() -> ExitHead:
         return ExitHead(backbone.norm.weight.data, eps, model.lm_head)
@@ -116,14 +129,14 @@ def plan_segments(src: SourceModel, exits: list[int]) -> Plan:
         else:
             exit_spec = ExitSpec(stop, "shared", "heads/shared.onnx")
             heads.setdefault(exit_spec.file, PlannedHead(exit_spec.file, LastPositionHead(shared_head())))
-        module = Segment(
-            [DecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)],
-            inv_freq=rotary.inv_freq,
-            rope_scaling=rotary.attention_scaling,
-            embed=backbone.embed_tokens if first else None,
-            head=shared_head() if last else None,
-            emit_hidden=not last,
-        ).eval()
+        common = dict(embed=backbone.embed_tokens if first else None, head=shared_head() if last else None,
+                      emit_hidden=not last, inv_freq=rotary.inv_freq, rope_scaling=rotary.attention_scaling)
+        if fused:
+            layers = [FusedDecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]
+            module = FusedSegment(layers, context=context, **common).eval()
+        else:
+            layers = [DecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]
+            module = Segment(layers, **common).eval()
         inputs, outputs = io_names(start, stop, first, last)
         spec = SegmentSpec(f"segments/seg{i}.onnx", start, stop, inputs, outputs, exit_spec)
         segments.append(PlannedSegment(spec, module))

@@ -57,6 +57,7 @@ class ModelSpec:
     vocab_size: int
     context_length: int
     source: str
+    intermediate_size: int = 0  # 0 in artifacts written before eec 0.2
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     eec_version: str = ""
     calibration: CalibrationSpec | None = None
+    placement: dict | None = None  # `eec compile --exits auto`: ε, the chosen exits, predicted speedups
 
     @property
     def exits(self) -> list[int]:
@@ -126,6 +128,7 @@ class Manifest:
                 files=dict(raw["files"]),
                 eec_version=raw.get("eec_version", ""),
                 calibration=CalibrationSpec(**cal) if cal else None,
+                placement=raw.get("placement"),
             )
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None

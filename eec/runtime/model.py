@@ -125,8 +125,8 @@ class EarlyExitModel:
         calibrated = self.manifest.calibration is not None
         metric = metric or (self.manifest.calibration.metric if calibrated else "top2-margin")
         index = metric_index(metric)
-        if mode == "full":
-            return None, index
+        if mode == "full" or not self.exits:
+            return None, index  # an artifact without exits (placement chose none) always runs in full
         if thresholds is None and (epsilon is not None or calibrated):
             return self.thresholds_for(DEFAULT_EPSILON if epsilon is None else epsilon, metric, rule, delta), index
         exits = self.exits

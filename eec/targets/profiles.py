@@ -1,34 +1,85 @@
-"""The registry of device profiles.
+"""The registry of device profiles: backend, precisions, and the hardware figures the latency model reads.
 
-Only the host CPU (onnxruntime's CPU execution provider, fp32) exists so far;
-the Jetson and desktop-GPU profiles, their hardware figures and the latency
-model arrive with quantized precisions (issue 4).
+Figures are the vendors' nominal numbers (docs/targets.md gives each source):
+memory bandwidth, dense (not sparse) fp16 and int8 tensor throughput, CPU
+cores. ``cpu`` is the machine eec runs on; its figures are rough defaults
+until ``eec targets measure`` replaces them with a measured table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 
 from eec.errors import InputError
+
+CPU_PRECISIONS = ("fp32", "int8", "int4")
+TENSORRT_PRECISIONS = ("fp16", "int8", "fp32")
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
-    backend: str
+    backend: str  # "onnxruntime-cpu" or "tensorrt"
     precisions: tuple[str, ...]
     default_precision: str
     description: str
+    bandwidth_gbs: float  # memory bandwidth, GB/s
+    fp16_tflops: float  # dense fp16 tensor throughput (fp32 throughput for the host CPU)
+    int8_tops: float  # dense int8 throughput
+    cpu_cores: int
+    call_overhead_us: float  # per graph call: launch, host-side bookkeeping, one device-to-host read
+    source: str  # short citation; the full list is in docs/targets.md
+
+    @property
+    def fused_ops(self) -> bool:
+        """Whether segments use onnxruntime's contrib kernels (`eec.compiler.ops`); TensorRT reads standard ops only."""
+        return self.backend.startswith("onnxruntime")
+
+    @property
+    def builds_engines(self) -> bool:
+        return self.backend == "tensorrt"
+
+    def peak_ops(self, precision: str) -> float:
+        """Operations per second the model assumes for ``precision`` (weight-only int4 computes in int8 or fp16)."""
+        if precision in ("int8", "int4"):
+            return self.int8_tops * 1e12
+        return self.fp16_tflops * 1e12
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _jetson(name: str, desc: str, bw: float, fp16: float, int8: float, cores: int, source: str) -> Target:
+    return Target(name, "tensorrt", TENSORRT_PRECISIONS, "fp16", desc, bw, fp16, int8, cores, 40.0, source)
+
+
+def _gpu(name: str, desc: str, bw: float, fp16: float, int8: float, source: str) -> Target:
+    return Target(name, "tensorrt", TENSORRT_PRECISIONS, "fp16", desc, bw, fp16, int8, 0, 20.0, source)
 
 
 TARGETS: dict[str, Target] = {
-    "cpu": Target(
-        name="cpu",
-        backend="onnxruntime-cpu",
-        precisions=("fp32",),
-        default_precision="fp32",
-        description="this machine's CPU through onnxruntime's CPU execution provider",
-    ),
+    t.name: t
+    for t in [
+        Target(
+            "cpu", "onnxruntime-cpu", CPU_PRECISIONS, "fp32",
+            "this machine's CPU through onnxruntime's CPU execution provider",
+            bandwidth_gbs=20.0, fp16_tflops=0.1, int8_tops=0.2, cpu_cores=os.cpu_count() or 1, call_overhead_us=40.0,
+            source="defaults; measure with `eec targets measure`",
+        ),
+        _jetson("jetson-orin-agx", "NVIDIA Jetson AGX Orin 64GB (Ampere GA10B, 2048 CUDA cores)",
+                204.8, 42.5, 85.0, 12, "Jetson AGX Orin Series Technical Brief v1.2"),
+        _jetson("jetson-orin-nx", "NVIDIA Jetson Orin NX 16GB (Ampere, 1024 CUDA cores)",
+                102.4, 15.0, 30.0, 8, "Jetson Orin NX Series Data Sheet"),
+        _jetson("jetson-orin-nano", "NVIDIA Jetson Orin Nano 8GB (Ampere, 1024 CUDA cores, original clocks)",
+                68.0, 10.0, 20.0, 6, "Jetson Orin Nano Series Data Sheet"),
+        _gpu("rtx-4090", "NVIDIA GeForce RTX 4090 (Ada AD102)", 1008.0, 165.2, 660.6,
+             "NVIDIA Ada GPU Architecture whitepaper, appendix A"),
+        _gpu("rtx-3060", "NVIDIA GeForce RTX 3060 12GB (Ampere GA106)", 360.0, 51.2, 102.4,
+             "NVIDIA Ampere GA102 whitepaper; GA106 scaled by SM count"),
+        _gpu("a100", "NVIDIA A100 80GB SXM (Ampere GA100)", 2039.0, 312.0, 624.0, "NVIDIA A100 Tensor Core GPU datasheet"),
+        _gpu("h100", "NVIDIA H100 80GB SXM (Hopper GH100)", 3350.0, 989.0, 1979.0, "NVIDIA H100 Tensor Core GPU datasheet"),
+    ]
 }
 
 

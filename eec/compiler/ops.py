@@ -1,0 +1,157 @@
+"""Fused operators: PyTorch custom ops whose ONNX form is one onnxruntime kernel.
+
+The dynamo exporter turns a plain-PyTorch decoder layer into ~60 small ONNX
+nodes (reshapes, transposes, slices, the rotary arithmetic, the masked
+softmax); on a 135M model at one token per step their per-node overhead costs
+more than the matrix products (measured: docs/design-notes.md). Each op here
+has an eager PyTorch implementation, which is the reference the exported
+graph is checked against, and a translation to onnxruntime's contrib kernel:
+
+    eec::skip_rms_norm  -> com.microsoft.SkipSimplifiedLayerNormalization
+    eec::gqa            -> com.microsoft.GroupQueryAttention (rotary inside)
+
+Only onnxruntime runs these kernels, so targets whose backend is TensorRT
+export the plain graph instead (`Target.fused_ops`).
+"""
+
+from __future__ import annotations
+
+import onnxscript
+import torch
+from onnx.defs import OpSchema
+from onnxscript import opset20 as op
+
+MSFT = onnxscript.values.Opset("com.microsoft", 1)
+
+
+def _schema(name: str, inputs: list[str], outputs: list[str], attributes: dict[str, str]) -> OpSchema:
+    """The part of a contrib op's schema the exporter needs: the onnx package
+    knows only standard ops, and onnxscript binds arguments by schema."""
+    optional = OpSchema.FormalParameterOption.Optional
+    kinds = {"int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT}
+
+    def params(names):
+        return [OpSchema.FormalParameter(n.rstrip("?"), "T", param_option=optional if n.endswith("?") else
+                                         OpSchema.FormalParameterOption.Single, is_homogeneous=False) for n in names]
+
+    return OpSchema(
+        name, MSFT.domain, 1, inputs=params(inputs), outputs=params(outputs),
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(int32)", "tensor(int64)"], "")],
+        attributes=[OpSchema.Attribute(a, kinds[t], "", required=False) for a, t in attributes.items()],
+    )
+
+
+_SKIP_RMS_NORM = _schema("SkipSimplifiedLayerNormalization", ["input", "skip", "gamma", "bias?"],
+                         ["output", "mean?", "inv_std_var?", "input_skip_bias_sum?"], {"epsilon": "float"})
+_GQA = _schema(
+    "GroupQueryAttention",
+    ["query", "key?", "value?", "past_key?", "past_value?", "seqlens_k", "total_sequence_length", "cos_cache?",
+     "sin_cache?"],
+    ["output", "present_key", "present_value"],
+    {"num_heads": "int", "kv_num_heads": "int", "do_rotary": "int", "rotary_interleaved": "int", "scale": "float"},
+)
+
+
+def _msft(schema: OpSchema) -> onnxscript.values.Op:
+    return onnxscript.values.Op(MSFT, schema.name, schema)
+
+FLOAT, INT32 = 1, 6  # onnx.TensorProto data types
+
+# GroupQueryAttention's CPU kernel applies rotary only for these head sizes.
+GQA_HEAD_DIM_MULTIPLE = 16
+
+
+def gqa_supported(head_dim: int) -> bool:
+    return head_dim % GQA_HEAD_DIM_MULTIPLE == 0
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Plain ops: SimplifiedLayerNormalization has no ONNX schema at opset 20,
+    # and a segment has only one norm that is not fused with a residual add.
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+@torch.library.custom_op("eec::skip_rms_norm", mutates_args=())
+def skip_rms_norm(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + skip), x + skip): a residual add and the next norm in one kernel."""
+    total = x + skip
+    return rms_norm(total, weight, eps), total
+
+
+@skip_rms_norm.register_fake
+def _(x, skip, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * torch.cat((cos, cos), -1) + rotated * torch.cat((sin, sin), -1)
+
+
+@torch.library.custom_op("eec::gqa", mutates_args=())
+def gqa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    num_heads: int,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal grouped-query attention with rotary embedding, GroupQueryAttention's contract.
+
+    q [batch, seq, heads*dim], k and v [batch, seq, kv_heads*dim] before
+    rotary; past [batch, kv_heads, past, dim]; the attention mask is all ones
+    over ``past + seq`` (the runtime decodes one unpadded sequence), so query
+    i sits at position ``past + i``. Returns the output [batch, seq,
+    heads*dim] and the presents [batch, kv_heads, past + seq, dim].
+    """
+    bsz, seq, _ = q.shape
+    dim = past_k.shape[-1]
+    past = past_k.shape[2]
+    positions = torch.arange(past, past + seq)
+    cos, sin = cos_cache[positions][None, None], sin_cache[positions][None, None]
+    q = _rotate(q.view(bsz, seq, num_heads, dim).transpose(1, 2), cos, sin)
+    k = _rotate(k.view(bsz, seq, kv_heads, dim).transpose(1, 2), cos, sin)
+    v = v.view(bsz, seq, kv_heads, dim).transpose(1, 2)
+    k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+    group = num_heads // kv_heads
+    scores = torch.matmul(q, k.repeat_interleave(group, 1).transpose(2, 3)) * dim**-0.5
+    causal = torch.arange(past + seq)[None, :] <= positions[:, None]
+    scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    out = torch.matmul(torch.softmax(scores, -1), v.repeat_interleave(group, 1))
+    return out.transpose(1, 2).reshape(bsz, seq, num_heads * dim), k, v
+
+
+@gqa.register_fake
+def _(q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache, num_heads, kv_heads):
+    bsz, seq, _ = q.shape
+    total = past_k.shape[2] + seq
+    present = past_k.new_empty(bsz, kv_heads, total, past_k.shape[-1])
+    return torch.empty_like(q), present, torch.empty_like(present)
+
+
+def _skip_rms_norm_onnx(x, skip, weight, eps: float):
+    normed, _, _, total = _msft(_SKIP_RMS_NORM)(x, skip, weight, epsilon=eps, _num_outputs=4)
+    return normed, total
+
+
+def _gqa_onnx(q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache, num_heads: int, kv_heads: int):
+    seqlens_k = op.Cast(op.Sub(op.ReduceSum(attention_mask, op.Constant(value_ints=[1]), keepdims=0),
+                               op.Constant(value_int=1)), to=INT32)
+    total = op.Cast(op.Squeeze(op.Shape(attention_mask, start=1, end=2)), to=INT32)
+    return _msft(_GQA)(
+        q, k, v, past_k, past_v, seqlens_k, total, cos_cache, sin_cache,
+        num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, _num_outputs=3,
+    )
+
+
+TRANSLATIONS = {
+    torch.ops.eec.skip_rms_norm.default: _skip_rms_norm_onnx,
+    torch.ops.eec.gqa.default: _gqa_onnx,
+}

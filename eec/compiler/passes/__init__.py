@@ -1,0 +1,13 @@
+"""Graph passes applied after export, one per file (the onnx-ir ``call(model) -> PassResult`` contract).
+
+The precision passes wrap onnxruntime's own quantization tools; `PRECISION_PASSES`
+maps each ``--precision`` to the passes that produce it.
+"""
+
+from __future__ import annotations
+
+from eec.compiler.passes.float16 import Float16
+from eec.compiler.passes.int4_weight_only import Int4WeightOnly
+from eec.compiler.passes.int8_dynamic import Int8Dynamic
+
+__all__ = ["Float16", "Int4WeightOnly", "Int8Dynamic"]

@@ -1,0 +1,44 @@
+"""Bring exported fp32 graphs to the artifact's precision with the passes in `eec.compiler.passes`."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+from eec.compiler.passes import Float16, Int4WeightOnly, Int8Dynamic
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+DEFAULT_BLOCK_SIZE = 32
+
+
+def precision_passes(precision: str, block_size: int = DEFAULT_BLOCK_SIZE) -> list:
+    return {
+        "fp32": [],
+        "fp16": [Float16()],
+        "int8": [Int8Dynamic()],
+        "int4": [Int4WeightOnly(block_size)],
+    }[precision]
+
+
+def apply_precision(path: Path, precision: str, block_size: int = DEFAULT_BLOCK_SIZE) -> bool:
+    """Rewrite the graph at ``path`` (weights in ``<name>.data`` beside it) in place; True if it changed."""
+    passes = precision_passes(precision, block_size)
+    if not passes:
+        return False
+    model = ir.external_data.load_to_model(ir.load(path))  # into memory: the file is replaced below
+    modified = False
+    for p in passes:
+        result = p(model)
+        model, modified = result.model, modified or result.modified
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        ir.save(model, staged, external_data=f"{path.name}.data")
+        del model  # drop references into the old weights file before replacing it
+        for f in (path, path.with_name(f"{path.name}.data")):
+            f.unlink(missing_ok=True)
+            if (Path(tmp) / f.name).exists():
+                shutil.move(Path(tmp) / f.name, f)
+    return modified

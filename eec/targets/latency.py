@@ -1,0 +1,127 @@
+"""Latency tables: what a segment (a layer range) and an exit head cost on a target.
+
+A table comes from one of two places:
+
+1. `model_table`: a roofline estimate from the target's figures. A layer
+   reads its weights once per call and does 2 × parameters × tokens
+   operations, so its time is the larger of bytes / bandwidth and
+   operations / peak; every graph call adds the target's per-call overhead.
+2. `measured_table` / `eec targets measure`: times measured on the device for
+   each segment of a compiled artifact at 1..8 tokens per call, and for each
+   head. A layer range that spans several measured segments costs their sum
+   less the call overheads saved by running it as one graph.
+
+Costs are seconds per call. numpy-free and torch-free: the runtime side can read it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from eec.errors import InputError
+from eec.targets.profiles import Target
+
+MAX_SEQ = 8  # calls of 1..8 tokens: one new token plus up to 7 pending (catch-up)
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4.0 / 32}  # int4: a fp32 scale per 32
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the latency of a decoder depends on; also the key that ties a measured profile to its model."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def layer_params(self) -> int:
+        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        return attn + 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def head_params(self) -> int:
+        return self.hidden_size * self.vocab_size
+
+
+@dataclass
+class LatencyTable:
+    shape: ModelShape
+    precision: str
+    target: str
+    source: str  # "model" or "measured"
+    call_overhead: float
+    segments: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # (start, stop) -> s at seq 1..8
+    heads: dict[int, float] = field(default_factory=dict)  # exit layer -> s per call
+    final_head: float = 0.0  # the model's own head, inside the last segment
+    layer: list[float] = field(default_factory=list)  # one layer at seq 1..8 (model tables)
+
+    def range_cost(self, start: int, stop: int, seq: int = 1) -> float:
+        """One call running layers [start, stop) over ``seq`` tokens; a range that ends at the
+        last layer includes the final head (so does the measured last segment)."""
+        seq = min(max(seq, 1), MAX_SEQ)
+        if self.source == "model":
+            final = self.final_head if stop == self.shape.num_layers else 0.0
+            return self.call_overhead + (stop - start) * self.layer[seq - 1] + final
+        parts = _cover(sorted(self.segments), start, stop)
+        return sum(self.segments[p][seq - 1] for p in parts) - (len(parts) - 1) * self.call_overhead
+
+    def head_cost(self, layer: int) -> float:
+        if layer in self.heads:
+            return self.heads[layer]
+        if self.source == "model":
+            return self.final_head + self.call_overhead
+        raise InputError(f"the latency profile has no head at layer {layer}; measure an artifact with that exit")
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["segments"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.segments.items()]
+        d["heads"] = {str(k): v for k, v in self.heads.items()}
+        return json.dumps(d, indent=2)
+
+    @staticmethod
+    def from_json(text: str) -> "LatencyTable":
+        d = json.loads(text)
+        d["shape"] = ModelShape(**d["shape"])
+        d["segments"] = {(s["start"], s["stop"]): s["seconds"] for s in d["segments"]}
+        d["heads"] = {int(k): v for k, v in d["heads"].items()}
+        return LatencyTable(**d)
+
+
+def _cover(parts: list[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int]]:
+    chosen = [p for p in parts if start <= p[0] and p[1] <= stop]
+    if not chosen or chosen[0][0] != start or chosen[-1][1] != stop:
+        raise InputError(f"the latency profile cannot cover layers {start}-{stop}: its segments are {parts}")
+    return chosen
+
+
+def model_table(target: Target, shape: ModelShape, precision: str) -> LatencyTable:
+    bpw = BYTES_PER_WEIGHT[precision]
+    peak, bandwidth = target.peak_ops(precision), target.bandwidth_gbs * 1e9
+
+    def roofline(params: int, seq: int) -> float:
+        return max(params * bpw / bandwidth, 2.0 * params * seq / peak)
+
+    layer = [roofline(shape.layer_params, s) for s in range(1, MAX_SEQ + 1)]
+    return LatencyTable(shape, precision, target.name, "model", target.call_overhead_us * 1e-6,
+                        layer=layer, final_head=roofline(shape.head_params, 1))
+
+
+def load_profile(path: Path, shape: ModelShape, precision: str) -> LatencyTable:
+    """A measured table, refused when it was measured for another model or precision."""
+    try:
+        table = LatencyTable.from_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path} is not a readable latency profile ({e})") from None
+    if table.shape != shape:
+        raise InputError(f"{path} was measured for another model ({table.shape.family}, {table.shape.num_layers} "
+                         f"layers, hidden {table.shape.hidden_size}); measure this one with `eec targets measure`")
+    if table.precision != precision:
+        raise InputError(f"{path} was measured at {table.precision}, not {precision}")
+    return table

@@ -1,0 +1,96 @@
+"""`eec targets measure`: time a compiled artifact's segments and heads on this device.
+
+Each segment runs over 1..8 new tokens after ``past`` cached positions (one
+decode step plus up to seven pending catch-up positions), each head over one
+position; the median of ``repeats`` calls is kept. The per-call overhead is
+the median time of a graph that does nothing but pass a hidden state
+through, with the same session options. numpy and onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from eec.errors import InputError
+from eec.runtime.manifest import Manifest, read_manifest
+from eec.runtime.sessions import open_sessions, session_options
+from eec.targets.latency import MAX_SEQ, LatencyTable, ModelShape
+from eec.targets.profiles import get_target
+
+
+def shape_of(manifest: Manifest) -> ModelShape:
+    m = manifest.model
+    return ModelShape(m.family, m.num_layers, m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads,
+                      m.head_dim, m.vocab_size)
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # first call allocates
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _overhead(hidden: int, repeats: int) -> float:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["hidden"], ["out"])], "noop",
+                              [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, 1, hidden])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 1, hidden])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 1, hidden), dtype=np.float32)
+    return _median_time(lambda: session.run(None, {"hidden": x}), repeats)
+
+
+def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
+                     progress: Callable[[str, int, int], None] = lambda *a: None) -> LatencyTable:
+    root = Path(path)
+    manifest = read_manifest(root)
+    target = get_target(manifest.target)
+    if target.backend != "onnxruntime-cpu":
+        raise InputError(f"{root} targets {target.name} ({target.backend}); measure it on that device after "
+                         "`eec build-engines` (this eec measures onnxruntime artifacts only)")
+    m = manifest.model
+    if m.intermediate_size == 0:
+        raise InputError(f"{root} was compiled by an older eec without the model's MLP size; recompile it")
+    past = max(0, min(past, m.context_length - MAX_SEQ))  # the longest call must fit in the context
+    rng = np.random.default_rng(0)
+    sessions = open_sessions(root, [s.file for s in manifest.segments])
+    heads = {s.exit.layer: s.exit.file for s in manifest.segments[:-1] if s.exit and s.exit.file}
+    head_sessions = dict(zip(heads, open_sessions(root, list(heads.values()))))
+    total = len(sessions) * MAX_SEQ + len(heads) + 1
+    done = 0
+    table = LatencyTable(shape_of(manifest), manifest.precision, target.name, "measured", 0.0)
+    for spec, session in zip(manifest.segments, sessions):
+        row = []
+        for seq in range(1, MAX_SEQ + 1):
+            progress(f"layers {spec.start}-{spec.stop}, {seq} token(s)", done, total)
+            feeds = {
+                spec.inputs[0]: (rng.integers(0, m.vocab_size, (1, seq)) if spec.takes_ids
+                                 else rng.standard_normal((1, seq, m.hidden_size)).astype(np.float32)),
+                "position_ids": np.arange(past, past + seq, dtype=np.int64)[None, :],
+                "attention_mask": np.ones((1, past + seq), dtype=np.int64),
+            }
+            for name in spec.inputs[3:]:
+                feeds[name] = rng.standard_normal((1, m.num_kv_heads, past, m.head_dim)).astype(np.float32)
+            row.append(_median_time(lambda: session.run(None, feeds), repeats))
+            done += 1
+        table.segments[(spec.start, spec.stop)] = row
+    for layer, session in head_sessions.items():
+        progress(f"exit head at layer {layer}", done, total)
+        x = rng.standard_normal((1, 1, m.hidden_size)).astype(np.float32)
+        table.heads[layer] = _median_time(lambda: session.run(None, {"hidden": x}), repeats)
+        done += 1
+    table.call_overhead = _overhead(m.hidden_size, repeats * 5)
+    progress("done", total, total)
+    return table

@@ -1,0 +1,134 @@
+"""Exit placement: the set of exits that minimises expected per-token latency at accuracy level ε.
+
+Rules:
+1. Candidates are the subsets of the layers that have heads (all of them up
+   to `MAX_EXHAUSTIVE` candidate layers; beyond that, greedy removal from the
+   full set). The empty set, the full model alone, is always a candidate:
+   placement may answer "no exit pays here".
+2. For a candidate set, thresholds are calibrated on the traces restricted
+   to its exits, in cascade order (`eec.calib.traces.thresholds_for`), and
+   each calibration token's exit layer is replayed from them.
+3. A token that leaves at exit e pays the segments up to e and the heads of
+   every exit up to and including e. Each later segment then runs that
+   token's position once more as part of the next deep token's call
+   (catch-up), paying the segment's marginal cost of one more position,
+   ``t(2) - t(1)``. A token that reaches the last layer pays every segment
+   and every head of the set.
+4. The full model is one segment over all layers with the final head; the
+   predicted speedup is its cost over the set's expected cost.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from eec.calib.traces import Traces, simulate, thresholds_for
+from eec.targets.latency import LatencyTable
+
+MAX_EXHAUSTIVE = 12
+
+
+@dataclass
+class Candidate:
+    exits: tuple[int, ...]
+    expected_s: float  # per token
+    speedup: float  # full model cost / expected_s
+    exit_rate: float
+    agreement: float  # on the calibration traces (teacher-forced)
+    exits_taken: dict[int, int]
+
+
+@dataclass
+class Placement:
+    best: Candidate
+    ranked: list[Candidate]  # best first
+    full_s: float
+    epsilon: float
+
+    @property
+    def runners_up(self) -> list[Candidate]:
+        return self.ranked[1:4]
+
+
+def expected_cost(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict[int, int]) -> float:
+    """Mean per-token seconds for ``exits`` given how many tokens leave at each (rule 3)."""
+    n_layers = table.shape.num_layers
+    bounds = [0, *exits, n_layers]
+    seg = [table.range_cost(a, b, 1) for a, b in zip(bounds[:-1], bounds[1:])]
+    marginal = [max(table.range_cost(a, b, 2) - c, 0.0) for (a, b), c in zip(zip(bounds[:-1], bounds[1:]), seg)]
+    heads = [table.head_cost(e) for e in exits]
+    total_tokens = sum(exit_counts.values())
+    if total_tokens == 0:
+        return sum(seg) + sum(heads)
+    cost = 0.0
+    for k, layer in enumerate([*exits, n_layers]):
+        count = exit_counts.get(layer, 0)
+        if not count:
+            continue
+        ran = sum(seg[: k + 1]) + sum(heads[: k + 1] if k < len(exits) else heads)
+        catch_up = sum(marginal[k + 1:])
+        cost += count * (ran + catch_up)
+    return cost / total_tokens
+
+
+def _restrict(traces: Traces, exits: tuple[int, ...]) -> Traces:
+    cols = [traces.exits.index(e) for e in exits]
+    return Traces(list(exits), traces.scores[:, cols], traces.agreed[:, cols], traces.sequence)
+
+
+def evaluate(traces: Traces, table: LatencyTable, exits: tuple[int, ...], eps: float, metric: str, rule: str,
+             delta: float) -> Candidate:
+    n_layers = table.shape.num_layers
+    full = table.range_cost(0, n_layers, 1)
+    if exits:
+        sub = _restrict(traces, exits)
+        sim = simulate(sub, thresholds_for(sub, eps, metric, rule, delta), metric, n_layers)
+        counts, rate, agree = sim.exits, sim.exit_rate, sim.agreement
+    else:
+        counts, rate, agree = {n_layers: len(traces)}, 0.0, 1.0
+    cost = expected_cost(table, exits, counts)
+    return Candidate(exits, cost, full / cost, rate, agree, counts)
+
+
+def place_exits(traces: Traces, table: LatencyTable, eps: float, metric: str, rule: str = "risk",
+                delta: float = 0.1) -> Placement:
+    layers = tuple(sorted(traces.exits))
+    if len(layers) <= MAX_EXHAUSTIVE:
+        sets = [s for r in range(len(layers) + 1) for s in itertools.combinations(layers, r)]
+        ranked = [evaluate(traces, table, s, eps, metric, rule, delta) for s in sets]
+    else:
+        ranked = _greedy(traces, table, layers, eps, metric, rule, delta)
+    ranked.sort(key=lambda c: (c.expected_s, len(c.exits)))
+    full = table.range_cost(0, table.shape.num_layers, 1)
+    return Placement(ranked[0], ranked, full, eps)
+
+
+def _greedy(traces, table, layers, eps, metric, rule, delta) -> list[Candidate]:
+    """Drop, one at a time, the exit whose removal lowers the expected cost most."""
+    current = evaluate(traces, table, layers, eps, metric, rule, delta)
+    seen = [current, evaluate(traces, table, (), eps, metric, rule, delta)]
+    while current.exits:
+        options = [evaluate(traces, table, tuple(e for e in current.exits if e != drop), eps, metric, rule, delta)
+                   for drop in current.exits]
+        seen += options
+        best = min(options, key=lambda c: c.expected_s)
+        if best.expected_s >= current.expected_s:
+            break
+        current = best
+    unique = {c.exits: c for c in seen}
+    return list(unique.values())
+
+
+def describe(p: Placement) -> list[str]:
+    def line(c: Candidate) -> str:
+        where = ",".join(map(str, c.exits)) or "none (full model)"
+        return (f"exits {where}: predicted {c.speedup:.2f}x, {c.expected_s * 1e3:.2f} ms/token, "
+                f"{c.exit_rate:.0%} of tokens exit, agreement {c.agreement:.3f}")
+
+    lines = [f"placement at ε = {p.epsilon}: full model {p.full_s * 1e3:.2f} ms/token", "chosen  " + line(p.best)]
+    lines += ["runner-up " + line(c) for c in p.runners_up]
+    if not p.best.exits:
+        lines.append("no exit pays here: every exit set is predicted slower than the full model")
+    return lines
+

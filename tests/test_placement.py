@@ -1,0 +1,91 @@
+"""Exit placement on synthetic traces and latency tables where the best set is known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from eec.calib.metrics import ALL_METRICS
+from eec.calib.traces import Traces
+from eec.errors import InputError
+from eec.targets.latency import LatencyTable, ModelShape, load_profile, model_table
+from eec.targets.placement import expected_cost, place_exits
+from eec.targets.profiles import get_target
+
+SHAPE = ModelShape("llama", 12, 64, 128, 4, 2, 16, 1000)
+METRIC = ALL_METRICS[0]
+
+
+def table(layer_s: float, head_s: float, overhead: float = 0.0, marginal: float = 0.0) -> LatencyTable:
+    """Every layer costs layer_s per call (plus marginal per extra token); every head head_s."""
+    layer = [layer_s + marginal * (s - 1) for s in range(1, 9)]
+    return LatencyTable(SHAPE, "fp32", "test", "model", overhead, layer=layer, final_head=0.0,
+                        heads={3: head_s, 6: head_s, 9: head_s})
+
+
+def traces(confident: dict[int, float], n: int = 2000, seed: int = 0) -> Traces:
+    """Exit layer -> share of tokens that are confident (score 1) and agree there; the rest score 0 and disagree."""
+    rng = np.random.default_rng(seed)
+    layers = sorted(confident)
+    scores = np.zeros((n, len(layers), len(ALL_METRICS)), dtype=np.float32)
+    agreed = np.zeros((n, len(layers)), dtype=bool)
+    for k, layer in enumerate(layers):
+        hit = rng.random(n) < confident[layer]
+        scores[hit, k, :] = 1.0
+        agreed[hit, k] = True
+    return Traces(layers, scores, agreed, np.arange(n) % 40)
+
+
+def test_hand_computed_cost():
+    t = table(layer_s=1.0, head_s=2.0, marginal=0.5)
+    # exits (3,): 60 tokens leave at 3, 40 reach 12.
+    # leave at 3: 3 layers + head 2 + catch-up of the [3,12) segment: 9 layers * 0.5 = 4.5 -> 9.5
+    # reach 12: 12 layers + head 2 -> 14
+    assert expected_cost(t, (3,), {3: 60, 12: 40}) == pytest.approx((60 * 9.5 + 40 * 14) / 100)
+
+
+def test_cheap_heads_and_confident_early_exit_choose_it():
+    p = place_exits(traces({3: 0.0, 6: 0.8, 9: 0.1}), table(1.0, 0.5), eps=0.9, metric=METRIC, rule="valade")
+    assert p.best.exits == (6,)
+    assert p.best.speedup > 1.0
+    assert p.ranked[0] is p.best and len(p.ranked) == 8  # every subset of three layers
+
+
+def test_expensive_heads_choose_no_exit():
+    # A head costing eight layers (SmolLM2's full-vocabulary head) against exits that rarely fire.
+    p = place_exits(traces({3: 0.05, 6: 0.1, 9: 0.3}), table(1.0, 8.0), eps=0.9, metric=METRIC, rule="valade")
+    assert p.best.exits == ()
+    assert p.best.speedup == pytest.approx(1.0)
+    assert all(c.speedup < 1.0 for c in p.ranked[1:])
+
+
+def test_the_best_set_beats_brute_force_on_random_instances():
+    rng = np.random.default_rng(1)
+    for seed in range(5):
+        conf = {3: rng.random() * 0.5, 6: rng.random() * 0.7, 9: rng.random()}
+        t = table(1.0, float(rng.uniform(0.2, 4.0)), marginal=0.2)
+        p = place_exits(traces(conf, seed=seed), t, eps=0.9, metric=METRIC, rule="valade")
+        assert p.best.expected_s == min(c.expected_s for c in p.ranked)
+
+
+def test_model_table_is_a_roofline():
+    cpu = get_target("cpu")
+    t32, t4 = model_table(cpu, SHAPE, "fp32"), model_table(cpu, SHAPE, "int4")
+    assert t4.layer[0] < t32.layer[0]  # fewer bytes per weight
+    expected = SHAPE.layer_params * 4 / (cpu.bandwidth_gbs * 1e9)
+    assert t32.layer[0] == pytest.approx(max(expected, 2 * SHAPE.layer_params / cpu.peak_ops("fp32")))
+
+
+def test_profile_for_another_model_is_refused(tmp_path):
+    t = model_table(get_target("cpu"), SHAPE, "fp32")
+    path = tmp_path / "profile.json"
+    path.write_text(t.to_json())
+    assert load_profile(path, SHAPE, "fp32").layer == t.layer
+    other = ModelShape("llama", 30, 576, 1536, 9, 3, 64, 49152)
+    with pytest.raises(InputError, match="measured for another model"):
+        load_profile(path, other, "fp32")
+    with pytest.raises(InputError, match="measured at fp32, not int4"):
+        load_profile(path, SHAPE, "int4")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(InputError, match="not a readable latency profile"):
+        load_profile(tmp_path / "bad.json", SHAPE, "fp32")

@@ -1,0 +1,90 @@
+"""Targets end to end: --exits auto on a compiled tiny model, measured profiles, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from eec.cli.main import app
+from eec.compiler import compile_model
+from eec.errors import InputError
+from eec.runtime import load
+from eec.targets.latency import LatencyTable
+from eec.targets.measure import measure_artifact
+from tests.conftest import TINY_SHAPES, tiny_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    model_type, overrides = TINY_SHAPES["llama-gqa-untied"]
+    root = tmp_path_factory.mktemp("targets")
+    tiny_model(model_type, **overrides).save_pretrained(root / "hf")
+    return root
+
+
+@pytest.fixture(scope="module")
+def measured(src):
+    """An artifact with exits at every candidate (1..5) and its measured profile."""
+    art = src / "all.eec"
+    compile_model(src / "hf", art, exits=[1, 2, 3, 4, 5], calibrate=False)
+    table = measure_artifact(art, past=16, repeats=3)
+    path = src / "profile.json"
+    path.write_text(table.to_json())
+    return art, path, table
+
+
+def test_measured_profile_covers_every_segment_and_head(measured):
+    art, path, table = measured
+    assert sorted(table.segments) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
+    assert all(len(v) == 8 and all(t > 0 for t in v) for v in table.segments.values())
+    assert sorted(table.heads) == [1, 2, 3, 4, 5]
+    assert 0 < table.call_overhead < min(min(v) for v in table.segments.values())
+    again = LatencyTable.from_json(path.read_text())
+    assert again.segments == table.segments and again.shape == table.shape
+    # A range spanning several measured segments saves the calls it merges.
+    assert table.range_cost(0, 2) == pytest.approx(sum(table.segments[p][0] for p in [(0, 1), (1, 2)]) - table.call_overhead)
+
+
+def test_exits_auto_records_and_builds_the_chosen_set(src, measured):
+    _, profile, _ = measured
+    out = src / "auto.eec"
+    manifest = compile_model(src / "hf", out, exits="auto", placement_eps=0.8, profile=profile, calibration_tokens=8)
+    placement = manifest.placement
+    assert manifest.exits == placement["exits"]
+    assert set(placement["exits"]) <= set(placement["candidates"])
+    assert placement["ranked"][0]["exits"] == placement["exits"]
+    speedups = [r["predicted_speedup"] for r in placement["ranked"]]
+    assert speedups == sorted(speedups, reverse=True)
+    model = load(out)
+    assert len(model.generate([3, 17, 42], max_new_tokens=8, epsilon=0.8).tokens) == 8
+
+
+def test_bad_target_inputs(src, measured, tmp_path):
+    _, profile, _ = measured
+    with pytest.raises(InputError, match="known targets: cpu, jetson-orin-agx"):
+        compile_model(src / "hf", tmp_path / "x.eec", target="tpu-v9")
+    with pytest.raises(InputError, match="--exits auto needs calibration traces"):
+        compile_model(src / "hf", tmp_path / "x.eec", exits="auto", calibrate=False)
+    other = json.loads(profile.read_text())
+    other["shape"]["num_layers"] = 30
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(InputError, match="measured for another model"):
+        compile_model(src / "hf", tmp_path / "x.eec", exits="auto", profile=tmp_path / "other.json")
+    assert not (tmp_path / "x.eec").exists()
+
+
+def test_targets_cli(measured, tmp_path):
+    art, _, _ = measured
+    listed = runner.invoke(app, ["targets", "list"])
+    assert listed.exit_code == 0 and "jetson-orin-agx" in listed.output and "h100" in listed.output
+    shown = runner.invoke(app, ["targets", "show", "rtx-4090"])
+    assert shown.exit_code == 0 and "1008" in shown.output
+    bad = runner.invoke(app, ["targets", "show", "nope"])
+    assert bad.exit_code == 1 and "known targets" in bad.output
+    result = runner.invoke(app, ["targets", "measure", str(art), "-o", str(tmp_path / "p.json"), "--repeats", "2"])
+    assert result.exit_code == 0, result.output
+    assert LatencyTable.from_json((tmp_path / "p.json").read_text()).source == "measured"
