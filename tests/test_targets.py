@@ -88,3 +88,25 @@ def test_targets_cli(measured, tmp_path):
     result = runner.invoke(app, ["targets", "measure", str(art), "-o", str(tmp_path / "p.json"), "--repeats", "2"])
     assert result.exit_code == 0, result.output
     assert LatencyTable.from_json((tmp_path / "p.json").read_text()).source == "measured"
+
+
+def test_profile_command(llama_compiled, tmp_path):
+    json_out, png = tmp_path / "profile.json", tmp_path / "profile.png"
+    result = runner.invoke(app, ["profile", str(llama_compiled.artifact), "--eps", "0.5,0.9", "--tokens", "12",
+                                 "--rounds", "1", "--json", str(json_out), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(json_out.read_text())
+    assert [r["epsilon"] for r in rows] == [None, 0.5, 0.9]
+    full = rows[0]
+    assert full["agreement"] == 1.0 and full["speedup"] == 1.0 and full["exits"] == {"6": 4 * 12}
+    for r in rows[1:]:
+        assert sum(r["exits"].values()) == 4 * 12  # 4 default prompts x 12 tokens, each counted once
+        assert 0.0 <= r["agreement"] <= 1.0 and r["ideal_speedup"] > 0 and r["gb_per_s"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_bad_input(llama_compiled, tmp_path):
+    bad = runner.invoke(app, ["profile", str(llama_compiled.artifact), "--eps", "1.5"])
+    assert bad.exit_code == 1
+    missing = runner.invoke(app, ["profile", str(llama_compiled.artifact), "--json", str(tmp_path / "no" / "x.json")])
+    assert missing.exit_code == 1

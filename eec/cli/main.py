@@ -251,6 +251,97 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
     out.print(f"exits: {', '.join(map(str, m.exits)) or 'none'}")
 
 
+@app.command()
+@_user_errors
+def profile(
+    artifact: Path = typer.Argument(..., help="calibrated artifact directory"),
+    eps: str = typer.Option("0.8,0.9,0.95,0.99", help="accuracy levels to profile, comma-separated"),
+    prompts: Optional[Path] = typer.Option(None, help="prompts, one per line (default: eec's calibration set, first 4)"),
+    tokens: int = typer.Option(128, help="new tokens per prompt"),
+    rounds: int = typer.Option(2, help="interleaved rounds over the prompts (medians are reported)"),
+    metric: Optional[str] = typer.Option(None, help="confidence metric (default: the artifact's)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows as JSON here"),
+    plot: Optional[Path] = typer.Option(None, help="also draw speedup and agreement against ε into this PNG"),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime threads (default: all cores)"),
+) -> None:
+    """Measure tokens/s, speedup over full mode, agreement, exits and bandwidth at each ε on this device."""
+    from eec.calib.calibrate import default_prompts, read_prompts
+    from eec.runtime import load
+    from eec.targets.profiling import profile_artifact
+
+    levels = _parse_floats(eps, "--eps")
+    if not levels or any(not 0 < e < 1 for e in levels):
+        raise InputError(f"--eps must be numbers between 0 and 1, got {eps!r}")
+    if tokens < 2 or rounds < 1:
+        raise InputError("--tokens must be at least 2 and --rounds at least 1")
+    for path in (json_out, plot):
+        if path is not None and not path.parent.exists():
+            raise InputError(f"output folder {path.parent} does not exist")
+    if plot is not None:
+        _require_matplotlib()
+    model = load(artifact, threads=threads)
+    if model.exits and model.manifest.calibration is None:
+        raise InputError(f"{artifact} is not calibrated; run `eec calibrate {artifact}` first")
+    has_tok = model.codec is not None
+    the_prompts = (read_prompts(prompts, has_tok) if prompts
+                   else default_prompts(has_tok, model.manifest.model.vocab_size)[:4])
+    with _progress() as update:
+        rows = profile_artifact(model, the_prompts, levels, tokens, rounds, metric, progress=update)
+    table = Table("ε", "tok/s", "speedup", "ideal", "real/ideal", "agreement", "GB/s", "exits per layer")
+    for r in rows:
+        table.add_row("full" if r.epsilon is None else f"{r.epsilon}", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x",
+                      f"{r.ideal_speedup:.2f}x", f"{r.realised_over_ideal:.2f}", f"{r.agreement:.3f}",
+                      f"{r.gb_per_s:.1f}", " ".join(f"{k}:{v}" for k, v in r.exits.items()))
+    out.print(table)
+    if json_out is not None:
+        import json
+
+        _write_atomic(json_out, json.dumps([r.to_dict() for r in rows], indent=2))
+    if plot is not None:
+        _plot_profile(rows, plot, artifact.name)
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'eec[plot]'") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _plot_profile(rows, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [r for r in rows if r.epsilon is not None]
+    eps = [r.epsilon for r in levels]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(eps, [r.speedup for r in levels], "o-", label="measured speedup")
+    ax.plot(eps, [r.ideal_speedup for r in levels], "s--", label="ideal speedup")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("accuracy level ε")
+    ax.set_ylabel("speedup over full mode")
+    twin = ax.twinx()
+    twin.plot(eps, [r.agreement for r in levels], "^-", color="tab:green", label="agreement")
+    twin.set_ylabel("teacher-forced agreement")
+    handles = ax.get_legend_handles_labels()
+    extra = twin.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="center left", fontsize="small")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 targets_app = typer.Typer(no_args_is_help=True, help="Device targets: their figures and measured latency profiles.")
 app.add_typer(targets_app, name="targets")
 
@@ -294,9 +385,7 @@ def targets_measure(
         raise InputError(f"output folder {output.parent} does not exist")
     with _progress() as update:
         table = measure_artifact(artifact, past=past, repeats=repeats, progress=update)
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(table.to_json(), encoding="utf-8")
-    tmp.replace(output)
+    _write_atomic(output, table.to_json())
     rows = Table("layers", *[f"{s} tok (ms)" for s in (1, 2, 4, 8)])
     for (a, b), times in table.segments.items():
         rows.add_row(f"{a}-{b}", *[f"{times[s - 1] * 1e3:.2f}" for s in (1, 2, 4, 8)])

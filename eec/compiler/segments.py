@@ -113,8 +113,14 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
     eps = config.rms_norm_eps
     fused = fused and gqa_supported(head_dim)
 
-    def shared_head() -> ExitHead:
-        return ExitHead(backbone.norm.weight.data, eps, model.lm_head)
+    def shared_head(untie: bool = False) -> ExitHead:
+        proj = model.lm_head
+        if untie and proj.weight.data_ptr() == backbone.embed_tokens.weight.data_ptr():
+            # Tied weights in one graph export as Gather(W) and MatMul(x, Transpose(W)): the weight
+            # is then no constant the weight-only quantizer can rewrite, so the head stays fp32.
+            proj = nn.Linear(proj.in_features, proj.out_features, bias=False)
+            proj.weight = nn.Parameter(model.lm_head.weight.data.clone(), requires_grad=False)
+        return ExitHead(backbone.norm.weight.data, eps, proj)
 
     heads: dict[str, PlannedHead] = {}
     segments = []
@@ -129,7 +135,7 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
         else:
             exit_spec = ExitSpec(stop, "shared", "heads/shared.onnx")
             heads.setdefault(exit_spec.file, PlannedHead(exit_spec.file, LastPositionHead(shared_head())))
-        common = dict(embed=backbone.embed_tokens if first else None, head=shared_head() if last else None,
+        common = dict(embed=backbone.embed_tokens if first else None, head=shared_head(untie=first) if last else None,
                       emit_hidden=not last, inv_freq=rotary.inv_freq, rope_scaling=rotary.attention_scaling)
         if fused:
             layers = [FusedDecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]

@@ -51,25 +51,26 @@ class Placement:
         return self.ranked[1:4]
 
 
-def expected_cost(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict[int, int]) -> float:
-    """Mean per-token seconds for ``exits`` given how many tokens leave at each (rule 3)."""
+def expected_cost(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict[int, int],
+                  splits: tuple[int, ...] | None = None) -> float:
+    """Mean per-token seconds for ``exits`` given how many tokens leave at each (rule 3).
+
+    ``splits`` are the segment boundaries when they are not the exits themselves
+    (an artifact whose exits are not all active); heads run only at ``exits``.
+    """
     n_layers = table.shape.num_layers
-    bounds = [0, *exits, n_layers]
-    seg = [table.range_cost(a, b, 1) for a, b in zip(bounds[:-1], bounds[1:])]
-    marginal = [max(table.range_cost(a, b, 2) - c, 0.0) for (a, b), c in zip(zip(bounds[:-1], bounds[1:]), seg)]
-    heads = [table.head_cost(e) for e in exits]
+    bounds = [0, *sorted(set(exits) | set(splits or ())), n_layers]
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    seg = [table.range_cost(a, b, 1) for a, b in ranges]
+    marginal = [max(table.range_cost(a, b, 2) - c, 0.0) for (a, b), c in zip(ranges, seg)]
+    heads = [table.head_cost(b) if b in exits else 0.0 for _, b in ranges]
     total_tokens = sum(exit_counts.values())
-    if total_tokens == 0:
-        return sum(seg) + sum(heads)
     cost = 0.0
-    for k, layer in enumerate([*exits, n_layers]):
-        count = exit_counts.get(layer, 0)
-        if not count:
-            continue
-        ran = sum(seg[: k + 1]) + sum(heads[: k + 1] if k < len(exits) else heads)
-        catch_up = sum(marginal[k + 1:])
-        cost += count * (ran + catch_up)
-    return cost / total_tokens
+    for k, (_, stop) in enumerate(ranges):
+        count = exit_counts.get(stop, 0) if total_tokens else int(stop == n_layers)
+        if count:
+            cost += count * (sum(seg[: k + 1]) + sum(heads[: k + 1]) + sum(marginal[k + 1:]))
+    return cost / (total_tokens or 1)
 
 
 def _restrict(traces: Traces, exits: tuple[int, ...]) -> Traces:

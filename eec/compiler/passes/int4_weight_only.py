@@ -29,14 +29,14 @@ class Int4WeightOnly(FunctionalPass):
         self.block_size, self.accuracy_level = block_size, accuracy_level
 
     def call(self, model: ir.Model) -> PassResult:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
         before = _count(model, "MatMul")
-        quantizer = MatMulNBitsQuantizer(
-            ir.serde.serialize_model(model), bits=4, block_size=self.block_size, is_symmetric=True,
-            accuracy_level=self.accuracy_level,
-        )
-        with quiet_logging():
+        with quiet_logging():  # importing the quantizer configures the root logger at INFO
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            quantizer = MatMulNBitsQuantizer(
+                ir.serde.serialize_model(model), bits=4, block_size=self.block_size, is_symmetric=True,
+                accuracy_level=self.accuracy_level,
+            )
             quantizer.process()
         new = ir.serde.deserialize_model(quantizer.model.model)
         return PassResult(new, modified=_count(new, "MatMul") < before)

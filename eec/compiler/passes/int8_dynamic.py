@@ -24,7 +24,8 @@ from eec.compiler.passes.int4_weight_only import quiet_logging
 
 class Int8Dynamic(FunctionalPass):
     def call(self, model: ir.Model) -> PassResult:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        with quiet_logging():  # importing the quantizers configures the root logger at INFO
+            from onnxruntime.quantization import QuantType, quantize_dynamic
 
         before = sum(1 for n in model.graph if n.op_type == "MatMul")
         # quantize_dynamic works on files; weights go through external data so

@@ -1,0 +1,121 @@
+"""`eec profile`: measured speed and quality of an artifact at each accuracy level ε, on this device.
+
+For every prompt and round, ``mode="full"`` and each ε are decoded back to
+back (interleaved, so drifting machine load hits all of them alike); the
+speedup is the median over those runs of early-exit decode tok/s over full
+decode tok/s. Quality is teacher-forced: the full model's own continuation is
+fed one token at a time and each position's early-exit prediction is compared
+with it (`eec.runtime.evaluate`).
+
+Beside the measured speedup stands the *ideal* one: the expected cost of the
+measured exit distribution under the latency table measured on this device
+(`eec.targets.measure`, `eec.targets.placement.expected_cost`), over the full
+model's. Their ratio, realised / ideal, is what the runtime's own overhead
+(Python, KV copies, host reads) leaves of the possible gain.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from eec.runtime.evaluate import teacher_forced
+from eec.runtime.model import EarlyExitModel
+from eec.targets.measure import measure_artifact
+from eec.targets.placement import expected_cost
+
+
+@dataclass
+class ProfileRow:
+    epsilon: float | None  # None: the full model
+    tokens_per_s: float  # median decode tok/s
+    speedup: float  # median of per-run early-exit / full decode tok/s
+    ideal_speedup: float  # from the measured exit distribution and the measured latency table
+    agreement: float  # teacher-forced, against the full model's continuation
+    exits: dict[int, int] = field(default_factory=dict)  # layer -> tokens that left there (timed runs)
+    gb_per_s: float = 0.0  # weight bytes read per token x tokens/s
+
+    @property
+    def realised_over_ideal(self) -> float:
+        return self.speedup / self.ideal_speedup if self.ideal_speedup else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["exits"] = {str(k): v for k, v in self.exits.items()}
+        d["realised_over_ideal"] = self.realised_over_ideal
+        return d
+
+
+def _size(root: Path, file: str) -> int:
+    return sum(p.stat().st_size for p in (root / file).parent.glob(Path(file).name + "*"))
+
+
+def bytes_per_token(model: EarlyExitModel, exits: dict[int, int], thresholds: dict[int, float] | None) -> float:
+    """Mean weight bytes a token reads: the segments it runs and the heads it passes (file sizes)."""
+    root, segments = model.root, model.manifest.segments
+    seg_bytes = [_size(root, s.file) for s in segments]
+    head_bytes = [_size(root, s.exit.file) if s.exit and s.exit.file and thresholds and s.exit.layer in thresholds
+                  else 0 for s in segments]
+    total = sum(exits.values()) or 1
+    cost = 0.0
+    for k, spec in enumerate(segments):
+        count = exits.get(spec.exit.layer if spec.exit else spec.stop, 0)
+        cost += count * (sum(seg_bytes[: k + 1]) + sum(head_bytes[: k + 1]))
+    return cost / total
+
+
+def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequence[float], tokens: int = 128,
+                     rounds: int = 2, metric: str | None = None,
+                     progress: Callable[[str, int, int], None] = lambda *a: None) -> list[ProfileRow]:
+    encoded = [model.encode(p) for p in prompts]
+    table = measure_artifact(model.root, repeats=10)
+    levels: list[float | None] = [None, *epsilons]
+    thresholds = {e: model.thresholds_for(e, metric) for e in epsilons}
+    index = model.resolve_thresholds("early-exit", epsilon=epsilons[0], metric=metric)[1] if epsilons else 0
+    speeds: dict = {e: [] for e in levels}
+    ratios: dict = {e: [] for e in epsilons}
+    exits: dict = {e: {} for e in levels}
+    total, done = rounds * len(encoded) * len(levels) + len(encoded) * len(epsilons), 0
+    model.generate(encoded[0], max_new_tokens=4, mode="full")  # warm-up
+    for r in range(rounds):
+        for ids in encoded:
+            base = None
+            for e in levels:
+                progress(f"round {r + 1}: {'full' if e is None else f'ε={e}'}", done, total)
+                kwargs = {"mode": "full"} if e is None else {"thresholds": thresholds[e], "metric": metric}
+                model.generate(ids, max_new_tokens=tokens, ignore_eos=True, **kwargs)
+                speed = model.stats.tokens_per_s
+                speeds[e].append(speed)
+                if e is None:
+                    base = speed
+                else:
+                    ratios[e].append(speed / base)
+                for layer, n in model.stats.exits.items():
+                    exits[e][layer] = exits[e].get(layer, 0) + n
+                done += 1
+    references = [model.generate(ids, max_new_tokens=tokens, mode="full", ignore_eos=True).tokens for ids in encoded]
+    splits = tuple(model.exits)
+    full_cost = expected_cost(table, (), {model.num_layers: 1}, splits)
+    rows = []
+    for e in levels:
+        if e is None:
+            agree, ideal, ratio = 1.0, 1.0, 1.0
+        else:
+            hits, count = 0, 0
+            for ids, ref in zip(encoded, references):
+                progress(f"agreement at ε={e}", done, total)
+                predicted, _ = teacher_forced(model, ids, ref, thresholds[e], index)
+                hits += sum(int(a == b) for a, b in zip(predicted, ref))
+                count += len(ref)
+                done += 1
+            agree = hits / count
+            ratio = statistics.median(ratios[e])
+            active = tuple(layer for layer in model.exits if layer in thresholds[e])
+            ideal = full_cost / expected_cost(table, active, exits[e], splits)
+        med = statistics.median(speeds[e])
+        rows.append(ProfileRow(e, med, ratio, ideal, agree, dict(sorted(exits[e].items())),
+                               bytes_per_token(model, exits[e], None if e is None else thresholds[e]) * med / 1e9))
+    return rows
+
