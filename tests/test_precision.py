@@ -14,6 +14,7 @@ from eec.compiler.passes import Float16, Int4WeightOnly, Int8Dynamic
 from eec.errors import InputError
 from eec.runtime import load
 from eec.runtime.evaluate import agreement
+from eec.runtime.sessions import session_options
 from tests.conftest import TINY_SHAPES, tiny_model
 
 K, N = 64, 48
@@ -29,7 +30,9 @@ def matmul_model(weight: np.ndarray) -> ir.Model:
 
 
 def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    # eec's own options: once eec's runtime made the process-wide thread pool, sessions must share it.
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), session_options(),
+                                   providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
 
 
