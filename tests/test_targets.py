@@ -110,3 +110,36 @@ def test_profile_bad_input(llama_compiled, tmp_path):
     assert bad.exit_code == 1
     missing = runner.invoke(app, ["profile", str(llama_compiled.artifact), "--json", str(tmp_path / "no" / "x.json")])
     assert missing.exit_code == 1
+
+
+def test_tensorrt_target_compiles_anywhere_and_build_engines_explains(src, tmp_path):
+    from eec.targets.engines import build_engines, tensorrt_available
+
+    out = tmp_path / "orin.eec"
+    manifest = compile_model(src / "hf", out, exits=[2, 4], target="jetson-orin-agx", calibration_tokens=8)
+    assert (manifest.precision, manifest.target) == ("fp16", "jetson-orin-agx")
+    ops = {n.op_type for n in __import__("onnx").load(out / manifest.segments[0].file, load_external_data=False).graph.node}
+    assert "GroupQueryAttention" not in ops  # TensorRT reads standard ops only
+    assert len(load(out).generate([3, 17, 42], max_new_tokens=6, epsilon=0.8).tokens) == 6  # runs on the host CPU too
+    cpu_art = tmp_path / "cpu.eec"
+    compile_model(src / "hf", cpu_art, exits=[2], calibrate=False)
+    with pytest.raises(InputError, match="no engines to build"):
+        build_engines(cpu_art)
+    if tensorrt_available():
+        pytest.skip("this machine has TensorRT: the engine build is checked by test_build_engines_on_device")
+    result = runner.invoke(app, ["build-engines", str(out)])
+    assert result.exit_code == 1
+    assert not (out / "engines").exists()
+
+
+@pytest.mark.skipif(not __import__("eec.targets.engines", fromlist=["x"]).tensorrt_available(),
+                    reason="needs onnxruntime-gpu with TensorRT on an NVIDIA device; none was available to write this")
+def test_build_engines_on_device(src, tmp_path):
+    from eec.targets.engines import build_engines
+
+    out = tmp_path / "gpu.eec"
+    compile_model(src / "hf", out, exits=[2, 4], target="rtx-4090", calibrate=False)
+    cpu_tokens = load(out).generate([3, 17, 42], max_new_tokens=8, mode="full").tokens
+    manifest = build_engines(out)
+    assert manifest.engines and any((out / "engines").iterdir())
+    assert load(out).generate([3, 17, 42], max_new_tokens=8, mode="full").tokens == cpu_tokens

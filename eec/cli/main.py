@@ -342,6 +342,17 @@ def _plot_profile(rows, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
+@app.command("build-engines")
+@_user_errors
+def build_engines_cmd(artifact: Path = typer.Argument(..., help="artifact compiled for a TensorRT target")) -> None:
+    """Build ARTIFACT's TensorRT engines on this device (engines belong to one GPU and TensorRT version)."""
+    from eec.targets.engines import build_engines
+
+    with _progress() as update:
+        manifest = build_engines(artifact, progress=update)
+    err.print(f"built TensorRT engines for {artifact} into {artifact / manifest.engines['dir']}")
+
+
 targets_app = typer.Typer(no_args_is_help=True, help="Device targets: their figures and measured latency profiles.")
 app.add_typer(targets_app, name="targets")
 

@@ -88,6 +88,7 @@ class Manifest:
     eec_version: str = ""
     calibration: CalibrationSpec | None = None
     placement: dict | None = None  # `eec compile --exits auto`: ε, the chosen exits, predicted speedups
+    engines: dict | None = None  # `eec build-engines`: the TensorRT engine cache's folder and where it was built
 
     @property
     def exits(self) -> list[int]:
@@ -129,6 +130,7 @@ class Manifest:
                 eec_version=raw.get("eec_version", ""),
                 calibration=CalibrationSpec(**cal) if cal else None,
                 placement=raw.get("placement"),
+                engines=raw.get("engines"),
             )
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None

@@ -56,9 +56,9 @@ class GenerationResult:
 class EarlyExitModel:
     def __init__(self, root: Path, manifest: Manifest, threads: int | None = None):
         self.root, self.manifest = root, manifest
-        self.sessions = open_sessions(root, [s.file for s in manifest.segments], threads)
+        self.sessions = open_sessions(root, [s.file for s in manifest.segments], threads, manifest)
         head_files = sorted({s.exit.file for s in manifest.segments if s.exit and s.exit.file})
-        self.heads = dict(zip(head_files, open_sessions(root, head_files, threads)))
+        self.heads = dict(zip(head_files, open_sessions(root, head_files, threads, manifest)))
         self.codec = TextCodec(root, manifest.tokenizer) if manifest.tokenizer else None
         self.stats = Stats()
         self._traces: Traces | None = None

@@ -16,8 +16,12 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnxruntime as ort
+
+if TYPE_CHECKING:
+    from eec.runtime.manifest import Manifest
 
 _pool_threads: int | None = None
 
@@ -43,6 +47,54 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
-def open_sessions(root: Path, files: list[str], threads: int | None = None) -> list[ort.InferenceSession]:
+def open_sessions(root: Path, files: list[str], threads: int | None = None,
+                  manifest: "Manifest | None" = None) -> list[ort.InferenceSession]:
+    """Sessions on onnxruntime's CPU provider, or on TensorRT with the engines `eec build-engines`
+    cached in the artifact when the manifest records them and this onnxruntime has TensorRT."""
     options = session_options(threads)
-    return [ort.InferenceSession(str(root / f), options, providers=["CPUExecutionProvider"]) for f in files]
+    use_trt = manifest is not None and manifest.engines and TRT in ort.get_available_providers()
+    sessions = []
+    for f in files:
+        providers: list = ["CPUExecutionProvider"]
+        if use_trt:
+            inputs = next((spec.inputs for spec in manifest.segments if spec.file == f), ["hidden"])
+            providers = [(TRT, trt_provider_options(root, manifest, inputs)), "CUDAExecutionProvider", *providers]
+        sessions.append(ort.InferenceSession(str(root / f), options, providers=providers))
+    return sessions
+
+
+TRT = "TensorrtExecutionProvider"
+ENGINE_DIR = "engines"
+MAX_CALL_TOKENS = 8  # one new token plus up to seven pending catch-up positions
+
+
+def input_dims(manifest: "Manifest", name: str, seq: int, past: int) -> str:
+    m = manifest.model
+    if name in ("input_ids", "position_ids"):
+        return f"1x{seq}"
+    if name == "attention_mask":
+        return f"1x{past + seq}"
+    if name == "hidden":
+        return f"1x{seq}x{m.hidden_size}"
+    return f"1x{m.num_kv_heads}x{past}x{m.head_dim}"  # past_key_i / past_value_i
+
+
+def trt_provider_options(root: Path, manifest: "Manifest", inputs: list[str]) -> dict[str, str]:
+    """TensorRT provider options for one graph: the engine cache in the artifact and optimization
+    profiles for 1..8 new tokens up to the context. Building and running must use the same ones.
+    NOT VERIFIED on a machine with TensorRT (docs/targets.md)."""
+    context = manifest.model.context_length
+    longest = MAX_CALL_TOKENS
+
+    def shapes(seq: int, past: int) -> str:
+        return ",".join(f"{n}:{input_dims(manifest, n, seq, past)}" for n in inputs)
+
+    return {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(root / ENGINE_DIR),
+        "trt_timing_cache_enable": "True",
+        "trt_fp16_enable": "True" if manifest.precision == "fp16" else "False",
+        "trt_profile_min_shapes": shapes(1, 0),
+        "trt_profile_opt_shapes": shapes(1, min(256, context - 1)),
+        "trt_profile_max_shapes": shapes(longest, context - longest),
+    }
