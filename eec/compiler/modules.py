@@ -219,8 +219,8 @@ class Segment(nn.Module):
         total = attention_mask.shape[1]
         freqs = position_ids[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scaling)[:, None, :, :]
-        sin = (emb.sin() * self.rope_scaling)[:, None, :, :]
+        cos = (emb.cos() * self.rope_scaling).to(x.dtype)[:, None, :, :]
+        sin = (emb.sin() * self.rope_scaling).to(x.dtype)[:, None, :, :]
         # Query i sits at absolute index total - seq + i; it sees keys at or
         # before it that the attention mask keeps.
         q_idx = torch.arange(seq, device=x.device) + (total - seq)
