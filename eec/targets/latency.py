@@ -5,7 +5,8 @@ A table comes from one of two places:
 1. `model_table`: a roofline estimate from the target's figures. A layer
    reads its weights once per call and does 2 × parameters × tokens
    operations, so its time is the larger of bytes / bandwidth and
-   operations / peak; every graph call adds the target's per-call overhead.
+   operations / peak, plus the target's fixed per-layer floor (kernel
+   latencies); a head likewise; every graph call adds the per-call overhead.
 2. `measured_table` / `eec targets measure`: times measured on the device for
    each segment of a compiled artifact at 1..8 tokens per call, and for each
    head. A layer range that spans several measured segments costs their sum
@@ -105,8 +106,10 @@ def model_table(target: Target, shape: ModelShape, precision: str) -> LatencyTab
     bpw = BYTES_PER_WEIGHT[precision]
     peak, bandwidth = target.peak_ops(precision), target.bandwidth_gbs * 1e9
 
+    floor = target.layer_floor_us * 1e-6
+
     def roofline(params: int, seq: int) -> float:
-        return max(params * bpw / bandwidth, 2.0 * params * seq / peak)
+        return floor + max(params * bpw / bandwidth, 2.0 * params * seq / peak)
 
     layer = [roofline(shape.layer_params, s) for s in range(1, MAX_SEQ + 1)]
     return LatencyTable(shape, precision, target.name, "model", target.call_overhead_us * 1e-6,

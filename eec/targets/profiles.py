@@ -30,6 +30,9 @@ class Target:
     cpu_cores: int
     call_overhead_us: float  # per graph call: launch, host-side bookkeeping, one device-to-host read
     source: str  # short citation; the full list is in docs/targets.md
+    # Fixed cost of one decoder layer or head whatever its size: a dozen-odd kernels each with a
+    # few microseconds of latency. At batch 1 on a GPU it dwarfs the roofline (docs/targets.md).
+    layer_floor_us: float = 0.0
 
     @property
     def fused_ops(self) -> bool:
@@ -50,12 +53,20 @@ class Target:
         return asdict(self)
 
 
+# Measured on an H100 (bench/gpu_layer_latency.py): a SmolLM2 layer replayed as a CUDA graph took
+# 95 µs against a 2 µs roofline. TensorRT fuses more, so this is an upper bound there; Jetsons'
+# slower clocks are assumed to double it. Unmeasured on any Jetson.
+GPU_LAYER_FLOOR_US, JETSON_LAYER_FLOOR_US = 95.0, 190.0
+
+
 def _jetson(name: str, desc: str, bw: float, fp16: float, int8: float, cores: int, source: str) -> Target:
-    return Target(name, "tensorrt", TENSORRT_PRECISIONS, "fp16", desc, bw, fp16, int8, cores, 40.0, source)
+    return Target(name, "tensorrt", TENSORRT_PRECISIONS, "fp16", desc, bw, fp16, int8, cores, 40.0, source,
+                  JETSON_LAYER_FLOOR_US)
 
 
 def _gpu(name: str, desc: str, bw: float, fp16: float, int8: float, source: str) -> Target:
-    return Target(name, "tensorrt", TENSORRT_PRECISIONS, "fp16", desc, bw, fp16, int8, 0, 20.0, source)
+    return Target(name, "tensorrt", TENSORRT_PRECISIONS, "fp16", desc, bw, fp16, int8, 0, 20.0, source,
+                  GPU_LAYER_FLOOR_US)
 
 
 TARGETS: dict[str, Target] = {
