@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from eec.compiler import compile_model
-from eec.compiler.passes import Float16, Int4WeightOnly, Int8Dynamic
+from eec.compiler.passes import Float16, Int8Dynamic, WeightOnly
 from eec.errors import InputError
 from eec.runtime import load
 from eec.runtime.evaluate import agreement
@@ -36,15 +36,16 @@ def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
-def int4_reference(w: np.ndarray, block: int) -> np.ndarray:
-    """Symmetric 4-bit blocks along the input dimension, as MatMulNBits stores them, dequantized.
+def weight_only_reference(w: np.ndarray, block: int, bits: int) -> np.ndarray:
+    """Symmetric blocks along the input dimension, as MatMulNBits stores them, dequantized.
 
-    The block's largest-magnitude weight maps to -8 (the int4 range is
-    -8..7, so the sign is chosen to use the longer side)."""
+    The block's largest-magnitude weight maps to the most negative level
+    (-8 of -8..7 for 4 bits), so the sign is chosen to use the longer side."""
+    low = -(2 ** (bits - 1))
     blocks = w.T.reshape(N, K // block, block)  # [out, blocks, block]
     idx = np.abs(blocks).argmax(-1)[..., None]
-    scale = np.take_along_axis(blocks, idx, -1) / -8.0
-    q = np.clip(np.round(blocks / scale), -8, 7)
+    scale = np.take_along_axis(blocks, idx, -1) / low
+    q = np.clip(np.round(blocks / scale), low, -low - 1)
     return (q * scale).reshape(N, K).T
 
 
@@ -54,14 +55,15 @@ def weight_and_input():
     return rng.standard_normal((K, N)).astype(np.float32), rng.standard_normal((3, K)).astype(np.float32)
 
 
-def test_int4_matches_blockwise_reference(weight_and_input):
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 16), (8, 32)])
+def test_weight_only_matches_blockwise_reference(weight_and_input, bits, block):
     w, x = weight_and_input
-    result = Int4WeightOnly(block_size=32, accuracy_level=0)(matmul_model(w))
+    result = WeightOnly(bits, block_size=block, accuracy_level=0)(matmul_model(w))
     assert result.modified
     assert [n.op_type for n in result.model.graph] == ["MatMulNBits"]
     got = run(result.model, x)
-    np.testing.assert_allclose(got, x @ int4_reference(w, 32), rtol=1e-4, atol=1e-4)
-    assert not np.allclose(got, x @ w, atol=1e-2)  # it did quantize
+    np.testing.assert_allclose(got, x @ weight_only_reference(w, block, bits), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, x @ w, atol=1e-4)  # it did quantize
 
 
 def test_int8_dynamic_is_close_and_quantized(weight_and_input):
@@ -83,9 +85,11 @@ def test_float16_keeps_io_and_converts_weights(weight_and_input):
     np.testing.assert_allclose(got, x @ w.astype(np.float16).astype(np.float32), rtol=2e-2, atol=2e-2)
 
 
-def test_int4_rejects_bad_block_size():
+def test_weight_only_rejects_bad_settings():
     with pytest.raises(ValueError):
-        Int4WeightOnly(block_size=24)
+        WeightOnly(4, block_size=24)
+    with pytest.raises(ValueError):
+        WeightOnly(3)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +104,7 @@ def llama_src(tmp_path_factory):
 PROMPT = [3, 17, 42, 8, 91, 5]
 
 
-@pytest.mark.parametrize("precision,floor", [("int8", 0.75), ("int4", 0.2)])
+@pytest.mark.parametrize("precision,floor", [("int8", 0.75), ("int8-dynamic", 0.6), ("int4", 0.2)])
 def test_quantized_artifact_tracks_fp32(llama_src, precision, floor):
     fp32 = llama_src / "fp32.eec"
     if not fp32.exists():
@@ -109,8 +113,8 @@ def test_quantized_artifact_tracks_fp32(llama_src, precision, floor):
     manifest = compile_model(llama_src / "hf", out, exits=[2, 4], precision=precision, calibrate=False)
     assert manifest.precision == precision
     ops = {n.op_type for f in manifest.files if f.endswith(".onnx") for n in onnx.load(out / f, load_external_data=False).graph.node}
-    assert ("MatMulNBits" in ops) == (precision == "int4")
-    assert "MatMul" not in ops or precision == "int8" and "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert ("MatMulNBits" in ops) == (precision in ("int4", "int8"))
+    assert "MatMul" not in ops  # every projection was rewritten (dynamic int8: MatMulInteger)
     reference = load(fp32).generate(PROMPT, max_new_tokens=32, mode="full").tokens
     model = load(out)
     # Random tiny models have near-ties everywhere (int4 gives ~0.4, chance is 0.01); SmolLM2

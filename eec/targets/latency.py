@@ -25,7 +25,8 @@ from eec.errors import InputError
 from eec.targets.profiles import Target
 
 MAX_SEQ = 8  # calls of 1..8 tokens: one new token plus up to 7 pending (catch-up)
-BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4.0 / 32}  # int4: a fp32 scale per 32
+# Weight-only formats add a fp32 scale per block of 32.
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4.0 / 32, "int8-dynamic": 1.0, "int4": 0.5 + 4.0 / 32}
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ maps each ``--precision`` to the passes that produce it.
 from __future__ import annotations
 
 from eec.compiler.passes.float16 import Float16
-from eec.compiler.passes.int4_weight_only import Int4WeightOnly
 from eec.compiler.passes.int8_dynamic import Int8Dynamic
+from eec.compiler.passes.weight_only import WeightOnly
 
-__all__ = ["Float16", "Int4WeightOnly", "Int8Dynamic"]
+__all__ = ["Float16", "Int8Dynamic", "WeightOnly"]

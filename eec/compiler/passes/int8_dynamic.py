@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import FunctionalPass, PassResult
 
-from eec.compiler.passes.int4_weight_only import quiet_logging
+from eec.compiler.passes.weight_only import quiet_logging
 
 
 class Int8Dynamic(FunctionalPass):

@@ -1,9 +1,10 @@
-"""4-bit weight-only quantization of matrix products (onnxruntime's MatMulNBitsQuantizer).
+"""4- or 8-bit weight-only quantization of matrix products (onnxruntime's MatMulNBitsQuantizer).
 
 Rules:
 1. A ``MatMul`` whose second input is a constant 2-D initializer becomes one
-   ``com.microsoft.MatMulNBits``: symmetric 4-bit weights in blocks of
-   ``block_size`` along the input dimension, one fp32 scale per block.
+   ``com.microsoft.MatMulNBits``: symmetric ``bits``-bit weights in blocks of
+   ``block_size`` along the input dimension, one fp32 scale per block (the
+   block's largest-magnitude weight maps to the most negative level).
 2. ``accuracy_level`` 4 lets the CPU kernel quantize activations to int8 for
    the product (onnxruntime-genai's CPU default); 0 keeps fp32 activations.
 3. Everything else (the embedding ``Gather``, norms, attention) is unchanged;
@@ -21,12 +22,14 @@ import onnx_ir as ir
 from onnx_ir.passes import FunctionalPass, PassResult
 
 
-class Int4WeightOnly(FunctionalPass):
-    def __init__(self, block_size: int = 32, accuracy_level: int = 4):
+class WeightOnly(FunctionalPass):
+    def __init__(self, bits: int = 4, block_size: int = 32, accuracy_level: int = 4):
         super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block size must be a power of two of at least 16, got {block_size}")
-        self.block_size, self.accuracy_level = block_size, accuracy_level
+        self.bits, self.block_size, self.accuracy_level = bits, block_size, accuracy_level
 
     def call(self, model: ir.Model) -> PassResult:
         before = _count(model, "MatMul")
@@ -34,7 +37,7 @@ class Int4WeightOnly(FunctionalPass):
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
             quantizer = MatMulNBitsQuantizer(
-                ir.serde.serialize_model(model), bits=4, block_size=self.block_size, is_symmetric=True,
+                ir.serde.serialize_model(model), bits=self.bits, block_size=self.block_size, is_symmetric=True,
                 accuracy_level=self.accuracy_level,
             )
             quantizer.process()
