@@ -54,8 +54,10 @@ def _size(root: Path, file: str) -> int:
 
 def bytes_per_token(model: EarlyExitModel, exits: dict[int, int], thresholds: dict[int, float] | None) -> float:
     """Mean weight bytes a token reads: the segments it runs and the heads it passes (file sizes)."""
-    root, segments = model.root, model.manifest.segments
+    root, segments, spec = model.root, model.manifest.segments, model.manifest.model
     seg_bytes = [_size(root, s.file) for s in segments]
+    # The first segment holds the embedding table, of which a token reads one row.
+    seg_bytes[0] -= spec.vocab_size * spec.hidden_size * (2 if model.manifest.precision == "fp16" else 4)
     head_bytes = [_size(root, s.exit.file) if s.exit and s.exit.file and thresholds and s.exit.layer in thresholds
                   else 0 for s in segments]
     total = sum(exits.values()) or 1
