@@ -132,3 +132,23 @@ def test_precision_the_target_cannot_run(llama_src):
     with pytest.raises(InputError, match="not available for target 'jetson-orin-agx'"):
         compile_model(llama_src / "hf", llama_src / "x.eec", target="jetson-orin-agx", precision="int4", calibrate=False)
     assert not (llama_src / "x.eec").exists()
+
+
+def test_tensorrt_int8_is_symmetric_qdq_calibrated_on_recorded_inputs(llama_src):
+    fp32 = llama_src / "fp32.eec"
+    if not fp32.exists():
+        compile_model(llama_src / "hf", fp32, exits=[2, 4], calibrate=False)
+    out = llama_src / "trt-int8.eec"
+    manifest = compile_model(llama_src / "hf", out, exits=[2, 4], target="rtx-4090", precision="int8", calibrate=False)
+    files = [f for f in manifest.files if f.endswith(".onnx")]
+    assert len(files) == 4  # three segments and the shared exit head
+    for f in files:
+        graph = onnx.load(out / f).graph
+        ops = [n.op_type for n in graph.node]
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "DynamicQuantizeLinear" not in ops
+        inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        for node in graph.node:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2] in inits:
+                assert not inits[node.input[2]].any()  # symmetric: zero points 0, as TensorRT needs
+    reference = load(fp32).generate(PROMPT, max_new_tokens=32, mode="full").tokens
+    assert agreement(load(out), PROMPT, reference) >= 0.5  # runs on the host CPU too; int8 stays close

@@ -11,10 +11,10 @@ from pathlib import Path
 from eec import __version__
 from eec.compiler.export import export_head, export_segment
 from eec.compiler.frontends import SourceModel, load_source
-from eec.compiler.precision import DEFAULT_BLOCK_SIZE, apply_precision
+from eec.compiler.precision import DEFAULT_BLOCK_SIZE, apply_precision, needs_feeds, record_feeds
 from eec.compiler.segments import check_repeats, default_exits, plan_segments
 from eec.errors import InputError
-from eec.calib.calibrate import Progress, calibrate_dir, no_progress, read_prompts
+from eec.calib.calibrate import Progress, calibrate_dir, default_prompts, no_progress, read_prompts
 from eec.runtime.manifest import (
     MANIFEST,
     Manifest,
@@ -192,36 +192,34 @@ class _Build:
         src, progress = self.src, self.progress
         plan = plan_segments(src, exits, fused=self.target.fused_ops, context=context_length(src.config),
                              all_heads=not self.placed)
-        total = len(plan.segments) + len(plan.heads) + 2 + int(self.calibrate)
+        graphs = [seg.spec.file for seg in plan.segments] + [head.file for head in plan.heads]
+        total = len(graphs) + 3 + int(self.calibrate)
         step = 1
         tmp = Path(tempfile.mkdtemp(prefix=".eec-build-", dir=parent))
         try:
             for seg in plan.segments:
                 progress(f"exporting layers {seg.spec.start}-{seg.spec.stop}", step, total)
                 export_segment(seg, tmp)
-                apply_precision(tmp / seg.spec.file, self.precision, self.block_size)
                 step += 1
             for head in plan.heads:
                 progress(f"exporting {head.file}", step, total)
                 export_head(head, tmp)
-                apply_precision(tmp / head.file, self.precision, self.block_size)
                 step += 1
+            manifest = self._manifest(tmp, plan, "fp32")
+            if self.precision != "fp32":
+                progress(f"converting to {self.precision}", step, total)
+                feeds = {}
+                if needs_feeds(self.precision, self.target.backend):
+                    write_manifest(tmp, manifest)
+                    has_tok = src.tokenizer is not None
+                    prompts = (read_prompts(self.prompts, has_tok) if self.prompts
+                               else default_prompts(has_tok, src.config.vocab_size))
+                    feeds = record_feeds(tmp, prompts[:8])
+                for file in graphs:
+                    apply_precision(tmp / file, self.precision, self.block_size, self.target.backend, feeds.get(file))
+                manifest = self._manifest(tmp, plan, self.precision)
+            step += 1
             progress("writing manifest", step, total)
-            tokenizer = None
-            if src.tokenizer is not None:
-                (tmp / "tokenizer.json").write_text(src.tokenizer.json, encoding="utf-8")
-                t = src.tokenizer
-                tokenizer = TokenizerSpec("tokenizer.json", t.chat_template, t.bos_token, t.eos_token)
-            manifest = Manifest(
-                model=model_spec(src),
-                segments=[p.spec for p in plan.segments],
-                precision=self.precision,
-                target=self.target.name,
-                eos_token_ids=src.eos_token_ids,
-                tokenizer=tokenizer,
-                files=hash_files(tmp),
-                eec_version=__version__,
-            )
             write_manifest(tmp, manifest)
             if self.calibrate and manifest.exits:
                 calibrate_dir(tmp, self.prompts, self.tokens, self.metric,
@@ -230,3 +228,22 @@ class _Build:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return tmp
+
+    def _manifest(self, tmp: Path, plan, precision: str) -> Manifest:
+        src = self.src
+        tokenizer = None
+        if src.tokenizer is not None:
+            (tmp / "tokenizer.json").write_text(src.tokenizer.json, encoding="utf-8")
+            t = src.tokenizer
+            tokenizer = TokenizerSpec("tokenizer.json", t.chat_template, t.bos_token, t.eos_token)
+        (tmp / MANIFEST).unlink(missing_ok=True)
+        return Manifest(
+            model=model_spec(src),
+            segments=[p.spec for p in plan.segments],
+            precision=precision,
+            target=self.target.name,
+            eos_token_ids=src.eos_token_ids,
+            tokenizer=tokenizer,
+            files=hash_files(tmp),
+            eec_version=__version__,
+        )

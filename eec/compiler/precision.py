@@ -8,13 +8,21 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from eec.compiler.passes import Float16, Int8Dynamic, WeightOnly
+from eec.compiler.passes import Float16, Int8Dynamic, Int8StaticQDQ, WeightOnly
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
 DEFAULT_BLOCK_SIZE = 32
 
 
-def precision_passes(precision: str, block_size: int = DEFAULT_BLOCK_SIZE) -> list:
+def needs_feeds(precision: str, backend: str) -> bool:
+    """Static int8 (TensorRT's int8) calibrates activation scales on recorded graph inputs."""
+    return precision == "int8" and backend == "tensorrt"
+
+
+def precision_passes(precision: str, block_size: int = DEFAULT_BLOCK_SIZE, backend: str = "onnxruntime-cpu",
+                     feeds: list[dict] | None = None) -> list:
+    if needs_feeds(precision, backend):
+        return [Int8StaticQDQ(feeds or [])]
     return {
         "fp32": [],
         "fp16": [Float16()],
@@ -25,9 +33,10 @@ def precision_passes(precision: str, block_size: int = DEFAULT_BLOCK_SIZE) -> li
     }[precision]
 
 
-def apply_precision(path: Path, precision: str, block_size: int = DEFAULT_BLOCK_SIZE) -> bool:
+def apply_precision(path: Path, precision: str, block_size: int = DEFAULT_BLOCK_SIZE,
+                    backend: str = "onnxruntime-cpu", feeds: list[dict] | None = None) -> bool:
     """Rewrite the graph at ``path`` (weights in ``<name>.data`` beside it) in place; True if it changed."""
-    passes = precision_passes(precision, block_size)
+    passes = precision_passes(precision, block_size, backend, feeds)
     if not passes:
         return False
     model = ir.external_data.load_to_model(ir.load(path))  # into memory: the file is replaced below
@@ -44,3 +53,32 @@ def apply_precision(path: Path, precision: str, block_size: int = DEFAULT_BLOCK_
             if (Path(tmp) / f.name).exists():
                 shutil.move(Path(tmp) / f.name, f)
     return modified
+
+
+def record_feeds(root: Path, prompts: list, max_new_tokens: int = 12, limit: int = 48) -> dict[str, list[dict]]:
+    """Inputs each graph of the fp32 artifact at ``root`` sees while decoding ``prompts``, every exit
+    head included (thresholds that never pass), at most ``limit`` per graph."""
+    import math
+
+    import numpy as np
+
+    from eec.runtime import load
+
+    model = load(root, verify=False)
+    recorded: dict[str, list[dict]] = {}
+
+    class Recorder:
+        def __init__(self, file: str, session):
+            self.file, self.session = file, session
+
+        def run(self, names, feeds):
+            kept = recorded.setdefault(self.file, [])
+            if len(kept) < limit:
+                kept.append({k: np.array(v) for k, v in feeds.items()})
+            return self.session.run(names, feeds)
+
+    model.sessions = [Recorder(s.file, sess) for s, sess in zip(model.manifest.segments, model.sessions)]
+    model.heads = {f: Recorder(f, sess) for f, sess in model.heads.items()}
+    for prompt in prompts:
+        model.generate(prompt, max_new_tokens=max_new_tokens, thresholds=math.inf)
+    return recorded

@@ -93,7 +93,9 @@ def trt_provider_options(root: Path, manifest: "Manifest", inputs: list[str]) ->
         "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": str(root / ENGINE_DIR),
         "trt_timing_cache_enable": "True",
-        "trt_fp16_enable": "True" if manifest.precision == "fp16" else "False",
+        # int8 artifacts are explicit Q/DQ graphs; their unquantized layers may run in fp16.
+        "trt_fp16_enable": "True" if manifest.precision in ("fp16", "int8") else "False",
+        "trt_int8_enable": "True" if manifest.precision == "int8" else "False",
         "trt_profile_min_shapes": shapes(1, 0),
         "trt_profile_opt_shapes": shapes(1, min(256, context - 1)),
         "trt_profile_max_shapes": shapes(longest, context - longest),

@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass
 from eec.errors import InputError
 
 CPU_PRECISIONS = ("fp32", "int8", "int8-dynamic", "int4")
-# int8 for TensorRT needs Q/DQ graphs with calibrated activation scales, not built yet; onnxruntime's
-# dynamic int8 (DynamicQuantizeLinear) is not something TensorRT can run, so it is not offered here.
-TENSORRT_PRECISIONS = ("fp16", "fp32")
+# int8 on TensorRT is static Q/DQ (`Int8StaticQDQ`), calibrated on recorded graph inputs.
+TENSORRT_PRECISIONS = ("fp16", "int8", "fp32")
 
 
 @dataclass(frozen=True)

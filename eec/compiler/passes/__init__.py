@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from eec.compiler.passes.float16 import Float16
 from eec.compiler.passes.int8_dynamic import Int8Dynamic
+from eec.compiler.passes.int8_qdq import Int8StaticQDQ
 from eec.compiler.passes.weight_only import WeightOnly
 
-__all__ = ["Float16", "Int8Dynamic", "WeightOnly"]
+__all__ = ["Float16", "Int8Dynamic", "Int8StaticQDQ", "WeightOnly"]
