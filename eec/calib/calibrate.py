@@ -77,7 +77,7 @@ def collect_traces(model, prompts: Sequence, max_new_tokens: int, progress: Prog
         raise InputError("this artifact has no exits to calibrate")
     all_heads = {e: math.inf for e in exits}
     eos = set(model.manifest.eos_token_ids)
-    scores, agreed, sequence = [], [], []
+    scores, agreed, sequence, hidden, final = [], [], [], [], []
     for i, prompt in enumerate(prompts):
         progress(f"tracing prompt {i + 1}/{len(prompts)}", i, len(prompts))
         ids = model.encode(prompt)
@@ -90,11 +90,14 @@ def collect_traces(model, prompts: Sequence, max_new_tokens: int, progress: Prog
             result = decoder.step(np.asarray([[result.token]], dtype=np.int64), all_heads)
             scores.append([result.scores[e] for e in exits])
             agreed.append([result.exit_tokens[e] == result.token for e in exits])
+            hidden.append(np.stack([result.hidden[e] for e in exits]).astype(np.float16))
+            final.append(result.token)
             sequence.append(i)
     progress("traced", len(prompts), len(prompts))
     if not scores:
         raise InputError("calibration produced no tokens (every prompt ended at once); use longer or other prompts")
-    return Traces(exits, np.asarray(scores, dtype=np.float32), np.asarray(agreed, dtype=bool), np.asarray(sequence))
+    return Traces(exits, np.asarray(scores, dtype=np.float32), np.asarray(agreed, dtype=bool), np.asarray(sequence),
+                  np.asarray(hidden, dtype=np.float16), np.asarray(final, dtype=np.int64))
 
 
 def write_calibration(root: Path, traces: Traces, metric: str, prompts: int) -> CalibrationSpec:

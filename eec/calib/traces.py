@@ -26,14 +26,18 @@ class Traces:
     scores: np.ndarray  # [tokens, exits, len(ALL_METRICS)] float32; NaN where a metric is undefined
     agreed: np.ndarray  # [tokens, exits] bool: exit token == final token
     sequence: np.ndarray  # [tokens] int: the calibration prompt each token came from
+    # Optional (absent in artifacts from eec 0.1): what compile-time searches rescore exits from.
+    hidden: np.ndarray | None = None  # [tokens, exits, hidden] float16: each exit's last-position hidden state
+    final: np.ndarray | None = None  # [tokens] int: the final head's token
 
     def __len__(self) -> int:
         return self.scores.shape[0]
 
     def save(self, path: Path) -> None:
         with open(path, "wb") as f:
+            extra = {} if self.hidden is None else {"hidden": self.hidden.astype(np.float16), "final": self.final}
             np.savez(f, exits=np.asarray(self.exits, dtype=np.int64), scores=self.scores.astype(np.float32),
-                     agreed=self.agreed, sequence=self.sequence, metrics=np.asarray(ALL_METRICS))
+                     agreed=self.agreed, sequence=self.sequence, metrics=np.asarray(ALL_METRICS), **extra)
 
     @staticmethod
     def load(path: Path) -> "Traces":
@@ -41,12 +45,22 @@ class Traces:
             with np.load(path, allow_pickle=False) as z:
                 if tuple(z["metrics"].tolist()) != ALL_METRICS:
                     raise ArtifactError(f"{path}: traces hold metrics {z['metrics'].tolist()}; recalibrate")
-                return Traces(z["exits"].tolist(), z["scores"], z["agreed"].astype(bool), z["sequence"])
+                hidden = z["hidden"] if "hidden" in z.files else None
+                final = z["final"] if "final" in z.files else None
+                return Traces(z["exits"].tolist(), z["scores"], z["agreed"].astype(bool), z["sequence"], hidden, final)
         except (OSError, KeyError, ValueError) as e:
             raise ArtifactError(f"{path} is not a readable calibration file ({e})") from None
 
     def subset(self, rows: np.ndarray) -> "Traces":
-        return Traces(self.exits, self.scores[rows], self.agreed[rows], self.sequence[rows])
+        pick = (lambda a: None if a is None else a[rows])
+        return Traces(self.exits, self.scores[rows], self.agreed[rows], self.sequence[rows], pick(self.hidden),
+                      pick(self.final))
+
+    def columns(self, exits: list[int]) -> "Traces":
+        """The traces of some exits only, in the order given."""
+        cols = [self.exits.index(e) for e in exits]
+        hidden = None if self.hidden is None else self.hidden[:, cols]
+        return Traces(list(exits), self.scores[:, cols], self.agreed[:, cols], self.sequence, hidden, self.final)
 
 
 def metric_index(metric: str) -> int:

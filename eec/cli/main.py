@@ -134,6 +134,8 @@ def compile_cmd(
     eps: float = typer.Option(0.9, help="accuracy level the --exits auto placement optimises for"),
     target: str = typer.Option("cpu", help="device target (`eec targets list`)"),
     profile: Optional[Path] = typer.Option(None, help="latency profile from `eec targets measure` (default: the target's model)"),
+    shortlist: str = typer.Option("0", help="restrict exit heads to the K most emitted tokens; 0: whole vocabulary; "
+                                            "'auto': chosen with --exits auto"),
     precision: Optional[str] = typer.Option(None, help="fp32, fp16, int8 (weight-only), int8-dynamic or int4 (default: the target's)"),
     block_size: int = typer.Option(32, help="int4/int8 weight-only block size (weights per scale)"),
     overwrite: bool = typer.Option(False, help="replace an existing artifact"),
@@ -152,13 +154,24 @@ def compile_cmd(
         manifest = compile_model(model, output, exits=layers, target=target, precision=precision, block_size=block_size,
                                  overwrite=overwrite, calibrate=calibrate, calibration_prompts=prompts,
                                  calibration_tokens=calibration_tokens, calibration_metric=metric,
-                                 placement_eps=eps, profile=profile, progress=update)
+                                 placement_eps=eps, profile=profile, shortlist=_parse_shortlist(shortlist),
+                                 progress=update)
     for line in (manifest.placement or {}).get("report", []):
         err.print(line)
     cal = manifest.calibration
     err.print(f"wrote {output}: {len(manifest.segments)} segments, exits at {manifest.exits or 'none'}, "
               f"{manifest.precision}, target {manifest.target}, "
               + (f"calibrated on {cal.tokens} tokens (metric {cal.metric})" if cal else "not calibrated"))
+
+
+def _parse_shortlist(text: str) -> int | str:
+    text = text.strip()
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"--shortlist must be a number of tokens or 'auto', got {text!r}") from None
 
 
 @app.command("calibrate")

@@ -162,12 +162,25 @@ class ExitHead(nn.Module):
     ``scores`` [batch, 3] holds, in the order of `eec.calib.metrics.GRAPH_METRICS`:
     top-1 minus top-2 probability ("breaking ties"), the top-1 probability and
     the negative entropy. The host reads two small tensors per exit.
+
+    With ``token_ids`` the projection covers only those tokens (a vocabulary
+    shortlist, `eec.calib.shortlist`): the softmax and the scores are over
+    the shortlist and the token is mapped back to its vocabulary id.
     """
 
-    def __init__(self, norm_weight: torch.Tensor, eps: float, proj: nn.Linear):
+    def __init__(self, norm_weight: torch.Tensor, eps: float, proj: nn.Linear, token_ids: torch.Tensor | None = None):
         super().__init__()
         self.norm = RMSNorm(norm_weight, eps)
         self.proj = proj
+        self.register_buffer("token_ids", token_ids, persistent=False)
+
+    def shortlisted(self, ids: torch.Tensor) -> "ExitHead":
+        """This head restricted to the vocabulary ids ``ids`` (a new head; the weights rows are copied)."""
+        rows = nn.Linear(self.proj.in_features, len(ids), bias=self.proj.bias is not None)
+        rows.weight = nn.Parameter(self.proj.weight.data[ids].clone(), requires_grad=False)
+        if self.proj.bias is not None:
+            rows.bias = nn.Parameter(self.proj.bias.data[ids].clone(), requires_grad=False)
+        return ExitHead(self.norm.weight.data, self.norm.eps, rows, ids.clone())
 
     def forward(self, hidden_last: torch.Tensor):
         # Projected as [batch, 1, hidden]: a 2-D input exports as Gemm, which
@@ -178,7 +191,8 @@ class ExitHead(nn.Module):
         top = torch.topk(probs, 2, dim=-1)
         margin = top.values[:, 0] - top.values[:, 1]
         neg_entropy = (probs * logp).sum(-1)
-        return top.indices[:, 0], torch.stack([margin, top.values[:, 0], neg_entropy], dim=-1)
+        token = top.indices[:, 0] if self.token_ids is None else self.token_ids[top.indices[:, 0]]
+        return token, torch.stack([margin, top.values[:, 0], neg_entropy], dim=-1)
 
 
 class LastPositionHead(nn.Module):

@@ -12,7 +12,8 @@ from eec import __version__
 from eec.compiler.export import export_head, export_segment
 from eec.compiler.frontends import SourceModel, load_source
 from eec.compiler.precision import DEFAULT_BLOCK_SIZE, apply_precision, needs_feeds, record_feeds
-from eec.compiler.segments import check_repeats, default_exits, plan_segments
+from eec.compiler.segments import check_repeats, default_exits, exit_head_weights, plan_segments
+from eec.calib.shortlist import rescore, shortlist_ids
 from eec.errors import InputError
 from eec.calib.calibrate import Progress, calibrate_dir, default_prompts, no_progress, read_prompts
 from eec.runtime.manifest import (
@@ -87,6 +88,7 @@ def compile_model(
     calibration_metric: str | None = None,
     placement_eps: float = 0.9,
     profile: Path | None = None,
+    shortlist: int | str = 0,
     progress: Progress = no_progress,
 ) -> Manifest:
     """Compile ``model`` into the artifact directory ``out`` and return its manifest.
@@ -102,6 +104,11 @@ def compile_model(
     target (`eec.targets.placement`), from the measured ``profile`` when
     given, else the target's latency model; the choice is in
     ``manifest.placement``.
+
+    ``shortlist=K`` restricts every exit head to the K tokens the model
+    emits most in the calibration generations (`eec.calib.shortlist`);
+    ``"auto"`` (with ``exits="auto"``) lets the placement search choose K
+    among `shortlist_sizes` and the full vocabulary, by expected latency.
     """
     out = Path(out).absolute()
     tgt = get_target(target)
@@ -116,6 +123,12 @@ def compile_model(
         raise InputError("--exits auto needs calibration traces; leave out --no-calibrate")
     if auto and not 0 < placement_eps < 1:
         raise InputError(f"--eps must be between 0 and 1, got {placement_eps}")
+    if shortlist == "auto" and not auto:
+        raise InputError("--shortlist auto is chosen by the placement search: use it with --exits auto")
+    if not (shortlist == "auto" or isinstance(shortlist, int) and shortlist >= 0):
+        raise InputError(f"--shortlist must be a number of tokens, 0 (the whole vocabulary) or 'auto', got {shortlist!r}")
+    if shortlist and not calibrate:
+        raise InputError("a shortlist is built from the calibration generations; leave out --no-calibrate")
     if isinstance(exits, list):
         check_repeats(exits)  # the range needs the model; repeats can be refused before loading it
     if calibrate and calibration_prompts is not None:
@@ -126,6 +139,8 @@ def compile_model(
     progress("loading model", 0, 1)
     src = load_source(model)
     shape = model_shape(src)
+    if isinstance(shortlist, int) and shortlist >= shape.vocab_size:
+        raise InputError(f"--shortlist {shortlist} is not smaller than the vocabulary ({shape.vocab_size} tokens)")
     table = None
     if auto:
         table = load_profile(profile, shape, precision) if profile else model_table(tgt, shape, precision)
@@ -136,7 +151,13 @@ def compile_model(
     try:
         manifest = read_manifest(tmp, verify=False)
         if auto:
-            manifest, tmp = _place(build, tmp, manifest, table, placement_eps, out.parent)
+            manifest, tmp = _place(build, tmp, manifest, table, placement_eps, out.parent, shortlist)
+        elif shortlist and manifest.exits:
+            traces = Traces.load(tmp / manifest.calibration.file)
+            ids = shortlist_ids(traces.final, shortlist, shape.vocab_size).tolist()
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = build.run(layers, out.parent, ids)
+            manifest = read_manifest(tmp, verify=False)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -151,23 +172,51 @@ def model_shape(src: SourceModel) -> ModelShape:
                       m.head_dim, m.vocab_size)
 
 
-def _place(build: "_Build", tmp: Path, manifest: Manifest, table, eps: float, parent: Path) -> tuple[Manifest, Path]:
-    """Choose the exit set on the candidates' traces; rebuild with it when it is not all of them."""
+def shortlist_sizes(vocab: int) -> list[int]:
+    """The shortlist sizes `--shortlist auto` tries besides the whole vocabulary: 1/2 .. 1/128 of it."""
+    return sorted({vocab // d for d in (2, 8, 32, 128)} - {0} if vocab >= 16 else set())
+
+
+def _place(build: "_Build", tmp: Path, manifest: Manifest, table, eps: float, parent: Path,
+           shortlist: int | str) -> tuple[Manifest, Path]:
+    """Choose the exit set (and shortlist size) on the candidates' traces; rebuild with them when
+    they differ from what was built."""
     traces = Traces.load(tmp / manifest.calibration.file)
-    placement = place_exits(traces, table, eps, manifest.calibration.metric)
+    metric, vocab = manifest.calibration.metric, manifest.model.vocab_size
+    sizes = [0, *shortlist_sizes(vocab)] if shortlist == "auto" else [shortlist]
+    if sizes == [0]:
+        placements = {0: place_exits(traces, table, eps, metric)}
+    else:
+        # Lists come from half the calibration sequences and are judged on the other half: a
+        # list built from the tokens it is scored on would always contain their answers.
+        fit = traces.sequence % 2 == 0
+        held = traces.subset(~fit)
+        heads = exit_head_weights(build.src, traces.exits)
+        placements = {}
+        for k in sizes:
+            scored = held if k == 0 else rescore(held, heads, shortlist_ids(traces.final[fit], k, vocab))
+            placements[k] = place_exits(scored, table.with_head_fraction(k / vocab if k else 1.0), eps, metric)
+    k, placement = min(placements.items(), key=lambda kv: (kv[1].best.expected_s, kv[0] == 0))
+    if not placement.best.exits:
+        k = 0  # no exit, no head to shortlist
     record = {
         "epsilon": eps,
         "exits": list(placement.best.exits),
         "candidates": list(traces.exits),
+        "shortlist": k,
         "predicted_speedup": round(placement.best.speedup, 4),
         "latency_source": f"{table.source} ({table.target}, {table.precision})",
-        "ranked": [{"exits": list(c.exits), "predicted_speedup": round(c.speedup, 4),
-                    "exit_rate": round(c.exit_rate, 4)} for c in placement.ranked[:8]],
-        "report": describe(placement),
+        "ranked": [{"exits": list(c.exits), "shortlist": size, "predicted_speedup": round(c.speedup, 4),
+                    "exit_rate": round(c.exit_rate, 4)}
+                   for size, c in sorted(((size, c) for size, p in placements.items() for c in p.ranked),
+                                         key=lambda sc: sc[1].expected_s)[:8]],
+        "report": describe(placement) + ([f"shortlist: {k} tokens" if k else "shortlist: none (whole vocabulary)"]
+                                         if len(sizes) > 1 else []),
     }
-    if list(placement.best.exits) != list(traces.exits):
+    ids = shortlist_ids(traces.final, k, vocab).tolist() if k else None
+    if list(placement.best.exits) != list(traces.exits) or ids is not None:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp = build.run(list(placement.best.exits), parent)
+        tmp = build.run(list(placement.best.exits), parent, ids)
     manifest = replace(read_manifest(tmp, verify=False), placement=record)
     write_manifest(tmp, manifest)
     return manifest, tmp
@@ -188,10 +237,10 @@ class _Build:
     progress: Progress
     placed: bool  # --exits auto: the exit set may leave trained heads out
 
-    def run(self, exits: list[int], parent: Path) -> Path:
+    def run(self, exits: list[int], parent: Path, shortlist: list[int] | None = None) -> Path:
         src, progress = self.src, self.progress
         plan = plan_segments(src, exits, fused=self.target.fused_ops, context=context_length(src.config),
-                             all_heads=not self.placed)
+                             all_heads=not self.placed, shortlist=shortlist)
         graphs = [seg.spec.file for seg in plan.segments] + [head.file for head in plan.heads]
         total = len(graphs) + 3 + int(self.calibrate)
         step = 1

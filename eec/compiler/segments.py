@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from eec.compiler.frontends import SourceModel
@@ -89,10 +90,11 @@ HEAD_INPUTS, HEAD_OUTPUTS = ["hidden"], ["token", "scores"]
 
 
 def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, context: int = 2048,
-                  all_heads: bool = True) -> Plan:
+                  all_heads: bool = True, shortlist: list[int] | None = None) -> Plan:
     """``fused``: build the segments from onnxruntime's fused kernels (`eec.compiler.ops`)
     where the model allows it; ``context`` is the longest sequence the rotary cache covers;
-    ``all_heads``: refuse exits that leave a trained head out (placement may drop heads)."""
+    ``all_heads``: refuse exits that leave a trained head out (placement may drop heads);
+    ``shortlist``: vocabulary ids every exit head is restricted to (the final head never is)."""
     config = src.config
     n_layers = config.num_hidden_layers
     exits = check_exits(exits, n_layers)
@@ -122,6 +124,11 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
             proj.weight = nn.Parameter(model.lm_head.weight.data.clone(), requires_grad=False)
         return ExitHead(backbone.norm.weight.data, eps, proj)
 
+    ids = None if shortlist is None else torch.as_tensor(sorted(shortlist), dtype=torch.int64)
+
+    def exit_head(head: ExitHead) -> LastPositionHead:
+        return LastPositionHead(head if ids is None else head.shortlisted(ids))
+
     heads: dict[str, PlannedHead] = {}
     segments = []
     bounds = [0, *exits, n_layers]
@@ -130,11 +137,12 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
         if last:
             exit_spec = ExitSpec(stop, "final", None)
         elif stop in src.heads:
-            exit_spec = ExitSpec(stop, "trained", f"heads/exit{stop}.onnx")
-            heads[exit_spec.file] = PlannedHead(exit_spec.file, LastPositionHead(_trained_head(src.heads[stop], eps)))
+            exit_spec = ExitSpec(stop, "trained", f"heads/exit{stop}.onnx", len(ids) if ids is not None else 0)
+            heads[exit_spec.file] = PlannedHead(exit_spec.file, exit_head(_trained_head(src.heads[stop], eps)))
         else:
-            exit_spec = ExitSpec(stop, "shared", "heads/shared.onnx")
-            heads.setdefault(exit_spec.file, PlannedHead(exit_spec.file, LastPositionHead(shared_head())))
+            exit_spec = ExitSpec(stop, "shared", "heads/shared.onnx", len(ids) if ids is not None else 0)
+            if exit_spec.file not in heads:
+                heads[exit_spec.file] = PlannedHead(exit_spec.file, exit_head(shared_head()))
         common = dict(embed=backbone.embed_tokens if first else None, head=shared_head(untie=first) if last else None,
                       emit_hidden=not last, inv_freq=rotary.inv_freq, rope_scaling=rotary.attention_scaling)
         if fused:
@@ -155,3 +163,24 @@ def _trained_head(h, eps: float) -> ExitHead:
     if h.proj_bias is not None:
         proj.bias = nn.Parameter(h.proj_bias.float(), requires_grad=False)
     return ExitHead(h.norm_weight.float(), eps, proj)
+
+
+def exit_head_weights(src: SourceModel, layers: list[int]) -> dict:
+    """Each exit's head as numpy arrays (`eec.calib.shortlist.HeadWeights`): the trained head where
+    the checkpoint has one, else the model's own final norm and LM head."""
+    from eec.calib.shortlist import HeadWeights
+
+    model, eps = src.model, src.config.rms_norm_eps
+
+    def array(t):
+        return None if t is None else t.detach().float().numpy()
+
+    weights = {}
+    for layer in layers:
+        if layer in src.heads:
+            h = src.heads[layer]
+            weights[layer] = HeadWeights(array(h.norm_weight), eps, array(h.proj_weight), array(h.proj_bias))
+        else:
+            weights[layer] = HeadWeights(array(model.model.norm.weight), eps, array(model.lm_head.weight),
+                                         array(model.lm_head.bias))
+    return weights

@@ -35,6 +35,7 @@ class StepResult:
     exit_layer: int  # layers the token passed through (num_layers for the final head)
     scores: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> one value per ALL_METRICS, heads that ran
     exit_tokens: dict[int, int] = field(default_factory=dict)  # layer -> that head's token
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> last position's hidden state, heads that ran
 
 
 class Decoder:
@@ -100,6 +101,7 @@ class Decoder:
             token, scores = self.heads[spec.exit.file].run(None, {"hidden": x})
             row = np.append(scores[0], np.nan if previous is None else cosine(current, previous))
             result.exit_tokens[layer], result.scores[layer] = int(token[0]), row
+            result.hidden[layer] = current
             previous = current
             if row[metric] >= thresholds[layer]:
                 nxt = self.states[j + 1]

@@ -25,6 +25,7 @@ class ExitSpec:
     layer: int  # the exit reads the hidden state after this many layers
     kind: str  # "shared" (the model's final norm + LM head), "trained" or "final"
     file: str | None  # the head's own graph; None where it is fused (the final head)
+    shortlist: int = 0  # vocabulary ids the head projects onto; 0: the whole vocabulary
 
 
 @dataclass(frozen=True)

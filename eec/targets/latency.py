@@ -18,7 +18,7 @@ Costs are seconds per call. numpy-free and torch-free: the runtime side can read
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from eec.errors import InputError
@@ -63,6 +63,8 @@ class LatencyTable:
     heads: dict[int, float] = field(default_factory=dict)  # exit layer -> s per call
     final_head: float = 0.0  # the model's own head, inside the last segment
     layer: list[float] = field(default_factory=list)  # one layer at seq 1..8 (model tables)
+    layer_floor: float = 0.0  # the fixed part of a layer's or head's time (model tables)
+    head_fraction: float = 1.0  # exit heads project onto this share of the vocabulary (shortlists)
 
     def range_cost(self, start: int, stop: int, seq: int = 1) -> float:
         """One call running layers [start, stop) over ``seq`` tokens; a range that ends at the
@@ -75,11 +77,17 @@ class LatencyTable:
         return sum(self.segments[p][seq - 1] for p in parts) - (len(parts) - 1) * self.call_overhead
 
     def head_cost(self, layer: int) -> float:
+        """One exit head call; a shortlist scales the part that is not fixed overhead."""
         if layer in self.heads:
-            return self.heads[layer]
+            fixed = self.call_overhead
+            return fixed + (self.heads[layer] - fixed) * self.head_fraction
         if self.source == "model":
-            return self.final_head + self.call_overhead
+            fixed = self.call_overhead + self.layer_floor
+            return fixed + (self.final_head - self.layer_floor) * self.head_fraction
         raise InputError(f"the latency profile has no head at layer {layer}; measure an artifact with that exit")
+
+    def with_head_fraction(self, fraction: float) -> "LatencyTable":
+        return replace(self, head_fraction=fraction)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -114,7 +122,7 @@ def model_table(target: Target, shape: ModelShape, precision: str) -> LatencyTab
 
     layer = [roofline(shape.layer_params, s) for s in range(1, MAX_SEQ + 1)]
     return LatencyTable(shape, precision, target.name, "model", target.call_overhead_us * 1e-6,
-                        layer=layer, final_head=roofline(shape.head_params, 1))
+                        layer=layer, final_head=roofline(shape.head_params, 1), layer_floor=floor)
 
 
 def load_profile(path: Path, shape: ModelShape, precision: str) -> LatencyTable:

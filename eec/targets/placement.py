@@ -73,17 +73,12 @@ def expected_cost(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict
     return cost / (total_tokens or 1)
 
 
-def _restrict(traces: Traces, exits: tuple[int, ...]) -> Traces:
-    cols = [traces.exits.index(e) for e in exits]
-    return Traces(list(exits), traces.scores[:, cols], traces.agreed[:, cols], traces.sequence)
-
-
 def evaluate(traces: Traces, table: LatencyTable, exits: tuple[int, ...], eps: float, metric: str, rule: str,
              delta: float) -> Candidate:
     n_layers = table.shape.num_layers
     full = table.range_cost(0, n_layers, 1)
     if exits:
-        sub = _restrict(traces, exits)
+        sub = traces.columns(list(exits))
         sim = simulate(sub, thresholds_for(sub, eps, metric, rule, delta), metric, n_layers)
         counts, rate, agree = sim.exits, sim.exit_rate, sim.agreement
     else:
