@@ -87,7 +87,7 @@ def collect_traces(model, prompts: Sequence, max_new_tokens: int, progress: Prog
         for _ in range(min(max_new_tokens, room) - 1):
             if result.token in eos:
                 break
-            result = decoder.step(np.asarray([[result.token]], dtype=np.int64), all_heads)
+            result = decoder.step(np.asarray([[result.token]], dtype=np.int64), all_heads, trace=True)
             scores.append([result.scores[e] for e in exits])
             agreed.append([result.exit_tokens[e] == result.token for e in exits])
             hidden.append(np.stack([result.hidden[e] for e in exits]).astype(np.float16))

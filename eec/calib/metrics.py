@@ -37,5 +37,8 @@ METRICS = {"top2-margin": top2_margin, "max-prob": max_probability, "neg-entropy
 # The columns of an exit head graph's `scores` output, in order.
 GRAPH_METRICS = ("top2-margin", "max-prob", "neg-entropy")
 # What the runtime can threshold on: the graph's scores, then the host-side cosine
-# between this exit's hidden state and the previous exit's (none before the first exit).
-ALL_METRICS = (*GRAPH_METRICS, "cosine")
+# between this exit's hidden state and the previous exit's (none before the first exit),
+# then a learned exit classifier's probability that the exit agrees with the final head,
+# computed inside the segment (only in artifacts compiled with --exit-classifier).
+ALL_METRICS = (*GRAPH_METRICS, "cosine", "classifier")
+CLASSIFIER = ALL_METRICS.index("classifier")

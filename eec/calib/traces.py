@@ -43,11 +43,16 @@ class Traces:
     def load(path: Path) -> "Traces":
         try:
             with np.load(path, allow_pickle=False) as z:
-                if tuple(z["metrics"].tolist()) != ALL_METRICS:
-                    raise ArtifactError(f"{path}: traces hold metrics {z['metrics'].tolist()}; recalibrate")
+                stored = tuple(z["metrics"].tolist())
+                if stored != ALL_METRICS[: len(stored)]:
+                    raise ArtifactError(f"{path}: traces hold metrics {list(stored)}; recalibrate")
+                scores = z["scores"]
+                if len(stored) < len(ALL_METRICS):  # metrics added since: undefined (NaN) in older traces
+                    pad = np.full((*scores.shape[:2], len(ALL_METRICS) - len(stored)), np.nan, dtype=scores.dtype)
+                    scores = np.concatenate([scores, pad], axis=-1)
                 hidden = z["hidden"] if "hidden" in z.files else None
                 final = z["final"] if "final" in z.files else None
-                return Traces(z["exits"].tolist(), z["scores"], z["agreed"].astype(bool), z["sequence"], hidden, final)
+                return Traces(z["exits"].tolist(), scores, z["agreed"].astype(bool), z["sequence"], hidden, final)
         except (OSError, KeyError, ValueError) as e:
             raise ArtifactError(f"{path} is not a readable calibration file ({e})") from None
 

@@ -136,6 +136,8 @@ def compile_cmd(
     profile: Optional[Path] = typer.Option(None, help="latency profile from `eec targets measure` (default: the target's model)"),
     shortlist: str = typer.Option("0", help="restrict exit heads to the K most emitted tokens; 0: whole vocabulary; "
                                             "'auto': chosen with --exits auto"),
+    exit_classifier: bool = typer.Option(False, "--exit-classifier", help="train a small classifier per exit that "
+                                         "decides before the head runs (thresholds then apply to its score)"),
     precision: Optional[str] = typer.Option(None, help="fp32, fp16, int8 (weight-only), int8-dynamic or int4 (default: the target's)"),
     block_size: int = typer.Option(32, help="int4/int8 weight-only block size (weights per scale)"),
     overwrite: bool = typer.Option(False, help="replace an existing artifact"),
@@ -155,7 +157,7 @@ def compile_cmd(
                                  overwrite=overwrite, calibrate=calibrate, calibration_prompts=prompts,
                                  calibration_tokens=calibration_tokens, calibration_metric=metric,
                                  placement_eps=eps, profile=profile, shortlist=_parse_shortlist(shortlist),
-                                 progress=update)
+                                 exit_classifier=exit_classifier, progress=update)
     for line in (manifest.placement or {}).get("report", []):
         err.print(line)
     cal = manifest.calibration

@@ -195,6 +195,28 @@ class ExitHead(nn.Module):
         return token, torch.stack([margin, top.values[:, 0], neg_entropy], dim=-1)
 
 
+class ExitClassifier(nn.Module):
+    """CALM's learned exit measure: from an exit's hidden state (last position, RMS-normalised
+    without a weight) to the probability that the exit's token equals the final head's.
+
+    Small enough (hidden x 64) to run inside the segment for every token, so the
+    vocabulary projection runs only for tokens that leave (`eec.train.classifier`).
+    """
+
+    def __init__(self, hidden_size: int, width: int = 64):
+        super().__init__()
+        self.inner = nn.Linear(hidden_size, width)
+        self.outer = nn.Linear(width, 1)
+
+    def logit(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        x = hidden_last * torch.rsqrt(hidden_last.pow(2).mean(-1, keepdim=True) + 1e-6)
+        # [batch, 1, hidden] so the products export as MatMul (quantizable), not Gemm
+        return self.outer(F.silu(self.inner(x[:, None, :])))[:, 0, 0]
+
+    def forward(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logit(hidden_last))
+
+
 class LastPositionHead(nn.Module):
     """An exit head as its own graph: reads a segment's ``hidden_out``, judges its last position."""
 
@@ -217,6 +239,7 @@ class Segment(nn.Module):
         embed: nn.Embedding | None,
         head: ExitHead | None,
         emit_hidden: bool,
+        classifier: ExitClassifier | None = None,
     ):
         super().__init__()
         self.layers = nn.ModuleList(layers)
@@ -225,6 +248,7 @@ class Segment(nn.Module):
         self.embed = embed
         self.head = head
         self.emit_hidden = emit_hidden
+        self.classifier = classifier
 
     def forward(self, x, position_ids, attention_mask, *past):
         if self.embed is not None:
@@ -246,6 +270,8 @@ class Segment(nn.Module):
             x, k, v = layer(x, cos, sin, allowed, past[2 * i], past[2 * i + 1])
             presents += [k, v]
         outputs = [x] if self.emit_hidden else []
+        if self.classifier is not None:
+            outputs.append(self.classifier(x[:, -1, :]))
         if self.head is not None:
             outputs += list(self.head(x[:, -1, :]))
         return tuple(outputs + presents)
@@ -273,6 +299,7 @@ class FusedSegment(nn.Module):
         embed: nn.Embedding | None,
         head: ExitHead | None,
         emit_hidden: bool,
+        classifier: ExitClassifier | None = None,
     ):
         super().__init__()
         self.layers = nn.ModuleList(layers)
@@ -282,6 +309,7 @@ class FusedSegment(nn.Module):
         self.embed = embed
         self.head = head
         self.emit_hidden = emit_hidden
+        self.classifier = classifier
 
     def forward(self, x, position_ids, attention_mask, *past):
         if self.embed is not None:
@@ -299,6 +327,8 @@ class FusedSegment(nn.Module):
             else:
                 x = residual + out
         outputs = [x] if self.emit_hidden else []
+        if self.classifier is not None:
+            outputs.append(self.classifier(x[:, -1, :]))
         if self.head is not None:
             outputs += list(self.head(x[:, -1, :]))
         return tuple(outputs + presents)

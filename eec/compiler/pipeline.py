@@ -8,6 +8,8 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from eec import __version__
 from eec.compiler.export import export_head, export_segment
 from eec.compiler.frontends import SourceModel, load_source
@@ -15,7 +17,14 @@ from eec.compiler.precision import DEFAULT_BLOCK_SIZE, apply_precision, needs_fe
 from eec.compiler.segments import check_repeats, default_exits, exit_head_weights, plan_segments
 from eec.calib.shortlist import rescore, shortlist_ids
 from eec.errors import InputError
-from eec.calib.calibrate import Progress, calibrate_dir, default_prompts, no_progress, read_prompts
+from eec.calib.calibrate import (
+    Progress,
+    calibrate_dir,
+    default_prompts,
+    no_progress,
+    read_prompts,
+    write_calibration,
+)
 from eec.runtime.manifest import (
     MANIFEST,
     Manifest,
@@ -30,6 +39,7 @@ from eec.calib.traces import Traces, metric_index
 from eec.targets.latency import ModelShape, load_profile, model_table
 from eec.targets.placement import describe, place_exits
 from eec.targets.profiles import Target, check_precision, get_target
+from eec.train.classifier import train_classifiers, with_classifier_scores
 
 
 
@@ -89,6 +99,7 @@ def compile_model(
     placement_eps: float = 0.9,
     profile: Path | None = None,
     shortlist: int | str = 0,
+    exit_classifier: bool = False,
     progress: Progress = no_progress,
 ) -> Manifest:
     """Compile ``model`` into the artifact directory ``out`` and return its manifest.
@@ -109,6 +120,11 @@ def compile_model(
     emits most in the calibration generations (`eec.calib.shortlist`);
     ``"auto"`` (with ``exits="auto"``) lets the placement search choose K
     among `shortlist_sizes` and the full vocabulary, by expected latency.
+
+    ``exit_classifier`` trains a small classifier per exit on the traces
+    (`eec.train.classifier`) and fuses it into the segment: the exit head
+    then runs only for tokens the classifier lets leave, and the artifact's
+    thresholds apply to its score (metric ``classifier``).
     """
     out = Path(out).absolute()
     tgt = get_target(target)
@@ -129,6 +145,8 @@ def compile_model(
         raise InputError(f"--shortlist must be a number of tokens, 0 (the whole vocabulary) or 'auto', got {shortlist!r}")
     if shortlist and not calibrate:
         raise InputError("a shortlist is built from the calibration generations; leave out --no-calibrate")
+    if exit_classifier and not calibrate:
+        raise InputError("exit classifiers are trained on the calibration traces; leave out --no-calibrate")
     if isinstance(exits, list):
         check_repeats(exits)  # the range needs the model; repeats can be refused before loading it
     if calibrate and calibration_prompts is not None:
@@ -150,14 +168,9 @@ def compile_model(
     tmp = build.run(layers, out.parent)
     try:
         manifest = read_manifest(tmp, verify=False)
-        if auto:
-            manifest, tmp = _place(build, tmp, manifest, table, placement_eps, out.parent, shortlist)
-        elif shortlist and manifest.exits:
-            traces = Traces.load(tmp / manifest.calibration.file)
-            ids = shortlist_ids(traces.final, shortlist, shape.vocab_size).tolist()
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp = build.run(layers, out.parent, ids)
-            manifest = read_manifest(tmp, verify=False)
+        if auto or (shortlist or exit_classifier) and manifest.exits:
+            manifest, tmp = _refine(build, tmp, manifest, layers, table, placement_eps, out.parent, shortlist,
+                                    exit_classifier)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,48 +190,74 @@ def shortlist_sizes(vocab: int) -> list[int]:
     return sorted({vocab // d for d in (2, 8, 32, 128)} - {0} if vocab >= 16 else set())
 
 
-def _place(build: "_Build", tmp: Path, manifest: Manifest, table, eps: float, parent: Path,
-           shortlist: int | str) -> tuple[Manifest, Path]:
-    """Choose the exit set (and shortlist size) on the candidates' traces; rebuild with them when
-    they differ from what was built."""
+def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], table, eps: float, parent: Path,
+            shortlist: int | str, classifier: bool) -> tuple[Manifest, Path]:
+    """After the first build and its calibration: choose the exit set (with ``table``), the
+    shortlist and train exit classifiers on the traces, then rebuild with them.
+
+    Shortlists and classifiers are fitted on the even-numbered calibration sequences; choices
+    are judged, and a classifier artifact's thresholds calibrated, on the odd ones, which
+    neither has seen.
+    """
     traces = Traces.load(tmp / manifest.calibration.file)
-    metric, vocab = manifest.calibration.metric, manifest.model.vocab_size
-    sizes = [0, *shortlist_sizes(vocab)] if shortlist == "auto" else [shortlist]
-    if sizes == [0]:
-        placements = {0: place_exits(traces, table, eps, metric)}
+    vocab = manifest.model.vocab_size
+    auto = table is not None
+    split = classifier or shortlist == "auto"
+    fit = traces.sequence % 2 == 0 if split else np.ones(len(traces), dtype=bool)
+    metric = "classifier" if classifier else manifest.calibration.metric
+    heads = exit_head_weights(build.src, traces.exits) if shortlist else None
+    sizes = [0, *shortlist_sizes(vocab)] if shortlist == "auto" else [int(shortlist)]
+    options = {}
+    for k in sizes:
+        ids = shortlist_ids(traces.final[fit], k, vocab) if k else None
+        scored = traces if ids is None else rescore(traces, heads, ids)
+        classifiers = train_classifiers(scored, fit) if classifier else None
+        if classifiers:
+            scored = with_classifier_scores(scored, classifiers)
+        placement = None
+        if auto:
+            judged = scored.subset(~fit) if split else scored
+            placement = place_exits(judged, table.with_head_fraction(k / vocab if k else 1.0), eps, metric)
+        options[k] = (placement, classifiers, ids)
+    if auto:
+        k = min(options, key=lambda size: (options[size][0].best.expected_s, size == 0))
     else:
-        # Lists come from half the calibration sequences and are judged on the other half: a
-        # list built from the tokens it is scored on would always contain their answers.
-        fit = traces.sequence % 2 == 0
-        held = traces.subset(~fit)
-        heads = exit_head_weights(build.src, traces.exits)
-        placements = {}
-        for k in sizes:
-            scored = held if k == 0 else rescore(held, heads, shortlist_ids(traces.final[fit], k, vocab))
-            placements[k] = place_exits(scored, table.with_head_fraction(k / vocab if k else 1.0), eps, metric)
-    k, placement = min(placements.items(), key=lambda kv: (kv[1].best.expected_s, kv[0] == 0))
-    if not placement.best.exits:
-        k = 0  # no exit, no head to shortlist
-    record = {
-        "epsilon": eps,
-        "exits": list(placement.best.exits),
-        "candidates": list(traces.exits),
-        "shortlist": k,
-        "predicted_speedup": round(placement.best.speedup, 4),
-        "latency_source": f"{table.source} ({table.target}, {table.precision})",
-        "ranked": [{"exits": list(c.exits), "shortlist": size, "predicted_speedup": round(c.speedup, 4),
-                    "exit_rate": round(c.exit_rate, 4)}
-                   for size, c in sorted(((size, c) for size, p in placements.items() for c in p.ranked),
-                                         key=lambda sc: sc[1].expected_s)[:8]],
-        "report": describe(placement) + ([f"shortlist: {k} tokens" if k else "shortlist: none (whole vocabulary)"]
-                                         if len(sizes) > 1 else []),
-    }
-    ids = shortlist_ids(traces.final, k, vocab).tolist() if k else None
-    if list(placement.best.exits) != list(traces.exits) or ids is not None:
+        k = sizes[0]
+    placement, classifiers, ids = options[k]
+    exits = list(placement.best.exits) if auto else list(layers)
+    if not exits:
+        k, classifiers, ids = 0, None, None  # no exit: nothing to shortlist or classify
+    record = None
+    if auto:
+        ranked = sorted(((size, c) for size, (p, _, _) in options.items() for c in p.ranked), key=lambda sc: sc[1].expected_s)
+        record = {
+            "epsilon": eps,
+            "exits": exits,
+            "candidates": list(traces.exits),
+            "shortlist": k,
+            "exit_classifier": classifiers is not None,
+            "predicted_speedup": round(placement.best.speedup, 4),
+            "latency_source": f"{table.source} ({table.target}, {table.precision})",
+            "ranked": [{"exits": list(c.exits), "shortlist": size, "predicted_speedup": round(c.speedup, 4),
+                        "exit_rate": round(c.exit_rate, 4)} for size, c in ranked[:8]],
+            "report": describe(placement) + ([f"shortlist: {k} tokens" if k else "shortlist: none (whole vocabulary)"]
+                                             if len(sizes) > 1 else []),
+        }
+    if exits != list(traces.exits) or ids is not None or classifiers:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp = build.run(list(placement.best.exits), parent, ids)
-    manifest = replace(read_manifest(tmp, verify=False), placement=record)
-    write_manifest(tmp, manifest)
+        chosen = {layer: classifiers[layer] for layer in exits} if classifiers else None
+        tmp = build.run(exits, parent, None if ids is None else ids.tolist(), chosen,
+                        metric="classifier" if chosen else None)
+        if chosen:
+            # Thresholds from the sequences the classifiers never saw.
+            built = read_manifest(tmp, verify=False)
+            held = Traces.load(tmp / built.calibration.file).subset(
+                np.asarray(Traces.load(tmp / built.calibration.file).sequence) % 2 == 1)
+            write_calibration(tmp, held, "classifier", built.calibration.prompts)
+    manifest = read_manifest(tmp, verify=False)
+    if record is not None:
+        manifest = replace(manifest, placement=record)
+        write_manifest(tmp, manifest)
     return manifest, tmp
 
 
@@ -237,10 +276,11 @@ class _Build:
     progress: Progress
     placed: bool  # --exits auto: the exit set may leave trained heads out
 
-    def run(self, exits: list[int], parent: Path, shortlist: list[int] | None = None) -> Path:
+    def run(self, exits: list[int], parent: Path, shortlist: list[int] | None = None,
+            classifiers: dict | None = None, metric: str | None = None) -> Path:
         src, progress = self.src, self.progress
         plan = plan_segments(src, exits, fused=self.target.fused_ops, context=context_length(src.config),
-                             all_heads=not self.placed, shortlist=shortlist)
+                             all_heads=not self.placed, shortlist=shortlist, classifiers=classifiers)
         graphs = [seg.spec.file for seg in plan.segments] + [head.file for head in plan.heads]
         total = len(graphs) + 3 + int(self.calibrate)
         step = 1
@@ -271,7 +311,7 @@ class _Build:
             progress("writing manifest", step, total)
             write_manifest(tmp, manifest)
             if self.calibrate and manifest.exits:
-                calibrate_dir(tmp, self.prompts, self.tokens, self.metric,
+                calibrate_dir(tmp, self.prompts, self.tokens, metric or self.metric,
                               progress=lambda what, done, n: progress(f"calibrating: {what}", step + 1, total))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

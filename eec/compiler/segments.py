@@ -24,6 +24,7 @@ from torch import nn
 from eec.compiler.frontends import SourceModel
 from eec.compiler.modules import (
     DecoderLayer,
+    ExitClassifier,
     ExitHead,
     FusedDecoderLayer,
     FusedSegment,
@@ -78,11 +79,11 @@ class Plan:
     heads: list[PlannedHead]
 
 
-def io_names(start: int, stop: int, first: bool, last: bool) -> tuple[list[str], list[str]]:
+def io_names(start: int, stop: int, first: bool, last: bool, scored: bool = False) -> tuple[list[str], list[str]]:
     kv_in = [f"past_{kv}_{i}" for i in range(start, stop) for kv in ("key", "value")]
     kv_out = [f"present_{kv}_{i}" for i in range(start, stop) for kv in ("key", "value")]
     inputs = ["input_ids" if first else "hidden", "position_ids", "attention_mask", *kv_in]
-    outputs = (["token", "scores"] if last else ["hidden_out"]) + kv_out
+    outputs = (["token", "scores"] if last else ["hidden_out", *(["exit_score"] if scored else [])]) + kv_out
     return inputs, outputs
 
 
@@ -90,11 +91,14 @@ HEAD_INPUTS, HEAD_OUTPUTS = ["hidden"], ["token", "scores"]
 
 
 def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, context: int = 2048,
-                  all_heads: bool = True, shortlist: list[int] | None = None) -> Plan:
+                  all_heads: bool = True, shortlist: list[int] | None = None,
+                  classifiers: dict[int, ExitClassifier] | None = None) -> Plan:
     """``fused``: build the segments from onnxruntime's fused kernels (`eec.compiler.ops`)
     where the model allows it; ``context`` is the longest sequence the rotary cache covers;
     ``all_heads``: refuse exits that leave a trained head out (placement may drop heads);
-    ``shortlist``: vocabulary ids every exit head is restricted to (the final head never is)."""
+    ``shortlist``: vocabulary ids every exit head is restricted to (the final head never is);
+    ``classifiers``: exit layer -> exit classifier fused at the end of the segment that ends there."""
+    classifiers = classifiers or {}
     config = src.config
     n_layers = config.num_hidden_layers
     exits = check_exits(exits, n_layers)
@@ -143,15 +147,17 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
             exit_spec = ExitSpec(stop, "shared", "heads/shared.onnx", len(ids) if ids is not None else 0)
             if exit_spec.file not in heads:
                 heads[exit_spec.file] = PlannedHead(exit_spec.file, exit_head(shared_head()))
+        classifier = None if last else classifiers.get(stop)
         common = dict(embed=backbone.embed_tokens if first else None, head=shared_head(untie=first) if last else None,
-                      emit_hidden=not last, inv_freq=rotary.inv_freq, rope_scaling=rotary.attention_scaling)
+                      emit_hidden=not last, inv_freq=rotary.inv_freq, rope_scaling=rotary.attention_scaling,
+                      classifier=classifier)
         if fused:
             layers = [FusedDecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]
             module = FusedSegment(layers, context=context, **common).eval()
         else:
             layers = [DecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]
             module = Segment(layers, **common).eval()
-        inputs, outputs = io_names(start, stop, first, last)
+        inputs, outputs = io_names(start, stop, first, last, scored=classifier is not None)
         spec = SegmentSpec(f"segments/seg{i}.onnx", start, stop, inputs, outputs, exit_spec)
         segments.append(PlannedSegment(spec, module))
     return Plan(segments, [h for h in heads.values()])

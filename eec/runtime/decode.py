@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from eec.calib.metrics import cosine
+from eec.calib.metrics import CLASSIFIER, cosine
 from eec.runtime.manifest import SegmentSpec
 
 
@@ -56,7 +56,7 @@ class Decoder:
         self.states = [SegmentState(kv=[empty] * (2 * (s.stop - s.start))) for s in specs]
 
     def _run(self, j: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run segment j over x; keep its KV; return (hidden_out, None) or (token, scores)."""
+        """Run segment j over x; keep its KV; return (hidden_out, exit_score or None) or (token, scores)."""
         spec, state = self.specs[j], self.states[j]
         past, seq = state.length, x.shape[1]
         feeds = {
@@ -66,18 +66,22 @@ class Decoder:
         }
         feeds.update(zip(spec.inputs[3:], state.kv))
         outputs = self.sessions[j].run(None, feeds)
-        if spec.emits_hidden:
+        if spec.emits_hidden and not spec.scores_exit:
             state.kv = outputs[1:]
             return outputs[0], None
         state.kv = outputs[2:]
         return outputs[0], outputs[1]
 
-    def step(self, ids: np.ndarray, thresholds: dict[int, float] | None, metric: int = 0) -> StepResult:
+    def step(self, ids: np.ndarray, thresholds: dict[int, float] | None, metric: int = 0,
+             trace: bool = False) -> StepResult:
         """Feed ``ids`` ([1, n] int64) and predict the next token.
 
         ``thresholds`` maps exit layer -> minimum score of metric ``metric``
         (an index into `ALL_METRICS`); an exit not in it is passed without
-        running its head (None: full mode).
+        running its head (None: full mode). With the ``classifier`` metric the
+        segment's own exit score decides first, and the head runs only for a
+        token that leaves. ``trace`` runs the head of every exit in
+        ``thresholds`` whatever the scores (calibration).
         """
         x = ids
         result = StepResult(token=-1, exit_layer=-1)
@@ -92,14 +96,18 @@ class Decoder:
             layer = spec.exit.layer
             if j == last:
                 result.token, result.exit_layer = int(x[0]), layer
-                result.exit_tokens[layer], result.scores[layer] = result.token, np.append(scores[0], np.nan)
+                result.exit_tokens[layer], result.scores[layer] = result.token, np.append(scores[0], [np.nan, np.nan])
                 return result
             current = x[0, -1]
             if thresholds is None or layer not in thresholds:
                 previous = current
                 continue
-            token, scores = self.heads[spec.exit.file].run(None, {"hidden": x})
-            row = np.append(scores[0], np.nan if previous is None else cosine(current, previous))
+            gate = np.nan if scores is None else float(scores[0])
+            if metric == CLASSIFIER and not trace and not gate >= thresholds[layer]:
+                previous = current  # the classifier says stay: the head's projection is never run
+                continue
+            token, head_scores = self.heads[spec.exit.file].run(None, {"hidden": x})
+            row = np.append(head_scores[0], [np.nan if previous is None else cosine(current, previous), gate])
             result.exit_tokens[layer], result.scores[layer] = int(token[0]), row
             result.hidden[layer] = current
             previous = current

@@ -45,6 +45,11 @@ class SegmentSpec:
     def emits_hidden(self) -> bool:
         return "hidden_out" in self.outputs
 
+    @property
+    def scores_exit(self) -> bool:
+        """The segment computes its exit classifier's score (``exit_score``, after ``hidden_out``)."""
+        return "exit_score" in self.outputs
+
 
 @dataclass(frozen=True)
 class ModelSpec:

@@ -9,7 +9,8 @@ Rules:
    to its exits, in cascade order (`eec.calib.traces.thresholds_for`), and
    each calibration token's exit layer is replayed from them.
 3. A token that leaves at exit e pays the segments up to e and the heads of
-   every exit up to and including e. Each later segment then runs that
+   every exit up to and including e; with exit classifiers (``gated``) only
+   the head of e, since a classifier that says "stay" skips the head. Each later segment then runs that
    token's position once more as part of the next deep token's call
    (catch-up), paying the segment's marginal cost of one more position,
    ``t(2) - t(1)``. A token that reaches the last layer pays every segment
@@ -52,11 +53,12 @@ class Placement:
 
 
 def expected_cost(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict[int, int],
-                  splits: tuple[int, ...] | None = None) -> float:
+                  splits: tuple[int, ...] | None = None, gated: bool = False) -> float:
     """Mean per-token seconds for ``exits`` given how many tokens leave at each (rule 3).
 
     ``splits`` are the segment boundaries when they are not the exits themselves
-    (an artifact whose exits are not all active); heads run only at ``exits``.
+    (an artifact whose exits are not all active); heads run only at ``exits``,
+    and with ``gated`` only at the exit a token leaves by.
     """
     n_layers = table.shape.num_layers
     bounds = [0, *sorted(set(exits) | set(splits or ())), n_layers]
@@ -69,12 +71,14 @@ def expected_cost(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict
     for k, (_, stop) in enumerate(ranges):
         count = exit_counts.get(stop, 0) if total_tokens else int(stop == n_layers)
         if count:
-            cost += count * (sum(seg[: k + 1]) + sum(heads[: k + 1]) + sum(marginal[k + 1:]))
+            paid = heads[k] if gated else sum(heads[: k + 1])
+            cost += count * (sum(seg[: k + 1]) + paid + sum(marginal[k + 1:]))
     return cost / (total_tokens or 1)
 
 
 def evaluate(traces: Traces, table: LatencyTable, exits: tuple[int, ...], eps: float, metric: str, rule: str,
              delta: float) -> Candidate:
+    gated = metric == "classifier"
     n_layers = table.shape.num_layers
     full = table.range_cost(0, n_layers, 1)
     if exits:
@@ -83,7 +87,7 @@ def evaluate(traces: Traces, table: LatencyTable, exits: tuple[int, ...], eps: f
         counts, rate, agree = sim.exits, sim.exit_rate, sim.agreement
     else:
         counts, rate, agree = {n_layers: len(traces)}, 0.0, 1.0
-    cost = expected_cost(table, exits, counts)
+    cost = expected_cost(table, exits, counts, gated=gated)
     return Candidate(exits, cost, full / cost, rate, agree, counts)
 
 

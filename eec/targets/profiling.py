@@ -115,7 +115,8 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
             agree = hits / count
             ratio = statistics.median(ratios[e])
             active = tuple(layer for layer in model.exits if layer in thresholds[e])
-            ideal = full_cost / expected_cost(table, active, exits[e], splits)
+            gated = (metric or model.manifest.calibration.metric) == "classifier"
+            ideal = full_cost / expected_cost(table, active, exits[e], splits, gated)
         med = statistics.median(speeds[e])
         rows.append(ProfileRow(e, med, ratio, ideal, agree, dict(sorted(exits[e].items())),
                                bytes_per_token(model, exits[e], None if e is None else thresholds[e]) * med / 1e9))

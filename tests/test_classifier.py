@@ -1,0 +1,85 @@
+"""Exit classifiers: fused into the segment graph, gating the head, calibrated on unseen sequences."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eec.calib.traces import Traces
+from eec.compiler import compile_model
+from eec.compiler.export import export_segment, segment_inputs
+from eec.compiler.frontends import load_source
+from eec.compiler.modules import ExitClassifier
+from eec.compiler.segments import plan_segments
+from eec.runtime import load
+from eec.runtime.sessions import open_sessions
+from tests.conftest import TINY_SHAPES, tiny_model
+
+PROMPT = [3, 17, 42, 8, 91, 5]
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    model_type, overrides = TINY_SHAPES["llama-gqa-untied"]
+    root = tmp_path_factory.mktemp("classifier")
+    tiny_model(model_type, **overrides).save_pretrained(root / "hf")
+    return root
+
+
+def test_fused_score_equals_the_pytorch_classifier(src, tmp_path):
+    torch.manual_seed(0)
+    classifier = ExitClassifier(64).eval()
+    plan = plan_segments(load_source(src / "hf"), [2], fused=True, context=128, classifiers={2: classifier})
+    seg = plan.segments[0]
+    assert seg.spec.outputs[:2] == ["hidden_out", "exit_score"]
+    export_segment(seg, tmp_path)
+    session = open_sessions(tmp_path, [seg.spec.file])[0]
+    args = segment_inputs(seg, batch=1, seq=3, past=4, seed=5)
+    hidden, score = session.run(["hidden_out", "exit_score"], {n: a.numpy() for n, a in zip(seg.spec.inputs, args)})
+    with torch.no_grad():
+        expected = classifier(torch.from_numpy(hidden[:, -1, :]))
+    np.testing.assert_allclose(score, expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert 0 < float(score[0]) < 1
+
+
+@pytest.fixture(scope="module")
+def classified(src):
+    out = src / "clf.eec"
+    manifest = compile_model(src / "hf", out, exits=[2, 4], exit_classifier=True, calibration_tokens=16)
+    return out, manifest
+
+
+def test_classifier_artifact_is_calibrated_on_sequences_it_never_saw(classified):
+    out, manifest = classified
+    assert manifest.calibration.metric == "classifier"
+    assert [s.scores_exit for s in manifest.segments] == [True, True, False]
+    traces = Traces.load(out / manifest.calibration.file)
+    assert len(traces) and set(np.unique(traces.sequence) % 2) == {1}
+    assert not np.isnan(traces.scores[:, :, 4]).any()
+
+
+class Counting:
+    def __init__(self, session):
+        self.session, self.calls = session, 0
+
+    def run(self, names, feeds):
+        self.calls += 1
+        return self.session.run(names, feeds)
+
+
+def test_head_runs_only_for_tokens_that_leave_and_gives_the_heads_token(classified):
+    out, _ = classified
+    model = load(out)
+    model.heads = {f: Counting(s) for f, s in model.heads.items()}
+    stay = model.generate(PROMPT, max_new_tokens=12, thresholds=math.inf, metric="classifier")
+    assert sum(h.calls for h in model.heads.values()) == 0  # the classifier said stay: no projection ran
+    assert stay.exits == [6] * 12
+    leave = model.generate(PROMPT, max_new_tokens=12, thresholds=-math.inf, metric="classifier")
+    assert sum(h.calls for h in model.heads.values()) == 11  # one head per token after the prompt
+    by_head = model.generate(PROMPT, max_new_tokens=12, thresholds=-math.inf, metric="top2-margin")
+    assert leave.tokens == by_head.tokens and leave.exits == by_head.exits == [6] + [2] * 11
+    eps = model.generate(PROMPT, max_new_tokens=12, epsilon=0.8)  # the artifact's default metric: classifier
+    assert len(eps.tokens) == 12
