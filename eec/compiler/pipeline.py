@@ -20,10 +20,11 @@ from eec.errors import InputError
 from eec.calib.calibrate import (
     Progress,
     calibrate_dir,
+    collect_traces,
     default_prompts,
     no_progress,
+    packaged_prompts,
     read_prompts,
-    write_calibration,
 )
 from eec.runtime.manifest import (
     MANIFEST,
@@ -190,20 +191,38 @@ def shortlist_sizes(vocab: int) -> list[int]:
     return sorted({vocab // d for d in (2, 8, 32, 128)} - {0} if vocab >= 16 else set())
 
 
+CLASSIFIER_TOKENS = 96  # per training prompt: ~5k tokens for eec's 60 prompts
+
+
+def classifier_traces(root: Path, src: SourceModel) -> Traces:
+    """Traces of the artifact at ``root`` on eec's training prompts (random ids without a
+    tokenizer): the exit classifiers' training data, disjoint from the calibration prompts."""
+    from eec.runtime import load
+
+    model = load(root, verify=False)
+    if src.tokenizer is not None:
+        prompts = packaged_prompts("eec.train")
+    else:
+        rng = np.random.default_rng(1)  # default_prompts uses seed 0
+        prompts = [rng.integers(0, src.config.vocab_size, size=8).tolist() for _ in range(48)]
+    return collect_traces(model, prompts, CLASSIFIER_TOKENS)
+
+
 def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], table, eps: float, parent: Path,
             shortlist: int | str, classifier: bool) -> tuple[Manifest, Path]:
     """After the first build and its calibration: choose the exit set (with ``table``), the
     shortlist and train exit classifiers on the traces, then rebuild with them.
 
-    Shortlists and classifiers are fitted on the even-numbered calibration sequences; choices
-    are judged, and a classifier artifact's thresholds calibrated, on the odd ones, which
-    neither has seen.
+    Shortlists are fitted on the even-numbered calibration sequences and judged on the odd
+    ones. Exit classifiers are trained on traces of another prompt set (eec's training
+    prompts, `classifier_traces`), so every calibration token is one they never saw.
     """
     traces = Traces.load(tmp / manifest.calibration.file)
     vocab = manifest.model.vocab_size
     auto = table is not None
-    split = classifier or shortlist == "auto"
+    split = shortlist == "auto"
     fit = traces.sequence % 2 == 0 if split else np.ones(len(traces), dtype=bool)
+    training = classifier_traces(tmp, build.src) if classifier else None
     metric = "classifier" if classifier else manifest.calibration.metric
     heads = exit_head_weights(build.src, traces.exits) if shortlist else None
     sizes = [0, *shortlist_sizes(vocab)] if shortlist == "auto" else [int(shortlist)]
@@ -211,7 +230,9 @@ def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], t
     for k in sizes:
         ids = shortlist_ids(traces.final[fit], k, vocab) if k else None
         scored = traces if ids is None else rescore(traces, heads, ids)
-        classifiers = train_classifiers(scored, fit) if classifier else None
+        classifiers = None
+        if classifier:  # labels depend on the list: the classifier learns the shortlisted head's agreement
+            classifiers = train_classifiers(training if ids is None else rescore(training, heads, ids))
         if classifiers:
             scored = with_classifier_scores(scored, classifiers)
         placement = None
@@ -248,12 +269,6 @@ def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], t
         chosen = {layer: classifiers[layer] for layer in exits} if classifiers else None
         tmp = build.run(exits, parent, None if ids is None else ids.tolist(), chosen,
                         metric="classifier" if chosen else None)
-        if chosen:
-            # Thresholds from the sequences the classifiers never saw.
-            built = read_manifest(tmp, verify=False)
-            held = Traces.load(tmp / built.calibration.file).subset(
-                np.asarray(Traces.load(tmp / built.calibration.file).sequence) % 2 == 1)
-            write_calibration(tmp, held, "classifier", built.calibration.prompts)
     manifest = read_manifest(tmp, verify=False)
     if record is not None:
         manifest = replace(manifest, placement=record)

@@ -2,11 +2,12 @@
 
 Each exit gets a small MLP (`eec.compiler.modules.ExitClassifier`) from its
 hidden state to the probability that its head's token equals the final
-head's, the label the traces already hold. It is trained on the traces'
-even-numbered calibration sequences only; the odd ones stay unseen so that
-thresholds calibrated on them keep ε's meaning (`eec.compiler.pipeline`).
+head's, the label traces hold. The compiler trains it on traces of eec's
+training prompts, not the calibration ones, so the thresholds calibrated
+afterwards keep ε's meaning (`eec.compiler.pipeline.classifier_traces`).
 Full-batch Adam with binary cross-entropy, weighted so both labels count
-equally: agreement is rare at early exits.
+equally: agreement is rare at early exits. With ~900 tokens it overfit on
+SmolLM2 (docs/benchmarks.md); ~5k tokens of its own prompts did much better.
 """
 
 from __future__ import annotations
