@@ -131,29 +131,8 @@ def compile_model(
     tgt = get_target(target)
     precision = check_precision(tgt, precision)
     _check_output(out, overwrite)
-    if block_size < 16 or block_size & (block_size - 1):
-        raise InputError(f"--block-size must be a power of two of at least 16, got {block_size}")
-    auto = exits == "auto"
-    if isinstance(exits, str) and not auto:
-        raise InputError(f"exits must be layer numbers or 'auto', got {exits!r}")
-    if auto and not calibrate:
-        raise InputError("--exits auto needs calibration traces; leave out --no-calibrate")
-    if auto and not 0 < placement_eps < 1:
-        raise InputError(f"--eps must be between 0 and 1, got {placement_eps}")
-    if shortlist == "auto" and not auto:
-        raise InputError("--shortlist auto is chosen by the placement search: use it with --exits auto")
-    if not (shortlist == "auto" or isinstance(shortlist, int) and shortlist >= 0):
-        raise InputError(f"--shortlist must be a number of tokens, 0 (the whole vocabulary) or 'auto', got {shortlist!r}")
-    if shortlist and not calibrate:
-        raise InputError("a shortlist is built from the calibration generations; leave out --no-calibrate")
-    if exit_classifier and not calibrate:
-        raise InputError("exit classifiers are trained on the calibration traces; leave out --no-calibrate")
-    if isinstance(exits, list):
-        check_repeats(exits)  # the range needs the model; repeats can be refused before loading it
-    if calibrate and calibration_prompts is not None:
-        read_prompts(calibration_prompts, has_tokenizer=True)  # unreadable or empty: refuse before the long work
-    if calibrate and calibration_metric is not None:
-        metric_index(calibration_metric)
+    auto = _check_options(exits, block_size, calibrate, calibration_prompts, calibration_metric, placement_eps,
+                          shortlist, exit_classifier)
 
     progress("loading model", 0, 1)
     src = load_source(model)
@@ -178,6 +157,35 @@ def compile_model(
         raise
     progress("done", 1, 1)
     return manifest
+
+
+def _check_options(exits, block_size: int, calibrate: bool, prompts: Path | None, metric: str | None,
+                   placement_eps: float, shortlist: int | str, exit_classifier: bool) -> bool:
+    """Refuse bad options before the long work; returns whether exits are placed automatically."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise InputError(f"--block-size must be a power of two of at least 16, got {block_size}")
+    auto = exits == "auto"
+    if isinstance(exits, str) and not auto:
+        raise InputError(f"exits must be layer numbers or 'auto', got {exits!r}")
+    if auto and not calibrate:
+        raise InputError("--exits auto needs calibration traces; leave out --no-calibrate")
+    if auto and not 0 < placement_eps < 1:
+        raise InputError(f"--eps must be between 0 and 1, got {placement_eps}")
+    if shortlist == "auto" and not auto:
+        raise InputError("--shortlist auto is chosen by the placement search: use it with --exits auto")
+    if not (shortlist == "auto" or isinstance(shortlist, int) and shortlist >= 0):
+        raise InputError(f"--shortlist must be a number of tokens, 0 (the whole vocabulary) or 'auto', got {shortlist!r}")
+    if shortlist and not calibrate:
+        raise InputError("a shortlist is built from the calibration generations; leave out --no-calibrate")
+    if exit_classifier and not calibrate:
+        raise InputError("exit classifiers are trained on the calibration traces; leave out --no-calibrate")
+    if isinstance(exits, list):
+        check_repeats(exits)  # the range needs the model; repeats can be refused before loading it
+    if calibrate and prompts is not None:
+        read_prompts(prompts, has_tokenizer=True)  # unreadable or empty: refuse before the long work
+    if calibrate and metric is not None:
+        metric_index(metric)
+    return auto
 
 
 def model_shape(src: SourceModel) -> ModelShape:
