@@ -143,3 +143,12 @@ def test_build_engines_on_device(src, tmp_path):
     manifest = build_engines(out)
     assert manifest.engines and any((out / "engines").iterdir())
     assert load(out).generate([3, 17, 42], max_new_tokens=8, mode="full").tokens == cpu_tokens
+
+
+def test_cli_exits_none_compiles_the_full_model_alone(src, tmp_path):
+    result = runner.invoke(app, ["compile", str(src / "hf"), "-o", str(tmp_path / "n.eec"), "--exits", "none",
+                                 "--no-calibrate"])
+    assert result.exit_code == 0, result.output
+    model = load(tmp_path / "n.eec")
+    assert len(model.manifest.segments) == 1 and model.exits == []
+    assert model.generate([3, 17, 42], max_new_tokens=5, epsilon=0.9).exits == [6] * 5

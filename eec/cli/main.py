@@ -129,8 +129,8 @@ def train_cmd(
 def compile_cmd(
     model: Path = typer.Argument(..., help="Hugging Face model directory, .gguf file or eec model.pt"),
     output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write (e.g. smollm2.eec)"),
-    exits: Optional[str] = typer.Option(None, help="exit layers, e.g. 8,16,24, or 'auto' to choose among the heads by "
-                                        "predicted latency (default: the checkpoint's heads, else quarter depths)"),
+    exits: Optional[str] = typer.Option(None, help="exit layers, e.g. 8,16,24; 'auto' to choose among the heads by predicted "
+                                        "latency; 'none' (default: the checkpoint's heads, else quarter depths)"),
     eps: float = typer.Option(0.9, help="accuracy level the --exits auto placement optimises for"),
     target: str = typer.Option("cpu", help="device target (`eec targets list`)"),
     profile: Optional[Path] = typer.Option(None, help="latency profile from `eec targets measure` (default: the target's model)"),
@@ -150,8 +150,7 @@ def compile_cmd(
     _torch_side()
     from eec.compiler import compile_model
 
-    layers = exits.strip() if exits is not None and exits.strip() == "auto" else (
-        _parse_ids(exits) if exits is not None else None)
+    layers = _parse_exits(exits)
     with _progress() as update:
         manifest = compile_model(model, output, exits=layers, target=target, precision=precision, block_size=block_size,
                                  overwrite=overwrite, calibrate=calibrate, calibration_prompts=prompts,
@@ -164,6 +163,16 @@ def compile_cmd(
     err.print(f"wrote {output}: {len(manifest.segments)} segments, exits at {manifest.exits or 'none'}, "
               f"{manifest.precision}, target {manifest.target}, "
               + (f"calibrated on {cal.tokens} tokens (metric {cal.metric})" if cal else "not calibrated"))
+
+
+def _parse_exits(text: str | None) -> list[int] | str | None:
+    """Layer numbers, 'auto', or 'none' (the full model alone, one segment)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text in ("auto", "none"):
+        return "auto" if text == "auto" else []
+    return _parse_ids(text)
 
 
 def _parse_shortlist(text: str) -> int | str:
