@@ -52,8 +52,10 @@ def _size(root: Path, file: str) -> int:
     return sum(p.stat().st_size for p in (root / file).parent.glob(Path(file).name + "*"))
 
 
-def bytes_per_token(model: EarlyExitModel, exits: dict[int, int], thresholds: dict[int, float] | None) -> float:
-    """Mean weight bytes a token reads: the segments it runs and the heads it passes (file sizes)."""
+def bytes_per_token(model: EarlyExitModel, exits: dict[int, int], thresholds: dict[int, float] | None,
+                    gated: bool = False) -> float:
+    """Mean weight bytes a token reads: the segments it runs and the heads it passes (file sizes);
+    with exit classifiers (``gated``) only the head it leaves by."""
     root, segments, spec = model.root, model.manifest.segments, model.manifest.model
     seg_bytes = [_size(root, s.file) for s in segments]
     # The first segment holds the embedding table, of which a token reads one row.
@@ -64,7 +66,7 @@ def bytes_per_token(model: EarlyExitModel, exits: dict[int, int], thresholds: di
     cost = 0.0
     for k, spec in enumerate(segments):
         count = exits.get(spec.exit.layer if spec.exit else spec.stop, 0)
-        cost += count * (sum(seg_bytes[: k + 1]) + sum(head_bytes[: k + 1]))
+        cost += count * (sum(seg_bytes[: k + 1]) + (head_bytes[k] if gated else sum(head_bytes[: k + 1])))
     return cost / total
 
 
@@ -101,6 +103,7 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
     splits = tuple(model.exits)
     full_cost = expected_cost(table, (), {model.num_layers: 1}, splits)
     rows = []
+    gated = (metric or (model.manifest.calibration.metric if model.manifest.calibration else "")) == "classifier"
     for e in levels:
         if e is None:
             agree, ideal, ratio = 1.0, 1.0, 1.0
@@ -115,10 +118,9 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
             agree = hits / count
             ratio = statistics.median(ratios[e])
             active = tuple(layer for layer in model.exits if layer in thresholds[e])
-            gated = (metric or model.manifest.calibration.metric) == "classifier"
             ideal = full_cost / expected_cost(table, active, exits[e], splits, gated)
         med = statistics.median(speeds[e])
         rows.append(ProfileRow(e, med, ratio, ideal, agree, dict(sorted(exits[e].items())),
-                               bytes_per_token(model, exits[e], None if e is None else thresholds[e]) * med / 1e9))
+                               bytes_per_token(model, exits[e], None if e is None else thresholds[e], gated) * med / 1e9))
     return rows
 
