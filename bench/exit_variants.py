@@ -6,7 +6,11 @@ held-out teacher-forced agreement with the full model's own continuation,
 and the speedup `--exits auto` predicted (when the artifact has a placement
 record). Usage:
 
-    .venv/bin/python bench/exit_variants.py FULL.eec VARIANT.eec [VARIANT.eec ...] [--eps 0.9]
+    .venv/bin/python bench/exit_variants.py FULL.eec VARIANT.eec [VARIANT.eec ...] [--eps 0.9] [--genai DIR]
+
+``--genai DIR`` adds onnxruntime-genai (a peer in the benchmark's
+environment) on a model it built from the same weights, decoding the same
+prompt ids, timed the same way (decode only, after the prompt).
 """
 
 from __future__ import annotations
@@ -20,6 +24,22 @@ from eec.runtime import load
 from eec.runtime.evaluate import teacher_forced
 
 
+def genai_decode_speed(model, ids: list[int], n: int) -> float:
+    import time
+
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)  # the prompt, and the first token's logits
+    generator.generate_next_token()
+    start = time.perf_counter()
+    while not generator.is_done():
+        generator.generate_next_token()
+    return (n - 1) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("full", type=Path)
@@ -29,6 +49,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--genai", type=Path, help="an onnxruntime-genai model folder built from the same weights")
     args = parser.parse_args()
     full = load(args.full)
     variants = {p.name: load(p) for p in args.variants}
@@ -36,7 +57,12 @@ def main() -> None:
     full.generate(prompts[0], max_new_tokens=8, mode="full")
     for m in variants.values():
         m.generate(prompts[0], max_new_tokens=8, epsilon=args.eps)
-    speed = {name: [] for name in ["full", *variants]}
+    genai = None
+    if args.genai:
+        import onnxruntime_genai as og
+
+        genai = og.Model(str(args.genai))
+    speed = {name: [] for name in ["full", *variants, *(["genai"] if genai else [])]}
     ratio = {name: [] for name in variants}
     exits = {name: {} for name in variants}
     for _ in range(args.rounds):
@@ -44,6 +70,8 @@ def main() -> None:
             full.generate(ids, max_new_tokens=args.tokens, mode="full", ignore_eos=True)
             base = full.stats.tokens_per_s
             speed["full"].append(base)
+            if genai is not None:
+                speed["genai"].append(genai_decode_speed(genai, ids, args.tokens))
             for name, m in variants.items():
                 m.generate(ids, max_new_tokens=args.tokens, epsilon=args.eps, ignore_eos=True)
                 speed[name].append(m.stats.tokens_per_s)
@@ -53,6 +81,8 @@ def main() -> None:
     references = [full.generate(ids, max_new_tokens=64, mode="full", ignore_eos=True).tokens for ids in prompts]
     print(f"{len(prompts)} held-out prompts x {args.tokens} tokens x {args.rounds} rounds, ε = {args.eps}; "
           f"full {statistics.median(speed['full']):.1f} tok/s decode")
+    if genai is not None:
+        print(f"onnxruntime-genai: {statistics.median(speed['genai']):.1f} tok/s decode")
     print(f"{'artifact':28} {'tok/s':>7} {'vs full':>8} {'predicted':>9} {'agreement':>9}  exits")
     for name, m in variants.items():
         thresholds, metric = m.resolve_thresholds("early-exit", epsilon=args.eps)
@@ -63,8 +93,9 @@ def main() -> None:
             total += len(ref)
         placement = m.manifest.placement or {}
         pred = f"{placement['predicted_speedup']:.2f}x" if "predicted_speedup" in placement else "-"
+        vs_genai = f", {statistics.median(speed[name]) / statistics.median(speed['genai']):.2f}x genai" if genai else ""
         print(f"{name:28} {statistics.median(speed[name]):7.1f} {statistics.median(ratio[name]):7.2f}x {pred:>9} "
-              f"{hits / total:9.3f}  {dict(sorted(exits[name].items()))}")
+              f"{hits / total:9.3f}  {dict(sorted(exits[name].items()))}{vs_genai}")
 
 
 if __name__ == "__main__":
