@@ -122,7 +122,6 @@ def main() -> None:
     print("\n".join(placement["report"]))
 
     hf = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(hf_path)
     genai = og.Model(str(genai_path))
     full = load(full_art)
     prompts = [full.encode(p) for p in PROMPTS]

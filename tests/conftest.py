@@ -46,6 +46,15 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="module")
+def llama_src(tmp_path_factory) -> Path:
+    """A folder holding a tiny Llama saved as a Hugging Face model under ``hf/``; tests add artifacts beside it."""
+    model_type, overrides = TINY_SHAPES["llama-gqa-untied"]
+    root = tmp_path_factory.mktemp("llama-src")
+    tiny_model(model_type, **overrides).save_pretrained(root / "hf")
+    return root
+
+
 @dataclass
 class Compiled:
     hf: torch.nn.Module  # the transformers model the artifact was made from

@@ -16,23 +16,14 @@ from eec.compiler.modules import ExitClassifier
 from eec.compiler.segments import plan_segments
 from eec.runtime import load
 from eec.runtime.sessions import open_sessions
-from tests.conftest import TINY_SHAPES, tiny_model
 
 PROMPT = [3, 17, 42, 8, 91, 5]
 
 
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    model_type, overrides = TINY_SHAPES["llama-gqa-untied"]
-    root = tmp_path_factory.mktemp("classifier")
-    tiny_model(model_type, **overrides).save_pretrained(root / "hf")
-    return root
-
-
-def test_fused_score_equals_the_pytorch_classifier(src, tmp_path):
+def test_fused_score_equals_the_pytorch_classifier(llama_src, tmp_path):
     torch.manual_seed(0)
     classifier = ExitClassifier(64).eval()
-    plan = plan_segments(load_source(src / "hf"), [2], fused=True, context=128, classifiers={2: classifier})
+    plan = plan_segments(load_source(llama_src / "hf"), [2], fused=True, context=128, classifiers={2: classifier})
     seg = plan.segments[0]
     assert seg.spec.outputs[:2] == ["hidden_out", "exit_score"]
     export_segment(seg, tmp_path)
@@ -46,9 +37,9 @@ def test_fused_score_equals_the_pytorch_classifier(src, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def classified(src):
-    out = src / "clf.eec"
-    manifest = compile_model(src / "hf", out, exits=[2, 4], exit_classifier=True, calibration_tokens=16)
+def classified(llama_src):
+    out = llama_src / "clf.eec"
+    manifest = compile_model(llama_src / "hf", out, exits=[2, 4], exit_classifier=True, calibration_tokens=16)
     return out, manifest
 
 

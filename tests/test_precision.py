@@ -15,7 +15,6 @@ from eec.errors import InputError
 from eec.runtime import load
 from eec.runtime.evaluate import agreement
 from eec.runtime.sessions import session_options
-from tests.conftest import TINY_SHAPES, tiny_model
 
 K, N = 64, 48
 
@@ -90,15 +89,6 @@ def test_weight_only_rejects_bad_settings():
         WeightOnly(4, block_size=24)
     with pytest.raises(ValueError):
         WeightOnly(3)
-
-
-@pytest.fixture(scope="module")
-def llama_src(tmp_path_factory):
-    model_type, overrides = TINY_SHAPES["llama-gqa-untied"]
-    hf = tiny_model(model_type, **overrides)
-    root = tmp_path_factory.mktemp("precision")
-    hf.save_pretrained(root / "hf")
-    return root
 
 
 PROMPT = [3, 17, 42, 8, 91, 5]

@@ -14,7 +14,6 @@ from eec.compiler import compile_model
 from eec.compiler.modules import ExitHead
 from eec.errors import InputError
 from eec.runtime import load
-from tests.conftest import TINY_SHAPES, tiny_model
 
 
 def test_shortlist_ids_rank_by_frequency_then_fill_with_low_ids():
@@ -43,47 +42,39 @@ def test_numpy_head_scores_equal_the_pytorch_head():
     assert set(head.shortlisted(ids)(h)[0].tolist()) <= set(ids.tolist())
 
 
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    model_type, overrides = TINY_SHAPES["llama-gqa-untied"]
-    root = tmp_path_factory.mktemp("shortlist")
-    tiny_model(model_type, **overrides).save_pretrained(root / "hf")
-    return root
-
-
-def test_compiled_shortlist_heads_only_emit_listed_tokens_and_match_rescoring(src):
-    full = compile_model(src / "hf", src / "full.eec", exits=[2, 4], calibration_tokens=12)
-    short = compile_model(src / "hf", src / "short.eec", exits=[2, 4], shortlist=16, calibration_tokens=12)
+def test_compiled_shortlist_heads_only_emit_listed_tokens_and_match_rescoring(llama_src):
+    full = compile_model(llama_src / "hf", llama_src / "full.eec", exits=[2, 4], calibration_tokens=12)
+    short = compile_model(llama_src / "hf", llama_src / "short.eec", exits=[2, 4], shortlist=16, calibration_tokens=12)
     assert [s.exit.shortlist for s in short.segments[:-1]] == [16, 16]
-    full_traces = Traces.load(src / "full.eec" / full.calibration.file)
-    short_traces = Traces.load(src / "short.eec" / short.calibration.file)
+    full_traces = Traces.load(llama_src / "full.eec" / full.calibration.file)
+    short_traces = Traces.load(llama_src / "short.eec" / short.calibration.file)
     ids = shortlist_ids(full_traces.final, 16, 96)
     # Same backbone, same prompts: the shortlist artifact's own traces are what rescoring predicts.
     from eec.compiler.frontends import load_source
     from eec.compiler.segments import exit_head_weights
 
-    heads = exit_head_weights(load_source(src / "hf"), [2, 4])
+    heads = exit_head_weights(load_source(llama_src / "hf"), [2, 4])
     predicted = rescore(full_traces, heads, ids)
     np.testing.assert_array_equal(short_traces.final, full_traces.final)
     np.testing.assert_allclose(short_traces.scores[:, :, :3], predicted.scores[:, :, :3], atol=2e-3)
     assert (short_traces.agreed == predicted.agreed).mean() > 0.98
     # Never an exit on a token outside the list: every token leaves at the first exit here.
-    model = load(src / "short.eec")
+    model = load(llama_src / "short.eec")
     result = model.generate([3, 17, 42, 8], max_new_tokens=24, thresholds=-math.inf)
     exited = [t for t, e in zip(result.tokens, result.exits) if e < 6]
     assert len(exited) == 23 and set(exited) <= set(ids.tolist())
 
 
-def test_shortlist_auto_and_bad_input(src, tmp_path):
-    manifest = compile_model(src / "hf", tmp_path / "auto.eec", exits="auto", shortlist="auto", calibration_tokens=12)
+def test_shortlist_auto_and_bad_input(llama_src, tmp_path):
+    manifest = compile_model(llama_src / "hf", tmp_path / "auto.eec", exits="auto", shortlist="auto", calibration_tokens=12)
     placement = manifest.placement
     assert placement["shortlist"] in (0, 3, 12, 48)  # the whole vocabulary or 96 / (2, 8, 32)
     assert len({r["shortlist"] for r in placement["ranked"]}) > 1 or not placement["exits"]
     assert all(s.exit.shortlist == placement["shortlist"] for s in manifest.segments[:-1])
     assert placement["ranked"][0]["exits"] == placement["exits"]
     with pytest.raises(InputError, match="use it with --exits auto"):
-        compile_model(src / "hf", tmp_path / "x.eec", exits=[2], shortlist="auto")
+        compile_model(llama_src / "hf", tmp_path / "x.eec", exits=[2], shortlist="auto")
     with pytest.raises(InputError, match="not smaller than the vocabulary"):
-        compile_model(src / "hf", tmp_path / "x.eec", exits=[2], shortlist=96)
+        compile_model(llama_src / "hf", tmp_path / "x.eec", exits=[2], shortlist=96)
     with pytest.raises(InputError, match="leave out --no-calibrate"):
-        compile_model(src / "hf", tmp_path / "x.eec", exits=[2], shortlist=8, calibrate=False)
+        compile_model(llama_src / "hf", tmp_path / "x.eec", exits=[2], shortlist=8, calibrate=False)

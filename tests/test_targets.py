@@ -13,26 +13,17 @@ from eec.errors import InputError
 from eec.runtime import load
 from eec.targets.latency import LatencyTable
 from eec.targets.measure import measure_artifact
-from tests.conftest import TINY_SHAPES, tiny_model
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    model_type, overrides = TINY_SHAPES["llama-gqa-untied"]
-    root = tmp_path_factory.mktemp("targets")
-    tiny_model(model_type, **overrides).save_pretrained(root / "hf")
-    return root
-
-
-@pytest.fixture(scope="module")
-def measured(src):
+def measured(llama_src):
     """An artifact with exits at every candidate (1..5) and its measured profile."""
-    art = src / "all.eec"
-    compile_model(src / "hf", art, exits=[1, 2, 3, 4, 5], calibrate=False)
+    art = llama_src / "all.eec"
+    compile_model(llama_src / "hf", art, exits=[1, 2, 3, 4, 5], calibrate=False)
     table = measure_artifact(art, past=16, repeats=3)
-    path = src / "profile.json"
+    path = llama_src / "profile.json"
     path.write_text(table.to_json())
     return art, path, table
 
@@ -49,10 +40,10 @@ def test_measured_profile_covers_every_segment_and_head(measured):
     assert table.range_cost(0, 2) == pytest.approx(sum(table.segments[p][0] for p in [(0, 1), (1, 2)]) - table.call_overhead)
 
 
-def test_exits_auto_records_and_builds_the_chosen_set(src, measured):
+def test_exits_auto_records_and_builds_the_chosen_set(llama_src, measured):
     _, profile, _ = measured
-    out = src / "auto.eec"
-    manifest = compile_model(src / "hf", out, exits="auto", placement_eps=0.8, profile=profile, calibration_tokens=8)
+    out = llama_src / "auto.eec"
+    manifest = compile_model(llama_src / "hf", out, exits="auto", placement_eps=0.8, profile=profile, calibration_tokens=8)
     placement = manifest.placement
     assert manifest.exits == placement["exits"]
     assert set(placement["exits"]) <= set(placement["candidates"])
@@ -63,17 +54,17 @@ def test_exits_auto_records_and_builds_the_chosen_set(src, measured):
     assert len(model.generate([3, 17, 42], max_new_tokens=8, epsilon=0.8).tokens) == 8
 
 
-def test_bad_target_inputs(src, measured, tmp_path):
+def test_bad_target_inputs(llama_src, measured, tmp_path):
     _, profile, _ = measured
     with pytest.raises(InputError, match="known targets: cpu, jetson-orin-agx"):
-        compile_model(src / "hf", tmp_path / "x.eec", target="tpu-v9")
+        compile_model(llama_src / "hf", tmp_path / "x.eec", target="tpu-v9")
     with pytest.raises(InputError, match="--exits auto needs calibration traces"):
-        compile_model(src / "hf", tmp_path / "x.eec", exits="auto", calibrate=False)
+        compile_model(llama_src / "hf", tmp_path / "x.eec", exits="auto", calibrate=False)
     other = json.loads(profile.read_text())
     other["shape"]["num_layers"] = 30
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(InputError, match="measured for another model"):
-        compile_model(src / "hf", tmp_path / "x.eec", exits="auto", profile=tmp_path / "other.json")
+        compile_model(llama_src / "hf", tmp_path / "x.eec", exits="auto", profile=tmp_path / "other.json")
     assert not (tmp_path / "x.eec").exists()
 
 
@@ -112,17 +103,17 @@ def test_profile_bad_input(llama_compiled, tmp_path):
     assert missing.exit_code == 1
 
 
-def test_tensorrt_target_compiles_anywhere_and_build_engines_explains(src, tmp_path):
+def test_tensorrt_target_compiles_anywhere_and_build_engines_explains(llama_src, tmp_path):
     from eec.targets.engines import build_engines, tensorrt_available
 
     out = tmp_path / "orin.eec"
-    manifest = compile_model(src / "hf", out, exits=[2, 4], target="jetson-orin-agx", calibration_tokens=8)
+    manifest = compile_model(llama_src / "hf", out, exits=[2, 4], target="jetson-orin-agx", calibration_tokens=8)
     assert (manifest.precision, manifest.target) == ("fp16", "jetson-orin-agx")
     ops = {n.op_type for n in __import__("onnx").load(out / manifest.segments[0].file, load_external_data=False).graph.node}
     assert "GroupQueryAttention" not in ops  # TensorRT reads standard ops only
     assert len(load(out).generate([3, 17, 42], max_new_tokens=6, epsilon=0.8).tokens) == 6  # runs on the host CPU too
     cpu_art = tmp_path / "cpu.eec"
-    compile_model(src / "hf", cpu_art, exits=[2], calibrate=False)
+    compile_model(llama_src / "hf", cpu_art, exits=[2], calibrate=False)
     with pytest.raises(InputError, match="no engines to build"):
         build_engines(cpu_art)
     if tensorrt_available():
@@ -134,19 +125,19 @@ def test_tensorrt_target_compiles_anywhere_and_build_engines_explains(src, tmp_p
 
 @pytest.mark.skipif(not __import__("eec.targets.engines", fromlist=["x"]).tensorrt_available(),
                     reason="needs onnxruntime-gpu with TensorRT on an NVIDIA device; none was available to write this")
-def test_build_engines_on_device(src, tmp_path):
+def test_build_engines_on_device(llama_src, tmp_path):
     from eec.targets.engines import build_engines
 
     out = tmp_path / "gpu.eec"
-    compile_model(src / "hf", out, exits=[2, 4], target="rtx-4090", calibrate=False)
+    compile_model(llama_src / "hf", out, exits=[2, 4], target="rtx-4090", calibrate=False)
     cpu_tokens = load(out).generate([3, 17, 42], max_new_tokens=8, mode="full").tokens
     manifest = build_engines(out)
     assert manifest.engines and any((out / "engines").iterdir())
     assert load(out).generate([3, 17, 42], max_new_tokens=8, mode="full").tokens == cpu_tokens
 
 
-def test_cli_exits_none_compiles_the_full_model_alone(src, tmp_path):
-    result = runner.invoke(app, ["compile", str(src / "hf"), "-o", str(tmp_path / "n.eec"), "--exits", "none",
+def test_cli_exits_none_compiles_the_full_model_alone(llama_src, tmp_path):
+    result = runner.invoke(app, ["compile", str(llama_src / "hf"), "-o", str(tmp_path / "n.eec"), "--exits", "none",
                                  "--no-calibrate"])
     assert result.exit_code == 0, result.output
     model = load(tmp_path / "n.eec")
