@@ -228,7 +228,29 @@ class LastPositionHead(nn.Module):
         return self.head(hidden[:, -1, :])
 
 
-class Segment(nn.Module):
+class _SegmentBase(nn.Module):
+    """What both segment forms share: the layers, the optional embedding, exit classifier and
+    final head, and the order of the outputs."""
+
+    def __init__(self, layers, embed: nn.Embedding | None, head: ExitHead | None, emit_hidden: bool,
+                 classifier: ExitClassifier | None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.embed = embed
+        self.head = head
+        self.emit_hidden = emit_hidden
+        self.classifier = classifier
+
+    def _outputs(self, x: torch.Tensor, presents: list[torch.Tensor]) -> tuple:
+        outputs = [x] if self.emit_hidden else []
+        if self.classifier is not None:
+            outputs.append(self.classifier(x[:, -1, :]))
+        if self.head is not None:
+            outputs += list(self.head(x[:, -1, :]))
+        return tuple(outputs + presents)
+
+
+class Segment(_SegmentBase):
     """Layers [start, stop) of the backbone; the last segment also holds the final head."""
 
     def __init__(
@@ -241,14 +263,9 @@ class Segment(nn.Module):
         emit_hidden: bool,
         classifier: ExitClassifier | None = None,
     ):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
+        super().__init__(layers, embed, head, emit_hidden, classifier)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.rope_scaling = float(rope_scaling)
-        self.embed = embed
-        self.head = head
-        self.emit_hidden = emit_hidden
-        self.classifier = classifier
 
     def forward(self, x, position_ids, attention_mask, *past):
         if self.embed is not None:
@@ -269,12 +286,7 @@ class Segment(nn.Module):
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, cos, sin, allowed, past[2 * i], past[2 * i + 1])
             presents += [k, v]
-        outputs = [x] if self.emit_hidden else []
-        if self.classifier is not None:
-            outputs.append(self.classifier(x[:, -1, :]))
-        if self.head is not None:
-            outputs += list(self.head(x[:, -1, :]))
-        return tuple(outputs + presents)
+        return self._outputs(x, presents)
 
 
 def rotary_cache(inv_freq: torch.Tensor, scaling: float, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,7 +295,7 @@ def rotary_cache(inv_freq: torch.Tensor, scaling: float, length: int) -> tuple[t
     return freqs.cos() * scaling, freqs.sin() * scaling
 
 
-class FusedSegment(nn.Module):
+class FusedSegment(_SegmentBase):
     """`Segment` in onnxruntime's fused kernels (`eec.compiler.ops`); same inputs and outputs.
 
     ``position_ids`` is accepted for the common interface; GroupQueryAttention
@@ -301,15 +313,10 @@ class FusedSegment(nn.Module):
         emit_hidden: bool,
         classifier: ExitClassifier | None = None,
     ):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
+        super().__init__(layers, embed, head, emit_hidden, classifier)
         cos, sin = rotary_cache(inv_freq, rope_scaling, context)
         self.register_buffer("cos_cache", cos, persistent=False)
         self.register_buffer("sin_cache", sin, persistent=False)
-        self.embed = embed
-        self.head = head
-        self.emit_hidden = emit_hidden
-        self.classifier = classifier
 
     def forward(self, x, position_ids, attention_mask, *past):
         if self.embed is not None:
@@ -326,9 +333,4 @@ class FusedSegment(nn.Module):
                 normed, residual = ops.skip_rms_norm(out, residual, nxt.weight, nxt.eps)
             else:
                 x = residual + out
-        outputs = [x] if self.emit_hidden else []
-        if self.classifier is not None:
-            outputs.append(self.classifier(x[:, -1, :]))
-        if self.head is not None:
-            outputs += list(self.head(x[:, -1, :]))
-        return tuple(outputs + presents)
+        return self._outputs(x, presents)
