@@ -100,6 +100,7 @@ def test_train_cli_and_bad_input(tmp_path):
     run_fails(["train", src, "--exits", "2", "-o", tmp_path / "m.pt", "--lambda", "1.5"], "lambda")
     run_fails(["train", src, "--exits", "2", "-o", tmp_path / "m.pt", "--init", "magic"], "init")
     run_fails(["train", src, "--exits", "2", "-o", tmp_path / "m.pt", "--mode", "joint", "--floor", "2"], "floor")
+    run_fails(["train", src, "--exits", "2", "-o", tmp_path / "m.pt", "--mode", "joint", "--layer-drop", "1"], "layer-drop")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     run_fails(["train", src, "--exits", "2", "-o", tmp_path / "m.pt", "--prompts", empty], "no prompts")
@@ -120,6 +121,32 @@ def test_layer_weights_grow_with_depth_and_sum_to_one():
     assert abs(sum(w.values()) - 1) < 1e-12
 
 
+def test_layer_drop_skips_deep_layers_only_while_training():
+    from eec.train.joint import LayerDrop
+
+    model = tiny_model("llama", seed=5)
+    ids = torch.tensor([[3, 9, 27, 4]])
+    drop = LayerDrop(model, 0.999, torch.Generator().manual_seed(0))
+    assert drop.p[0] == 0.0 and drop.p[-1] == 0.999 and drop.p == sorted(drop.p)
+    drop.skip = [False, False, False, False, True, False]  # (the last hidden state is after the final norm)
+    model.train()
+    hs = model(ids, output_hidden_states=True).hidden_states
+    assert torch.equal(hs[5], hs[4]) and not torch.equal(hs[4], hs[3])
+    model.eval()  # never while measuring or generating
+    hs = model(ids, output_hidden_states=True).hidden_states
+    assert not torch.equal(hs[5], hs[4])
+    counts = [0] * 6
+    for _ in range(400):
+        drop.resample()
+        counts = [c + s for c, s in zip(counts, drop.skip)]
+    assert counts[0] == 0 and 200 < counts[3] < 280 and counts[5] > 390  # p = 0, 0.6, 0.999 of 400 draws
+    drop.skip = [True] * 6
+    drop.remove()
+    model.train()
+    hs = model(ids, output_hidden_states=True).hidden_states
+    assert not torch.equal(hs[5], hs[4])
+
+
 def test_joint_mode_fine_tunes_backbone_and_compiles(tmp_path):
     from eec.compiler import compile_model
     from eec.compiler.frontends import load_source
@@ -129,7 +156,7 @@ def test_joint_mode_fine_tunes_backbone_and_compiles(tmp_path):
     original = tiny_model("llama", seed=5)
     original.save_pretrained(src)
     config = TrainConfig(exits=[2, 4], prompts=PROMPTS[:20], max_new_tokens=10, epochs=3, lr=1e-3, backbone_lr=1e-3,
-                         mode="joint", floor=0.0)
+                         mode="joint", floor=0.0, layer_drop=0.5)
     result = train(src, tmp_path / "joint.pt", config)
     assert 0.0 <= result.final_agreement <= 1.0 and [r.layer for r in result.heads] == [2, 4]
     ckpt = load_checkpoint(tmp_path / "joint.pt")

@@ -90,6 +90,8 @@ def train_cmd(
     lr: float = typer.Option(1e-3, help="learning rate of the heads (AdamW)"),
     backbone_lr: float = typer.Option(2e-5, help="learning rate of the backbone in joint mode"),
     floor: float = typer.Option(0.95, help="joint mode: undo the epoch that takes the final layer's agreement with the original below this"),
+    layer_drop: float = typer.Option(0.0, help="joint mode: skip probability of the deepest layer per batch, "
+                                          "rising linearly from 0 at the first (LayerSkip)"),
     max_new_tokens: int = typer.Option(64, help="tokens the base model generates per prompt"),
     tokens: Optional[int] = typer.Option(None, help="use at most this many training tokens"),
     init: str = typer.Option("copy", help="copy (the final norm and LM head) or fresh"),
@@ -102,7 +104,7 @@ def train_cmd(
     from eec.calib.calibrate import read_prompt_lines
 
     config = TrainConfig(exits=_parse_ids(exits), lam=lam, epochs=epochs, lr=lr, backbone_lr=backbone_lr, floor=floor,
-                         max_new_tokens=max_new_tokens,
+                         layer_drop=layer_drop, max_new_tokens=max_new_tokens,
                          max_tokens=tokens, init=init, mode=mode, seed=seed,
                          prompts=read_prompt_lines(prompts) if prompts else [])
     with _progress() as update:

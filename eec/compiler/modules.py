@@ -118,11 +118,9 @@ class FusedAttention(nn.Module):
         self.o_proj = hf_attn.o_proj
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.hidden_size = hf_attn.q_proj.in_features
-        self.sizes = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
 
     def forward(self, x, cos_cache, sin_cache, attention_mask, past_k, past_v):
-        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
-        out, k, v = ops.gqa(q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache, self.n_heads, self.n_kv_heads)
+        out, k, v = ops.gqa(self.qkv(x), past_k, past_v, attention_mask, cos_cache, sin_cache, self.n_heads, self.n_kv_heads)
         return self.o_proj(out), k, v
 
 

@@ -92,9 +92,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 @torch.library.custom_op("eec::gqa", mutates_args=())
 def gqa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
     past_k: torch.Tensor,
     past_v: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -105,15 +103,16 @@ def gqa(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal grouped-query attention with rotary embedding, GroupQueryAttention's contract.
 
-    q [batch, seq, heads*dim], k and v [batch, seq, kv_heads*dim] before
-    rotary; past [batch, kv_heads, past, dim]; the attention mask is all ones
+    qkv [batch, seq, (heads + 2 * kv_heads) * dim]: queries, keys and values
+    packed, before rotary (the kernel reads them in place: no split); past [batch, kv_heads, past, dim]; the attention mask is all ones
     over ``past + seq`` (the runtime decodes one unpadded sequence), so query
     i sits at position ``past + i``. Returns the output [batch, seq,
     heads*dim] and the presents [batch, kv_heads, past + seq, dim].
     """
-    bsz, seq, _ = q.shape
+    bsz, seq, _ = qkv.shape
     dim = past_k.shape[-1]
     past = past_k.shape[2]
+    q, k, v = qkv.split([num_heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
     positions = torch.arange(past, past + seq)
     cos, sin = cos_cache[positions][None, None], sin_cache[positions][None, None]
     q = _rotate(q.view(bsz, seq, num_heads, dim).transpose(1, 2), cos, sin)
@@ -129,11 +128,12 @@ def gqa(
 
 
 @gqa.register_fake
-def _(q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache, num_heads, kv_heads):
-    bsz, seq, _ = q.shape
+def _(qkv, past_k, past_v, attention_mask, cos_cache, sin_cache, num_heads, kv_heads):
+    bsz, seq, _ = qkv.shape
+    dim = past_k.shape[-1]
     total = past_k.shape[2] + seq
-    present = past_k.new_empty(bsz, kv_heads, total, past_k.shape[-1])
-    return torch.empty_like(q), present, torch.empty_like(present)
+    present = past_k.new_empty(bsz, kv_heads, total, dim)
+    return qkv.new_empty(bsz, seq, num_heads * dim), present, torch.empty_like(present)
 
 
 def _skip_rms_norm_onnx(x, skip, weight, eps: float):
@@ -141,12 +141,12 @@ def _skip_rms_norm_onnx(x, skip, weight, eps: float):
     return normed, total
 
 
-def _gqa_onnx(q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache, num_heads: int, kv_heads: int):
+def _gqa_onnx(qkv, past_k, past_v, attention_mask, cos_cache, sin_cache, num_heads: int, kv_heads: int):
     seqlens_k = op.Cast(op.Sub(op.ReduceSum(attention_mask, op.Constant(value_ints=[1]), keepdims=0),
                                op.Constant(value_int=1)), to=INT32)
     total = op.Cast(op.Squeeze(op.Shape(attention_mask, start=1, end=2)), to=INT32)
     return _msft(_GQA)(
-        q, k, v, past_k, past_v, seqlens_k, total, cos_cache, sin_cache,
+        qkv, None, None, past_k, past_v, seqlens_k, total, cos_cache, sin_cache,
         num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, _num_outputs=3,
     )
 

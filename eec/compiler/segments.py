@@ -158,7 +158,8 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
             layers = [DecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]
             module = Segment(layers, **common).eval()
         inputs, outputs = io_names(start, stop, first, last, scored=classifier is not None)
-        spec = SegmentSpec(f"segments/seg{i}.onnx", start, stop, inputs, outputs, exit_spec)
+        spec = SegmentSpec(f"segments/seg{i}.onnx", start, stop, inputs, outputs, exit_spec,
+                           kv_cache="shared" if fused else "concat")
         segments.append(PlannedSegment(spec, module))
     return Plan(segments, [h for h in heads.values()])
 

@@ -36,6 +36,9 @@ class SegmentSpec:
     inputs: list[str]
     outputs: list[str]
     exit: ExitSpec | None  # the head at `stop`; the last segment's is the final head, fused
+    # "shared": attention is onnxruntime's GroupQueryAttention, whose past and present KV may be one
+    # preallocated buffer it appends to in place; "concat": present = past + new, a fresh tensor per call.
+    kv_cache: str = "concat"
 
     @property
     def takes_ids(self) -> bool:

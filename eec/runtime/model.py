@@ -89,9 +89,11 @@ class EarlyExitModel:
     def exits(self) -> list[int]:
         return self.manifest.exits
 
-    def new_decoder(self) -> Decoder:
+    def new_decoder(self, capacity: int = 256) -> Decoder:
+        """A decoder for one sequence; ``capacity``: the positions it expects (its KV buffers grow past it)."""
         m = self.manifest.model
-        return Decoder(self.manifest.segments, self.sessions, self.heads, m.num_kv_heads, m.head_dim, m.context_length)
+        return Decoder(self.manifest.segments, self.sessions, self.heads, m.num_kv_heads, m.head_dim, m.context_length,
+                       capacity)
 
     def encode(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
         if isinstance(prompt, str):
@@ -193,7 +195,7 @@ class EarlyExitModel:
 
     def _steps(self, ids: list[int], max_new_tokens: int, thresholds: dict[int, float] | None, metric: int,
                eos: set[int]) -> Iterator[tuple[int, int]]:
-        decoder = self.new_decoder()
+        decoder = self.new_decoder(capacity=len(ids) + max_new_tokens)
         stats = self.stats = Stats(prompt_tokens=len(ids))
         room = self.manifest.model.context_length - len(ids)
         # The prompt runs through every layer: all its positions need KV everywhere.

@@ -7,6 +7,11 @@ the rest). The final layer's term is distillation from the original, so that
 intermediate layers become better exits while the final output stays close
 to what the user had. What the user loses is measured: the fine-tuned final
 layer's agreement with the original on held-out tokens.
+
+Layer dropout (LayerSkip, Elhoushi et al. 2024): in each training batch,
+layer l of L is skipped (its input passed on unchanged) with probability
+``layer_drop * l / (L - 1)``, rising with depth, so later layers learn to
+refine rather than rewrite and earlier layers carry more of the prediction.
 """
 
 from __future__ import annotations
@@ -38,6 +43,31 @@ def layer_weights(exits: list[int], num_layers: int) -> dict[int, float]:
     return {layer: layer / total for layer in layers}
 
 
+class LayerDrop:
+    """Skips decoder layers at random while the model trains (forward hooks that return the layer's input)."""
+
+    def __init__(self, model, rate: float, generator: torch.Generator):
+        layers = model.model.layers
+        n = len(layers)
+        self.p = [rate * i / max(n - 1, 1) for i in range(n)]
+        self.generator, self.model = generator, model
+        self.skip = [False] * n
+        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)] if rate > 0 else []
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            return args[0] if self.model.training and self.skip[i] else output
+        return hook
+
+    def resample(self) -> None:
+        draws = torch.rand(len(self.p), generator=self.generator).tolist()
+        self.skip = [d < p for d, p in zip(draws, self.p)]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def _forward(student, heads: dict[int, TrainableHead], batch) -> dict[int, torch.Tensor]:
     ids, mask, positions, rows = batch
     out = student(ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
@@ -63,19 +93,23 @@ def _agreement(student, heads, data: TrainingData, is_val: torch.Tensor) -> dict
 
 def train_joint(model, heads: dict[int, TrainableHead], data: TrainingData, is_val: torch.Tensor, *, lam: float,
                 epochs: int, lr: float, backbone_lr: float, generator: torch.Generator, floor: float = 0.0,
-                on_step: Callable[[float], None] = lambda _: None):
+                layer_drop: float = 0.0, on_step: Callable[[float], None] = lambda _: None):
     """Fine-tune a copy of ``model`` and ``heads`` in place; return (student, report).
 
     After each epoch the fine-tuned final layer's held-out agreement with the
     original is measured; an epoch that takes it below ``floor`` is undone and
-    training stops there.
+    training stops there. ``layer_drop``: the deepest layer's skip
+    probability (LayerSkip); 0 trains every layer on every batch.
     """
     student = copy.deepcopy(model).train()
     for p in student.parameters():
         p.requires_grad_(True)
     n_layers = model.config.num_hidden_layers
     weights = layer_weights(sorted(heads), n_layers)
+    student.eval()  # dropout and layer drop off while measuring
     before = _agreement(student, heads, data, is_val)
+    student.train()
+    drop = LayerDrop(student, layer_drop, generator)
     head_params = [p for h in heads.values() for p in h.parameters()]
     optimizer = torch.optim.AdamW([{"params": list(student.parameters()), "lr": backbone_lr},
                                    {"params": head_params, "lr": lr}], weight_decay=0.0)
@@ -91,6 +125,7 @@ def train_joint(model, heads: dict[int, TrainableHead], data: TrainingData, is_v
             if not train_rows.any():
                 continue
             idx, logp = data.top_index[start:stop][train_rows], data.top_logp[start:stop][train_rows]
+            drop.resample()
             logits = _forward(student, heads, data.batches[b])
             loss = sum(w * valade_loss(logits[layer][train_rows], idx, logp, lam if layer < n_layers else 0.0)
                        for layer, w in weights.items())
@@ -99,13 +134,17 @@ def train_joint(model, heads: dict[int, TrainableHead], data: TrainingData, is_v
             optimizer.step()
             loss_value = loss.item()
             on_step(loss_value)
-        if floor > 0 and _agreement(student, heads, data, is_val)[n_layers] < floor:
+        student.eval()
+        below = floor > 0 and _agreement(student, heads, data, is_val)[n_layers] < floor
+        student.train()
+        if below:
             student.load_state_dict(snapshot[0])
             for k, h in heads.items():
                 h.load_state_dict(snapshot[1][k])
             stopped = True
             break
         epochs_run += 1
+    drop.remove()
     student.eval()
     after = _agreement(student, heads, data, is_val)
     report = JointReport(

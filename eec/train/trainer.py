@@ -28,6 +28,7 @@ class TrainConfig:
     lr: float = 1e-3  # exit heads
     backbone_lr: float = 2e-5  # joint mode: the backbone and its final head
     floor: float = 0.95  # joint mode: undo the epoch that takes final-layer agreement with the original below this
+    layer_drop: float = 0.0  # joint mode: the deepest layer's skip probability per batch (LayerSkip)
     max_new_tokens: int = 64  # per prompt, when generating training data
     max_tokens: int | None = None  # cap on training tokens
     init: str = "copy"
@@ -94,6 +95,8 @@ def _check(config: TrainConfig, num_layers: int) -> None:
         raise InputError(f"--init must be one of {', '.join(INITS)}, got {config.init!r}")
     if not 0.0 <= config.floor <= 1.0:
         raise InputError(f"--floor must be in [0, 1], got {config.floor}")
+    if not 0.0 <= config.layer_drop < 1.0:
+        raise InputError(f"--layer-drop must be in [0, 1), got {config.layer_drop}")
     if config.epochs < 1 or config.lr <= 0 or config.max_new_tokens < 2:
         raise InputError("--epochs must be at least 1, --lr positive and --max-new-tokens at least 2")
 
@@ -187,7 +190,8 @@ def _train_joint(src, data, is_val, config, g, progress) -> tuple[TrainResult, C
         progress("fine-tuning backbone and heads", done, steps, {"loss": loss})
 
     student, report = train_joint(src.model, heads, data, is_val, lam=config.lam, epochs=config.epochs, lr=config.lr,
-                                  backbone_lr=config.backbone_lr, generator=g, floor=config.floor, on_step=on_step)
+                                  backbone_lr=config.backbone_lr, generator=g, floor=config.floor,
+                                  layer_drop=config.layer_drop, on_step=on_step)
     progress("joint training done", done, steps, {"agreement": report.final_agreement})
     reports = [HeadReport(layer, report.final_loss, report.exit_agreement_before[layer], report.exit_agreement[layer])
                for layer in config.exits]
