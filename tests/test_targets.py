@@ -43,9 +43,11 @@ def test_measured_profile_covers_every_segment_and_head(measured):
 def test_exits_auto_records_and_builds_the_chosen_set(llama_src, measured):
     _, profile, _ = measured
     out = llama_src / "auto.eec"
-    manifest = compile_model(llama_src / "hf", out, exits="auto", placement_eps=0.8, profile=profile, calibration_tokens=8)
+    manifest = compile_model(llama_src / "hf", out, exits="auto", placement_eps=0.8, profile=profile, calibration_tokens=8,
+                             candidates="all")
     placement = manifest.placement
     assert manifest.exits == placement["exits"]
+    assert placement["candidates"] == [1, 2, 3, 4, 5]  # every layer, not the quarter depths
     assert set(placement["exits"]) <= set(placement["candidates"])
     assert placement["ranked"][0]["exits"] == placement["exits"]
     speedups = [r["predicted_speedup"] for r in placement["ranked"]]
@@ -60,6 +62,8 @@ def test_bad_target_inputs(llama_src, measured, tmp_path):
         compile_model(llama_src / "hf", tmp_path / "x.eec", target="tpu-v9")
     with pytest.raises(InputError, match="--exits auto needs calibration traces"):
         compile_model(llama_src / "hf", tmp_path / "x.eec", exits="auto", calibrate=False)
+    with pytest.raises(InputError, match="use them with --exits auto"):
+        compile_model(llama_src / "hf", tmp_path / "x.eec", exits=[2], candidates=[1, 2])
     other = json.loads(profile.read_text())
     other["shape"]["num_layers"] = 30
     (tmp_path / "other.json").write_text(json.dumps(other))

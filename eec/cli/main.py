@@ -134,6 +134,8 @@ def compile_cmd(
     exits: Optional[str] = typer.Option(None, help="exit layers, e.g. 8,16,24; 'auto' to choose among the heads by predicted "
                                         "latency; 'none' (default: the checkpoint's heads, else quarter depths)"),
     eps: float = typer.Option(0.9, help="accuracy level the --exits auto placement optimises for"),
+    candidates: Optional[str] = typer.Option(None, help="layers --exits auto chooses among, e.g. 2,4,6, or 'all' "
+                                             "(default: the checkpoint's heads, else quarter depths)"),
     target: str = typer.Option("cpu", help="device target (`eec targets list`)"),
     profile: Optional[Path] = typer.Option(None, help="latency profile from `eec targets measure` (default: the target's model)"),
     shortlist: str = typer.Option("0", help="restrict exit heads to the K most emitted tokens; 0: whole vocabulary; "
@@ -158,7 +160,8 @@ def compile_cmd(
                                  overwrite=overwrite, calibrate=calibrate, calibration_prompts=prompts,
                                  calibration_tokens=calibration_tokens, calibration_metric=metric,
                                  placement_eps=eps, profile=profile, shortlist=_parse_shortlist(shortlist),
-                                 exit_classifier=exit_classifier, progress=update)
+                                 exit_classifier=exit_classifier, candidates=_parse_candidates(candidates),
+                                 progress=update)
     for line in (manifest.placement or {}).get("report", []):
         err.print(line)
     cal = manifest.calibration
@@ -174,6 +177,12 @@ def _parse_exits(text: str | None) -> list[int] | str | None:
     text = text.strip()
     if text in ("auto", "none"):
         return "auto" if text == "auto" else []
+    return _parse_ids(text)
+
+
+def _parse_candidates(text: str | None) -> list[int] | str | None:
+    if text is None or text.strip() == "all":
+        return None if text is None else "all"
     return _parse_ids(text)
 
 

@@ -101,6 +101,7 @@ def compile_model(
     profile: Path | None = None,
     shortlist: int | str = 0,
     exit_classifier: bool = False,
+    candidates: list[int] | str | None = None,
     progress: Progress = no_progress,
 ) -> Manifest:
     """Compile ``model`` into the artifact directory ``out`` and return its manifest.
@@ -110,8 +111,9 @@ def compile_model(
     ``calibrate`` (and at least one exit) the built artifact is traced on the
     calibration prompts before it is moved into place (`eec.calib.calibrate`).
 
-    ``exits="auto"`` compiles and calibrates every layer that has a head
-    (the checkpoint's trained heads, else quarter depths), then keeps the
+    ``exits="auto"`` compiles and calibrates every candidate layer
+    (``candidates``: a list, ``"all"`` for every layer, or by default the
+    checkpoint's trained heads, else quarter depths), then keeps the
     exit set with the lowest expected latency at ``placement_eps`` on the
     target (`eec.targets.placement`), from the measured ``profile`` when
     given, else the target's latency model; the choice is in
@@ -133,6 +135,10 @@ def compile_model(
     _check_output(out, overwrite)
     auto = _check_options(exits, block_size, calibrate, calibration_prompts, calibration_metric, placement_eps,
                           shortlist, exit_classifier)
+    if candidates is not None and not auto:
+        raise InputError("--candidates are the layers --exits auto chooses among: use them with --exits auto")
+    if isinstance(candidates, str) and candidates != "all":
+        raise InputError(f"--candidates must be layer numbers or 'all', got {candidates!r}")
 
     progress("loading model", 0, 1)
     src = load_source(model)
@@ -142,7 +148,9 @@ def compile_model(
     table = None
     if auto:
         table = load_profile(profile, shape, precision) if profile else model_table(tgt, shape, precision)
-    layers = default_exits(src) if auto or exits is None else exits
+    if candidates == "all":
+        candidates = list(range(1, shape.num_layers))
+    layers = (candidates or default_exits(src)) if auto else default_exits(src) if exits is None else exits
     build = _Build(src, tgt, precision, block_size, calibrate, calibration_prompts, calibration_tokens,
                    calibration_metric, progress, placed=auto)
     tmp = build.run(layers, out.parent)
