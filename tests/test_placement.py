@@ -9,7 +9,7 @@ from eec.calib.metrics import ALL_METRICS
 from eec.calib.traces import Traces
 from eec.errors import InputError
 from eec.targets.latency import LatencyTable, ModelShape, load_profile, model_table
-from eec.targets.placement import expected_cost, place_exits
+from eec.targets.placement import cost_breakdown, expected_cost, place_exits
 from eec.targets.profiles import get_target
 
 SHAPE = ModelShape("llama", 12, 64, 128, 4, 2, 16, 1000)
@@ -42,6 +42,10 @@ def test_hand_computed_cost():
     # leave at 3: 3 layers + head 2 + catch-up of the [3,12) segment: 9 layers * 0.5 = 4.5 -> 9.5
     # reach 12: 12 layers + head 2 -> 14
     assert expected_cost(t, (3,), {3: 60, 12: 40}) == pytest.approx((60 * 9.5 + 40 * 14) / 100)
+    parts = cost_breakdown(t, (3,), {3: 60, 12: 40})
+    assert parts["heads"] == pytest.approx(2.0)  # every token passes the exit's head
+    assert parts["catch_up"] == pytest.approx(0.6 * 4.5)
+    assert parts["segments"] == pytest.approx(0.6 * 3 + 0.4 * 12)
 
 
 def test_cheap_heads_and_confident_early_exit_choose_it():

@@ -94,6 +94,7 @@ def test_profile_command(llama_compiled, tmp_path):
     assert [r["epsilon"] for r in rows] == [None, 0.5, 0.9]
     full = rows[0]
     assert full["agreement"] == 1.0 and full["speedup"] == 1.0 and full["exits"] == {"6": 4 * 12}
+    assert full["cost_ms"]["heads"] == 0 and full["cost_ms"]["catch_up"] == 0 and full["cost_ms"]["segments"] > 0
     for r in rows[1:]:
         assert sum(r["exits"].values()) == 4 * 12  # 4 default prompts x 12 tokens, each counted once
         assert 0.0 <= r["agreement"] <= 1.0 and r["ideal_speedup"] > 0 and r["gb_per_s"] > 0

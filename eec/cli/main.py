@@ -322,11 +322,14 @@ def profile(
                    else default_prompts(has_tok, model.manifest.model.vocab_size)[:4])
     with _progress() as update:
         rows = profile_artifact(model, the_prompts, levels, tokens, rounds, metric, progress=update)
-    table = Table("ε", "tok/s", "speedup", "ideal", "real/ideal", "agreement", "GB/s", "exits per layer")
+    table = Table("ε", "tok/s", "speedup", "ideal", "real/ideal", "agreement", "GB/s",
+                  "ideal ms/token: segments + heads + catch-up", "exits per layer")
     for r in rows:
+        c = r.cost_ms
         table.add_row("full" if r.epsilon is None else f"{r.epsilon}", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x",
                       f"{r.ideal_speedup:.2f}x", f"{r.realised_over_ideal:.2f}", f"{r.agreement:.3f}",
-                      f"{r.gb_per_s:.1f}", " ".join(f"{k}:{v}" for k, v in r.exits.items()))
+                      f"{r.gb_per_s:.1f}", f"{c['segments']:.3f} + {c['heads']:.3f} + {c['catch_up']:.3f}",
+                      " ".join(f"{k}:{v}" for k, v in r.exits.items()))
     out.print(table)
     if json_out is not None:
         import json

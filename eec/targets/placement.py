@@ -60,6 +60,14 @@ def expected_cost(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict
     (an artifact whose exits are not all active); heads run only at ``exits``,
     and with ``gated`` only at the exit a token leaves by.
     """
+    return sum(cost_breakdown(table, exits, exit_counts, splits, gated).values())
+
+
+def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict[int, int],
+                   splits: tuple[int, ...] | None = None, gated: bool = False) -> dict[str, float]:
+    """`expected_cost` in its parts, mean seconds per token: ``segments`` (the layers a token runs,
+    one position), ``heads`` (exit heads; the final head is inside the last segment) and
+    ``catch_up`` (later segments re-running an exited position with the next deep token)."""
     n_layers = table.shape.num_layers
     bounds = [0, *sorted(set(exits) | set(splits or ())), n_layers]
     ranges = list(zip(bounds[:-1], bounds[1:]))
@@ -67,13 +75,14 @@ def expected_cost(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict
     marginal = [max(table.range_cost(a, b, 2) - c, 0.0) for (a, b), c in zip(ranges, seg)]
     heads = [table.head_cost(b) if b in exits else 0.0 for _, b in ranges]
     total_tokens = sum(exit_counts.values())
-    cost = 0.0
+    parts = {"segments": 0.0, "heads": 0.0, "catch_up": 0.0}
     for k, (_, stop) in enumerate(ranges):
         count = exit_counts.get(stop, 0) if total_tokens else int(stop == n_layers)
         if count:
-            paid = heads[k] if gated else sum(heads[: k + 1])
-            cost += count * (sum(seg[: k + 1]) + paid + sum(marginal[k + 1:]))
-    return cost / (total_tokens or 1)
+            parts["segments"] += count * sum(seg[: k + 1])
+            parts["heads"] += count * (heads[k] if gated else sum(heads[: k + 1]))
+            parts["catch_up"] += count * sum(marginal[k + 1:])
+    return {name: value / (total_tokens or 1) for name, value in parts.items()}
 
 
 def evaluate(traces: Traces, table: LatencyTable, exits: tuple[int, ...], eps: float, metric: str, rule: str,

@@ -24,7 +24,7 @@ from pathlib import Path
 from eec.runtime.evaluate import teacher_forced
 from eec.runtime.model import EarlyExitModel
 from eec.targets.measure import measure_artifact
-from eec.targets.placement import expected_cost
+from eec.targets.placement import cost_breakdown
 
 
 @dataclass
@@ -36,6 +36,10 @@ class ProfileRow:
     agreement: float  # teacher-forced, against the full model's continuation
     exits: dict[int, int] = field(default_factory=dict)  # layer -> tokens that left there (timed runs)
     gb_per_s: float = 0.0  # weight bytes read per token x tokens/s
+    # The ideal's mean per-token cost in parts, milliseconds (`eec.targets.placement.cost_breakdown`):
+    # segments (one position each), exit heads, catch-up of exited positions. Exit classifiers are
+    # inside their segments.
+    cost_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def realised_over_ideal(self) -> float:
@@ -101,12 +105,13 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
                 done += 1
     references = [model.generate(ids, max_new_tokens=tokens, mode="full", ignore_eos=True).tokens for ids in encoded]
     splits = tuple(model.exits)
-    full_cost = expected_cost(table, (), {model.num_layers: 1}, splits)
+    full_cost = sum(cost_breakdown(table, (), {model.num_layers: 1}, splits).values())
     rows = []
     gated = (metric or (model.manifest.calibration.metric if model.manifest.calibration else "")) == "classifier"
     for e in levels:
         if e is None:
             agree, ideal, ratio = 1.0, 1.0, 1.0
+            parts = cost_breakdown(table, (), {model.num_layers: 1}, splits)
         else:
             hits, count = 0, 0
             for ids, ref in zip(encoded, references):
@@ -118,9 +123,11 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
             agree = hits / count
             ratio = statistics.median(ratios[e])
             active = tuple(layer for layer in model.exits if layer in thresholds[e])
-            ideal = full_cost / expected_cost(table, active, exits[e], splits, gated)
+            parts = cost_breakdown(table, active, exits[e], splits, gated)
+            ideal = full_cost / sum(parts.values())
         med = statistics.median(speeds[e])
         rows.append(ProfileRow(e, med, ratio, ideal, agree, dict(sorted(exits[e].items())),
-                               bytes_per_token(model, exits[e], None if e is None else thresholds[e], gated) * med / 1e9))
+                               bytes_per_token(model, exits[e], None if e is None else thresholds[e], gated) * med / 1e9,
+                               {k: v * 1e3 for k, v in parts.items()}))
     return rows
 
