@@ -66,10 +66,11 @@ def gqa_supported(head_dim: int) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Plain ops: SimplifiedLayerNormalization has no ONNX schema at opset 20,
-    # and a segment has only one norm that is not fused with a residual add.
+    # Plain ops: SimplifiedLayerNormalization has no ONNX schema at opset 20. Written as a
+    # division by the square root, the pattern onnxruntime's optimizer fuses into that kernel
+    # (Pow, ReduceMean, Add, Sqrt, Div, Mul); rsqrt exports as Reciprocal, which it does not match.
     variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps))
+    return weight * (x / torch.sqrt(variance + eps))
 
 
 @torch.library.custom_op("eec::skip_rms_norm", mutates_args=())
