@@ -40,6 +40,13 @@ def test_measured_profile_covers_every_segment_and_head(measured):
     assert table.range_cost(0, 2) == pytest.approx(sum(table.segments[p][0] for p in [(0, 1), (1, 2)]) - table.call_overhead)
 
 
+def test_measure_times_both_kv_layouts(tiny_compiled):
+    """Shared KV buffers (GroupQueryAttention) and concatenated presents (plain ops, head size 8) both time."""
+    table = measure_artifact(tiny_compiled.artifact, past=16, repeats=2)
+    assert sorted(table.segments) == [(0, 2), (2, 4), (4, 6)]
+    assert all(len(v) == 8 and all(t > 0 for t in v) for v in table.segments.values())
+
+
 def test_exits_auto_records_and_builds_the_chosen_set(llama_src, measured):
     _, profile, _ = measured
     out = llama_src / "auto.eec"

@@ -1,7 +1,9 @@
 """`eec targets measure`: time a compiled artifact's segments and heads on this device.
 
 Each segment runs over 1..8 new tokens after ``past`` cached positions (one
-decode step plus up to seven pending catch-up positions), each head over one
+decode step plus up to seven pending catch-up positions), through the
+runtime's own segment state (`eec.runtime.decode.SegmentState`: shared KV
+buffers and IO binding where the segment has them), each head over one
 position; the median of ``repeats`` calls is kept. The per-call overhead is
 the median time of a graph that does nothing but pass a hidden state
 through, with the same session options. numpy and onnxruntime only.
@@ -18,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from eec.errors import InputError
+from eec.runtime.decode import SegmentState
 from eec.runtime.manifest import Manifest, read_manifest
 from eec.runtime.sessions import open_sessions, session_options
 from eec.targets.latency import MAX_SEQ, LatencyTable, ModelShape
@@ -71,19 +74,26 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     total = len(sessions) * MAX_SEQ + len(heads) + 1
     done = 0
     table = LatencyTable(shape_of(manifest), manifest.precision, target.name, "measured", 0.0)
+    mask = np.ones((1, m.context_length), dtype=np.int64)
     for spec, session in zip(manifest.segments, sessions):
+        state = SegmentState(spec, session, m.num_kv_heads, m.head_dim, past + MAX_SEQ, m.context_length)
+        pasts = [rng.standard_normal((1, m.num_kv_heads, past, m.head_dim)).astype(np.float32) for _ in state.buffers]
+        if spec.kv_cache == "shared":
+            for buf, values in zip(state.buffers, pasts):
+                buf[:, :, :past] = values
+
+        def call(x):
+            state.length = past  # every call appends after the same cached positions
+            if spec.kv_cache != "shared":
+                state.buffers = pasts
+            state.run(x, mask)
+
         row = []
         for seq in range(1, MAX_SEQ + 1):
             progress(f"layers {spec.start}-{spec.stop}, {seq} token(s)", done, total)
-            feeds = {
-                spec.inputs[0]: (rng.integers(0, m.vocab_size, (1, seq)) if spec.takes_ids
-                                 else rng.standard_normal((1, seq, m.hidden_size)).astype(np.float32)),
-                "position_ids": np.arange(past, past + seq, dtype=np.int64)[None, :],
-                "attention_mask": np.ones((1, past + seq), dtype=np.int64),
-            }
-            for name in spec.inputs[3:]:
-                feeds[name] = rng.standard_normal((1, m.num_kv_heads, past, m.head_dim)).astype(np.float32)
-            row.append(_median_time(lambda: session.run(None, feeds), repeats))
+            x = (rng.integers(0, m.vocab_size, (1, seq)) if spec.takes_ids
+                 else rng.standard_normal((1, seq, m.hidden_size)).astype(np.float32))
+            row.append(_median_time(lambda: call(x), repeats))
             done += 1
         table.segments[(spec.start, spec.stop)] = row
     for layer, session in head_sessions.items():
