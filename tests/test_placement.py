@@ -48,6 +48,23 @@ def test_hand_computed_cost():
     assert parts["segments"] == pytest.approx(0.6 * 3 + 0.4 * 12)
 
 
+def test_measured_ranges_chain_and_fit_the_fixed_cost_of_a_call():
+    from eec.targets.latency import fit_segment_overhead
+
+    # Three one-layer segments of 10 each, and the whole range measured as one graph at 24:
+    # each call beyond the first cost (30 - 24) / 2 = 3 of fixed overhead.
+    segments = {(0, 1): [10.0] * 8, (1, 2): [10.0] * 8, (2, 3): [10.0] * 8, (0, 3): [24.0] * 8}
+    assert fit_segment_overhead(segments) == pytest.approx(3.0)
+    shape = LatencyTable(SHAPE, "fp32", "test", "measured", 0.5).shape
+    t = LatencyTable(shape, "fp32", "test", "measured", 0.5, segments=segments, segment_overhead=3.0)
+    assert t.range_cost(0, 3) == 24.0  # measured as one graph: used as measured
+    assert t.range_cost(0, 2) == pytest.approx(17.0)  # two calls become one: one fixed cost saved
+    assert t.range_cost(1, 3) == pytest.approx(17.0)
+    unfitted = LatencyTable(shape, "fp32", "test", "measured", 0.5, segments={k: v for k, v in segments.items() if k != (0, 3)})
+    assert fit_segment_overhead(unfitted.segments) == 0.0
+    assert unfitted.range_cost(0, 3) == pytest.approx(30.0 - 2 * 0.5)  # the graph-call overhead stands in
+
+
 def test_cheap_heads_and_confident_early_exit_choose_it():
     p = place_exits(traces({3: 0.0, 6: 0.8, 9: 0.1}), table(1.0, 0.5), eps=0.9, metric=METRIC, rule="valade")
     assert p.best.exits == (6,)

@@ -12,7 +12,7 @@ from eec.compiler import compile_model
 from eec.errors import InputError
 from eec.runtime import load
 from eec.targets.latency import LatencyTable
-from eec.targets.measure import measure_artifact
+from eec.targets.measure import measure_artifact, measure_artifacts
 
 runner = CliRunner()
 
@@ -40,11 +40,19 @@ def test_measured_profile_covers_every_segment_and_head(measured):
     assert table.range_cost(0, 2) == pytest.approx(sum(table.segments[p][0] for p in [(0, 1), (1, 2)]) - table.call_overhead)
 
 
-def test_measure_times_both_kv_layouts(tiny_compiled):
+def test_measure_times_both_kv_layouts(tiny_compiled, measured):
     """Shared KV buffers (GroupQueryAttention) and concatenated presents (plain ops, head size 8) both time."""
     table = measure_artifact(tiny_compiled.artifact, past=16, repeats=2)
     assert sorted(table.segments) == [(0, 2), (2, 4), (4, 6)]
     assert all(len(v) == 8 and all(t > 0 for t in v) for v in table.segments.values())
+    # One profile holds one model: artifacts of another shape are refused, of the same one merged.
+    art, _, reference = measured
+    if table.shape != reference.shape:
+        with pytest.raises(InputError, match="another model"):
+            measure_artifacts([art, tiny_compiled.artifact], past=16, repeats=2)
+    else:
+        merged = measure_artifacts([art, tiny_compiled.artifact], past=16, repeats=2)
+        assert {(0, 1), (0, 2), (2, 4)} <= set(merged.segments)
 
 
 def test_exits_auto_records_and_builds_the_chosen_set(llama_src, measured):
@@ -87,8 +95,15 @@ def test_targets_cli(measured, tmp_path):
     assert shown.exit_code == 0 and "1008" in shown.output
     bad = runner.invoke(app, ["targets", "show", "nope"])
     assert bad.exit_code == 1 and "known targets" in bad.output
-    result = runner.invoke(app, ["targets", "measure", str(art), "-o", str(tmp_path / "p.json"), "--repeats", "2"])
+    whole = tmp_path / "whole.eec"
+    compile_model(art.parent / "hf", whole, exits=[], calibrate=False)
+    result = runner.invoke(app, ["targets", "measure", str(art), str(whole), "-o", str(tmp_path / "p.json"),
+                                 "--repeats", "2", "--past", "16"])
     assert result.exit_code == 0, result.output
+    merged = LatencyTable.from_json((tmp_path / "p.json").read_text())
+    assert (0, 6) in merged.segments and (0, 1) in merged.segments and 1 in merged.heads
+    assert merged.segment_overhead > 0  # six one-layer calls cost more than one six-layer call
+    assert "fixed cost per segment call" in result.output
     assert LatencyTable.from_json((tmp_path / "p.json").read_text()).source == "measured"
 
 

@@ -8,9 +8,12 @@ A table comes from one of two places:
    operations / peak, plus the target's fixed per-layer floor (kernel
    latencies); a head likewise; every graph call adds the per-call overhead.
 2. `measured_table` / `eec targets measure`: times measured on the device for
-   each segment of a compiled artifact at 1..8 tokens per call, and for each
-   head. A layer range that spans several measured segments costs their sum
-   less the call overheads saved by running it as one graph.
+   each segment of one or more compiled artifacts at 1..8 tokens per call,
+   and for each head. A measured range is used as measured; another costs
+   the fewest measured segments that chain into it, less the fixed cost per
+   segment call saved by running them as one graph (``segment_overhead``,
+   fitted where one measured range is the chain of others: on small models
+   it is most of a layer's time).
 
 Costs are seconds per call. numpy-free and torch-free: the runtime side can read it.
 """
@@ -65,6 +68,9 @@ class LatencyTable:
     layer: list[float] = field(default_factory=list)  # one layer at seq 1..8 (model tables)
     layer_floor: float = 0.0  # the fixed part of a layer's or head's time (model tables)
     head_fraction: float = 1.0  # exit heads project onto this share of the vocabulary (shortlists)
+    # Fixed cost of one segment call (binding, graph entry and exit nodes, thread wake-ups), fitted from
+    # measured ranges that chain into another measured range; 0: not fitted, call_overhead stands in.
+    segment_overhead: float = 0.0
 
     def range_cost(self, start: int, stop: int, seq: int = 1) -> float:
         """One call running layers [start, stop) over ``seq`` tokens; a range that ends at the
@@ -74,7 +80,8 @@ class LatencyTable:
             final = self.final_head if stop == self.shape.num_layers else 0.0
             return self.call_overhead + (stop - start) * self.layer[seq - 1] + final
         parts = _cover(sorted(self.segments), start, stop)
-        return sum(self.segments[p][seq - 1] for p in parts) - (len(parts) - 1) * self.call_overhead
+        saved = self.segment_overhead or self.call_overhead
+        return sum(self.segments[p][seq - 1] for p in parts) - (len(parts) - 1) * saved
 
     def head_cost(self, layer: int) -> float:
         """One exit head call; a shortlist scales the part that is not fixed overhead."""
@@ -105,10 +112,34 @@ class LatencyTable:
 
 
 def _cover(parts: list[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int]]:
-    chosen = [p for p in parts if start <= p[0] and p[1] <= stop]
-    if not chosen or chosen[0][0] != start or chosen[-1][1] != stop:
+    """The fewest measured segments that chain from ``start`` to ``stop``."""
+    best: dict[int, list[tuple[int, int]]] = {start: []}
+    for layer in range(start, stop):  # segments only run forwards, so one pass in layer order settles each
+        if layer not in best:
+            continue
+        for a, b in parts:
+            if a == layer and b <= stop and (b not in best or len(best[layer]) + 1 < len(best[b])):
+                best[b] = best[layer] + [(a, b)]
+    if stop not in best:
         raise InputError(f"the latency profile cannot cover layers {start}-{stop}: its segments are {parts}")
-    return chosen
+    return best[stop]
+
+
+def fit_segment_overhead(segments: dict[tuple[int, int], list[float]]) -> float:
+    """Mean fixed cost per segment call at one token: for each measured range that is also a chain of
+    k > 1 shorter measured ranges, (sum of the chain - the range) / (k - 1). 0 when no range is."""
+    finer = {k: v for k, v in segments.items() if k[1] - k[0] == 1} or segments
+    fits = []
+    for (a, b), times in segments.items():
+        if b - a < 2:
+            continue
+        try:
+            chain = _cover(sorted(finer), a, b)
+        except InputError:
+            continue
+        if len(chain) > 1:
+            fits.append((sum(finer[p][0] for p in chain) - times[0]) / (len(chain) - 1))
+    return max(sum(fits) / len(fits), 0.0) if fits else 0.0
 
 
 def model_table(target: Target, shape: ModelShape, precision: str) -> LatencyTable:

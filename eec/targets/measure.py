@@ -23,7 +23,7 @@ from eec.errors import InputError
 from eec.runtime.decode import SegmentState
 from eec.runtime.manifest import Manifest, read_manifest
 from eec.runtime.sessions import open_sessions, session_options
-from eec.targets.latency import MAX_SEQ, LatencyTable, ModelShape
+from eec.targets.latency import MAX_SEQ, LatencyTable, ModelShape, fit_segment_overhead
 from eec.targets.profiles import get_target
 
 
@@ -102,5 +102,23 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
         table.heads[layer] = _median_time(lambda: session.run(None, {"hidden": x}), repeats)
         done += 1
     table.call_overhead = _overhead(m.hidden_size, repeats * 5)
+    table.segment_overhead = fit_segment_overhead(table.segments)
     progress("done", total, total)
     return table
+
+
+def measure_artifacts(paths: list[Path], past: int = 128, repeats: int = 20,
+                      progress: Callable[[str, int, int], None] = lambda *a: None) -> LatencyTable:
+    """One table from several artifacts of the same model, precision and target: their segments and
+    heads together. An artifact cut at every candidate exit and one without exits give placement
+    both the per-layer costs and the fixed cost of a segment call (`fit_segment_overhead`)."""
+    tables = [measure_artifact(p, past, repeats, progress) for p in paths]
+    first = tables[0]
+    for path, t in zip(paths[1:], tables[1:]):
+        if (t.shape, t.precision, t.target) != (first.shape, first.precision, first.target):
+            raise InputError(f"{path} is another model, precision or target than {paths[0]}; "
+                             "a profile covers one of each")
+        first.segments.update(t.segments)
+        first.heads.update(t.heads)
+    first.segment_overhead = fit_segment_overhead(first.segments)
+    return first
