@@ -42,3 +42,4 @@ GRAPH_METRICS = ("top2-margin", "max-prob", "neg-entropy")
 # computed inside the segment (only in artifacts compiled with --exit-classifier).
 ALL_METRICS = (*GRAPH_METRICS, "cosine", "classifier")
 CLASSIFIER = ALL_METRICS.index("classifier")
+COSINE = ALL_METRICS.index("cosine")

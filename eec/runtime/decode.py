@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from eec.calib.metrics import CLASSIFIER, cosine
+from eec.calib.metrics import CLASSIFIER, COSINE, cosine
 from eec.runtime.manifest import SegmentSpec
 
 
@@ -157,7 +157,10 @@ class Decoder:
                 previous = current  # the classifier says stay: the head's projection is never run
                 continue
             token, head_scores = self.heads[spec.exit.file].run(None, {"hidden": x})
-            row = np.append(head_scores[0], [np.nan if previous is None else cosine(current, previous), gate])
+            row = np.full(len(head_scores[0]) + 2, np.nan, dtype=np.float32)
+            row[:-2], row[-1] = head_scores[0], gate
+            if previous is not None and (metric == COSINE or trace):  # the only readers of the cosine
+                row[-2] = cosine(current, previous)
             result.exit_tokens[layer], result.scores[layer] = int(token[0]), row
             result.hidden[layer] = current
             previous = current
