@@ -66,7 +66,8 @@ def test_exits_auto_records_and_builds_the_chosen_set(llama_src, measured):
     assert set(placement["exits"]) <= set(placement["candidates"])
     assert placement["ranked"][0]["exits"] == placement["exits"]
     speedups = [r["predicted_speedup"] for r in placement["ranked"]]
-    assert speedups == sorted(speedups, reverse=True)
+    assert speedups[1:] == sorted(speedups[1:], reverse=True)  # the chosen set first, then the others by speed
+    assert speedups[0] >= max(speedups) / 1.02 - 1e-4  # the chosen set is within placement's tolerance
     model = load(out)
     assert len(model.generate([3, 17, 42], max_new_tokens=8, epsilon=0.8).tokens) == 8
 

@@ -38,7 +38,7 @@ from eec.runtime.manifest import (
 )
 from eec.calib.traces import Traces, metric_index
 from eec.targets.latency import ModelShape, load_profile, model_table
-from eec.targets.placement import describe, place_exits
+from eec.targets.placement import TOLERANCE, describe, place_exits
 from eec.targets.profiles import Target, check_precision, get_target
 from eec.train.classifier import train_classifiers, with_classifier_scores
 
@@ -256,8 +256,10 @@ def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], t
             judged = scored.subset(~fit) if split else scored
             placement = place_exits(judged, table.with_head_fraction(k / vocab if k else 1.0), eps, metric)
         options[k] = (placement, classifiers, ids)
-    if auto:
-        k = min(options, key=lambda size: (options[size][0].best.expected_s, size == 0))
+    if auto:  # placement's rule 5 across list sizes too: near the cheapest, the fewest exits
+        cheapest = min(options[size][0].best.expected_s for size in options)
+        near = [size for size in options if options[size][0].best.expected_s <= cheapest * (1 + TOLERANCE)]
+        k = min(near, key=lambda size: (len(options[size][0].best.exits), options[size][0].best.expected_s))
     else:
         k = sizes[0]
     placement, classifiers, ids = options[k]
@@ -266,7 +268,8 @@ def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], t
         k, classifiers, ids = 0, None, None  # no exit: nothing to shortlist or classify
     record = None
     if auto:
-        ranked = sorted(((size, c) for size, (p, _, _) in options.items() for c in p.ranked), key=lambda sc: sc[1].expected_s)
+        others = ((size, c) for size, (p, _, _) in options.items() for c in p.ranked if (size, c) != (k, placement.best))
+        ranked = [(k, placement.best), *sorted(others, key=lambda sc: sc[1].expected_s)]  # the chosen set first
         record = {
             "epsilon": eps,
             "exits": exits,

@@ -17,6 +17,10 @@ Rules:
    and every head of the set.
 4. The full model is one segment over all layers with the final head; the
    predicted speedup is its cost over the set's expected cost.
+5. Among sets predicted within `TOLERANCE` of the cheapest, the one with the
+   fewest exits wins: every exit adds host work the table does not hold (the
+   decoder's checks, pending positions), so measured speedups fall further
+   below predictions as sets grow (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from eec.calib.traces import Traces, simulate, thresholds_for
 from eec.targets.latency import LatencyTable
 
 MAX_EXHAUSTIVE = 12
+TOLERANCE = 0.02  # rule 5
 
 
 @dataclass
@@ -109,8 +114,11 @@ def place_exits(traces: Traces, table: LatencyTable, eps: float, metric: str, ru
     else:
         ranked = _greedy(traces, table, layers, eps, metric, rule, delta)
     ranked.sort(key=lambda c: (c.expected_s, len(c.exits)))
+    near = [c for c in ranked if c.expected_s <= ranked[0].expected_s * (1 + TOLERANCE)]
+    best = min(near, key=lambda c: (len(c.exits), c.expected_s))
+    ranked.remove(best)
     full = table.range_cost(0, table.shape.num_layers, 1)
-    return Placement(ranked[0], ranked, full, eps)
+    return Placement(best, [best, *ranked], full, eps)
 
 
 def _greedy(traces, table, layers, eps, metric, rule, delta) -> list[Candidate]:
