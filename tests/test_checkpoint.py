@@ -41,6 +41,16 @@ def test_checkpoint_full_mode_matches_transformers(checkpoint_artifact):
     assert model.generate(PROMPT, max_new_tokens=16, mode="full").tokens == hf_greedy(hf, PROMPT, 16)
 
 
+def test_leaving_trained_heads_out_is_refused_but_no_exits_is_a_choice(checkpoint_artifact):
+    hf, _, root = checkpoint_artifact
+    with pytest.raises(InputError, match="trained heads at layers 4 are not among the exits"):
+        compile_model(root / "model.pt", root / "some.eec", exits=[2], calibrate=False)
+    compile_model(root / "model.pt", root / "none.eec", exits=[], calibrate=False)
+    model = load(root / "none.eec")
+    assert model.exits == [] and len(model.manifest.segments) == 1
+    assert model.generate(PROMPT, max_new_tokens=8, mode="full").tokens == hf_greedy(hf, PROMPT, 8)
+
+
 def test_trained_heads_give_their_own_tokens(checkpoint_artifact):
     hf, heads, root = checkpoint_artifact
     model = load(root / "a.eec")

@@ -179,6 +179,7 @@ def test_joint_floor_undoes_the_epoch_that_crosses_it(tmp_path):
                          mode="joint", floor=1.0)
     result = train(src, tmp_path / "j.pt", config)
     assert result.epochs_run == 0 and result.final_agreement == 1.0  # the first epoch moved it; undone
+    assert result.undone_final_agreement is not None and result.undone_final_agreement < 1.0  # ... and says how far
     tuned = load_source(tmp_path / "j.pt").model
     for k, v in tuned.state_dict().items():
         assert torch.equal(v, original.state_dict()[k]), k

@@ -123,6 +123,9 @@ def train_cmd(
     if result.final_agreement is not None:
         err.print(f"fine-tuned final layer agrees with the original on {result.final_agreement:.3f} of held-out tokens "
                   f"after {result.epochs_run} of {epochs} epochs (floor {floor})")
+        if result.undone_final_agreement is not None:
+            err.print(f"epoch {result.epochs_run + 1} took it to {result.undone_final_agreement:.3f}, below the floor: "
+                      "undone, training stopped there")
     err.print(f"wrote {output}; compile it with `eec compile {output} -o ARTIFACT`")
 
 

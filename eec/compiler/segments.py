@@ -103,7 +103,7 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
     n_layers = config.num_hidden_layers
     exits = check_exits(exits, n_layers)
     unused = sorted(set(src.heads) - set(exits))
-    if unused and all_heads:
+    if unused and all_heads and exits:  # no exits at all (--exits none) is a choice, not an omission
         raise InputError(
             f"trained heads at layers {', '.join(map(str, unused))} are not among the exits {exits}; "
             "add them to --exits or leave --exits out to use the checkpoint's heads"

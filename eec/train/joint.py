@@ -34,6 +34,7 @@ class JointReport:
     final_loss: float
     epochs_run: int  # epochs kept; fewer than asked when the floor stopped training
     stopped_at_floor: bool
+    undone_final_agreement: float | None = None  # what the epoch the floor undid had taken it to
 
 
 def layer_weights(exits: list[int], num_layers: int) -> dict[int, float]:
@@ -115,7 +116,7 @@ def train_joint(model, heads: dict[int, TrainableHead], data: TrainingData, is_v
                                    {"params": head_params, "lr": lr}], weight_decay=0.0)
     offsets = torch.tensor([0] + [int(b[3].sum()) for b in data.batches]).cumsum(0)
     loss_value = float("nan")
-    epochs_run, stopped = 0, False
+    epochs_run, stopped, undone = 0, False, None
     for _ in range(epochs):
         if floor > 0:
             snapshot = copy.deepcopy((student.state_dict(), {k: h.state_dict() for k, h in heads.items()}))
@@ -135,13 +136,13 @@ def train_joint(model, heads: dict[int, TrainableHead], data: TrainingData, is_v
             loss_value = loss.item()
             on_step(loss_value)
         student.eval()
-        below = floor > 0 and _agreement(student, heads, data, is_val)[n_layers] < floor
+        reached = _agreement(student, heads, data, is_val)[n_layers] if floor > 0 else 1.0
         student.train()
-        if below:
+        if reached < floor:
             student.load_state_dict(snapshot[0])
             for k, h in heads.items():
                 h.load_state_dict(snapshot[1][k])
-            stopped = True
+            stopped, undone = True, reached
             break
         epochs_run += 1
     drop.remove()
@@ -154,5 +155,6 @@ def train_joint(model, heads: dict[int, TrainableHead], data: TrainingData, is_v
         final_loss=loss_value,
         epochs_run=epochs_run,
         stopped_at_floor=stopped,
+        undone_final_agreement=undone,
     )
     return student, report

@@ -56,6 +56,7 @@ class TrainResult:
     heads: list[HeadReport]
     final_agreement: float | None = None  # joint mode: fine-tuned final layer vs the original, held out
     epochs_run: int | None = None  # joint mode: epochs kept (the floor may stop training early)
+    undone_final_agreement: float | None = None  # joint mode: where the epoch the floor undid had taken it
 
 
 def fit_head(head, data: TrainingData, layer: int, config: TrainConfig, generator: torch.Generator,
@@ -131,8 +132,9 @@ def train(base: str | os.PathLike, out: str | os.PathLike, config: TrainConfig,
             # The floor undid the first epoch: the backbone stays as it was, so the
             # heads are worth training on it as in frozen mode rather than left untrained.
             progress("floor reached before any joint epoch: training heads on the frozen backbone", 0, 1, {})
+            undone = result.undone_final_agreement
             result, ckpt = _train_heads(src, train_data, val_data, config, g, progress)
-            result.final_agreement, result.epochs_run = 1.0, 0
+            result.final_agreement, result.epochs_run, result.undone_final_agreement = 1.0, 0, undone
             ckpt.metadata["trained_by"] += "; joint mode stopped by --floor before its first epoch"
     else:
         if config.max_tokens:
@@ -144,6 +146,7 @@ def train(base: str | os.PathLike, out: str | os.PathLike, config: TrainConfig,
         "reports": [asdict(r) for r in result.heads],
         "final_agreement": result.final_agreement,
         "epochs_run": result.epochs_run,
+        "undone_final_agreement": result.undone_final_agreement,
     })
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
@@ -206,7 +209,7 @@ def _train_joint(src, data, is_val, config, g, progress) -> tuple[TrainResult, C
         metadata={"trained_by": "eec train --mode joint (fine-tuned backbone)", "eos_token_ids": src.eos_token_ids,
                   "training_tokens": int((~is_val).sum())},
     )
-    return TrainResult(reports, report.final_agreement, report.epochs_run), ckpt
+    return TrainResult(reports, report.final_agreement, report.epochs_run, report.undone_final_agreement), ckpt
 
 
 def _hf_tokenizer(src):
