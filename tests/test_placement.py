@@ -55,6 +55,8 @@ def test_measured_ranges_chain_and_fit_the_fixed_cost_of_a_call():
     # each call beyond the first cost (30 - 24) / 2 = 3 of fixed overhead.
     segments = {(0, 1): [10.0] * 8, (1, 2): [10.0] * 8, (2, 3): [10.0] * 8, (0, 3): [24.0] * 8}
     assert fit_segment_overhead(segments) == pytest.approx(3.0)
+    # Cuts of several layers work the same way (an artifact's exits against one without).
+    assert fit_segment_overhead({(0, 2): [20.0], (2, 3): [10.0], (0, 3): [27.0]}) == pytest.approx(3.0)
     shape = LatencyTable(SHAPE, "fp32", "test", "measured", 0.5).shape
     t = LatencyTable(shape, "fp32", "test", "measured", 0.5, segments=segments, segment_overhead=3.0)
     assert t.range_cost(0, 3) == 24.0  # measured as one graph: used as measured

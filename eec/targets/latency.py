@@ -128,17 +128,14 @@ def _cover(parts: list[tuple[int, int]], start: int, stop: int) -> list[tuple[in
 def fit_segment_overhead(segments: dict[tuple[int, int], list[float]]) -> float:
     """Mean fixed cost per segment call at one token: for each measured range that is also a chain of
     k > 1 shorter measured ranges, (sum of the chain - the range) / (k - 1). 0 when no range is."""
-    finer = {k: v for k, v in segments.items() if k[1] - k[0] == 1} or segments
     fits = []
     for (a, b), times in segments.items():
-        if b - a < 2:
-            continue
+        shorter = sorted(k for k in segments if k != (a, b) and a <= k[0] and k[1] <= b)
         try:
-            chain = _cover(sorted(finer), a, b)
+            chain = _cover(shorter, a, b)
         except InputError:
             continue
-        if len(chain) > 1:
-            fits.append((sum(finer[p][0] for p in chain) - times[0]) / (len(chain) - 1))
+        fits.append((sum(segments[p][0] for p in chain) - times[0]) / (len(chain) - 1))
     return max(sum(fits) / len(fits), 0.0) if fits else 0.0
 
 
