@@ -29,7 +29,7 @@ from full_vs_transformers import smollm2_gguf, time_hf  # noqa: E402
 
 from eec.compiler import compile_model  # noqa: E402
 from eec.runtime import load  # noqa: E402
-from eec.targets.measure import measure_artifact  # noqa: E402
+from eec.targets.measure import measure_artifacts  # noqa: E402
 
 PROMPTS = [
     "Explain how a refrigerator works, step by step.",
@@ -106,14 +106,19 @@ def main() -> None:
     source = args.model_pt or gguf
     hf_path = hf_dir(work, gguf)
     genai_path = genai_model(work, hf_path)
-    full_art, auto_art, profile = work / "eec-int4.eec", work / "eec-int4-auto.eec", work / "profile-int4.json"
-    if not full_art.exists():
-        # The candidates --exits auto will choose among (trained heads, else quarter depths), so the
-        # profile measured on this artifact covers every range placement can ask for.
+    cuts, full_art = work / "eec-int4-cuts.eec", work / "eec-int4-full.eec"
+    auto_art, profile = work / "eec-int4-auto.eec", work / "profile-int4.json"
+    if not cuts.exists():
+        # Exits at every candidate --exits auto will choose among (trained heads, else quarter depths):
+        # measured beside the one-segment model, the profile covers every range and fits the fixed
+        # cost of a segment call.
         print("compiling eec int4 (exits at every candidate) ...", flush=True)
-        compile_model(source, full_art, precision="int4", calibrate=False)
+        compile_model(source, cuts, precision="int4", calibrate=False)
+    if not full_art.exists():
+        print("compiling eec int4 (no exits) ...", flush=True)
+        compile_model(source, full_art, exits=[], precision="int4", calibrate=False)
     if not profile.exists():
-        profile.write_text(measure_artifact(full_art).to_json())
+        profile.write_text(measure_artifacts([cuts, full_art]).to_json())
     if not auto_art.exists():
         print(f"compiling eec int4 --exits auto --eps {args.eps} ...", flush=True)
         compile_model(source, auto_art, exits="auto", precision="int4", placement_eps=args.eps, profile=profile)
