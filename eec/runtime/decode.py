@@ -40,6 +40,9 @@ class SegmentState:
         self.binding = None
         if spec.kv_cache == "shared":
             self.binding = session.io_binding()
+            # Its C binding's output list skips wrapping every bound KV buffer in a Python OrtValue
+            # (~15 us a call); the public wrapper where a future onnxruntime renames it.
+            self._outputs = getattr(self.binding, "_iobinding", self.binding).get_outputs
             for name in spec.outputs[: self.small]:  # bound first, so they lead `get_outputs()`
                 self.binding.bind_output(name, "cpu")
             self.buffers = [np.zeros((1, kv_heads, min(capacity, context), head_dim), np.float32) for _ in range(layers)]
@@ -88,8 +91,7 @@ class SegmentState:
             for name in spec.outputs[: self.small]:  # their shapes change with seq: a fresh tensor each call
                 io.bind_output(name, "cpu")
             self.session.run_with_iobinding(io)
-            # The C binding's list skips wrapping every bound KV buffer in a Python OrtValue (~15 us a call).
-            values = io._iobinding.get_outputs() if hasattr(io, "_iobinding") else io.get_outputs()
+            values = self._outputs()
             outputs = [values[i].numpy() for i in range(self.small)]
         self.length = past + seq
         return outputs[0], outputs[1] if self.small == 2 else None
