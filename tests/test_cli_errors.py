@@ -75,6 +75,17 @@ def test_bad_exit_layers(tiny_hf_dir, tmp_path, exits, message):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--exits", "2,4", "--candidates", "1,2"], "use them with --exits auto"),
+     (["--exits", "auto", "--candidates", "1,x"], "comma"),
+     (["--exits", "auto", "--candidates", "1,9"], "out of range")],
+)
+def test_bad_candidates(tiny_hf_dir, tmp_path, args, message):
+    run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", *args], message)
+    assert leftovers(tmp_path) == []
+
+
 def test_unknown_metric_is_refused_before_compiling(tiny_hf_dir, tmp_path):
     run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", "--metric", "vibes"], "unknown metric", "top2-margin")
     assert leftovers(tmp_path) == []

@@ -184,9 +184,9 @@ def _parse_exits(text: str | None) -> list[int] | str | None:
 
 
 def _parse_candidates(text: str | None) -> list[int] | str | None:
-    if text is None or text.strip() == "all":
-        return None if text is None else "all"
-    return _parse_ids(text)
+    if text is None:
+        return None
+    return "all" if text.strip() == "all" else _parse_ids(text)
 
 
 def _parse_shortlist(text: str) -> int | str:
@@ -429,7 +429,7 @@ def targets_measure(
                                            "one cut at every candidate exit and one without exits)"),
     output: Path = typer.Option(..., "-o", "--output", help="latency profile to write (JSON)"),
     past: int = typer.Option(128, help="cached positions before the timed calls"),
-    repeats: int = typer.Option(20, help="timed calls per entry (the median is kept)"),
+    repeats: int = typer.Option(20, help="timed passes over the whole chain per token count (the median is kept)"),
 ) -> None:
     """Time every segment of the ARTIFACTS at 1..8 tokens per call and every exit head, on this device."""
     from eec.targets.measure import measure_artifacts
