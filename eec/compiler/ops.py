@@ -105,8 +105,8 @@ def gqa(
     """Causal grouped-query attention with rotary embedding, GroupQueryAttention's contract.
 
     qkv [batch, seq, (heads + 2 * kv_heads) * dim]: queries, keys and values
-    packed, before rotary (the kernel reads them in place: no split); past [batch, kv_heads, past, dim]; the attention mask is all ones
-    over ``past + seq`` (the runtime decodes one unpadded sequence), so query
+    packed, before rotary (the kernel reads them in place: no split); past
+    [batch, kv_heads, past, dim]; the attention mask is all ones over ``past + seq`` (the runtime decodes one unpadded sequence), so query
     i sits at position ``past + i``. Returns the output [batch, seq,
     heads*dim] and the presents [batch, kv_heads, past + seq, dim].
     """

@@ -105,13 +105,13 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
                 done += 1
     references = [model.generate(ids, max_new_tokens=tokens, mode="full", ignore_eos=True).tokens for ids in encoded]
     splits = tuple(model.exits)
-    full_cost = sum(cost_breakdown(table, (), {model.num_layers: 1}, splits).values())
+    full_parts = cost_breakdown(table, (), {model.num_layers: 1}, splits)
+    full_cost = sum(full_parts.values())
     rows = []
     gated = (metric or (model.manifest.calibration.metric if model.manifest.calibration else "")) == "classifier"
     for e in levels:
         if e is None:
-            agree, ideal, ratio = 1.0, 1.0, 1.0
-            parts = cost_breakdown(table, (), {model.num_layers: 1}, splits)
+            agree, ideal, ratio, parts = 1.0, 1.0, 1.0, full_parts
         else:
             hits, count = 0, 0
             for ids, ref in zip(encoded, references):
