@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from eec.compiler import compile_model
@@ -35,3 +36,35 @@ def test_tiny_code_model_trains_and_compiles(tmp_path):
     prompt = tok("def main():\n    ")["input_ids"]
     assert model.encode("def main():\n    ", chat=False) == prompt
     assert model.generate(prompt, max_new_tokens=12, mode="full").tokens == hf_greedy(hf, prompt, 12)
+
+
+def _recipe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("code_lm_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_distillation_adds_each_exits_kl_to_the_last_layer():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    recipe = _recipe()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         initializer_range=0.3)
+    model = LlamaForCausalLM(config).eval()
+    x, y = torch.randint(0, 50, (2, 7)), torch.randint(0, 50, (2, 7))
+    plain, per_layer = recipe.layer_weighted_loss(model, x, y, 0.0)
+    # CALM's weights by hand: layer l counts l / (1 + 2 + 3)
+    assert float(plain.detach()) == pytest.approx(sum((i + 1) * v for i, v in enumerate(per_layer)) / 6, rel=1e-5)
+    mixed, _ = recipe.layer_weighted_loss(model, x, y, 0.5)
+    with torch.no_grad():
+        hidden = model.model(input_ids=x, output_hidden_states=True).hidden_states[1:]
+        logp = [torch.log_softmax(model.lm_head(h if i == 2 else model.model.norm(h)), -1).flatten(0, 1)
+                for i, h in enumerate(hidden)]
+        kl = [float((logp[2].exp() * (logp[2] - lp)).sum(-1).mean()) for lp in logp[:2]]  # per token, averaged
+    assert float((mixed - plain).detach()) == pytest.approx(0.5 * sum(kl) / 2, rel=1e-3)
+    assert min(kl) > 0  # a random model's exits disagree with its last layer: the term is not vacuous

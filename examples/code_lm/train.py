@@ -7,6 +7,9 @@ standard library's own source, which ships with every Python. Whole modules
 are held out for evaluation. The result is saved in the Hugging Face layout
 (config, safetensors, tokenizer), so transformers, onnxruntime-genai and
 `eec compile` load it like any user's model; its exits use the shared head.
+``--distill W`` (default 1) adds self-distillation: each earlier layer's KL
+divergence to the last layer's distribution (detached), so the exits learn
+the token the full model will emit, which is what their agreement measures.
 
     .venv/bin/python examples/code_lm/train.py -o code-lm --minutes 55
 
@@ -59,18 +62,25 @@ def encode(tok, files: list[Path]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def layer_weighted_loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-    """CALM's objective: sum over layers l of l * CE(head(norm(h_l)), y) / sum of l."""
+def layer_weighted_loss(model, x: torch.Tensor, y: torch.Tensor, distill: float = 0.0) -> tuple[torch.Tensor, list[float]]:
+    """CALM's objective: sum over layers l of l * CE(head(norm(h_l)), y) / sum of l; with ``distill``
+    > 0, plus that weight times the mean over the earlier layers of KL(last layer || layer l), the
+    last layer's distribution detached (self-distillation: it trains each exit towards the token
+    the full model will emit, which is what an exit's agreement measures)."""
     out = model.model(input_ids=x, output_hidden_states=True)
     hidden = out.hidden_states[1:]  # after each layer; the last one is already normed by the model
-    losses = []
+    losses, logits = [], []
     for i, h in enumerate(hidden):
         normed = h if i == len(hidden) - 1 else model.model.norm(h)
-        logits = model.lm_head(normed)
-        losses.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+        logits.append(model.lm_head(normed).flatten(0, 1))
+        losses.append(F.cross_entropy(logits[-1], y.flatten()))
     weights = torch.arange(1, len(losses) + 1, dtype=torch.float32)
     total = sum(w * l for w, l in zip(weights, losses)) / weights.sum()
-    return total, [float(l) for l in losses]
+    if distill > 0 and len(logits) > 1:
+        teacher = F.log_softmax(logits[-1].detach(), dim=-1)
+        kl = [F.kl_div(F.log_softmax(lg, dim=-1), teacher, log_target=True, reduction="batchmean") for lg in logits[:-1]]
+        total = total + distill * sum(kl) / len(kl)
+    return total, [float(l.detach()) for l in losses]
 
 
 @torch.no_grad()
@@ -104,6 +114,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distill", type=float, default=1.0,
+                        help="weight of each exit's KL to the last layer's (detached) distribution; 0: CALM's loss only")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long run on a few files (tests)")
     args = parser.parse_args()
     if args.tiny:
@@ -135,7 +147,7 @@ def main() -> None:
         idx = torch.randint(0, len(train) - args.seq - 1, (args.batch,))
         x = torch.stack([train[i: i + args.seq] for i in idx])
         y = torch.stack([train[i + 1: i + args.seq + 1] for i in idx])
-        loss, per_layer = layer_weighted_loss(model, x, y)
+        loss, per_layer = layer_weighted_loss(model, x, y, args.distill)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
