@@ -19,7 +19,8 @@ from eec.compiler import compile_model  # noqa: E402
 from eec.runtime import load  # noqa: E402
 from eec.runtime.evaluate import agreement  # noqa: E402
 
-VARIANTS = [("fp32", {}), ("int8", {}), ("int8-dynamic", {}), ("int4", {"block_size": 32}), ("int4", {"block_size": 16})]
+VARIANTS = [("fp32", {}), ("int8", {}), ("int8-dynamic", {}), ("int4", {"block_size": 32}), ("int4", {"block_size": 16}),
+            ("int4-gguf", {"block_size": 32})]
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ variant's full mode with the fp32 full mode, and its decode speed. Usage:
 
 Each variant rewrites the fp32 artifact's one segment with `MatMulNBitsQuantizer` (bits, block size,
 symmetric or not, `accuracy_level` 4 = int8 activations or 0 = fp32, the LM head at 8 bits, or the HQQ
-algorithm) and loads the copy without re-hashing it. It explores what eec's `--precision` could use; it
+algorithm), or with eec's own int4 passes (`int4-gguf-acc4`: the GGUF's Q4_1 blocks carried over),
+and loads the copy without re-hashing it. It explores what eec's `--precision` could use; it
 is not a compile path.
 """
 
@@ -28,6 +29,7 @@ from eec.runtime.evaluate import agreement  # noqa: E402
 
 VARIANTS = {
     "int4-sym-acc4": dict(bits=4, block_size=32, is_symmetric=True, accuracy_level=4),  # eec's int4
+    "int4-gguf-acc4": dict(bits=4, block_size=32, accuracy_level=4, carry=True),  # eec's int4-gguf (Q4CarryOver)
     "int4-asym-acc4": dict(bits=4, block_size=32, is_symmetric=False, accuracy_level=4),
     "int4-sym-acc0": dict(bits=4, block_size=32, is_symmetric=True, accuracy_level=0),
     "int4-asym-acc4-head8": dict(bits=4, block_size=32, is_symmetric=False, accuracy_level=4, head_bits=8),
@@ -41,7 +43,7 @@ VARIANTS = {
 
 
 def quantize(fp32: Path, out: Path, bits: int, block_size: int, is_symmetric: bool = True, accuracy_level: int = 4,
-             head_bits: int | None = None, algo: str | None = None) -> Path:
+             head_bits: int | None = None, algo: str | None = None, carry: bool = False) -> Path:
     import onnx
 
     with quiet_logging():
@@ -51,6 +53,11 @@ def quantize(fp32: Path, out: Path, bits: int, block_size: int, is_symmetric: bo
         return out
     shutil.copytree(fp32, out)
     seg = out / "segments" / "seg0.onnx"
+    if carry:  # eec's own passes, as `--precision int4-gguf` applies them
+        from eec.compiler.precision import apply_precision
+
+        apply_precision(seg, "int4-gguf", block_size)
+        return out
     model = onnx.load(seg)
     sizes = {i.name: i.dims for i in model.graph.initializer}
     # The LM head: the one MatMul whose weight is as wide as the vocabulary.

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from eec.compiler import compile_model
-from eec.compiler.passes import Float16, Int8Dynamic, WeightOnly
+from eec.compiler.passes import Float16, Int8Dynamic, Q4CarryOver, WeightOnly
 from eec.errors import InputError
 from eec.runtime import load
 from eec.runtime.evaluate import agreement
@@ -26,6 +26,25 @@ def matmul_model(weight: np.ndarray) -> ir.Model:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", N])], [numpy_helper.from_array(weight, "w")],
     )
     return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+
+
+def matmul_model_3d(weight: np.ndarray) -> ir.Model:
+    """x [1, seq, K] @ weight, as segments and heads feed their products."""
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "seq", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seq", N])], [numpy_helper.from_array(weight, "w")],
+    )
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+
+
+def q4_1_weight(rng) -> np.ndarray:
+    """A weight as a Q4_1 GGUF stores it, dequantized: blocks of 32 along K of d * q + m (fp16 d and m)."""
+    q = rng.integers(0, 16, (K, N))
+    q[0::32], q[1::32] = 0, 15  # llama.cpp's d = range / 15: every block holds both ends
+    d = rng.uniform(0.01, 0.05, (K // 32, N)).astype(np.float16).astype(np.float32)
+    m = -rng.uniform(0.1, 0.4, (K // 32, N)).astype(np.float16).astype(np.float32)
+    return (np.repeat(d, 32, 0) * q + np.repeat(m, 32, 0)).astype(np.float32)
 
 
 def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
@@ -142,3 +161,25 @@ def test_tensorrt_int8_is_symmetric_qdq_calibrated_on_recorded_inputs(llama_src)
                 assert not inits[node.input[2]].any()  # symmetric: zero points 0, as TensorRT needs
     reference = load(fp32).generate(PROMPT, max_new_tokens=32, mode="full").tokens
     assert agreement(load(out), PROMPT, reference) >= 0.5  # runs on the host CPU too; int8 stays close
+
+
+def test_q4_1_blocks_are_carried_over_exactly():
+    rng = np.random.default_rng(3)
+    w, x = q4_1_weight(rng), rng.standard_normal((1, 5, K)).astype(np.float32)
+    carried = Q4CarryOver(32)(matmul_model_3d(w))
+    assert carried.modified
+    exact = WeightOnly(4, block_size=32, accuracy_level=0)(carried.model).model
+    assert sorted(n.op_type for n in exact.graph) == ["Add", "MatMul", "MatMulNBits", "ReduceSum", "Reshape"]
+    np.testing.assert_allclose(run(exact, x), x @ w, rtol=1e-5, atol=1e-5)  # the 4-bit codes are the GGUF's
+    requantized = run(WeightOnly(4, block_size=32, accuracy_level=0)(matmul_model_3d(w)).model, x)
+    assert np.abs(requantized - x @ w).max() > 100 * np.abs(run(exact, x) - x @ w).max()
+
+
+def test_weights_that_are_not_q4_1_are_left_alone(weight_and_input):
+    w, _ = weight_and_input
+    rng = np.random.default_rng(4)
+    for weight in (w, q4_1_weight(rng) + rng.normal(0, 1e-3, (K, N)).astype(np.float32)):
+        result = Q4CarryOver(32)(matmul_model_3d(weight))
+        assert not result.modified and [n.op_type for n in result.model.graph] == ["MatMul"]
+    # blocks of 16 split a block of 32: a half need not span 0..15, so the grid is not recovered
+    assert not Q4CarryOver(16)(matmul_model_3d(q4_1_weight(rng))).modified

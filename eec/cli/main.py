@@ -145,7 +145,7 @@ def compile_cmd(
                                             "'auto': chosen with --exits auto"),
     exit_classifier: bool = typer.Option(False, "--exit-classifier", help="train a small classifier per exit that "
                                          "decides before the head runs (thresholds then apply to its score)"),
-    precision: Optional[str] = typer.Option(None, help="fp32, fp16, int8 (weight-only), int8-dynamic or int4 (default: the target's)"),
+    precision: Optional[str] = typer.Option(None, help="fp32, fp16, int8 (weight-only), int8-dynamic, int4, or int4-gguf (int4 keeping a Q4_1 GGUF's own blocks) (default: the target's)"),
     block_size: int = typer.Option(32, help="int4/int8 weight-only block size (weights per scale)"),
     overwrite: bool = typer.Option(False, help="replace an existing artifact"),
     calibrate: bool = typer.Option(True, help="trace the compiled artifact on calibration prompts (for --eps)"),

@@ -29,7 +29,8 @@ from eec.targets.profiles import Target
 
 MAX_SEQ = 8  # calls of 1..8 tokens: one new token plus up to 7 pending (catch-up)
 # Weight-only formats add a fp32 scale per block of 32.
-BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4.0 / 32, "int8-dynamic": 1.0, "int4": 0.5 + 4.0 / 32}
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4.0 / 32, "int8-dynamic": 1.0, "int4": 0.5 + 4.0 / 32,
+                    "int4-gguf": 0.5 + 8.0 / 32}  # + the fp32 block minima of the carried products
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from eec.errors import InputError
 
-CPU_PRECISIONS = ("fp32", "int8", "int8-dynamic", "int4")
+CPU_PRECISIONS = ("fp32", "int8", "int8-dynamic", "int4", "int4-gguf")
 # int8 on TensorRT is static Q/DQ (`Int8StaticQDQ`), calibrated on recorded graph inputs.
 TENSORRT_PRECISIONS = ("fp16", "int8", "fp32")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from eec.compiler.passes.float16 import Float16
 from eec.compiler.passes.int8_dynamic import Int8Dynamic
 from eec.compiler.passes.int8_qdq import Int8StaticQDQ
+from eec.compiler.passes.q4_carry_over import Q4CarryOver
 from eec.compiler.passes.weight_only import WeightOnly
 
-__all__ = ["Float16", "Int8Dynamic", "Int8StaticQDQ", "WeightOnly"]
+__all__ = ["Float16", "Int8Dynamic", "Int8StaticQDQ", "Q4CarryOver", "WeightOnly"]

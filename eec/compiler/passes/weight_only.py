@@ -9,7 +9,10 @@ Rules:
    the product (onnxruntime-genai's CPU default); 0 keeps fp32 activations.
 3. Everything else (the embedding ``Gather``, norms, attention) is unchanged;
    exit heads and the final head are quantized like the backbone.
-4. The pass is functional: it returns a new model, ``modified`` when at least
+4. A graph with `Q4CarryOver`'s correction products is quantized
+   asymmetrically (its carried weights have levels ``d * q``, zero point 0,
+   which only the asymmetric grid reproduces), and those products stay fp32.
+5. The pass is functional: it returns a new model, ``modified`` when at least
    one ``MatMul`` was rewritten.
 """
 
@@ -20,6 +23,8 @@ import logging
 
 import onnx_ir as ir
 from onnx_ir.passes import FunctionalPass, PassResult
+
+from eec.compiler.passes.q4_carry_over import CORRECTION_PREFIX
 
 
 class WeightOnly(FunctionalPass):
@@ -33,12 +38,13 @@ class WeightOnly(FunctionalPass):
 
     def call(self, model: ir.Model) -> PassResult:
         before = _count(model, "MatMul")
+        corrections = [n.name for n in model.graph if (n.name or "").startswith(CORRECTION_PREFIX)]
         with quiet_logging():  # importing the quantizer configures the root logger at INFO
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
             quantizer = MatMulNBitsQuantizer(
-                ir.serde.serialize_model(model), bits=self.bits, block_size=self.block_size, is_symmetric=True,
-                accuracy_level=self.accuracy_level,
+                ir.serde.serialize_model(model), bits=self.bits, block_size=self.block_size,
+                is_symmetric=not corrections, accuracy_level=self.accuracy_level, nodes_to_exclude=corrections,
             )
             quantizer.process()
         new = ir.serde.deserialize_model(quantizer.model.model)
