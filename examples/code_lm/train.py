@@ -109,6 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--minutes", type=float, default=55.0, help="training time budget")
+    parser.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: the time budget only)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=4096)
@@ -121,7 +122,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a seconds-long run on a few files (tests)")
     args = parser.parse_args()
     if args.tiny:
-        args.layers, args.hidden, args.vocab, args.seq, args.batch, args.minutes = 2, 64, 300, 64, 4, 0.15
+        # A step count, not a time budget, so that a busy machine gives the same model.
+        args.layers, args.hidden, args.vocab, args.seq, args.batch, args.minutes, args.steps = 2, 64, 300, 64, 4, 5.0, 400
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(args.seed)
@@ -142,8 +144,8 @@ def main() -> None:
     budget = args.minutes * 60
     start, step = time.time(), 0
     first = None
-    while time.time() - start < budget:
-        frac = (time.time() - start) / budget
+    while time.time() - start < budget and not (args.steps and step >= args.steps):
+        frac = step / args.steps if args.steps else (time.time() - start) / budget
         for group in opt.param_groups:  # warm-up, then cosine decay over the time budget
             group["lr"] = args.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
         idx = torch.randint(0, len(train) - args.seq - 1, (args.batch,))
