@@ -6,7 +6,8 @@ setting runs in its own worker process; settings alternate round by round.
 for the loaded half of the run: what an application doing its own work, or
 a neighbour on a shared machine, does to a pool that wants every core.
 ``--genai DIR`` times onnxruntime-genai (a peer in the benchmark's
-environment) on the same prompts with the same thread counts. Usage:
+environment) on the same prompt ids (eec's encoding, chat template included)
+with the same thread counts. Usage:
 
     .venv/bin/python bench/threads.py ARTIFACT.eec [--mode full|early-exit] [--threads 1,2] [--genai DIR]
 
@@ -40,9 +41,7 @@ else:
     config = og.Config(path)
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     model = og.Model(config)
-    tok = og.Tokenizer(model)
-    for p in prompts:
-        ids = list(tok.encode(p))
+    for ids in prompts:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + tokens, min_length=len(ids) + tokens, do_sample=False)
         gen = og.Generator(model, params)
@@ -77,7 +76,11 @@ def main() -> None:
     parser.add_argument("--genai", type=Path, help="an onnxruntime-genai model folder built from the same weights")
     parser.add_argument("--no-busy", dest="busy", action="store_false", help="the quiet half only")
     args = parser.parse_args()
-    prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()][: args.count]
+    from eec.runtime import load
+
+    texts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()][: args.count]
+    model = load(args.artifact)  # for its tokenizer only: every timed run is in a worker process
+    prompts = [model.encode(t) for t in texts]
     counts = [int(t) for t in args.threads.split(",")]
     settings = [("eec", args.artifact, t) for t in counts]
     settings += [("genai", args.genai, t) for t in counts] if args.genai else []
