@@ -171,3 +171,37 @@ def test_cli_exits_none_compiles_the_full_model_alone(llama_src, tmp_path):
     model = load(tmp_path / "n.eec")
     assert len(model.manifest.segments) == 1 and model.exits == []
     assert model.generate([3, 17, 42], max_new_tokens=5, epsilon=0.9).exits == [6] * 5
+
+
+def test_other_cpu_use_sees_a_busy_core():
+    import subprocess
+    import sys
+
+    from eec.targets.measure import busy_warning, other_cpu_use
+
+    if other_cpu_use(0.05) is None:
+        pytest.skip("no /proc/stat on this system")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)  # let it start spinning
+        assert other_cpu_use(0.5) >= 0.5  # one core's worth, less scheduling slack
+        assert "other work is using" in busy_warning()
+    finally:
+        hog.kill()
+
+
+def test_measure_warns_on_a_busy_machine(measured, tmp_path, monkeypatch):
+    import eec.targets.measure as measure
+
+    art, _, _ = measured
+    monkeypatch.setattr(measure, "other_cpu_use", lambda seconds=0.3: 1.3)
+    result = runner.invoke(app, ["targets", "measure", str(art), "-o", str(tmp_path / "p.json"),
+                                 "--repeats", "1", "--past", "8"])
+    assert result.exit_code == 0, result.output
+    assert "other work is using 1.3 cores" in result.output
+    monkeypatch.setattr(measure, "other_cpu_use", lambda seconds=0.3: 0.0)
+    quiet = runner.invoke(app, ["targets", "measure", str(art), "-o", str(tmp_path / "p.json"), "--repeats", "1",
+                                "--past", "8"])
+    assert quiet.exit_code == 0 and "other work" not in quiet.output

@@ -305,6 +305,7 @@ def profile(
     """Measure tokens/s, speedup over full mode, agreement, exits and bandwidth at each ε on this device."""
     from eec.calib.calibrate import default_prompts, read_prompts
     from eec.runtime import load
+    from eec.targets.measure import busy_warning
     from eec.targets.profiling import profile_artifact
 
     levels = _parse_floats(eps, "--eps")
@@ -323,6 +324,8 @@ def profile(
     has_tok = model.codec is not None
     the_prompts = (read_prompts(prompts, has_tok) if prompts
                    else default_prompts(has_tok, model.manifest.model.vocab_size)[:4])
+    if warning := busy_warning():
+        err.print(f"warning: {warning}")
     with _progress() as update:
         rows = profile_artifact(model, the_prompts, levels, tokens, rounds, metric, progress=update)
     table = Table("ε", "tok/s", "speedup", "ideal", "real/ideal", "agreement", "GB/s",
@@ -432,10 +435,12 @@ def targets_measure(
     repeats: int = typer.Option(20, help="timed passes over the whole chain per token count (the median is kept)"),
 ) -> None:
     """Time every segment of the ARTIFACTS at 1..8 tokens per call and every exit head, on this device."""
-    from eec.targets.measure import measure_artifacts
+    from eec.targets.measure import busy_warning, measure_artifacts
 
     if not output.parent.exists():
         raise InputError(f"output folder {output.parent} does not exist")
+    if warning := busy_warning():
+        err.print(f"warning: {warning}")
     with _progress() as update:
         table = measure_artifacts(artifacts, past=past, repeats=repeats, progress=update)
     _write_atomic(output, table.to_json())

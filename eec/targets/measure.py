@@ -12,6 +12,7 @@ through, with the same session options. numpy and onnxruntime only.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +33,34 @@ def shape_of(manifest: Manifest) -> ModelShape:
     m = manifest.model
     return ModelShape(m.family, m.num_layers, m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads,
                       m.head_dim, m.vocab_size)
+
+
+def other_cpu_use(seconds: float = 0.3) -> float | None:
+    """Cores' worth of CPU that other work used over ``seconds`` while this process slept (Linux's
+    /proc/stat; None elsewhere). Timings taken beside such work describe a shared machine: a pool
+    that splits kernels across every core slows down far more than the busy share (docs/design-notes.md)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, 1.0 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
+
+
+def busy_warning(threshold: float = 0.5) -> str | None:
+    """A one-line warning when other work is using at least ``threshold`` of a core."""
+    used = other_cpu_use()
+    if used is None or used < threshold:
+        return None
+    return (f"other work is using {used:.1f} cores of this machine: the timings will include it, "
+            "and placement made from them may be off (measure on a quiet machine)")
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
