@@ -193,7 +193,7 @@ def test_other_cpu_use_sees_a_busy_core():
 
 
 def test_measure_warns_on_a_busy_machine(measured, tmp_path, monkeypatch):
-    import eec.targets.measure as measure
+    from eec.targets import measure
 
     art, _, _ = measured
     monkeypatch.setattr(measure, "other_cpu_use", lambda seconds=0.3: 1.3)
