@@ -57,7 +57,7 @@ print(json.dumps(speeds))
 BUSY = "while True: pass"
 
 
-def run(kind: str, path: Path, threads: int, args, prompts: list[str]) -> list[float]:
+def run(kind: str, path: Path, threads: int, args, prompts: list[list[int]]) -> list[float]:
     out = subprocess.run([sys.executable, "-c", WORKER, kind, str(path), str(threads), args.mode, str(args.eps),
                           str(args.tokens), json.dumps(prompts)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -79,18 +79,18 @@ def main() -> None:
     from eec.runtime import load
 
     texts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()][: args.count]
-    model = load(args.artifact)  # for its tokenizer only: every timed run is in a worker process
-    prompts = [model.encode(t) for t in texts]
+    encoder = load(args.artifact)  # for its tokenizer only: every timed run is in a worker process
+    prompts = [encoder.encode(t) for t in texts]
     counts = [int(t) for t in args.threads.split(",")]
     settings = [("eec", args.artifact, t) for t in counts]
     settings += [("genai", args.genai, t) for t in counts] if args.genai else []
-    speeds = {(k, t, load): [] for k, _, t in settings for load in ("quiet", "busy")}
-    for load in ("quiet", "busy") if args.busy else ("quiet",):
-        hog = subprocess.Popen([sys.executable, "-c", BUSY]) if load == "busy" else None
+    speeds = {(k, t, state): [] for k, _, t in settings for state in ("quiet", "busy")}
+    for state in ("quiet", "busy") if args.busy else ("quiet",):
+        hog = subprocess.Popen([sys.executable, "-c", BUSY]) if state == "busy" else None
         try:
             for _ in range(args.rounds):
                 for kind, path, t in settings:
-                    speeds[(kind, t, load)] += run(kind, path, t, args, prompts)
+                    speeds[(kind, t, state)] += run(kind, path, t, args, prompts)
         finally:
             if hog is not None:
                 hog.kill()

@@ -39,18 +39,12 @@ from onnx_ir.passes import FunctionalPass, PassResult
 CORRECTION_PREFIX = "q4_carry/"
 
 
-def _blocks(w: np.ndarray, block_size: int) -> np.ndarray | None:
+def q4_1_minima(w: np.ndarray, block_size: int = 32, tolerance: float = 1e-3) -> np.ndarray | None:
+    """The per-block minima ``[K / block_size, N]`` when ``w`` ``[K, N]`` is Q4_1-structured along K, else None."""
     k, n = w.shape
     if k % block_size or w.dtype != np.float32:
         return None
-    return w.reshape(k // block_size, block_size, n)
-
-
-def q4_1_minima(w: np.ndarray, block_size: int = 32, tolerance: float = 1e-3) -> np.ndarray | None:
-    """The per-block minima ``[K / block_size, N]`` when ``w`` ``[K, N]`` is Q4_1-structured along K, else None."""
-    blocks = _blocks(w, block_size)
-    if blocks is None:
-        return None
+    blocks = w.reshape(k // block_size, block_size, n)
     low, high = blocks.min(axis=1), blocks.max(axis=1)
     step = (high - low) / 15
     safe = np.where(step > 0, step, 1.0)
