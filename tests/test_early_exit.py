@@ -40,7 +40,7 @@ def mixed_thresholds(model, prompt, steps=24):
     seen = {e: [] for e in model.exits}
     result = decoder.step(np.asarray([prompt]), None)
     for _ in range(steps):
-        result = decoder.step(np.asarray([[result.token]]), {e: math.inf for e in model.exits})
+        result = decoder.step(np.asarray([[result.token]]), {e: math.inf for e in model.exits}, trace=True)
         for e in model.exits:
             seen[e].append(result.scores[e][0])
     return {e: float(np.median(v)) for e, v in seen.items()}

@@ -152,6 +152,8 @@ def compile_cmd(
     prompts: Optional[Path] = typer.Option(None, help="calibration prompts, one per line (default: eec's own set)"),
     calibration_tokens: int = typer.Option(48, help="tokens generated per calibration prompt"),
     metric: Optional[str] = typer.Option(None, help="confidence metric (default: the one that exits most at ε = 0.9)"),
+    catch_up: str = typer.Option("exact", help="how deeper layers get exited tokens' keys and values: exact (run them) "
+                                 "or propagate (project the exit's hidden state, as CALM; cheaper, not exact)"),
 ) -> None:
     """Compile MODEL into per-segment ONNX graphs with exit heads, then calibrate them."""
     _torch_side()
@@ -164,12 +166,12 @@ def compile_cmd(
                                  calibration_tokens=calibration_tokens, calibration_metric=metric,
                                  placement_eps=eps, profile=profile, shortlist=_parse_shortlist(shortlist),
                                  exit_classifier=exit_classifier, candidates=_parse_candidates(candidates),
-                                 progress=update)
+                                 catch_up=catch_up, progress=update)
     for line in (manifest.placement or {}).get("report", []):
         err.print(line)
     cal = manifest.calibration
     err.print(f"wrote {output}: {len(manifest.segments)} segments, exits at {manifest.exits or 'none'}, "
-              f"{manifest.precision}, target {manifest.target}, "
+              f"{manifest.precision}, target {manifest.target}, catch-up {manifest.catch_up}, "
               + (f"calibrated on {cal.tokens} tokens (metric {cal.metric})" if cal else "not calibrated"))
 
 
@@ -242,6 +244,7 @@ def generate(
     ids: bool = typer.Option(False, "--ids", help="PROMPT is comma-separated token ids"),
     chat: bool = typer.Option(True, help="wrap the prompt in the model's chat template"),
     threads: Optional[int] = typer.Option(None, help="onnxruntime threads (default: all cores)"),
+    catch_up: Optional[str] = typer.Option(None, help="exact or propagate (default: the artifact's)"),
 ) -> None:
     """Generate from ARTIFACT with early exits, streaming the text."""
     from eec.runtime import load
@@ -251,7 +254,7 @@ def generate(
         values = _parse_floats(threshold, "--threshold")
         thresholds = values[0] if len(values) == 1 else values
     the_prompt = _parse_ids(prompt) if ids else prompt
-    model = load(artifact, threads=threads)
+    model = load(artifact, threads=threads, catch_up=catch_up)
     pieces = model.generate(the_prompt, max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=eps,
                             metric=metric, rule=rule, delta=delta, stream=True, chat=chat)
     for piece in pieces:
@@ -285,8 +288,11 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
     for file in dict.fromkeys(s.exit.file for s in m.segments if s.exit.file):  # in layer order
         users = [str(s.exit.layer) for s in m.segments if s.exit.file == file]
         table.add_row(file, "-", f"exit head for layer {', '.join(users)}", megabytes(file))
+    for s in m.segments:
+        if s.fill:
+            table.add_row(s.fill, f"{s.start}-{s.stop}", "key/value fill (propagating catch-up)", megabytes(s.fill))
     out.print(table)
-    out.print(f"exits: {', '.join(map(str, m.exits)) or 'none'}")
+    out.print(f"exits: {', '.join(map(str, m.exits)) or 'none'}; catch-up: {m.catch_up}")
 
 
 @app.command()
@@ -301,6 +307,7 @@ def profile(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows as JSON here"),
     plot: Optional[Path] = typer.Option(None, help="also draw speedup and agreement against ε into this PNG"),
     threads: Optional[int] = typer.Option(None, help="onnxruntime threads (default: all cores)"),
+    catch_up: Optional[str] = typer.Option(None, help="exact or propagate (default: the artifact's)"),
 ) -> None:
     """Measure tokens/s, speedup over full mode, agreement, exits and bandwidth at each ε on this device."""
     from eec.calib.calibrate import default_prompts, read_prompts
@@ -318,7 +325,7 @@ def profile(
             raise InputError(f"output folder {path.parent} does not exist")
     if plot is not None:
         _require_matplotlib()
-    model = load(artifact, threads=threads)
+    model = load(artifact, threads=threads, catch_up=catch_up)
     if model.exits and model.manifest.calibration is None:
         raise InputError(f"{artifact} is not calibrated; run `eec calibrate {artifact}` first")
     has_tok = model.codec is not None

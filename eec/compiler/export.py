@@ -19,7 +19,7 @@ import torch
 from torch.export import Dim
 
 from eec.compiler.ops import TRANSLATIONS
-from eec.compiler.segments import HEAD_INPUTS, HEAD_OUTPUTS, PlannedHead, PlannedSegment
+from eec.compiler.segments import HEAD_INPUTS, HEAD_OUTPUTS, PlannedHead, PlannedSegment, fill_outputs
 from eec.errors import CompileError
 from eec.runtime.sessions import open_sessions
 
@@ -74,6 +74,17 @@ def export_segment(seg: PlannedSegment, root: Path) -> None:
     _export(seg.module, args, seg.spec.inputs, seg.spec.outputs, shapes, root / seg.spec.file, what)
     _verify(seg.module, segment_inputs(seg, batch=1, seq=2, past=5, seed=1), seg.spec.inputs, seg.spec.outputs,
             root / seg.spec.file, what)
+
+
+def export_fill(seg: PlannedSegment, root: Path) -> None:
+    """The segment's `KVFill` graph, beside it (``seg.spec.fill``)."""
+    args = segment_inputs(seg, batch=2, seq=3, past=4)
+    shapes = _segment_shapes(2 * len(seg.module.layers))
+    what = f"the key/value fill of layers {seg.spec.start}-{seg.spec.stop}"
+    outputs = fill_outputs(seg.spec)
+    _export(seg.fill, args, seg.spec.inputs, outputs, shapes, root / seg.spec.fill, what)
+    _verify(seg.fill, segment_inputs(seg, batch=1, seq=2, past=5, seed=1), seg.spec.inputs, outputs,
+            root / seg.spec.fill, what)
 
 
 def export_head(head: PlannedHead, root: Path) -> None:

@@ -10,6 +10,9 @@ graph has exactly the inputs and outputs the runtime drives:
     outputs  hidden_out (unless last), present_key_<i>, present_value_<i>,
              token, scores (last segment only)
 
+`KVFill` is a segment's optional second graph for the propagating catch-up
+(same inputs, the presents only).
+
 An exit head is a graph of its own (`LastPositionHead`): onnxruntime runs a
 whole graph whatever outputs are asked for, so a head fused into a middle
 segment would cost every token that passes it, in full mode too.
@@ -265,9 +268,7 @@ class Segment(_SegmentBase):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.rope_scaling = float(rope_scaling)
 
-    def forward(self, x, position_ids, attention_mask, *past):
-        if self.embed is not None:
-            x = self.embed(x)
+    def _rotary_and_mask(self, x, position_ids, attention_mask):
         seq = x.shape[1]
         total = attention_mask.shape[1]
         freqs = position_ids[..., None].float() * self.inv_freq
@@ -279,12 +280,25 @@ class Segment(_SegmentBase):
         q_idx = torch.arange(seq, device=x.device) + (total - seq)
         k_idx = torch.arange(total, device=x.device)
         causal = k_idx[None, :] <= q_idx[:, None]
-        allowed = causal[None, :, :] & attention_mask[:, None, :].bool()
+        return cos, sin, causal[None, :, :] & attention_mask[:, None, :].bool()
+
+    def forward(self, x, position_ids, attention_mask, *past):
+        if self.embed is not None:
+            x = self.embed(x)
+        cos, sin, allowed = self._rotary_and_mask(x, position_ids, attention_mask)
         presents = []
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, cos, sin, allowed, past[2 * i], past[2 * i + 1])
             presents += [k, v]
         return self._outputs(x, presents)
+
+    def fill(self, hidden, position_ids, attention_mask, past) -> list[torch.Tensor]:
+        cos, sin, allowed = self._rotary_and_mask(hidden, position_ids, attention_mask)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            _, k, v = layer.attn(layer.input_norm(hidden), cos, sin, allowed, past[2 * i], past[2 * i + 1])
+            presents += [k, v]
+        return presents
 
 
 def rotary_cache(inv_freq: torch.Tensor, scaling: float, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,3 +346,32 @@ class FusedSegment(_SegmentBase):
             else:
                 x = residual + out
         return self._outputs(x, presents)
+
+    def fill(self, hidden, position_ids, attention_mask, past) -> list[torch.Tensor]:
+        presents = []
+        for i, layer in enumerate(self.layers):
+            qkv = layer.attn.qkv(ops.rms_norm(hidden, layer.input_norm.weight, layer.input_norm.eps))
+            _, k, v = ops.gqa(qkv, past[2 * i], past[2 * i + 1], attention_mask, self.cos_cache, self.sin_cache,
+                              layer.attn.n_heads, layer.attn.n_kv_heads)
+            presents += [k, v]
+        return presents
+
+
+class KVFill(nn.Module):
+    """Keys and values of a segment's layers for positions that left at an earlier exit,
+    every layer reading that exit's hidden state (CALM's state propagation).
+
+    The exact catch-up runs the whole segment over those positions; this runs
+    each layer's norm and key/value projection only (the query, attention
+    output, output projection and MLP fall away when exported). The first
+    layer's keys and values are exact (its input is that hidden state); deeper
+    layers' approximate what the full model would compute. Same inputs as the
+    segment; outputs its presents.
+    """
+
+    def __init__(self, segment: "Segment | FusedSegment"):
+        super().__init__()
+        self.segment = segment
+
+    def forward(self, hidden, position_ids, attention_mask, *past):
+        return tuple(self.segment.fill(hidden, position_ids, attention_mask, past))

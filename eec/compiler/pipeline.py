@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from eec import __version__
-from eec.compiler.export import export_head, export_segment
+from eec.compiler.export import export_fill, export_head, export_segment
 from eec.compiler.frontends import SourceModel, load_source
 from eec.compiler.precision import DEFAULT_BLOCK_SIZE, apply_precision, needs_feeds, record_feeds
 from eec.compiler.segments import check_repeats, default_exits, exit_head_weights, plan_segments
@@ -26,6 +26,7 @@ from eec.calib.calibrate import (
     packaged_prompts,
     read_prompts,
 )
+from eec.runtime.decode import CATCH_UPS
 from eec.runtime.manifest import (
     MANIFEST,
     Manifest,
@@ -102,6 +103,7 @@ def compile_model(
     shortlist: int | str = 0,
     exit_classifier: bool = False,
     candidates: list[int] | str | None = None,
+    catch_up: str = "exact",
     progress: Progress = no_progress,
 ) -> Manifest:
     """Compile ``model`` into the artifact directory ``out`` and return its manifest.
@@ -128,6 +130,12 @@ def compile_model(
     (`eec.train.classifier`) and fuses it into the segment: the exit head
     then runs only for tokens the classifier lets leave, and the artifact's
     thresholds apply to its score (metric ``classifier``).
+
+    ``catch_up="propagate"`` adds a key/value fill graph to every segment
+    after the first (`eec.compiler.modules.KVFill`) and makes the runtime
+    fill deeper layers' KV of exited positions from the exit's hidden state
+    (CALM's state propagation) instead of running those layers: cheaper,
+    not exact (`eec.runtime.decode`). Calibration is unchanged.
     """
     out = Path(out).absolute()
     tgt = get_target(target)
@@ -135,6 +143,8 @@ def compile_model(
     _check_output(out, overwrite)
     auto = _check_options(exits, block_size, calibrate, calibration_prompts, calibration_metric, placement_eps,
                           shortlist, exit_classifier)
+    if catch_up not in CATCH_UPS:
+        raise InputError(f"--catch-up must be one of {', '.join(CATCH_UPS)}, got {catch_up!r}")
     if candidates is not None and not auto:
         raise InputError("--candidates are the layers --exits auto chooses among: use them with --exits auto")
     if isinstance(candidates, str) and candidates != "all":
@@ -152,7 +162,7 @@ def compile_model(
         candidates = list(range(1, shape.num_layers))
     layers = (candidates or default_exits(src)) if auto else default_exits(src) if exits is None else exits
     build = _Build(src, tgt, precision, block_size, calibrate, calibration_prompts, calibration_tokens,
-                   calibration_metric, progress, placed=auto)
+                   calibration_metric, progress, placed=auto, catch_up=catch_up)
     tmp = build.run(layers, out.parent)
     try:
         manifest = read_manifest(tmp, verify=False)
@@ -309,13 +319,16 @@ class _Build:
     metric: str | None
     progress: Progress
     placed: bool  # --exits auto: the exit set may leave trained heads out
+    catch_up: str = "exact"
 
     def run(self, exits: list[int], parent: Path, shortlist: list[int] | None = None,
             classifiers: dict | None = None, metric: str | None = None) -> Path:
         src, progress = self.src, self.progress
         plan = plan_segments(src, exits, fused=self.target.fused_ops, context=context_length(src.config),
-                             all_heads=not self.placed, shortlist=shortlist, classifiers=classifiers)
-        graphs = [seg.spec.file for seg in plan.segments] + [head.file for head in plan.heads]
+                             all_heads=not self.placed, shortlist=shortlist, classifiers=classifiers,
+                             fills=self.catch_up == "propagate")
+        fills = {seg.spec.fill: seg.spec.file for seg in plan.segments if seg.fill is not None}
+        graphs = [seg.spec.file for seg in plan.segments] + list(fills) + [head.file for head in plan.heads]
         total = len(graphs) + 3 + int(self.calibrate)
         step = 1
         tmp = Path(tempfile.mkdtemp(prefix=".eec-build-", dir=parent))
@@ -324,6 +337,10 @@ class _Build:
                 progress(f"exporting layers {seg.spec.start}-{seg.spec.stop}", step, total)
                 export_segment(seg, tmp)
                 step += 1
+                if seg.fill is not None:
+                    progress(f"exporting the key/value fill of layers {seg.spec.start}-{seg.spec.stop}", step, total)
+                    export_fill(seg, tmp)
+                    step += 1
             for head in plan.heads:
                 progress(f"exporting {head.file}", step, total)
                 export_head(head, tmp)
@@ -338,8 +355,9 @@ class _Build:
                     prompts = (read_prompts(self.prompts, has_tok) if self.prompts
                                else default_prompts(has_tok, src.config.vocab_size))
                     feeds = record_feeds(tmp, prompts[:8])
-                for file in graphs:
-                    apply_precision(tmp / file, self.precision, self.block_size, self.target.backend, feeds.get(file))
+                for file in graphs:  # a fill graph takes its segment's inputs: calibrated on the same feeds
+                    apply_precision(tmp / file, self.precision, self.block_size, self.target.backend,
+                                    feeds.get(fills.get(file, file)))
                 manifest = self._manifest(tmp, plan, self.precision)
             step += 1
             progress("writing manifest", step, total)
@@ -369,4 +387,5 @@ class _Build:
             tokenizer=tokenizer,
             files=hash_files(tmp),
             eec_version=__version__,
+            catch_up=self.catch_up,
         )

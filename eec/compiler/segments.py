@@ -7,7 +7,9 @@ Rules:
 3. Segment 0 takes ``input_ids`` (the embedding is fused into it); the others
    take ``hidden``. Every segment but the last emits ``hidden_out``.
 4. The last segment ends with the model's final norm and LM head, fused.
-5. Each exit has a head graph of its own that reads the segment's
+5. With ``fills``, every segment but the first also gets a `KVFill` graph
+   (``segments/fill<i>.onnx``) for the propagating catch-up.
+6. Each exit has a head graph of its own that reads the segment's
    ``hidden_out``: the trained head from ``model.pt`` where there is one
    (``heads/exit<b>.onnx``), else the model's own final norm and LM head
    ("shared", as in CALM and LayerSkip), stored once in ``heads/shared.onnx``
@@ -28,6 +30,7 @@ from eec.compiler.modules import (
     ExitHead,
     FusedDecoderLayer,
     FusedSegment,
+    KVFill,
     LastPositionHead,
     Segment,
 )
@@ -65,6 +68,7 @@ def default_exits(src: SourceModel) -> list[int]:
 class PlannedSegment:
     spec: SegmentSpec
     module: Segment
+    fill: KVFill | None = None
 
 
 @dataclass
@@ -87,17 +91,23 @@ def io_names(start: int, stop: int, first: bool, last: bool, scored: bool = Fals
     return inputs, outputs
 
 
+def fill_outputs(spec: SegmentSpec) -> list[str]:
+    """A segment's `KVFill` graph takes the segment's inputs and returns its presents."""
+    return [name for name in spec.outputs if name.startswith("present_")]
+
+
 HEAD_INPUTS, HEAD_OUTPUTS = ["hidden"], ["token", "scores"]
 
 
 def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, context: int = 2048,
                   all_heads: bool = True, shortlist: list[int] | None = None,
-                  classifiers: dict[int, ExitClassifier] | None = None) -> Plan:
+                  classifiers: dict[int, ExitClassifier] | None = None, fills: bool = False) -> Plan:
     """``fused``: build the segments from onnxruntime's fused kernels (`eec.compiler.ops`)
     where the model allows it; ``context`` is the longest sequence the rotary cache covers;
     ``all_heads``: refuse exits that leave a trained head out (placement may drop heads);
     ``shortlist``: vocabulary ids every exit head is restricted to (the final head never is);
-    ``classifiers``: exit layer -> exit classifier fused at the end of the segment that ends there."""
+    ``classifiers``: exit layer -> exit classifier fused at the end of the segment that ends there;
+    ``fills``: a `KVFill` graph for every segment after the first (``--catch-up propagate``)."""
     classifiers = classifiers or {}
     config = src.config
     n_layers = config.num_hidden_layers
@@ -158,9 +168,10 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
             layers = [DecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]
             module = Segment(layers, **common).eval()
         inputs, outputs = io_names(start, stop, first, last, scored=classifier is not None)
+        fill = fills and not first
         spec = SegmentSpec(f"segments/seg{i}.onnx", start, stop, inputs, outputs, exit_spec,
-                           kv_cache="shared" if fused else "concat")
-        segments.append(PlannedSegment(spec, module))
+                           kv_cache="shared" if fused else "concat", fill=f"segments/fill{i}.onnx" if fill else None)
+        segments.append(PlannedSegment(spec, module, KVFill(module).eval() if fill else None))
     return Plan(segments, [h for h in heads.values()])
 
 

@@ -1,11 +1,21 @@
 """One sequence's decoding state and the per-token step over the segments.
 
-Each segment keeps its layers' KV and a *pending* list: hidden states at
-its input for positions that exited before reaching it. The next token that
-goes that deep runs the segment over ``[pending..., current]`` in one call
-(synchronized catch-up), so every layer's KV always equals what the full
-model computes for the generated sequence. Pending positions are contiguous
+Each segment keeps its layers' KV and a *pending* list: hidden states of
+positions that exited before reaching it. Pending positions are contiguous
 and directly follow the segment's KV, so positions are implied by lengths.
+The next token that goes that deep catches them up first, one of two ways:
+
+- ``"exact"`` (synchronized catch-up): the segment runs over
+  ``[pending..., current]`` in one call, so every layer's KV equals what the
+  full model computes for the generated sequence; its outputs for the
+  pending positions become the next segment's pending.
+- ``"propagate"`` (CALM's state propagation): the segment's fill graph
+  writes each layer's KV of the pending positions from their exit's hidden
+  state (norm and key/value projections only, no attention output or MLP),
+  and the same hidden states become the next segment's pending. The first
+  layer after the exit is exact; deeper layers approximate the full model.
+  Cheaper where most tokens leave early: the deep layers' full compute
+  for every exited token is what the exact catch-up pays.
 """
 
 from __future__ import annotations
@@ -15,8 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from eec.calib.metrics import CLASSIFIER, COSINE, cosine
+from eec.calib.metrics import CLASSIFIER, COSINE, GRAPH_METRICS, cosine
 from eec.runtime.manifest import SegmentSpec
+
+CATCH_UPS = ("exact", "propagate")
 
 
 class SegmentState:
@@ -31,15 +43,17 @@ class SegmentState:
     """
 
     def __init__(self, spec: SegmentSpec, session: ort.InferenceSession, kv_heads: int, head_dim: int,
-                 capacity: int, context: int):
-        self.spec, self.session, self.context = spec, session, context
+                 capacity: int, context: int, fill: ort.InferenceSession | None = None):
+        """``fill``: the segment's KV fill session (`fill_kv`), sharing this state's KV."""
+        self.spec, self.session, self.context, self.fill_session = spec, session, context, fill
         self.length = 0
         self.pending: np.ndarray | None = None  # [batch, n, hidden]
         layers = 2 * (spec.stop - spec.start)
         self.small = 1 if spec.emits_hidden and not spec.scores_exit else 2  # outputs before the presents
-        self.binding = None
+        self.binding = self.fill_binding = None
         if spec.kv_cache == "shared":
             self.binding = session.io_binding()
+            self.fill_binding = fill.io_binding() if fill is not None else None
             # Its C binding's output list skips wrapping every bound KV buffer in a Python OrtValue
             # (~15 us a call); the public wrapper where a future onnxruntime renames it.
             self._outputs = getattr(self.binding, "_iobinding", self.binding).get_outputs
@@ -51,10 +65,12 @@ class SegmentState:
             self.buffers = [np.zeros((1, kv_heads, 0, head_dim), np.float32)] * layers
 
     def _bind_buffers(self) -> None:
-        spec, io = self.spec, self.binding
-        for name_in, name_out, buf in zip(spec.inputs[3:], spec.outputs[self.small:], self.buffers):
-            io.bind_input(name_in, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
-            io.bind_output(name_out, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        spec = self.spec
+        for io in (self.binding, self.fill_binding):
+            for name_in, name_out, buf in zip(spec.inputs[3:], spec.outputs[self.small:], self.buffers):
+                if io is not None:
+                    io.bind_input(name_in, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+                    io.bind_output(name_out, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
 
     def _grow(self, needed: int) -> None:
         capacity = min(self.context, max(needed, 2 * self.buffers[0].shape[2]))
@@ -96,14 +112,57 @@ class SegmentState:
         self.length = past + seq
         return outputs[0], outputs[1] if self.small == 2 else None
 
+    def fill_kv(self, hidden: np.ndarray, mask: np.ndarray) -> None:
+        """Append the KV of ``hidden``'s positions ([1, n, hidden]) with the fill graph."""
+        spec, past, seq = self.spec, self.length, hidden.shape[1]
+        positions = np.arange(past, past + seq, dtype=np.int64)[None, :]
+        if self.fill_binding is None:
+            feeds = {spec.inputs[0]: hidden, "position_ids": positions, "attention_mask": mask[:, : past + seq]}
+            feeds.update(zip(spec.inputs[3:], self.buffers))
+            self.buffers = self.fill_session.run(None, feeds)
+        else:
+            if past + seq > self.buffers[0].shape[2]:
+                self._grow(past + seq)
+            io = self.fill_binding
+            io.bind_cpu_input(spec.inputs[0], hidden)
+            io.bind_cpu_input("position_ids", positions)
+            io.bind_cpu_input("attention_mask", mask[:, : past + seq])
+            self.fill_session.run_with_iobinding(io)
+        self.length = past + seq
+
+
+class HeadCall:
+    """An exit head's session with its two small outputs bound once to fixed arrays: a call
+    allocates nothing and skips `InferenceSession.run`'s per-call feed and output handling."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+        # A stand-in with run() alone (one that records feeds, `eec.compiler.precision.record_feeds`) is run plainly.
+        self.binding = session.io_binding() if hasattr(session, "run_with_iobinding") else None
+        self.token = np.zeros(1, dtype=np.int64)
+        self.scores = np.zeros((1, len(GRAPH_METRICS)), dtype=np.float32)
+        for name, out in (("token", self.token), ("scores", self.scores)):
+            if self.binding is not None:
+                self.binding.bind_output(name, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+
+    def __call__(self, hidden: np.ndarray) -> tuple[int, np.ndarray]:
+        """(token, scores) of ``hidden``'s last position; the scores array is reused by the next call."""
+        if self.binding is None:
+            self.token[:], self.scores[:] = self.session.run(None, {"hidden": hidden})
+        else:
+            self.binding.bind_cpu_input("hidden", hidden)
+            self.session.run_with_iobinding(self.binding)
+        return int(self.token[0]), self.scores[0]
+
 
 @dataclass
 class StepResult:
     token: int
     exit_layer: int  # layers the token passed through (num_layers for the final head)
-    scores: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> one value per ALL_METRICS, heads that ran
+    # Filled when tracing (`Decoder.step(trace=True)`), for every head that ran:
+    scores: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> one value per ALL_METRICS
     exit_tokens: dict[int, int] = field(default_factory=dict)  # layer -> that head's token
-    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> last position's hidden state, heads that ran
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> last position's hidden state
 
 
 class Decoder:
@@ -118,11 +177,17 @@ class Decoder:
         head_dim: int,
         context: int,
         capacity: int = 256,
+        fills: dict[str, ort.InferenceSession] | None = None,
+        catch_up: str = "exact",
     ):
-        """``capacity``: positions the shared KV buffers start with (they grow as needed)."""
-        self.specs, self.heads = specs, heads
+        """``capacity``: positions the shared KV buffers start with (they grow as needed); ``fills``:
+        the segments' KV fill sessions by file, which ``catch_up="propagate"`` needs."""
+        self.specs, self.propagate = specs, catch_up == "propagate"
+        self.heads = {file: HeadCall(session) for file, session in heads.items()}
         self.mask = np.ones((1, context), dtype=np.int64)  # sliced, never reallocated
-        self.states = [SegmentState(s, sess, kv_heads, head_dim, capacity, context) for s, sess in zip(specs, sessions)]
+        fills = fills or {}
+        self.states = [SegmentState(s, sess, kv_heads, head_dim, capacity, context, fills.get(s.fill) if s.fill else None)
+                       for s, sess in zip(specs, sessions)]
 
     def step(self, ids: np.ndarray, thresholds: dict[int, float] | None, metric: int = 0,
              trace: bool = False) -> StepResult:
@@ -136,20 +201,27 @@ class Decoder:
         ``thresholds`` whatever the scores (calibration).
         """
         x = ids
-        result = StepResult(token=-1, exit_layer=-1)
         previous = None  # last position's hidden state at the previous exit
         last = len(self.specs) - 1
+        traced = StepResult(token=-1, exit_layer=-1)  # what the heads said, kept when tracing
         for j, spec in enumerate(self.specs):
             state = self.states[j]
             if state.pending is not None:
-                x = np.concatenate([state.pending, x], axis=1)
+                if self.propagate:
+                    state.fill_kv(state.pending, self.mask)
+                    if j < last:
+                        nxt = self.states[j + 1]
+                        nxt.pending = state.pending if nxt.pending is None else np.concatenate([nxt.pending, state.pending], axis=1)
+                else:
+                    x = np.concatenate([state.pending, x], axis=1)
                 state.pending = None
             x, scores = state.run(x, self.mask)
             layer = spec.exit.layer
             if j == last:
-                result.token, result.exit_layer = int(x[0]), layer
-                result.exit_tokens[layer], result.scores[layer] = result.token, np.append(scores[0], [np.nan, np.nan])
-                return result
+                traced.token, traced.exit_layer = int(x[0]), layer
+                if trace:
+                    traced.exit_tokens[layer], traced.scores[layer] = traced.token, np.append(scores[0], [np.nan, np.nan])
+                return traced
             current = x[0, -1]
             if thresholds is None or layer not in thresholds:
                 previous = current
@@ -158,17 +230,23 @@ class Decoder:
             if metric == CLASSIFIER and not trace and not gate >= thresholds[layer]:
                 previous = current  # the classifier says stay: the head's projection is never run
                 continue
-            token, head_scores = self.heads[spec.exit.file].run(None, {"hidden": x})
-            row = np.full(len(head_scores[0]) + 2, np.nan, dtype=np.float32)
-            row[:-2], row[-1] = head_scores[0], gate
-            if previous is not None and (metric == COSINE or trace):  # the only readers of the cosine
-                row[-2] = cosine(current, previous)
-            result.exit_tokens[layer], result.scores[layer] = int(token[0]), row
-            result.hidden[layer] = current
+            token, head_scores = self.heads[spec.exit.file](x)
+            if metric < len(GRAPH_METRICS):
+                value = float(head_scores[metric])
+            elif metric == CLASSIFIER:
+                value = gate
+            else:  # the cosine with the previous exit's hidden state; none at the first exit
+                value = np.nan if previous is None else cosine(current, previous)
+            if trace:
+                row = np.full(len(GRAPH_METRICS) + 2, np.nan, dtype=np.float32)
+                row[: len(GRAPH_METRICS)], row[-1] = head_scores, gate
+                if previous is not None:
+                    row[COSINE] = cosine(current, previous)
+                traced.exit_tokens[layer], traced.scores[layer], traced.hidden[layer] = token, row, current
             previous = current
-            if row[metric] >= thresholds[layer]:
+            if value >= thresholds[layer]:
                 nxt = self.states[j + 1]
                 nxt.pending = x if nxt.pending is None else np.concatenate([nxt.pending, x], axis=1)
-                result.token, result.exit_layer = int(token[0]), layer
-                return result
+                traced.token, traced.exit_layer = token, layer
+                return traced
         raise AssertionError("unreachable: the last segment always returns")

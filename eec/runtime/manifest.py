@@ -39,6 +39,9 @@ class SegmentSpec:
     # "shared": attention is onnxruntime's GroupQueryAttention, whose past and present KV may be one
     # preallocated buffer it appends to in place; "concat": present = past + new, a fresh tensor per call.
     kv_cache: str = "concat"
+    # The segment's KVFill graph (`eec.compiler.modules.KVFill`): keys and values for positions that left
+    # at an earlier exit, from that exit's hidden state; None where the artifact has none.
+    fill: str | None = None
 
     @property
     def takes_ids(self) -> bool:
@@ -98,6 +101,7 @@ class Manifest:
     calibration: CalibrationSpec | None = None
     placement: dict | None = None  # `eec compile --exits auto`: ε, the chosen exits, predicted speedups
     engines: dict | None = None  # `eec build-engines`: the TensorRT engine cache's folder and where it was built
+    catch_up: str = "exact"  # how deeper layers get the KV of exited positions by default (eec.runtime.decode)
 
     @property
     def exits(self) -> list[int]:
@@ -140,6 +144,7 @@ class Manifest:
                 calibration=CalibrationSpec(**cal) if cal else None,
                 placement=raw.get("placement"),
                 engines=raw.get("engines"),
+                catch_up=raw.get("catch_up", "exact"),
             )
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None

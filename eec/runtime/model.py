@@ -13,7 +13,7 @@ import numpy as np
 
 from eec.calib.traces import Traces, metric_index, thresholds_for
 from eec.errors import InputError
-from eec.runtime.decode import Decoder
+from eec.runtime.decode import CATCH_UPS, Decoder
 from eec.runtime.manifest import Manifest, read_manifest
 from eec.runtime.sessions import open_sessions
 from eec.runtime.text import TextCodec
@@ -54,11 +54,14 @@ class GenerationResult:
 
 
 class EarlyExitModel:
-    def __init__(self, root: Path, manifest: Manifest, threads: int | None = None):
+    def __init__(self, root: Path, manifest: Manifest, threads: int | None = None, catch_up: str | None = None):
         self.root, self.manifest = root, manifest
         self.sessions = open_sessions(root, [s.file for s in manifest.segments], threads, manifest)
         head_files = sorted({s.exit.file for s in manifest.segments if s.exit and s.exit.file})
         self.heads = dict(zip(head_files, open_sessions(root, head_files, threads, manifest)))
+        fill_files = [s.fill for s in manifest.segments if s.fill]
+        self.fills = dict(zip(fill_files, open_sessions(root, fill_files, threads, manifest)))
+        self.catch_up = self.check_catch_up(catch_up or manifest.catch_up)
         self.codec = TextCodec(root, manifest.tokenizer) if manifest.tokenizer else None
         self.stats = Stats()
         self._traces: Traces | None = None
@@ -89,11 +92,21 @@ class EarlyExitModel:
     def exits(self) -> list[int]:
         return self.manifest.exits
 
-    def new_decoder(self, capacity: int = 256) -> Decoder:
-        """A decoder for one sequence; ``capacity``: the positions it expects (its KV buffers grow past it)."""
+    def check_catch_up(self, catch_up: str) -> str:
+        if catch_up not in CATCH_UPS:
+            raise InputError(f"catch-up must be one of {', '.join(CATCH_UPS)}, got {catch_up!r}")
+        if catch_up == "propagate" and len(self.fills) < len(self.manifest.segments) - 1:
+            raise InputError("this artifact has no key/value fill graphs for the propagating catch-up; "
+                             "compile it with --catch-up propagate")
+        return catch_up
+
+    def new_decoder(self, capacity: int = 256, catch_up: str | None = None) -> Decoder:
+        """A decoder for one sequence; ``capacity``: the positions it expects (its KV buffers grow past it);
+        ``catch_up``: "exact" or "propagate" (`eec.runtime.decode`), by default the model's."""
         m = self.manifest.model
+        catch_up = self.catch_up if catch_up is None else self.check_catch_up(catch_up)
         return Decoder(self.manifest.segments, self.sessions, self.heads, m.num_kv_heads, m.head_dim, m.context_length,
-                       capacity)
+                       capacity, self.fills, catch_up)
 
     def encode(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
         if isinstance(prompt, str):
@@ -164,6 +177,7 @@ class EarlyExitModel:
         stream: bool = False,
         chat: bool | None = None,
         ignore_eos: bool = False,
+        catch_up: str | None = None,
     ):
         """Greedy generation.
 
@@ -176,13 +190,17 @@ class EarlyExitModel:
         (holds with probability 1 - ``delta``) or "valade" (the paper's rule). Returns a `GenerationResult`, or with
         ``stream=True`` an iterator of text pieces (token ids when the artifact
         has no tokenizer). ``ignore_eos`` keeps going past the end-of-sequence
-        token (for benchmarks). ``self.stats`` describes the last generation.
+        token (for benchmarks). ``catch_up`` ("exact" or "propagate") overrides how
+        deeper layers get the KV of exited tokens (`eec.runtime.decode`; by
+        default the artifact's). ``self.stats`` describes the last generation.
         """
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         ids = self.encode(prompt, chat)
         values, index = self.resolve_thresholds(mode, thresholds, epsilon, metric, rule, delta)
-        steps = self._steps(ids, max_new_tokens, values, index, set() if ignore_eos else set(self.manifest.eos_token_ids))
+        decoder = self.new_decoder(len(ids) + max_new_tokens, catch_up)
+        steps = self._steps(decoder, ids, max_new_tokens, values, index,
+                            set() if ignore_eos else set(self.manifest.eos_token_ids))
         if stream:
             tokens = (token for token, _ in steps)
             return self.codec.stream(tokens) if self.codec else tokens
@@ -193,9 +211,8 @@ class EarlyExitModel:
         text = self.codec.decode(tokens) if self.codec else None
         return GenerationResult(tokens=tokens, exits=exits, text=text)
 
-    def _steps(self, ids: list[int], max_new_tokens: int, thresholds: dict[int, float] | None, metric: int,
-               eos: set[int]) -> Iterator[tuple[int, int]]:
-        decoder = self.new_decoder(capacity=len(ids) + max_new_tokens)
+    def _steps(self, decoder: Decoder, ids: list[int], max_new_tokens: int, thresholds: dict[int, float] | None,
+               metric: int, eos: set[int]) -> Iterator[tuple[int, int]]:
         stats = self.stats = Stats(prompt_tokens=len(ids))
         room = self.manifest.model.context_length - len(ids)
         # The prompt runs through every layer: all its positions need KV everywhere.
@@ -216,7 +233,9 @@ class EarlyExitModel:
             feed, step_thresholds = np.asarray([[result.token]], dtype=np.int64), thresholds
 
 
-def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True) -> EarlyExitModel:
-    """Open an artifact directory. ``verify`` checks every file's sha256 first."""
+def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
+         catch_up: str | None = None) -> EarlyExitModel:
+    """Open an artifact directory. ``verify`` checks every file's sha256 first; ``catch_up``
+    ("exact" or "propagate") replaces the artifact's default for every generation."""
     root = Path(path)
-    return EarlyExitModel(root, read_manifest(root, verify=verify), threads)
+    return EarlyExitModel(root, read_manifest(root, verify=verify), threads, catch_up)

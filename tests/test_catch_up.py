@@ -1,0 +1,111 @@
+"""The propagating catch-up (`--catch-up propagate`): the KV of exited positions in the layers they
+skipped comes from their exit's hidden state, checked against transformers' own projections."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from eec.compiler import compile_model
+from eec.errors import InputError
+from eec.runtime import load
+from tests.conftest import TINY_SHAPES, tiny_model
+
+PROMPT = [7, 21, 3, 55, 11, 80, 2]
+EXITS = [2, 4]
+
+
+@pytest.fixture(scope="module", params=["llama-gqa-untied", "llama-gqa-hd8"])
+def propagating(request, tmp_path_factory):
+    """A tiny model compiled with fill graphs: GroupQueryAttention (shared KV buffers) and plain ops (head_dim 8)."""
+    model_type, overrides = TINY_SHAPES[request.param]
+    hf = tiny_model(model_type, **overrides)
+    root = tmp_path_factory.mktemp("propagate")
+    hf.save_pretrained(root / "hf")
+    compile_model(root / "hf", root / "p.eec", exits=EXITS, catch_up="propagate", calibrate=False)
+    return hf, root / "p.eec"
+
+
+def projected_kv(hf, layer: int, hidden: torch.Tensor, position: int) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' keys (after rotary) and values of ``layer`` for one position whose input is ``hidden``."""
+    block, cfg = hf.model.layers[layer], hf.config
+    kv_heads = cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    with torch.no_grad():
+        x = block.input_layernorm(hidden.reshape(1, 1, -1))
+        k = block.self_attn.k_proj(x).view(1, 1, kv_heads, head_dim).transpose(1, 2)
+        v = block.self_attn.v_proj(x).view(1, 1, kv_heads, head_dim).transpose(1, 2)
+        cos, sin = hf.model.rotary_emb(x, torch.tensor([[position]]))
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    return k[0, :, 0].numpy(), v[0, :, 0].numpy()
+
+
+def test_skipped_layers_kv_is_projected_from_the_exit_hidden_state(propagating):
+    hf, artifact = propagating
+    model = load(artifact)
+    assert model.catch_up == "propagate"
+    decoder = model.new_decoder(capacity=len(PROMPT) + 1)  # the buffers grow on the way (shared KV)
+    result = decoder.step(np.asarray([PROMPT]), None)
+    leave = {e: -math.inf for e in EXITS}
+    exited = {}  # position -> hidden state at the first exit
+    for i in range(5):
+        result = decoder.step(np.asarray([[result.token]]), leave, trace=True)
+        assert result.exit_layer == EXITS[0]
+        exited[len(PROMPT) + i] = torch.from_numpy(np.array(result.hidden[EXITS[0]]))
+    seen = {s.spec.start: s.length for s in decoder.states}
+    stay = {e: math.inf for e in EXITS}
+    result = decoder.step(np.asarray([[result.token]]), stay)  # goes through every layer: fills first
+    n = hf.config.num_hidden_layers
+    assert result.exit_layer == n
+    total = len(PROMPT) + len(exited) + 1
+    for spec, state in zip(decoder.specs, decoder.states):
+        assert state.length == total and state.pending is None
+        if spec.start == 0:
+            continue
+        assert seen[spec.start] == len(PROMPT), "the exited positions were caught up before the test"
+        for i, layer in enumerate(range(spec.start, spec.stop)):
+            for position, hidden in exited.items():
+                want_k, want_v = projected_kv(hf, layer, hidden, position)
+                np.testing.assert_allclose(state.kv[2 * i][0, :, position], want_k, atol=2e-4, rtol=1e-4)
+                np.testing.assert_allclose(state.kv[2 * i + 1][0, :, position], want_v, atol=2e-4, rtol=1e-4)
+
+
+def test_first_layer_after_the_exit_is_exact_and_deeper_ones_are_not(propagating):
+    """Layer 2's input is the exit's hidden state, so propagation reproduces the exact catch-up there;
+    layer 3 reads layer 2's output in the full model, which propagation does not compute."""
+    _, artifact = propagating
+    states = {}
+    for catch_up in ("exact", "propagate"):
+        decoder = load(artifact).new_decoder(catch_up=catch_up)
+        result = decoder.step(np.asarray([PROMPT]), None)
+        for thresholds in [{2: -math.inf}] * 4 + [{2: math.inf, 4: math.inf}]:
+            result = decoder.step(np.asarray([[result.token]]), thresholds)
+        states[catch_up] = decoder.states[1]
+    exact, propagated = states["exact"], states["propagate"]
+    assert exact.length == propagated.length == len(PROMPT) + 5
+    np.testing.assert_allclose(propagated.kv[0], exact.kv[0], atol=1e-5, rtol=1e-5)  # layer 2 keys
+    np.testing.assert_allclose(propagated.kv[1], exact.kv[1], atol=1e-5, rtol=1e-5)  # layer 2 values
+    exited = slice(len(PROMPT), len(PROMPT) + 4)
+    assert not np.allclose(propagated.kv[2][:, :, exited], exact.kv[2][:, :, exited], atol=1e-3)  # layer 3 keys
+
+
+def test_generation_in_both_modes_from_one_artifact(propagating):
+    _, artifact = propagating
+    model = load(artifact)
+    full = model.generate(PROMPT, max_new_tokens=12, mode="full")
+    assert model.generate(PROMPT, max_new_tokens=12, mode="full", catch_up="exact").tokens == full.tokens
+    # Every token after the first leaves at the first exit: nothing catches up, so both modes agree.
+    left = [model.generate(PROMPT, max_new_tokens=12, thresholds=-math.inf, catch_up=c).tokens
+            for c in ("exact", "propagate")]
+    assert left[0] == left[1]
+
+
+def test_propagate_needs_fill_graphs(llama_compiled):
+    with pytest.raises(InputError, match="--catch-up propagate"):
+        load(llama_compiled.artifact, catch_up="propagate")
+    model = load(llama_compiled.artifact)
+    assert model.catch_up == "exact"
+    with pytest.raises(InputError, match="catch-up must be one of"):
+        model.generate(PROMPT, max_new_tokens=2, catch_up="lazy")
