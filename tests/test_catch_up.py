@@ -109,3 +109,15 @@ def test_propagate_needs_fill_graphs(llama_compiled):
     assert model.catch_up == "exact"
     with pytest.raises(InputError, match="catch-up must be one of"):
         model.generate(PROMPT, max_new_tokens=2, catch_up="lazy")
+
+
+def test_measure_times_the_fill_graphs(propagating):
+    from eec.targets.latency import LatencyTable
+    from eec.targets.measure import measure_artifact
+
+    _, artifact = propagating
+    table = measure_artifact(artifact, past=16, repeats=2)
+    assert sorted(table.fills) == [(2, 4), (4, 6)]  # every segment after the first, as measured segments are
+    assert all(len(t) == 8 and min(t) > 0 for t in table.fills.values())
+    assert table.fill_costs(2, 6) is not None and table.fill_costs(0, 6) is None
+    assert LatencyTable.from_json(table.to_json()).fills == table.fills

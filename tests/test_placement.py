@@ -48,6 +48,31 @@ def test_hand_computed_cost():
     assert parts["segments"] == pytest.approx(0.6 * 3 + 0.4 * 12)
 
 
+def test_hand_computed_cost_with_propagated_catch_up():
+    t = table(layer_s=1.0, head_s=2.0, marginal=0.5)
+    # Fill graphs of the ranges after exit 3, measured at 1..8 positions: 1.0 fixed + 0.25 a position
+    # over [3, 12) as one graph, or over its two parts (the call overhead of 0.1 saved once).
+    t.fills = {(3, 12): [1.0 + 0.25 * s for s in range(1, 9)], (3, 6): [0.6 + 0.1 * s for s in range(1, 9)],
+               (6, 12): [0.5 + 0.15 * s for s in range(1, 9)]}
+    t.call_overhead = 0.1
+    assert t.fill_costs(3, 12) == pytest.approx((1.0, 0.25))
+    assert t.fill_costs(0, 12) is None  # no fill graph starts at layer 0
+    # exits (3,): 60 leave at 3 and each costs 0.25 of fill later (not 9 * 0.5 of exact catch-up);
+    # the 40 that reach layer 12 pay the fill call's fixed 1.0 first.
+    parts = cost_breakdown(t, (3,), {3: 60, 12: 40}, propagate=True)
+    assert parts["catch_up"] == pytest.approx((60 * 0.25 + 40 * 1.0) / 100)
+    assert parts["segments"] == pytest.approx(0.6 * 3.1 + 0.4 * 12.2)  # each segment call pays the 0.1 overhead
+    assert cost_breakdown(t, (3,), {3: 60, 12: 40})["catch_up"] == pytest.approx(0.6 * 4.5)  # exact, as before
+    # Cut at 3 and 6 with exits at both: 6's range [6, 12) is one fill graph, [3, 6) another.
+    parts = cost_breakdown(t, (3, 6), {3: 50, 6: 30, 12: 20}, propagate=True)
+    # [3, 6): 0.6 fixed + 0.1 a position; [6, 12): 0.5 + 0.15. Per position, then the fixed parts:
+    want = 50 * (0.1 + 0.15) + 30 * 0.15 + (30 + 20) * 0.6 + 20 * 0.5
+    assert parts["catch_up"] == pytest.approx(want / 100)
+    # Ranges without fill graphs fall back to the exact catch-up.
+    t.fills = {}
+    assert cost_breakdown(t, (3,), {3: 60, 12: 40}, propagate=True)["catch_up"] == pytest.approx(0.6 * 4.5)
+
+
 def test_measured_ranges_chain_and_fit_the_fixed_cost_of_a_call():
     from eec.targets.latency import fit_segment_overhead
 

@@ -264,7 +264,8 @@ def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], t
         placement = None
         if auto:
             judged = scored.subset(~fit) if split else scored
-            placement = place_exits(judged, table.with_head_fraction(k / vocab if k else 1.0), eps, metric)
+            placement = place_exits(judged, table.with_head_fraction(k / vocab if k else 1.0), eps, metric,
+                                    propagate=build.catch_up == "propagate")
         options[k] = (placement, classifiers, ids)
     if auto:  # placement's rule 5 across list sizes too: near the cheapest, the fewest exits
         cheapest = min(options[size][0].best.expected_s for size in options)

@@ -72,6 +72,8 @@ class LatencyTable:
     # Fixed cost of one segment call (binding, graph entry and exit nodes, thread wake-ups), fitted from
     # measured ranges that chain into another measured range; 0: not fitted, call_overhead stands in.
     segment_overhead: float = 0.0
+    # KV fill graphs (`--catch-up propagate`), measured like the segments: (start, stop) -> s at seq 1..8.
+    fills: dict[tuple[int, int], list[float]] = field(default_factory=dict)
 
     def range_cost(self, start: int, stop: int, seq: int = 1) -> float:
         """One call running layers [start, stop) over ``seq`` tokens; a range that ends at the
@@ -83,6 +85,18 @@ class LatencyTable:
         parts = _cover(sorted(self.segments), start, stop)
         saved = self.segment_overhead or self.call_overhead
         return sum(self.segments[p][seq - 1] for p in parts) - (len(parts) - 1) * saved
+
+    def fill_costs(self, start: int, stop: int) -> tuple[float, float] | None:
+        """(fixed, per position) seconds of filling layers [start, stop)'s KV for exited positions in
+        one call, from the measured fill graphs; None where they do not cover the range."""
+        try:
+            parts = _cover(sorted(self.fills), start, stop)
+        except InputError:
+            return None
+        saved = (len(parts) - 1) * (self.segment_overhead or self.call_overhead)
+        one, two = (sum(self.fills[p][n] for p in parts) - saved for n in (0, 1))
+        per_position = max(two - one, 0.0)
+        return max(one - per_position, 0.0), per_position
 
     def head_cost(self, layer: int) -> float:
         """One exit head call; a shortlist scales the part that is not fixed overhead."""
@@ -101,6 +115,7 @@ class LatencyTable:
         d = asdict(self)
         d["segments"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.segments.items()]
         d["heads"] = {str(k): v for k, v in self.heads.items()}
+        d["fills"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.fills.items()]
         return json.dumps(d, indent=2)
 
     @staticmethod
@@ -109,6 +124,7 @@ class LatencyTable:
         d["shape"] = ModelShape(**d["shape"])
         d["segments"] = {(s["start"], s["stop"]): s["seconds"] for s in d["segments"]}
         d["heads"] = {int(k): v for k, v in d["heads"].items()}
+        d["fills"] = {(s["start"], s["stop"]): s["seconds"] for s in d.get("fills", [])}
         return LatencyTable(**d)
 
 

@@ -4,8 +4,9 @@ Each segment runs over 1..8 new tokens after ``past`` cached positions (one
 decode step plus up to seven pending catch-up positions), through the
 runtime's own segment state (`eec.runtime.decode.SegmentState`: shared KV
 buffers and IO binding where the segment has them), each head over one
-position, all in chain order pass after pass as decoding runs them; the
-median of ``repeats`` passes is kept. The per-call overhead is
+position, and a segment's KV fill graph (`--catch-up propagate`) over
+1..8 positions just before it, all in chain order pass after pass as
+decoding runs them; the median of ``repeats`` passes is kept. The per-call overhead is
 the median time of a graph that does nothing but pass a hidden state
 through, with the same session options. numpy and onnxruntime only.
 """
@@ -99,15 +100,18 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     past = max(0, min(past, m.context_length - MAX_SEQ))  # the longest call must fit in the context
     rng = np.random.default_rng(0)
     sessions = open_sessions(root, [s.file for s in manifest.segments])
+    fill_files = [s.fill for s in manifest.segments if s.fill]
+    fill_sessions = dict(zip(fill_files, open_sessions(root, fill_files)))
     heads = {s.exit.layer: s.exit.file for s in manifest.segments[:-1] if s.exit and s.exit.file}
     head_sessions = dict(zip(heads, open_sessions(root, list(heads.values()))))
     total = MAX_SEQ * (repeats + 1)
     done = 0
     table = LatencyTable(shape_of(manifest), manifest.precision, target.name, "measured", 0.0)
     mask = np.ones((1, m.context_length), dtype=np.int64)
-    calls = []
+    calls, fill_calls = [], []
     for spec, session in zip(manifest.segments, sessions):
-        state = SegmentState(spec, session, m.num_kv_heads, m.head_dim, past + MAX_SEQ, m.context_length)
+        state = SegmentState(spec, session, m.num_kv_heads, m.head_dim, past + MAX_SEQ, m.context_length,
+                             fill_sessions.get(spec.fill))
         pasts = [rng.standard_normal((1, m.num_kv_heads, past, m.head_dim)).astype(np.float32) for _ in state.buffers]
         if spec.kv_cache == "shared":
             for buf, values in zip(state.buffers, pasts):
@@ -119,7 +123,14 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
                 state.buffers = pasts
             state.run(x, mask)
 
+        def fill(x, spec=spec, state=state, pasts=pasts):
+            state.length = past
+            if spec.kv_cache != "shared":
+                state.buffers = pasts
+            state.fill_kv(x, mask)
+
         calls.append(call)
+        fill_calls.append(fill if spec.fill else None)
     head_x = rng.standard_normal((1, 1, m.hidden_size)).astype(np.float32)
     head_times: dict[int, list[float]] = {layer: [] for layer in head_sessions}
     # Every pass runs the whole chain in order, as decoding does, and times each call in it: a
@@ -130,9 +141,15 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
         xs = [rng.integers(0, m.vocab_size, (1, seq)) if spec.takes_ids
               else rng.standard_normal((1, seq, m.hidden_size)).astype(np.float32) for spec in manifest.segments]
         times: list[list[float]] = [[] for _ in calls]
+        fill_times: list[list[float]] = [[] for _ in calls]
         for r in range(repeats + 1):  # the first pass allocates and is not kept
             progress(f"{seq} token(s) per call, pass {r + 1}", done, total)
             for j, (spec, call) in enumerate(zip(manifest.segments, calls)):
+                if fill_calls[j] is not None:  # as decoding runs it: just before its segment
+                    start = time.perf_counter()
+                    fill_calls[j](xs[j])
+                    if r:
+                        fill_times[j].append(time.perf_counter() - start)
                 start = time.perf_counter()
                 call(xs[j])
                 elapsed = time.perf_counter() - start
@@ -146,8 +163,10 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
                 if r:
                     times[j].append(elapsed)
             done += 1
-        for spec, t in zip(manifest.segments, times):
+        for spec, t, f in zip(manifest.segments, times, fill_times):
             table.segments.setdefault((spec.start, spec.stop), []).append(statistics.median(t))
+            if f:
+                table.fills.setdefault((spec.start, spec.stop), []).append(statistics.median(f))
     table.heads = {layer: statistics.median(t) for layer, t in head_times.items()}
     table.call_overhead = _overhead(m.hidden_size, repeats * 5)  # one artifact's cuts never overlap: no fit here
     progress("done", total, total)
@@ -167,5 +186,6 @@ def measure_artifacts(paths: list[Path], past: int = 128, repeats: int = 20,
                              "a profile covers one of each")
         first.segments.update(t.segments)
         first.heads.update(t.heads)
+        first.fills.update(t.fills)
     first.segment_overhead = fit_segment_overhead(first.segments)
     return first

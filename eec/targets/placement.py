@@ -58,40 +58,54 @@ class Placement:
 
 
 def expected_cost(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict[int, int],
-                  splits: tuple[int, ...] | None = None, gated: bool = False) -> float:
+                  splits: tuple[int, ...] | None = None, gated: bool = False, propagate: bool = False) -> float:
     """Mean per-token seconds for ``exits`` given how many tokens leave at each (rule 3).
 
     ``splits`` are the segment boundaries when they are not the exits themselves
     (an artifact whose exits are not all active); heads run only at ``exits``,
     and with ``gated`` only at the exit a token leaves by.
     """
-    return sum(cost_breakdown(table, exits, exit_counts, splits, gated).values())
+    return sum(cost_breakdown(table, exits, exit_counts, splits, gated, propagate).values())
 
 
 def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict[int, int],
-                   splits: tuple[int, ...] | None = None, gated: bool = False) -> dict[str, float]:
+                   splits: tuple[int, ...] | None = None, gated: bool = False,
+                   propagate: bool = False) -> dict[str, float]:
     """`expected_cost` in its parts, mean seconds per token: ``segments`` (the layers a token runs,
     one position), ``heads`` (exit heads; the final head is inside the last segment) and
-    ``catch_up`` (later segments re-running an exited position with the next deep token)."""
+    ``catch_up`` (later segments re-running an exited position with the next deep token).
+
+    With ``propagate`` and fill graphs in the table that cover a later range, an exited position
+    costs that range's fill per position instead, and every token that goes through a range after
+    an exit that some tokens take pays one fill call's fixed part there (`--catch-up propagate`);
+    ranges the fills do not cover are costed as the exact catch-up."""
     n_layers = table.shape.num_layers
     bounds = [0, *sorted(set(exits) | set(splits or ())), n_layers]
     ranges = list(zip(bounds[:-1], bounds[1:]))
     seg = [table.range_cost(a, b, 1) for a, b in ranges]
     marginal = [max(table.range_cost(a, b, 2) - c, 0.0) for (a, b), c in zip(ranges, seg)]
+    fixed = [0.0] * len(ranges)
+    if propagate:
+        for k, (a, b) in enumerate(ranges):
+            fill = table.fill_costs(a, b)
+            if fill is not None:
+                fixed[k], marginal[k] = fill
     heads = [table.head_cost(b) if b in exits else 0.0 for _, b in ranges]
     total_tokens = sum(exit_counts.values())
+    counts = [exit_counts.get(stop, 0) if total_tokens else int(stop == n_layers) for _, stop in ranges]
     parts = {"segments": 0.0, "heads": 0.0, "catch_up": 0.0}
-    for k, (_, stop) in enumerate(ranges):
-        count = exit_counts.get(stop, 0) if total_tokens else int(stop == n_layers)
+    for k, count in enumerate(counts):
         if count:
             parts["segments"] += count * sum(seg[: k + 1])
             parts["heads"] += count * (heads[k] if gated else sum(heads[: k + 1]))
             parts["catch_up"] += count * sum(marginal[k + 1:])
+        if k and any(counts[:k]):  # a fill call before range k's own run, for the tokens that reach it
+            parts["catch_up"] += sum(counts[k:]) * fixed[k]
     return {name: value / (total_tokens or 1) for name, value in parts.items()}
 
 
 def evaluate(traces: Traces, table: LatencyTable, exits: tuple[int, ...], eps: float, metric: str, rule: str,
-             delta: float) -> Candidate:
+             delta: float, propagate: bool = False) -> Candidate:
     gated = metric == "classifier"
     n_layers = table.shape.num_layers
     full = table.range_cost(0, n_layers, 1)
@@ -101,18 +115,18 @@ def evaluate(traces: Traces, table: LatencyTable, exits: tuple[int, ...], eps: f
         counts, rate, agree = sim.exits, sim.exit_rate, sim.agreement
     else:
         counts, rate, agree = {n_layers: len(traces)}, 0.0, 1.0
-    cost = expected_cost(table, exits, counts, gated=gated)
+    cost = expected_cost(table, exits, counts, gated=gated, propagate=propagate)
     return Candidate(exits, cost, full / cost, rate, agree, counts)
 
 
 def place_exits(traces: Traces, table: LatencyTable, eps: float, metric: str, rule: str = "risk",
-                delta: float = 0.1) -> Placement:
+                delta: float = 0.1, propagate: bool = False) -> Placement:
     layers = tuple(sorted(traces.exits))
     if len(layers) <= MAX_EXHAUSTIVE:
         sets = [s for r in range(len(layers) + 1) for s in itertools.combinations(layers, r)]
-        ranked = [evaluate(traces, table, s, eps, metric, rule, delta) for s in sets]
+        ranked = [evaluate(traces, table, s, eps, metric, rule, delta, propagate) for s in sets]
     else:
-        ranked = _greedy(traces, table, layers, eps, metric, rule, delta)
+        ranked = _greedy(traces, table, layers, eps, metric, rule, delta, propagate)
     ranked.sort(key=lambda c: (c.expected_s, len(c.exits)))
     near = [c for c in ranked if c.expected_s <= ranked[0].expected_s * (1 + TOLERANCE)]
     best = min(near, key=lambda c: (len(c.exits), c.expected_s))
@@ -121,13 +135,13 @@ def place_exits(traces: Traces, table: LatencyTable, eps: float, metric: str, ru
     return Placement(best, [best, *ranked], full, eps)
 
 
-def _greedy(traces, table, layers, eps, metric, rule, delta) -> list[Candidate]:
+def _greedy(traces, table, layers, eps, metric, rule, delta, propagate) -> list[Candidate]:
     """Drop, one at a time, the exit whose removal lowers the expected cost most."""
-    current = evaluate(traces, table, layers, eps, metric, rule, delta)
-    seen = [current, evaluate(traces, table, (), eps, metric, rule, delta)]
+    current = evaluate(traces, table, layers, eps, metric, rule, delta, propagate)
+    seen = [current, evaluate(traces, table, (), eps, metric, rule, delta, propagate)]
     while current.exits:
-        options = [evaluate(traces, table, tuple(e for e in current.exits if e != drop), eps, metric, rule, delta)
-                   for drop in current.exits]
+        options = [evaluate(traces, table, tuple(e for e in current.exits if e != drop), eps, metric, rule, delta,
+                            propagate) for drop in current.exits]
         seen += options
         best = min(options, key=lambda c: c.expected_s)
         if best.expected_s >= current.expected_s:

@@ -123,7 +123,7 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
             agree = hits / count
             ratio = statistics.median(ratios[e])
             active = tuple(layer for layer in model.exits if layer in thresholds[e])
-            parts = cost_breakdown(table, active, exits[e], splits, gated)
+            parts = cost_breakdown(table, active, exits[e], splits, gated, model.catch_up == "propagate")
             ideal = full_cost / sum(parts.values())
         med = statistics.median(speeds[e])
         rows.append(ProfileRow(e, med, ratio, ideal, agree, dict(sorted(exits[e].items())),
