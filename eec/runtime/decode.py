@@ -186,6 +186,8 @@ class Decoder:
         self.heads = {file: HeadCall(session) for file, session in heads.items()}
         self.mask = np.ones((1, context), dtype=np.int64)  # sliced, never reallocated
         fills = fills or {}
+        if self.propagate and any(s.fill not in fills for s in specs[1:]):
+            raise ValueError("catch_up='propagate' needs a KV fill graph for every segment after the first")
         self.states = [SegmentState(s, sess, kv_heads, head_dim, capacity, context, fills.get(s.fill) if s.fill else None)
                        for s, sess in zip(specs, sessions)]
 
@@ -203,7 +205,7 @@ class Decoder:
         x = ids
         previous = None  # last position's hidden state at the previous exit
         last = len(self.specs) - 1
-        traced = StepResult(token=-1, exit_layer=-1)  # what the heads said, kept when tracing
+        result = StepResult(token=-1, exit_layer=-1)
         for j, spec in enumerate(self.specs):
             state = self.states[j]
             if state.pending is not None:
@@ -218,10 +220,10 @@ class Decoder:
             x, scores = state.run(x, self.mask)
             layer = spec.exit.layer
             if j == last:
-                traced.token, traced.exit_layer = int(x[0]), layer
+                result.token, result.exit_layer = int(x[0]), layer
                 if trace:
-                    traced.exit_tokens[layer], traced.scores[layer] = traced.token, np.append(scores[0], [np.nan, np.nan])
-                return traced
+                    result.exit_tokens[layer], result.scores[layer] = result.token, np.append(scores[0], [np.nan, np.nan])
+                return result
             current = x[0, -1]
             if thresholds is None or layer not in thresholds:
                 previous = current
@@ -242,11 +244,11 @@ class Decoder:
                 row[: len(GRAPH_METRICS)], row[-1] = head_scores, gate
                 if previous is not None:
                     row[COSINE] = cosine(current, previous)
-                traced.exit_tokens[layer], traced.scores[layer], traced.hidden[layer] = token, row, current
+                result.exit_tokens[layer], result.scores[layer], result.hidden[layer] = token, row, current
             previous = current
             if value >= thresholds[layer]:
                 nxt = self.states[j + 1]
                 nxt.pending = x if nxt.pending is None else np.concatenate([nxt.pending, x], axis=1)
-                traced.token, traced.exit_layer = token, layer
-                return traced
+                result.token, result.exit_layer = token, layer
+                return result
         raise AssertionError("unreachable: the last segment always returns")
