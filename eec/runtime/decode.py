@@ -90,45 +90,36 @@ class SegmentState:
     def run(self, x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Run the segment over x ([1, seq] ids or [1, seq, hidden]); append to the KV; return
         (hidden_out, exit_score or None), or (token, scores) for the last segment."""
-        spec, past, seq = self.spec, self.length, x.shape[1]
-        positions = np.arange(past, past + seq, dtype=np.int64)[None, :]
-        if self.binding is None:
-            feeds = {spec.inputs[0]: x, "position_ids": positions, "attention_mask": mask[:, : past + seq]}
-            feeds.update(zip(spec.inputs[3:], self.buffers))
-            outputs = self.session.run(None, feeds)
-            self.buffers = outputs[self.small:]
-        else:
-            if past + seq > self.buffers[0].shape[2]:
-                self._grow(past + seq)
-            io = self.binding
-            io.bind_cpu_input(spec.inputs[0], x)
-            io.bind_cpu_input("position_ids", positions)
-            io.bind_cpu_input("attention_mask", mask[:, : past + seq])
-            for name in spec.outputs[: self.small]:  # their shapes change with seq: a fresh tensor each call
-                io.bind_output(name, "cpu")
-            self.session.run_with_iobinding(io)
-            values = self._outputs()
-            outputs = [values[i].numpy() for i in range(self.small)]
-        self.length = past + seq
+        outputs = self._call(self.session, self.binding, x, mask, self.small)
         return outputs[0], outputs[1] if self.small == 2 else None
 
     def fill_kv(self, hidden: np.ndarray, mask: np.ndarray) -> None:
         """Append the KV of ``hidden``'s positions ([1, n, hidden]) with the fill graph."""
-        spec, past, seq = self.spec, self.length, hidden.shape[1]
+        self._call(self.fill_session, self.fill_binding, hidden, mask, 0)
+
+    def _call(self, session: ort.InferenceSession, io, x: np.ndarray, mask: np.ndarray, small: int) -> list[np.ndarray]:
+        """One call of the segment's graph or its fill graph after the cached positions: the KV grows
+        by x's length; returns the ``small`` outputs before the presents."""
+        spec, past, seq = self.spec, self.length, x.shape[1]
         positions = np.arange(past, past + seq, dtype=np.int64)[None, :]
-        if self.fill_binding is None:
-            feeds = {spec.inputs[0]: hidden, "position_ids": positions, "attention_mask": mask[:, : past + seq]}
+        if io is None:
+            feeds = {spec.inputs[0]: x, "position_ids": positions, "attention_mask": mask[:, : past + seq]}
             feeds.update(zip(spec.inputs[3:], self.buffers))
-            self.buffers = self.fill_session.run(None, feeds)
+            outputs = session.run(None, feeds)
+            self.buffers, outputs = outputs[small:], outputs[:small]
         else:
             if past + seq > self.buffers[0].shape[2]:
                 self._grow(past + seq)
-            io = self.fill_binding
-            io.bind_cpu_input(spec.inputs[0], hidden)
+            io.bind_cpu_input(spec.inputs[0], x)
             io.bind_cpu_input("position_ids", positions)
             io.bind_cpu_input("attention_mask", mask[:, : past + seq])
-            self.fill_session.run_with_iobinding(io)
+            for name in spec.outputs[:small]:  # their shapes change with seq: a fresh tensor each call
+                io.bind_output(name, "cpu")
+            session.run_with_iobinding(io)
+            values = self._outputs() if small else []
+            outputs = [values[i].numpy() for i in range(small)]
         self.length = past + seq
+        return outputs
 
 
 class HeadCall:
