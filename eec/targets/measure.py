@@ -137,21 +137,26 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     # segment timed alone in a loop keeps its weights in the CPU's caches, which decoding never does
     # once the model is larger than them (SmolLM2: its six segments timed alone summed to 2.8 ms,
     # the same layers as one graph took 4.4 ms, and decoding either way took 4.5 ms a token).
-    for seq in range(1, MAX_SEQ + 1):
-        xs = [rng.integers(0, m.vocab_size, (1, seq)) if spec.takes_ids
-              else rng.standard_normal((1, seq, m.hidden_size)).astype(np.float32) for spec in manifest.segments]
-        times: list[list[float]] = [[] for _ in calls]
-        fill_times: list[list[float]] = [[] for _ in calls]
-        for r in range(repeats + 1):  # the first pass allocates and is not kept
-            progress(f"{seq} token(s) per call, pass {r + 1}", done, total)
+    # Passes go over every call length in turn, so that a slow spell on a shared machine lands on all
+    # lengths alike: timed one length after another, a spell during the 1-token passes once made
+    # 1 token cost more than 2 and the catch-up's marginal cost vanish from placement.
+    seqs = range(1, MAX_SEQ + 1)
+    xs = {seq: [rng.integers(0, m.vocab_size, (1, seq)) if spec.takes_ids
+                else rng.standard_normal((1, seq, m.hidden_size)).astype(np.float32) for spec in manifest.segments]
+          for seq in seqs}
+    times = {seq: [[] for _ in calls] for seq in seqs}
+    fill_times = {seq: [[] for _ in calls] for seq in seqs}
+    for r in range(repeats + 1):  # the first pass allocates and is not kept
+        for seq in seqs:
+            progress(f"pass {r + 1}, {seq} token(s) per call", done, total)
             for j, (spec, call) in enumerate(zip(manifest.segments, calls)):
                 if fill_calls[j] is not None:  # as decoding runs it: just before its segment
                     start = time.perf_counter()
-                    fill_calls[j](xs[j])
+                    fill_calls[j](xs[seq][j])
                     if r:
-                        fill_times[j].append(time.perf_counter() - start)
+                        fill_times[seq][j].append(time.perf_counter() - start)
                 start = time.perf_counter()
-                call(xs[j])
+                call(xs[seq][j])
                 elapsed = time.perf_counter() - start
                 layer = spec.exit.layer if spec.exit else None
                 head = head_sessions.get(layer) if seq == 1 else None
@@ -161,9 +166,10 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
                     if r:
                         head_times[layer].append(time.perf_counter() - start)
                 if r:
-                    times[j].append(elapsed)
+                    times[seq][j].append(elapsed)
             done += 1
-        for spec, t, f in zip(manifest.segments, times, fill_times):
+    for seq in seqs:
+        for spec, t, f in zip(manifest.segments, times[seq], fill_times[seq]):
             table.segments.setdefault((spec.start, spec.stop), []).append(statistics.median(t))
             if f:
                 table.fills.setdefault((spec.start, spec.stop), []).append(statistics.median(f))
