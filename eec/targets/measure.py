@@ -6,7 +6,8 @@ runtime's own segment state (`eec.runtime.decode.SegmentState`: shared KV
 buffers and IO binding where the segment has them), each head over one
 position, and a segment's KV fill graph (`--catch-up propagate`) over
 1..8 positions just before it, all in chain order pass after pass as
-decoding runs them; the median of ``repeats`` passes is kept. The per-call overhead is
+decoding runs them; the median of ``repeats`` passes is kept, the lower
+of two sweeps over the lengths (up, then down). The per-call overhead is
 the median time of a graph that does nothing but pass a hidden state
 through, with the same session options. numpy and onnxruntime only.
 """
@@ -104,7 +105,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     fill_sessions = dict(zip(fill_files, open_sessions(root, fill_files)))
     heads = {s.exit.layer: s.exit.file for s in manifest.segments[:-1] if s.exit and s.exit.file}
     head_sessions = dict(zip(heads, open_sessions(root, list(heads.values()))))
-    total = MAX_SEQ * (repeats + 1)
+    total = 2 * MAX_SEQ * (repeats + 1)
     done = 0
     table = LatencyTable(shape_of(manifest), manifest.precision, target.name, "measured", 0.0)
     mask = np.ones((1, m.context_length), dtype=np.int64)
@@ -137,42 +138,49 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     # segment timed alone in a loop keeps its weights in the CPU's caches, which decoding never does
     # once the model is larger than them (SmolLM2: its six segments timed alone summed to 2.8 ms,
     # the same layers as one graph took 4.4 ms, and decoding either way took 4.5 ms a token).
-    # Passes go over every call length in turn, so that a slow spell on a shared machine lands on all
-    # lengths alike: timed one length after another, a spell during the 1-token passes once made
-    # 1 token cost more than 2 and the catch-up's marginal cost vanish from placement.
-    seqs = range(1, MAX_SEQ + 1)
-    xs = {seq: [rng.integers(0, m.vocab_size, (1, seq)) if spec.takes_ids
-                else rng.standard_normal((1, seq, m.hidden_size)).astype(np.float32) for spec in manifest.segments]
-          for seq in seqs}
-    times = {seq: [[] for _ in calls] for seq in seqs}
-    fill_times = {seq: [[] for _ in calls] for seq in seqs}
-    for r in range(repeats + 1):  # the first pass allocates and is not kept
-        for seq in seqs:
-            progress(f"pass {r + 1}, {seq} token(s) per call", done, total)
-            for j, (spec, call) in enumerate(zip(manifest.segments, calls)):
-                if fill_calls[j] is not None:  # as decoding runs it: just before its segment
+    # Two sweeps over the call lengths, up then down, each length's passes back to back (a call whose
+    # shape differs from the last one pays onnxruntime's re-planning, which decoding rarely does);
+    # each length keeps the lower of its two medians, so a slow spell on a shared machine during one
+    # sweep does not land on some lengths only (it once made 1 token cost more than 2 and the
+    # catch-up's marginal cost vanish from placement).
+    seqs = list(range(1, MAX_SEQ + 1))
+    best: dict[int, list[float]] = {}
+    best_fill: dict[int, list[float]] = {}
+    for order in (seqs, seqs[::-1]):
+        for seq in order:
+            xs = [rng.integers(0, m.vocab_size, (1, seq)) if spec.takes_ids
+                  else rng.standard_normal((1, seq, m.hidden_size)).astype(np.float32) for spec in manifest.segments]
+            times: list[list[float]] = [[] for _ in calls]
+            fill_times: list[list[float]] = [[] for _ in calls]
+            for r in range(repeats + 1):  # the first pass allocates and is not kept
+                progress(f"{seq} token(s) per call, pass {r + 1}", done, total)
+                for j, (spec, call) in enumerate(zip(manifest.segments, calls)):
+                    if fill_calls[j] is not None:  # as decoding runs it: just before its segment
+                        start = time.perf_counter()
+                        fill_calls[j](xs[j])
+                        if r:
+                            fill_times[j].append(time.perf_counter() - start)
                     start = time.perf_counter()
-                    fill_calls[j](xs[seq][j])
+                    call(xs[j])
+                    elapsed = time.perf_counter() - start
+                    layer = spec.exit.layer if spec.exit else None
+                    head = head_sessions.get(layer) if seq == 1 else None
+                    if head is not None:
+                        start = time.perf_counter()
+                        head.run(None, {"hidden": head_x})
+                        if r:
+                            head_times[layer].append(time.perf_counter() - start)
                     if r:
-                        fill_times[seq][j].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                call(xs[seq][j])
-                elapsed = time.perf_counter() - start
-                layer = spec.exit.layer if spec.exit else None
-                head = head_sessions.get(layer) if seq == 1 else None
-                if head is not None:
-                    start = time.perf_counter()
-                    head.run(None, {"hidden": head_x})
-                    if r:
-                        head_times[layer].append(time.perf_counter() - start)
-                if r:
-                    times[seq][j].append(elapsed)
-            done += 1
+                        times[j].append(elapsed)
+                done += 1
+            for store, measured in ((best, times), (best_fill, fill_times)):
+                medians = [statistics.median(t) if t else 0.0 for t in measured]
+                store[seq] = [min(a, b) for a, b in zip(store[seq], medians)] if seq in store else medians
     for seq in seqs:
-        for spec, t, f in zip(manifest.segments, times[seq], fill_times[seq]):
-            table.segments.setdefault((spec.start, spec.stop), []).append(statistics.median(t))
-            if f:
-                table.fills.setdefault((spec.start, spec.stop), []).append(statistics.median(f))
+        for j, spec in enumerate(manifest.segments):
+            table.segments.setdefault((spec.start, spec.stop), []).append(best[seq][j])
+            if fill_calls[j] is not None:
+                table.fills.setdefault((spec.start, spec.stop), []).append(best_fill[seq][j])
     table.heads = {layer: statistics.median(t) for layer, t in head_times.items()}
     table.call_overhead = _overhead(m.hidden_size, repeats * 5)  # one artifact's cuts never overlap: no fit here
     progress("done", total, total)
