@@ -179,7 +179,7 @@ class Decoder:
         fills = fills or {}
         if self.propagate and any(s.fill not in fills for s in specs[1:]):
             raise ValueError("catch_up='propagate' needs a KV fill graph for every segment after the first")
-        self.states = [SegmentState(s, sess, kv_heads, head_dim, capacity, context, fills.get(s.fill) if s.fill else None)
+        self.states = [SegmentState(s, sess, kv_heads, head_dim, capacity, context, fills.get(s.fill))
                        for s, sess in zip(specs, sessions)]
 
     def step(self, ids: np.ndarray, thresholds: dict[int, float] | None, metric: int = 0,

@@ -118,20 +118,17 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
             for buf, values in zip(state.buffers, pasts):
                 buf[:, :, :past] = values
 
-        def call(x, spec=spec, state=state, pasts=pasts):
-            state.length = past  # every call appends after the same cached positions
-            if spec.kv_cache != "shared":
-                state.buffers = pasts
-            state.run(x, mask)
+        def after_past(method, spec=spec, state=state, pasts=pasts):
+            """``method`` (the segment's run or its fill) appending after the same cached positions every call."""
+            def call(x):
+                state.length = past
+                if spec.kv_cache != "shared":
+                    state.buffers = pasts
+                method(x, mask)
+            return call
 
-        def fill(x, spec=spec, state=state, pasts=pasts):
-            state.length = past
-            if spec.kv_cache != "shared":
-                state.buffers = pasts
-            state.fill_kv(x, mask)
-
-        calls.append(call)
-        fill_calls.append(fill if spec.fill else None)
+        calls.append(after_past(state.run))
+        fill_calls.append(after_past(state.fill_kv) if spec.fill else None)
     head_x = rng.standard_normal((1, 1, m.hidden_size)).astype(np.float32)
     head_times: dict[int, list[float]] = {layer: [] for layer in head_sessions}
     # Every pass runs the whole chain in order, as decoding does, and times each call in it: a
