@@ -50,7 +50,7 @@ class SegmentState:
         self.pending: np.ndarray | None = None  # [batch, n, hidden]
         layers = 2 * (spec.stop - spec.start)
         self.small = 1 if spec.emits_hidden and not spec.scores_exit else 2  # outputs before the presents
-        self.binding = self.fill_binding = None
+        self.binding = self.fill_binding = self.one = None
         if spec.kv_cache == "shared":
             self.binding = session.io_binding()
             self.fill_binding = fill.io_binding() if fill is not None else None
@@ -99,10 +99,11 @@ class SegmentState:
 
     def _call(self, session: ort.InferenceSession, io, x: np.ndarray, mask: np.ndarray, small: int) -> list[np.ndarray]:
         """One call of the segment's graph or its fill graph after the cached positions: the KV grows
-        by x's length; returns the ``small`` outputs before the presents."""
+        by x's length; returns the ``small`` outputs before the presents. A one-position call of the
+        segment's graph returns this state's fixed arrays, which its next call overwrites."""
         spec, past, seq = self.spec, self.length, x.shape[1]
-        positions = np.arange(past, past + seq, dtype=np.int64)[None, :]
         if io is None:
+            positions = np.arange(past, past + seq, dtype=np.int64)[None, :]
             feeds = {spec.inputs[0]: x, "position_ids": positions, "attention_mask": mask[:, : past + seq]}
             feeds.update(zip(spec.inputs[3:], self.buffers))
             outputs = session.run(None, feeds)
@@ -110,16 +111,45 @@ class SegmentState:
         else:
             if past + seq > self.buffers[0].shape[2]:
                 self._grow(past + seq)
-            io.bind_cpu_input(spec.inputs[0], x)
-            io.bind_cpu_input("position_ids", positions)
-            io.bind_cpu_input("attention_mask", mask[:, : past + seq])
-            for name in spec.outputs[:small]:  # their shapes change with seq: a fresh tensor each call
-                io.bind_output(name, "cpu")
-            session.run_with_iobinding(io)
-            values = self._outputs() if small else []
-            outputs = [values[i].numpy() for i in range(small)]
+            if seq == 1 and io is self.binding:
+                # The decode step: inputs and outputs stay bound to fixed one-position arrays,
+                # so a call rebinds the mask alone (each bind is ~1 us of a ~70 us segment).
+                if self.one is None:
+                    self.one = self._bind_one(x)
+                x_one, positions, outputs = self.one
+                x_one[...] = x
+                positions[0, 0] = past
+                io.bind_cpu_input("attention_mask", mask[:, : past + 1])
+                session.run_with_iobinding(io)
+            else:
+                self.one = None  # rebinding x, positions and outputs below
+                io.bind_cpu_input(spec.inputs[0], x)
+                io.bind_cpu_input("position_ids", np.arange(past, past + seq, dtype=np.int64)[None, :])
+                io.bind_cpu_input("attention_mask", mask[:, : past + seq])
+                for name in spec.outputs[:small]:  # their shapes change with seq: a fresh tensor each call
+                    io.bind_output(name, "cpu")
+                session.run_with_iobinding(io)
+                values = self._outputs() if small else []
+                outputs = [values[i].numpy() for i in range(small)]
         self.length = past + seq
         return outputs
+
+    def _bind_one(self, like: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Bind the segment's input (shaped ``like``), positions and small outputs to fixed one-position arrays."""
+        spec, io = self.spec, self.binding
+        x = np.zeros(like.shape, like.dtype)
+        positions = np.zeros((1, 1), np.int64)
+        outputs = []
+        for out in self.session.get_outputs()[: self.small]:  # symbolic dims are batch and seq: 1 each
+            outputs.append(np.zeros([d if isinstance(d, int) else 1 for d in out.shape], ONNX_DTYPES[out.type]))
+        for name, array in ((spec.inputs[0], x), ("position_ids", positions)):
+            io.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        for name, array in zip(spec.outputs, outputs):
+            io.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        return x, positions, outputs
+
+
+ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
 class HeadCall:
@@ -135,13 +165,18 @@ class HeadCall:
         for name, out in (("token", self.token), ("scores", self.scores)):
             if self.binding is not None:
                 self.binding.bind_output(name, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+        self.bound: np.ndarray | None = None  # the array "hidden" is bound to, kept alive while bound
 
     def __call__(self, hidden: np.ndarray) -> tuple[int, np.ndarray]:
-        """(token, scores) of ``hidden``'s last position; the scores array is reused by the next call."""
+        """(token, scores) of ``hidden``'s last position; the scores array is reused by the next call.
+        ``hidden`` is read by address: the caller keeps it unchanged until the call returns."""
         if self.binding is None:
             self.token[:], self.scores[:] = self.session.run(None, {"hidden": hidden})
         else:
-            self.binding.bind_cpu_input("hidden", hidden)
+            if hidden is not self.bound:  # a segment's fixed one-position output stays bound across calls
+                hidden = np.ascontiguousarray(hidden)
+                self.binding.bind_input("hidden", "cpu", 0, hidden.dtype, list(hidden.shape), hidden.ctypes.data)
+                self.bound = hidden
             self.session.run_with_iobinding(self.binding)
         return int(self.token[0]), self.scores[0]
 
@@ -174,7 +209,8 @@ class Decoder:
         """``capacity``: positions the shared KV buffers start with (they grow as needed); ``fills``:
         the segments' KV fill sessions by file, which ``catch_up="propagate"`` needs."""
         self.specs, self.propagate = specs, catch_up == "propagate"
-        self.heads = {file: HeadCall(session) for file, session in heads.items()}
+        # One call per exit, not per head file: each stays bound to its own segment's output.
+        self.heads = [HeadCall(heads[s.exit.file]) if s.exit and s.exit.file in heads else None for s in specs]
         self.mask = np.ones((1, context), dtype=np.int64)  # sliced, never reallocated
         fills = fills or {}
         if self.propagate and any(s.fill not in fills for s in specs[1:]):
@@ -223,7 +259,7 @@ class Decoder:
             if metric == CLASSIFIER and not trace and not gate >= thresholds[layer]:
                 previous = current  # the classifier says stay: the head's projection is never run
                 continue
-            token, head_scores = self.heads[spec.exit.file](x)
+            token, head_scores = self.heads[j](x)
             if metric < len(GRAPH_METRICS):
                 value = float(head_scores[metric])
             elif metric == CLASSIFIER:
@@ -235,11 +271,11 @@ class Decoder:
                 row[: len(GRAPH_METRICS)], row[-1] = head_scores, gate
                 if previous is not None:
                     row[COSINE] = cosine(current, previous)
-                result.exit_tokens[layer], result.scores[layer], result.hidden[layer] = token, row, current
+                result.exit_tokens[layer], result.scores[layer], result.hidden[layer] = token, row, current.copy()
             previous = current
             if value >= thresholds[layer]:
                 nxt = self.states[j + 1]
-                nxt.pending = x if nxt.pending is None else np.concatenate([nxt.pending, x], axis=1)
+                nxt.pending = x.copy() if nxt.pending is None else np.concatenate([nxt.pending, x], axis=1)
                 result.token, result.exit_layer = token, layer
                 return result
         raise AssertionError("unreachable: the last segment always returns")
