@@ -153,9 +153,16 @@ def test_generate_and_inspect_work(llama_compiled):
     assert "5 tokens" in result.stderr
     result = runner.invoke(app, ["inspect", str(llama_compiled.artifact)])
     assert result.exit_code == 0 and "exits: 1, 3, 4" in result.stdout
+    assert "segments/seg0_with_head.onnx" in result.stdout  # a tiny model's heads are fused by default
 
 
 def test_bad_catch_up(tiny_hf_dir, llama_compiled, tmp_path):
     run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", "--catch-up", "lazy"], "--catch-up", "exact, propagate")
     assert leftovers(tmp_path) == []
     run_fails(["generate", llama_compiled.artifact, "1,2,3", "--ids", "--catch-up", "propagate"], "fill graphs")
+
+
+def test_bad_fuse_heads(tiny_hf_dir, tmp_path):
+    run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", "--fuse-heads", "sometimes"], "--fuse-heads",
+              "auto, on, off")
+    assert leftovers(tmp_path) == []

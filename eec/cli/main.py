@@ -154,6 +154,8 @@ def compile_cmd(
     metric: Optional[str] = typer.Option(None, help="confidence metric (default: the one that exits most at ε = 0.9)"),
     catch_up: str = typer.Option("exact", help="how deeper layers get exited tokens' keys and values: exact (run them) "
                                  "or propagate (project the exit's hidden state, as CALM; cheaper, not exact)"),
+    fuse_heads: str = typer.Option("auto", help="also write exit segments with their head inside, run in one call "
+                                   "when exiting: on, off, or auto (segments up to 64 MB, where it pays)"),
 ) -> None:
     """Compile MODEL into per-segment ONNX graphs with exit heads, then calibrate them."""
     _torch_side()
@@ -166,7 +168,7 @@ def compile_cmd(
                                  calibration_tokens=calibration_tokens, calibration_metric=metric,
                                  placement_eps=eps, profile=profile, shortlist=_parse_shortlist(shortlist),
                                  exit_classifier=exit_classifier, candidates=_parse_candidates(candidates),
-                                 catch_up=catch_up, progress=update)
+                                 catch_up=catch_up, fuse_heads=fuse_heads, progress=update)
     for line in (manifest.placement or {}).get("report", []):
         err.print(line)
     cal = manifest.calibration
@@ -291,6 +293,9 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
     for s in m.segments:
         if s.fill:
             table.add_row(s.fill, f"{s.start}-{s.stop}", "key/value fill (propagating catch-up)", megabytes(s.fill))
+        if s.with_head:
+            table.add_row(s.with_head, f"{s.start}-{s.stop}", f"layer {s.exit.layer}'s head inside (early exit)",
+                          megabytes(s.with_head))
     out.print(table)
     out.print(f"exits: {', '.join(map(str, m.exits)) or 'none'}; catch-up: {m.catch_up}")
 

@@ -13,7 +13,7 @@ import numpy as np
 from eec import __version__
 from eec.compiler.export import export_fill, export_head, export_segment
 from eec.compiler.frontends import SourceModel, load_source
-from eec.compiler.precision import DEFAULT_BLOCK_SIZE, apply_precision, needs_feeds, record_feeds
+from eec.compiler.precision import DEFAULT_BLOCK_SIZE, apply_precision, needs_feeds, record_feeds, write_with_head
 from eec.compiler.segments import check_repeats, default_exits, exit_head_weights, plan_segments
 from eec.calib.shortlist import rescore, shortlist_ids
 from eec.errors import InputError
@@ -104,6 +104,7 @@ def compile_model(
     exit_classifier: bool = False,
     candidates: list[int] | str | None = None,
     catch_up: str = "exact",
+    fuse_heads: str = "auto",
     progress: Progress = no_progress,
 ) -> Manifest:
     """Compile ``model`` into the artifact directory ``out`` and return its manifest.
@@ -136,6 +137,13 @@ def compile_model(
     fill deeper layers' KV of exited positions from the exit's hidden state
     (CALM's state propagation) instead of running those layers: cheaper,
     not exact (`eec.runtime.decode`). Calibration is unchanged.
+
+    ``fuse_heads`` ("auto", "on", "off"): also write each exit segment's graph
+    with its exit head inside (`eec.compiler.passes.FuseExitHead`), which
+    early-exit decoding runs in one call instead of two. It costs a second
+    copy of the segment's weights on disk, so "auto" fuses segments of at
+    most `FUSE_LIMIT` bytes, where a call's fixed cost is a visible share;
+    never with exit classifiers (their head runs only for tokens that leave).
     """
     out = Path(out).absolute()
     tgt = get_target(target)
@@ -145,6 +153,8 @@ def compile_model(
                           shortlist, exit_classifier)
     if catch_up not in CATCH_UPS:
         raise InputError(f"--catch-up must be one of {', '.join(CATCH_UPS)}, got {catch_up!r}")
+    if fuse_heads not in FUSE_HEADS:
+        raise InputError(f"--fuse-heads must be one of {', '.join(FUSE_HEADS)}, got {fuse_heads!r}")
     if candidates is not None and not auto:
         raise InputError("--candidates are the layers --exits auto chooses among: use them with --exits auto")
     if isinstance(candidates, str) and candidates != "all":
@@ -162,7 +172,7 @@ def compile_model(
         candidates = list(range(1, shape.num_layers))
     layers = (candidates or default_exits(src)) if auto else default_exits(src) if exits is None else exits
     build = _Build(src, tgt, precision, block_size, calibrate, calibration_prompts, calibration_tokens,
-                   calibration_metric, progress, placed=auto, catch_up=catch_up)
+                   calibration_metric, progress, placed=auto, catch_up=catch_up, fuse_heads=fuse_heads)
     tmp = build.run(layers, out.parent)
     try:
         manifest = read_manifest(tmp, verify=False)
@@ -216,6 +226,9 @@ def shortlist_sizes(vocab: int) -> list[int]:
     """The shortlist sizes `--shortlist auto` tries besides the whole vocabulary: 1/2 .. 1/128 of it."""
     return sorted({vocab // d for d in (2, 8, 32, 128)} - {0} if vocab >= 16 else set())
 
+
+FUSE_HEADS = ("auto", "on", "off")
+FUSE_LIMIT = 64 << 20  # bytes of a segment's graph and weights up to which --fuse-heads auto fuses its head
 
 CLASSIFIER_TOKENS = 96  # per training prompt: ~5k tokens for eec's 60 prompts
 
@@ -321,6 +334,7 @@ class _Build:
     progress: Progress
     placed: bool  # --exits auto: the exit set may leave trained heads out
     catch_up: str = "exact"
+    fuse_heads: str = "auto"
 
     def run(self, exits: list[int], parent: Path, shortlist: list[int] | None = None,
             classifiers: dict | None = None, metric: str | None = None) -> Path:
@@ -360,6 +374,8 @@ class _Build:
                     apply_precision(tmp / file, self.precision, self.block_size, self.target.backend,
                                     feeds.get(fills.get(file, file)))
                 manifest = self._manifest(tmp, plan, self.precision)
+            if self._fused(tmp, plan):
+                manifest = self._manifest(tmp, plan, self.precision)
             step += 1
             progress("writing manifest", step, total)
             write_manifest(tmp, manifest)
@@ -370,6 +386,24 @@ class _Build:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return tmp
+
+    def _fused(self, tmp: Path, plan) -> bool:
+        """Write the exit segments' graphs with their heads inside, as ``fuse_heads`` says; record
+        them in the plan's specs. True if any was written."""
+        written = False
+        for seg in plan.segments:
+            spec = seg.spec
+            if not (spec.exit and spec.exit.file and spec.emits_hidden and not spec.scores_exit):
+                continue
+            graph = tmp / spec.file
+            size = sum(f.stat().st_size for f in graph.parent.glob(graph.name + "*"))  # the graph and its weights
+            if self.fuse_heads == "off" or self.fuse_heads == "auto" and size > FUSE_LIMIT:
+                continue
+            file = spec.file.removesuffix(".onnx") + "_with_head.onnx"
+            write_with_head(tmp / spec.file, tmp / spec.exit.file, tmp / file)
+            seg.spec = replace(spec, with_head=file)
+            written = True
+        return written
 
     def _manifest(self, tmp: Path, plan, precision: str) -> Manifest:
         src = self.src

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from eec.compiler.passes import Float16, Int8Dynamic, Int8StaticQDQ, Q4CarryOver, WeightOnly
+from eec.compiler.passes import Float16, FuseExitHead, Int8Dynamic, Int8StaticQDQ, Q4CarryOver, WeightOnly
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4", "int4-gguf")
 DEFAULT_BLOCK_SIZE = 32
@@ -85,3 +85,13 @@ def record_feeds(root: Path, prompts: list, max_new_tokens: int = 12, limit: int
     for prompt in prompts:
         model.generate(prompt, max_new_tokens=max_new_tokens, thresholds=math.inf)
     return recorded
+
+
+def write_with_head(segment: Path, head: Path, out: Path) -> None:
+    """Write ``out``: the graph at ``segment`` with the exit head at ``head`` inside (`FuseExitHead`),
+    both already at the artifact's precision, so the fused graph computes what the two do."""
+    model = ir.load(segment)
+    result = FuseExitHead(ir.load(head))(model)
+    if not result.modified:
+        raise ValueError(f"{segment.name} and {head.name} cannot be fused (no hidden_out, or not an exit head)")
+    ir.save(result.model, out, external_data=f"{out.name}.data")

@@ -31,6 +31,25 @@ from eec.runtime.manifest import SegmentSpec
 CATCH_UPS = ("exact", "propagate")
 
 
+class BoundGraph:
+    """One graph over a segment's KV (the segment, the segment with its exit head inside, or its
+    KV fill) and, for shared KV, its onnxruntime IO binding. Its outputs are the small ones
+    (hidden state, scores) followed by the presents, named ``present_*``."""
+
+    def __init__(self, session: ort.InferenceSession, shared: bool):
+        self.session = session
+        names = [o.name for o in session.get_outputs()]
+        self.small = sum(not n.startswith("present_") for n in names)  # they come first
+        self.one: tuple | None = None  # fixed one-position arrays, while bound (`SegmentState._call`)
+        self.binding = session.io_binding() if shared else None
+        if self.binding is not None:
+            # Its C binding's output list skips wrapping every bound KV buffer in a Python OrtValue
+            # (~15 us a call); the public wrapper where a future onnxruntime renames it.
+            self.outputs = getattr(self.binding, "_iobinding", self.binding).get_outputs
+            for name in names[: self.small]:  # bound first, so they lead `get_outputs()`
+                self.binding.bind_output(name, "cpu")
+
+
 class SegmentState:
     """One segment's KV over its layers and its pending catch-up positions.
 
@@ -39,38 +58,37 @@ class SegmentState:
     onnxruntime's IO binding, to one preallocated buffer per key and value that
     is both its past input and its present output, so the kernel appends the
     new positions in place: no copy of the cache and no allocation per token.
-    The buffers grow by doubling when a sequence outgrows them.
+    The buffers grow by doubling when a sequence outgrows them. Every graph
+    of the segment (`BoundGraph`) reads and appends to the same KV.
     """
 
     def __init__(self, spec: SegmentSpec, session: ort.InferenceSession, kv_heads: int, head_dim: int,
-                 capacity: int, context: int, fill: ort.InferenceSession | None = None):
-        """``fill``: the segment's KV fill session (`fill_kv`), sharing this state's KV."""
-        self.spec, self.session, self.context, self.fill_session = spec, session, context, fill
+                 capacity: int, context: int, fill: ort.InferenceSession | None = None,
+                 with_head: ort.InferenceSession | None = None):
+        """``fill``: the segment's KV fill session (`fill_kv`); ``with_head``: the segment's graph
+        with its exit head inside (`run(with_head=True)`)."""
+        self.spec, self.context = spec, context
         self.length = 0
         self.pending: np.ndarray | None = None  # [batch, n, hidden]
+        shared = spec.kv_cache == "shared"
+        self.plain = BoundGraph(session, shared)
+        self.fill = BoundGraph(fill, shared) if fill is not None else None
+        self.with_head = BoundGraph(with_head, shared) if with_head is not None else None
         layers = 2 * (spec.stop - spec.start)
-        self.small = 1 if spec.emits_hidden and not spec.scores_exit else 2  # outputs before the presents
-        self.binding = self.fill_binding = self.one = None
-        if spec.kv_cache == "shared":
-            self.binding = session.io_binding()
-            self.fill_binding = fill.io_binding() if fill is not None else None
-            # Its C binding's output list skips wrapping every bound KV buffer in a Python OrtValue
-            # (~15 us a call); the public wrapper where a future onnxruntime renames it.
-            self._outputs = getattr(self.binding, "_iobinding", self.binding).get_outputs
-            for name in spec.outputs[: self.small]:  # bound first, so they lead `get_outputs()`
-                self.binding.bind_output(name, "cpu")
+        if shared:
             self.buffers = [np.zeros((1, kv_heads, min(capacity, context), head_dim), np.float32) for _ in range(layers)]
             self._bind_buffers()
         else:
             self.buffers = [np.zeros((1, kv_heads, 0, head_dim), np.float32)] * layers
 
     def _bind_buffers(self) -> None:
-        spec = self.spec
-        for io in (self.binding, self.fill_binding):
-            for name_in, name_out, buf in zip(spec.inputs[3:], spec.outputs[self.small:], self.buffers):
-                if io is not None:
-                    io.bind_input(name_in, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
-                    io.bind_output(name_out, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        kv_in, kv_out = self.spec.inputs[3:], [n for n in self.spec.outputs if n.startswith("present_")]
+        for graph in (self.plain, self.fill, self.with_head):
+            if graph is None:
+                continue
+            for name_in, name_out, buf in zip(kv_in, kv_out, self.buffers):
+                graph.binding.bind_input(name_in, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+                graph.binding.bind_output(name_out, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
 
     def _grow(self, needed: int) -> None:
         capacity = min(self.context, max(needed, 2 * self.buffers[0].shape[2]))
@@ -87,65 +105,65 @@ class SegmentState:
         """Past key, value per layer: [batch, kv_heads, length, head_dim] (views)."""
         return [buf[:, :, : self.length] for buf in self.buffers]
 
-    def run(self, x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run the segment over x ([1, seq] ids or [1, seq, hidden]); append to the KV; return
-        (hidden_out, exit_score or None), or (token, scores) for the last segment."""
-        outputs = self._call(self.session, self.binding, x, mask, self.small)
-        return outputs[0], outputs[1] if self.small == 2 else None
+    def run(self, x: np.ndarray, mask: np.ndarray, with_head: bool = False) -> list[np.ndarray]:
+        """Run the segment over x ([1, seq] ids or [1, seq, hidden]) and append to the KV. Returns
+        [hidden_out] (+ [exit_score] with a classifier, + [exit_token, exit_scores] ``with_head``),
+        or [token, scores] for the last segment."""
+        return self._call(self.with_head if with_head else self.plain, x, mask)
 
     def fill_kv(self, hidden: np.ndarray, mask: np.ndarray) -> None:
         """Append the KV of ``hidden``'s positions ([1, n, hidden]) with the fill graph."""
-        self._call(self.fill_session, self.fill_binding, hidden, mask, 0)
+        self._call(self.fill, hidden, mask)
 
-    def _call(self, session: ort.InferenceSession, io, x: np.ndarray, mask: np.ndarray, small: int) -> list[np.ndarray]:
-        """One call of the segment's graph or its fill graph after the cached positions: the KV grows
-        by x's length; returns the ``small`` outputs before the presents. A one-position call of the
-        segment's graph returns this state's fixed arrays, which its next call overwrites."""
-        spec, past, seq = self.spec, self.length, x.shape[1]
+    def _call(self, graph: BoundGraph, x: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        """One call of one of the segment's graphs after the cached positions: the KV grows by x's
+        length; returns the outputs before the presents. A one-position call of a graph with small
+        outputs returns fixed arrays, which its next one-position call overwrites."""
+        past, seq, io, name = self.length, x.shape[1], graph.binding, self.spec.inputs[0]
         if io is None:
-            positions = np.arange(past, past + seq, dtype=np.int64)[None, :]
-            feeds = {spec.inputs[0]: x, "position_ids": positions, "attention_mask": mask[:, : past + seq]}
-            feeds.update(zip(spec.inputs[3:], self.buffers))
-            outputs = session.run(None, feeds)
-            self.buffers, outputs = outputs[small:], outputs[:small]
+            feeds = {name: x, "position_ids": np.arange(past, past + seq, dtype=np.int64)[None, :],
+                     "attention_mask": mask[:, : past + seq]}
+            feeds.update(zip(self.spec.inputs[3:], self.buffers))
+            outputs = graph.session.run(None, feeds)
+            self.buffers, outputs = outputs[graph.small:], outputs[: graph.small]
         else:
             if past + seq > self.buffers[0].shape[2]:
                 self._grow(past + seq)
-            if seq == 1 and io is self.binding:
+            if seq == 1 and graph.small:
                 # The decode step: inputs and outputs stay bound to fixed one-position arrays,
                 # so a call rebinds the mask alone (each bind is ~1 us of a ~70 us segment).
-                if self.one is None:
-                    self.one = self._bind_one(x)
-                x_one, positions, outputs = self.one
+                if graph.one is None:
+                    graph.one = self._bind_one(graph, name, x)
+                x_one, positions, outputs = graph.one
                 x_one[...] = x
                 positions[0, 0] = past
                 io.bind_cpu_input("attention_mask", mask[:, : past + 1])
-                session.run_with_iobinding(io)
+                graph.session.run_with_iobinding(io)
             else:
-                self.one = None  # rebinding x, positions and outputs below
-                io.bind_cpu_input(spec.inputs[0], x)
+                graph.one = None  # rebinding x, positions and outputs below
+                io.bind_cpu_input(name, x)
                 io.bind_cpu_input("position_ids", np.arange(past, past + seq, dtype=np.int64)[None, :])
                 io.bind_cpu_input("attention_mask", mask[:, : past + seq])
-                for name in spec.outputs[:small]:  # their shapes change with seq: a fresh tensor each call
-                    io.bind_output(name, "cpu")
-                session.run_with_iobinding(io)
-                values = self._outputs() if small else []
-                outputs = [values[i].numpy() for i in range(small)]
+                for out in graph.session.get_outputs()[: graph.small]:  # shapes change with seq: fresh tensors
+                    io.bind_output(out.name, "cpu")
+                graph.session.run_with_iobinding(io)
+                values = graph.outputs() if graph.small else []
+                outputs = [values[i].numpy() for i in range(graph.small)]
         self.length = past + seq
         return outputs
 
-    def _bind_one(self, like: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """Bind the segment's input (shaped ``like``), positions and small outputs to fixed one-position arrays."""
-        spec, io = self.spec, self.binding
+    @staticmethod
+    def _bind_one(graph: BoundGraph, name: str, like: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Bind a graph's input ``name`` (shaped ``like``), positions and small outputs to fixed arrays."""
         x = np.zeros(like.shape, like.dtype)
         positions = np.zeros((1, 1), np.int64)
         outputs = []
-        for out in self.session.get_outputs()[: self.small]:  # symbolic dims are batch and seq: 1 each
-            outputs.append(np.zeros([d if isinstance(d, int) else 1 for d in out.shape], ONNX_DTYPES[out.type]))
-        for name, array in ((spec.inputs[0], x), ("position_ids", positions)):
-            io.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-        for name, array in zip(spec.outputs, outputs):
-            io.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        for out in graph.session.get_outputs()[: graph.small]:  # symbolic dims are batch and seq: 1 each
+            array = np.zeros([d if isinstance(d, int) else 1 for d in out.shape], ONNX_DTYPES[out.type])
+            graph.binding.bind_output(out.name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            outputs.append(array)
+        for input_name, array in ((name, x), ("position_ids", positions)):
+            graph.binding.bind_input(input_name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         return x, positions, outputs
 
 
@@ -205,17 +223,21 @@ class Decoder:
         capacity: int = 256,
         fills: dict[str, ort.InferenceSession] | None = None,
         catch_up: str = "exact",
+        with_heads: dict[str, ort.InferenceSession] | None = None,
     ):
         """``capacity``: positions the shared KV buffers start with (they grow as needed); ``fills``:
-        the segments' KV fill sessions by file, which ``catch_up="propagate"`` needs."""
+        the segments' KV fill sessions by file, which ``catch_up="propagate"`` needs; ``with_heads``:
+        the segments' graphs with their exit head inside by file, run in place of the segment and
+        its head whenever the step asks for that exit (not in full mode)."""
         self.specs, self.propagate = specs, catch_up == "propagate"
         # One call per exit, not per head file: each stays bound to its own segment's output.
         self.heads = [HeadCall(heads[s.exit.file]) if s.exit and s.exit.file in heads else None for s in specs]
         self.mask = np.ones((1, context), dtype=np.int64)  # sliced, never reallocated
-        fills = fills or {}
+        fills, with_heads = fills or {}, with_heads or {}
         if self.propagate and any(s.fill not in fills for s in specs[1:]):
             raise ValueError("catch_up='propagate' needs a KV fill graph for every segment after the first")
-        self.states = [SegmentState(s, sess, kv_heads, head_dim, capacity, context, fills.get(s.fill))
+        self.states = [SegmentState(s, sess, kv_heads, head_dim, capacity, context, fills.get(s.fill),
+                                    with_heads.get(s.with_head))
                        for s, sess in zip(specs, sessions)]
 
     def step(self, ids: np.ndarray, thresholds: dict[int, float] | None, metric: int = 0,
@@ -244,22 +266,27 @@ class Decoder:
                 else:
                     x = np.concatenate([state.pending, x], axis=1)
                 state.pending = None
-            x, scores = state.run(x, self.mask)
             layer = spec.exit.layer
+            asked = thresholds is not None and layer in thresholds
+            outputs = state.run(x, self.mask, with_head=asked and state.with_head is not None)
+            x = outputs[0]
             if j == last:
                 result.token, result.exit_layer = int(x[0]), layer
                 if trace:
-                    result.exit_tokens[layer], result.scores[layer] = result.token, np.append(scores[0], [np.nan, np.nan])
+                    result.exit_tokens[layer], result.scores[layer] = result.token, np.append(outputs[1][0], [np.nan, np.nan])
                 return result
             current = x[0, -1]
-            if thresholds is None or layer not in thresholds:
+            if not asked:
                 previous = current
                 continue
-            gate = np.nan if scores is None else float(scores[0])
+            gate = float(outputs[1][0]) if spec.scores_exit else np.nan
             if metric == CLASSIFIER and not trace and not gate >= thresholds[layer]:
                 previous = current  # the classifier says stay: the head's projection is never run
                 continue
-            token, head_scores = self.heads[j](x)
+            if state.with_head is not None:  # the head ran inside the segment's call
+                token, head_scores = int(outputs[-2][0]), outputs[-1][0]
+            else:
+                token, head_scores = self.heads[j](x)
             if metric < len(GRAPH_METRICS):
                 value = float(head_scores[metric])
             elif metric == CLASSIFIER:

@@ -23,7 +23,7 @@ def teacher_forced(model: EarlyExitModel, prompt: Sequence[int], reference: Sequ
     The prompt runs every layer (as in generation); each later position is
     judged with ``thresholds`` (None: full mode).
     """
-    decoder = model.new_decoder()
+    decoder = model.new_decoder(early_exit=thresholds is not None)
     feed, step_thresholds = np.asarray([list(prompt)], dtype=np.int64), None
     predictions, layers = [], []
     for token in reference:

@@ -42,6 +42,9 @@ class SegmentSpec:
     # The segment's KVFill graph (`eec.compiler.modules.KVFill`): keys and values for positions that left
     # at an earlier exit, from that exit's hidden state; None where the artifact has none.
     fill: str | None = None
+    # The segment's graph with its exit head inside (`eec.compiler.passes.FuseExitHead`): early-exit
+    # decoding runs it in place of the segment and the head's own graph; None where it was not built.
+    with_head: str | None = None
 
     @property
     def takes_ids(self) -> bool:

@@ -61,6 +61,8 @@ class EarlyExitModel:
         self.heads = dict(zip(head_files, open_sessions(root, head_files, threads, manifest)))
         fill_files = [s.fill for s in manifest.segments if s.fill]
         self.fills = dict(zip(fill_files, open_sessions(root, fill_files, threads, manifest)))
+        self.threads = threads
+        self._with_heads: dict | None = None  # opened on first use (`with_head_sessions`)
         self.catch_up = self.check_catch_up(catch_up or manifest.catch_up)
         self.codec = TextCodec(root, manifest.tokenizer) if manifest.tokenizer else None
         self.stats = Stats()
@@ -100,13 +102,23 @@ class EarlyExitModel:
                              "compile it with --catch-up propagate")
         return catch_up
 
-    def new_decoder(self, capacity: int = 256, catch_up: str | None = None) -> Decoder:
+    def with_head_sessions(self) -> dict:
+        """Sessions of the segments' graphs with their exit head inside, by file. Opened on first use:
+        full mode never runs them, and each holds a second copy of its segment's weights."""
+        if self._with_heads is None:
+            files = [s.with_head for s in self.manifest.segments if s.with_head]
+            self._with_heads = dict(zip(files, open_sessions(self.root, files, self.threads, self.manifest)))
+        return self._with_heads
+
+    def new_decoder(self, capacity: int = 256, catch_up: str | None = None, early_exit: bool = True) -> Decoder:
         """A decoder for one sequence; ``capacity``: the positions it expects (its KV buffers grow past it);
-        ``catch_up``: "exact" or "propagate" (`eec.runtime.decode`), by default the model's."""
+        ``catch_up``: "exact" or "propagate" (`eec.runtime.decode`), by default the model's;
+        ``early_exit``: it will be asked for exits, so it runs segments with their heads inside where
+        the artifact has them (False for full mode, which never runs a head)."""
         m = self.manifest.model
         catch_up = self.catch_up if catch_up is None else self.check_catch_up(catch_up)
         return Decoder(self.manifest.segments, self.sessions, self.heads, m.num_kv_heads, m.head_dim, m.context_length,
-                       capacity, self.fills, catch_up)
+                       capacity, self.fills, catch_up, self.with_head_sessions() if early_exit else None)
 
     def encode(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
         if isinstance(prompt, str):
@@ -198,7 +210,7 @@ class EarlyExitModel:
             raise InputError("max_new_tokens must be at least 1")
         ids = self.encode(prompt, chat)
         values, index = self.resolve_thresholds(mode, thresholds, epsilon, metric, rule, delta)
-        decoder = self.new_decoder(len(ids) + max_new_tokens, catch_up)
+        decoder = self.new_decoder(len(ids) + max_new_tokens, catch_up, early_exit=values is not None)
         steps = self._steps(decoder, ids, max_new_tokens, values, index,
                             set() if ignore_eos else set(self.manifest.eos_token_ids))
         if stream:

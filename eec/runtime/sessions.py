@@ -57,7 +57,7 @@ def open_sessions(root: Path, files: list[str], threads: int | None = None,
     for f in files:
         providers: list = ["CPUExecutionProvider"]
         if use_trt:
-            inputs = next((spec.inputs for spec in manifest.segments if f in (spec.file, spec.fill)), ["hidden"])
+            inputs = next((spec.inputs for spec in manifest.segments if f in (spec.file, spec.fill, spec.with_head)), ["hidden"])
             providers = [(TRT, trt_provider_options(root, manifest, inputs)), "CUDAExecutionProvider", *providers]
         sessions.append(ort.InferenceSession(str(root / f), options, providers=providers))
     return sessions
