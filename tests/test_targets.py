@@ -11,7 +11,10 @@ from eec.cli.main import app
 from eec.compiler import compile_model
 from eec.errors import InputError
 from eec.runtime import load
-from eec.targets.latency import LatencyTable
+from eec.compiler.frontends import load_source
+from eec.compiler.pipeline import model_shape
+from eec.targets.latency import LatencyTable, load_profile
+from eec.targets.placement import Candidate, evaluate
 from eec.targets.measure import measure_artifact, measure_artifacts
 
 runner = CliRunner()
@@ -70,6 +73,48 @@ def test_exits_auto_records_and_builds_the_chosen_set(llama_src, measured):
     assert speedups[0] >= max(speedups) / 1.02 - 1e-4  # the chosen set is within placement's tolerance
     model = load(out)
     assert len(model.generate([3, 17, 42], max_new_tokens=8, epsilon=0.8).tokens) == 8
+
+
+@pytest.fixture(scope="module")
+def cheap_heads(llama_src, measured):
+    """The measured profile with heads nearly free and layers slow: the search surely keeps exits."""
+    cheap = LatencyTable.from_json(measured[2].to_json())
+    cheap.heads = {layer: 1e-9 for layer in cheap.heads}
+    cheap.segments = {r: [t * 100 for t in times] for r, times in cheap.segments.items()}
+    profile = llama_src / "cheap-heads.json"
+    profile.write_text(cheap.to_json())
+    return profile
+
+
+def test_exits_auto_prices_the_built_artifact_on_its_own_traces(llama_src, cheap_heads):
+    out = llama_src / "built.eec"
+    manifest = compile_model(llama_src / "hf", out, exits="auto", placement_eps=0.5, profile=cheap_heads,
+                             calibration_tokens=8, candidates="all", shortlist=24)
+    placement = manifest.placement
+    assert placement["exits"] and placement["shortlist"] == 24  # a list: rebuilt, so priced again
+    # Recomputed here from the shipped traces and the profile, with the list's share of the head's cost.
+    table = load_profile(cheap_heads, model_shape(load_source(llama_src / "hf")), "fp32").with_head_fraction(24 / 96)
+    built = evaluate(load(out).traces, table, tuple(manifest.exits), 0.5, manifest.calibration.metric, "risk", 0.1)
+    assert placement["predicted_speedup"] == pytest.approx(built.speedup, rel=1e-3)
+    assert "search_predicted_speedup" in placement and "built: on its own traces" in placement["report"][-1]
+
+
+def test_exits_auto_writes_the_full_model_when_the_built_set_would_be_slower(llama_src, cheap_heads, monkeypatch):
+    import eec.compiler.pipeline as pipeline
+
+    profile = cheap_heads
+    priced = []
+
+    def slower(traces, table, exits, *args, **kwargs):
+        priced.append(exits)
+        return Candidate(exits, 1.0, 0.9, 0.5, 0.9, {})
+
+    monkeypatch.setattr(pipeline, "evaluate", slower)  # what the built artifact's traces would say
+    manifest = compile_model(llama_src / "hf", llama_src / "slow.eec", exits="auto", placement_eps=0.5,
+                             profile=profile, calibration_tokens=8, candidates="all", shortlist=24)
+    assert priced and priced[0]  # the chosen set was priced once built
+    assert manifest.exits == [] and len(manifest.segments) == 1 and manifest.placement["exits"] == []
+    assert "no exit pays here once built" in manifest.placement["report"][-1]
 
 
 def test_bad_target_inputs(llama_src, measured, tmp_path):

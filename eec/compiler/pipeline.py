@@ -39,7 +39,7 @@ from eec.runtime.manifest import (
 )
 from eec.calib.traces import Traces, metric_index
 from eec.targets.latency import ModelShape, load_profile, model_table
-from eec.targets.placement import TOLERANCE, describe, place_exits
+from eec.targets.placement import TOLERANCE, describe, evaluate, place_exits
 from eec.targets.profiles import Target, check_precision, get_target
 from eec.train.classifier import train_classifiers, with_classifier_scores
 
@@ -312,11 +312,38 @@ def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], t
         chosen = {layer: classifiers[layer] for layer in exits} if classifiers else None
         tmp = build.run(exits, parent, None if ids is None else ids.tolist(), chosen,
                         metric="classifier" if chosen else None)
+        if record is not None and exits:
+            tmp = _check_built(build, tmp, record, table.with_head_fraction(k / vocab if k else 1.0), eps, parent)
     manifest = read_manifest(tmp, verify=False)
     if record is not None:
         manifest = replace(manifest, placement=record)
         write_manifest(tmp, manifest)
     return manifest, tmp
+
+
+def _check_built(build: "_Build", tmp: Path, record: dict, table, eps: float, parent: Path) -> Path:
+    """Price the built artifact on its own calibration traces, which is what its thresholds come from.
+
+    The search priced candidates on the candidate build's traces, rescored in fp32 for a shortlist;
+    the built heads are quantized, and their thresholds can differ (a 12-layer code model's second
+    exit was priced at 94% of tokens leaving and built with a threshold no token met). The record's
+    ``predicted_speedup`` becomes the built artifact's (the search's is kept beside it); an artifact
+    predicted slower than the full model once built is replaced by the full model.
+    """
+    manifest = read_manifest(tmp, verify=False)
+    exits = tuple(record["exits"])
+    built = evaluate(Traces.load(tmp / manifest.calibration.file), table, exits, eps, manifest.calibration.metric,
+                     "risk", 0.1, propagate=build.catch_up == "propagate")
+    record["search_predicted_speedup"] = record["predicted_speedup"]
+    record["predicted_speedup"] = round(built.speedup, 4)
+    record["report"].append(f"built: on its own traces, exits {','.join(map(str, exits))} predict {built.speedup:.2f}x, "
+                            f"{built.exit_rate:.0%} of tokens exit ({dict(sorted(built.exits_taken.items()))})")
+    if built.speedup >= 1.0:
+        return tmp
+    record.update(exits=[], shortlist=0, exit_classifier=False, predicted_speedup=1.0)
+    record["report"].append("no exit pays here once built: the full model is written instead")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return build.run([], parent)
 
 
 @dataclass
