@@ -151,7 +151,7 @@ def test_generate_and_inspect_work(llama_compiled):
     assert result.exit_code == 0, result.output
     assert len(result.stdout.split()) == 5
     assert "5 tokens" in result.stderr
-    result = runner.invoke(app, ["inspect", str(llama_compiled.artifact)])
+    result = runner.invoke(app, ["inspect", str(llama_compiled.artifact)], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "exits: 1, 3, 4" in result.stdout
     assert "segments/seg0_with_head.onnx" in result.stdout  # a tiny model's heads are fused by default
 

@@ -49,10 +49,10 @@ def test_fused_graph_computes_segment_then_head(twins, tmp_path):
     _, off = twins
     spec = load(off).manifest.segments[1]  # takes `hidden`, exit at layer 4
     segment, head = ir.load(off / spec.file), ir.load(off / spec.exit.file)
-    head_nodes = head.graph.num_nodes()
+    nodes = segment.graph.num_nodes() + head.graph.num_nodes()
     result = FuseExitHead(head)(segment)
     assert result.modified
-    assert head.graph.num_nodes() == head_nodes  # rule 5: the head model given is left as it was
+    assert result.model.graph.num_nodes() == nodes and head.graph.num_nodes() == 0  # rule 5: the head moved in
     names = [v.name for v in result.model.graph.outputs]
     assert names[:3] == ["hidden_out", "exit_token", "exit_scores"] and all(n.startswith("present_") for n in names[3:])
     ir.save(result.model, tmp_path / "fused.onnx", external_data="fused.onnx.data")
@@ -82,8 +82,10 @@ def test_conflicting_opsets_are_refused(twins):
     spec = load(off).manifest.segments[0]
     segment, head = ir.load(off / spec.file), ir.load(off / spec.exit.file)
     head.opset_imports[""] = segment.opset_imports[""] + 1
+    before = segment.graph.num_nodes()
     with pytest.raises(ValueError, match="opset"):
         FuseExitHead(head)(segment)
+    assert segment.graph.num_nodes() == before  # refused before anything moved
 
 
 def test_decoding_with_fused_heads_matches_separate_heads(twins):

@@ -16,8 +16,10 @@ Rules:
    ``exit_scores``, placed after its other non-KV outputs and before the
    presents (the runtime reads the outputs before the presents as a group).
 4. Opset imports are merged; a domain both graphs import at different
-   versions is refused (ValueError).
-5. The head model given to the pass is left unchanged (its graph is cloned).
+   versions is refused (ValueError), before either graph changes.
+5. The head model is consumed: its nodes and initializers move into the
+   segment's graph, which is then sorted topologically (the fp16 pass leaves
+   a head's input cast after the nodes that read it).
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ class FuseExitHead(InPlacePass):
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         hidden_out = next((v for v in graph.outputs if v.name == "hidden_out"), None)
-        head = self.head.graph.clone()
+        head = self.head.graph
         names = sorted(v.name for v in head.outputs)
         if hidden_out is None or len(head.inputs) != 1 or names != sorted(OUTPUTS):
             return PassResult(model, modified=False)
         for domain, version in self.head.opset_imports.items():
-            if model.opset_imports.setdefault(domain, version) != version:
+            if model.opset_imports.get(domain, version) != version:
                 raise ValueError(f"opset {domain or 'ai.onnx'}: segment {model.opset_imports[domain]}, head {version}")
+        model.opset_imports.update(self.head.opset_imports)
         ir.convenience.replace_all_uses_with(head.inputs[0], hidden_out)
         head_outputs = list(head.outputs)
         head.outputs.clear()
@@ -61,4 +64,5 @@ class FuseExitHead(InPlacePass):
                              len(graph.outputs))
         for offset, value in enumerate(sorted(head_outputs, key=lambda v: list(OUTPUTS.values()).index(v.name))):
             graph.outputs.insert(first_present + offset, value)
+        graph.sort()
         return PassResult(model, modified=True)
