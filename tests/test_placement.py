@@ -48,6 +48,21 @@ def test_hand_computed_cost():
     assert parts["segments"] == pytest.approx(0.6 * 3 + 0.4 * 12)
 
 
+def test_hand_computed_catch_up_from_long_calls():
+    # A 9-layer range [3, 12) measured at 1..8 positions: 10 at one, 16 at two, then 1 a position
+    # (a vector product becomes a matrix product between 1 and 2 positions).
+    t = LatencyTable(SHAPE, "fp32", "test", "measured", 0.0,
+                     segments={(0, 3): [3.0 + 0.1 * (s - 1) for s in range(1, 9)],
+                               (3, 12): [10.0, *[16.0 + (s - 2) for s in range(2, 9)]]}, heads={3: 2.0})
+    # 90 leave at 3, 10 reach 12: each exited position costs the slope 1 later; each of the 10 deep
+    # calls carries exited positions and pays the step beyond the slope, 16 - 10 - 1 = 5, once.
+    parts = cost_breakdown(t, (3,), {3: 90, 12: 10})
+    assert parts["catch_up"] == pytest.approx((90 * 1.0 + 10 * 5.0) / 100)
+    # With few exits (10 leave, 90 go deep), only 10 calls can carry exited positions.
+    parts = cost_breakdown(t, (3,), {3: 10, 12: 90})
+    assert parts["catch_up"] == pytest.approx((10 * 1.0 + 10 * 5.0) / 100)
+
+
 def test_hand_computed_cost_with_propagated_catch_up():
     t = table(layer_s=1.0, head_s=2.0, marginal=0.5)
     # Fill graphs of the ranges after exit 3, measured at 1..8 positions: 1.0 fixed + 0.25 a position

@@ -30,6 +30,8 @@ from eec.runtime.sessions import open_sessions, session_options
 from eec.targets.latency import MAX_SEQ, LatencyTable, ModelShape, fit_segment_overhead
 from eec.targets.profiles import get_target
 
+SWEEPS = 4  # over the call lengths, alternately up and down; each length keeps its lowest median
+
 
 def shape_of(manifest: Manifest) -> ModelShape:
     m = manifest.model
@@ -105,7 +107,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     fill_sessions = dict(zip(fill_files, open_sessions(root, fill_files)))
     heads = {s.exit.layer: s.exit.file for s in manifest.segments[:-1] if s.exit and s.exit.file}
     head_sessions = dict(zip(heads, open_sessions(root, list(heads.values()))))
-    total = 2 * MAX_SEQ * (repeats + 1)
+    total = SWEEPS * MAX_SEQ * (repeats + 1)
     done = 0
     table = LatencyTable(shape_of(manifest), manifest.precision, target.name, "measured", 0.0)
     mask = np.ones((1, m.context_length), dtype=np.int64)
@@ -135,15 +137,16 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     # segment timed alone in a loop keeps its weights in the CPU's caches, which decoding never does
     # once the model is larger than them (SmolLM2: its six segments timed alone summed to 2.8 ms,
     # the same layers as one graph took 4.4 ms, and decoding either way took 4.5 ms a token).
-    # Two sweeps over the call lengths, up then down, each length's passes back to back (a call whose
-    # shape differs from the last one pays onnxruntime's re-planning, which decoding rarely does);
-    # each length keeps the lower of its two medians, so a slow spell on a shared machine during one
+    # Sweeps over the call lengths, up then down and again, each length's passes back to back (a call
+    # whose shape differs from the last one pays onnxruntime's re-planning, which decoding rarely does);
+    # each length keeps the lowest of its medians, so a slow spell on a shared machine during one
     # sweep does not land on some lengths only (it once made 1 token cost more than 2 and the
-    # catch-up's marginal cost vanish from placement).
+    # catch-up's marginal cost vanish from placement; with two sweeps, one spell still put a 3-layer
+    # segment at 186 us for 3 positions against 126 in the next measurement).
     seqs = list(range(1, MAX_SEQ + 1))
     best: dict[int, list[float]] = {}
     best_fill: dict[int, list[float]] = {}
-    for order in (seqs, seqs[::-1]):
+    for order in [seqs, seqs[::-1]] * (SWEEPS // 2):
         for seq in order:
             xs = [rng.integers(0, m.vocab_size, (1, seq)) if spec.takes_ids
                   else rng.standard_normal((1, seq, m.hidden_size)).astype(np.float32) for spec in manifest.segments]

@@ -12,9 +12,14 @@ Rules:
    every exit up to and including e; with exit classifiers (``gated``) only
    the head of e, since a classifier that says "stay" skips the head. Each later segment then runs that
    token's position once more as part of the next deep token's call
-   (catch-up), paying the segment's marginal cost of one more position,
-   ``t(2) - t(1)``. A token that reaches the last layer pays every segment
-   and every head of the set.
+   (catch-up), paying the segment's marginal cost of one more position in
+   a long call: the slope of its measured times from 2 to 8 positions,
+   ``(t(8) - t(2)) / 6``. A call that carries exited positions also pays,
+   once, what going from 1 to 2 positions costs beyond that slope (the
+   kernels switch from vector to matrix products there); there are as many
+   such calls as the fewer of the tokens that exited before the segment and
+   the tokens that reach it. A token that reaches the last layer pays every
+   segment and every head of the set.
 4. The full model is one segment over all layers with the final head; the
    predicted speedup is its cost over the set's expected cost.
 5. Among sets predicted within `TOLERANCE` of the cheapest, the one with the
@@ -83,13 +88,14 @@ def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dic
     bounds = [0, *sorted(set(exits) | set(splits or ())), n_layers]
     ranges = list(zip(bounds[:-1], bounds[1:]))
     seg = [table.range_cost(a, b, 1) for a, b in ranges]
-    marginal = [max(table.range_cost(a, b, 2) - c, 0.0) for (a, b), c in zip(ranges, seg)]
-    fixed = [0.0] * len(ranges)
+    marginal = [max((table.range_cost(a, b, 8) - table.range_cost(a, b, 2)) / 6, 0.0) for a, b in ranges]
+    step = [max(table.range_cost(a, b, 2) - c - m, 0.0) for (a, b), c, m in zip(ranges, seg, marginal)]
+    fixed = [0.0] * len(ranges)  # per token that reaches the range after an exit: a fill call's fixed part
     if propagate:
         for k, (a, b) in enumerate(ranges):
             fill = table.fill_costs(a, b)
             if fill is not None:
-                fixed[k], marginal[k] = fill
+                fixed[k], marginal[k], step[k] = *fill, 0.0
     heads = [table.head_cost(b) if b in exits else 0.0 for _, b in ranges]
     total_tokens = sum(exit_counts.values())
     counts = [exit_counts.get(stop, 0) if total_tokens else int(stop == n_layers) for _, stop in ranges]
@@ -101,6 +107,7 @@ def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dic
             parts["catch_up"] += count * sum(marginal[k + 1:])
         if k and any(counts[:k]):  # a fill call before range k's own run, for the tokens that reach it
             parts["catch_up"] += sum(counts[k:]) * fixed[k]
+            parts["catch_up"] += min(sum(counts[:k]), sum(counts[k:])) * step[k]  # calls carrying exited positions
     return {name: value / (total_tokens or 1) for name, value in parts.items()}
 
 
