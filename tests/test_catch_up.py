@@ -121,3 +121,13 @@ def test_measure_times_the_fill_graphs(propagating):
     assert all(len(t) == 8 and min(t) > 0 for t in table.fills.values())
     assert table.fill_costs(2, 6) is not None and table.fill_costs(0, 6) is None
     assert LatencyTable.from_json(table.to_json()).fills == table.fills
+
+
+def test_propagated_catch_up_in_pieces_decodes_the_same(propagating):
+    _, artifact = propagating
+    whole, pieces = load(artifact), load(artifact)
+    pieces.max_call = 2  # fills of more than 2 exited positions go in pieces
+    for threshold in (0.1, 0.4):
+        a = whole.generate(PROMPT, max_new_tokens=16, thresholds=threshold)
+        b = pieces.generate(PROMPT, max_new_tokens=16, thresholds=threshold)
+        assert (a.tokens, a.exits) == (b.tokens, b.exits)

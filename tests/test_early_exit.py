@@ -93,3 +93,28 @@ def test_bad_thresholds_are_refused(llama_compiled, bad):
     model = load(llama_compiled.artifact)
     with pytest.raises(InputError):
         model.generate(PROMPT, max_new_tokens=2, thresholds=bad)
+
+
+def test_long_calls_in_pieces_decode_the_same(tiny_compiled, monkeypatch):
+    """A TensorRT session takes at most 8 positions a call, so prompts and catch-ups go in pieces
+    (`max_call`): here 3 on CPU, against the same artifact in one call each."""
+    from eec.runtime.decode import SegmentState
+
+    lengths = []
+    call = SegmentState._call
+    monkeypatch.setattr(SegmentState, "_call", lambda self, g, x, m: (lengths.append((self.max_call, x.shape[1])),
+                                                                     call(self, g, x, m))[1])
+    whole, pieces = load(tiny_compiled.artifact), load(tiny_compiled.artifact)
+    assert whole.max_call is None  # onnxruntime's CPU provider: any length
+    pieces.max_call = 3
+    prompt = [5, 9, 13, 2, 44, 7, 80, 1]  # 8 positions: pieces of 3, 3 and 2
+    for threshold in (0.2, 0.6):  # many exits before each deep token: catch-ups longer than 3
+        a = whole.generate(prompt, max_new_tokens=20, thresholds=threshold)
+        b = pieces.generate(prompt, max_new_tokens=20, thresholds=threshold)
+        assert (a.tokens, a.exits) == (b.tokens, b.exits)
+    exits = pieces.generate(prompt, max_new_tokens=20, thresholds=0.2).exits
+    assert any(e < tiny_compiled.exits[0] + 1 for e in exits) and max(exits) == 6
+    assert whole.generate(prompt, max_new_tokens=8, mode="full").tokens == \
+        pieces.generate(prompt, max_new_tokens=8, mode="full").tokens
+    assert max(n for limit, n in lengths if limit == 3) == 3  # never more than 3 a call...
+    assert max(n for limit, n in lengths if limit is None) > 3  # ...where whole calls were longer

@@ -64,10 +64,11 @@ class SegmentState:
 
     def __init__(self, spec: SegmentSpec, session: ort.InferenceSession, kv_heads: int, head_dim: int,
                  capacity: int, context: int, fill: ort.InferenceSession | None = None,
-                 with_head: ort.InferenceSession | None = None):
+                 with_head: ort.InferenceSession | None = None, max_call: int | None = None):
         """``fill``: the segment's KV fill session (`fill_kv`); ``with_head``: the segment's graph
-        with its exit head inside (`run(with_head=True)`)."""
-        self.spec, self.context = spec, context
+        with its exit head inside (`run(with_head=True)`); ``max_call``: the most positions one call
+        may carry (None: any)."""
+        self.spec, self.context, self.max_call = spec, context, max_call
         self.length = 0
         self.pending: np.ndarray | None = None  # [batch, n, hidden]
         shared = spec.kv_cache == "shared"
@@ -109,11 +110,25 @@ class SegmentState:
         """Run the segment over x ([1, seq] ids or [1, seq, hidden]) and append to the KV. Returns
         [hidden_out] (+ [exit_score] with a classifier, + [exit_token, exit_scores] ``with_head``),
         or [token, scores] for the last segment."""
-        return self._call(self.with_head if with_head else self.plain, x, mask)
+        return self._chunked(self.with_head if with_head else self.plain, x, mask)
 
     def fill_kv(self, hidden: np.ndarray, mask: np.ndarray) -> None:
         """Append the KV of ``hidden``'s positions ([1, n, hidden]) with the fill graph."""
-        self._call(self.fill, hidden, mask)
+        self._chunked(self.fill, hidden, mask)
+
+    def _chunked(self, graph: BoundGraph, x: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        """`_call` in pieces of at most ``max_call`` positions (TensorRT engines are built for calls of
+        1..8 positions; a prompt or a catch-up can be longer). Only ``hidden_out`` is per position:
+        the pieces' are joined; every other output is the last position's, from the last piece."""
+        step = self.max_call
+        if step is None or x.shape[1] <= step:
+            return self._call(graph, x, mask)
+        # Copied: a one-position piece returns fixed arrays, which the next one overwrites.
+        pieces = [[np.array(o) for o in self._call(graph, x[:, i: i + step], mask)] for i in range(0, x.shape[1], step)]
+        outputs = pieces[-1]
+        if self.spec.emits_hidden and outputs:
+            outputs[0] = np.concatenate([p[0] for p in pieces], axis=1)
+        return outputs
 
     def _call(self, graph: BoundGraph, x: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         """One call of one of the segment's graphs after the cached positions: the KV grows by x's
@@ -224,11 +239,13 @@ class Decoder:
         fills: dict[str, ort.InferenceSession] | None = None,
         catch_up: str = "exact",
         with_heads: dict[str, ort.InferenceSession] | None = None,
+        max_call: int | None = None,
     ):
         """``capacity``: positions the shared KV buffers start with (they grow as needed); ``fills``:
         the segments' KV fill sessions by file, which ``catch_up="propagate"`` needs; ``with_heads``:
         the segments' graphs with their exit head inside by file, run in place of the segment and
-        its head whenever the step asks for that exit (not in full mode)."""
+        its head whenever the step asks for that exit (not in full mode); ``max_call``: the most
+        positions one graph call may carry (TensorRT's engines), longer ones run in pieces."""
         self.specs, self.propagate = specs, catch_up == "propagate"
         # One call per exit, not per head file: each stays bound to its own segment's output.
         self.heads = [HeadCall(heads[s.exit.file]) if s.exit and s.exit.file in heads else None for s in specs]
@@ -237,7 +254,7 @@ class Decoder:
         if self.propagate and any(s.fill not in fills for s in specs[1:]):
             raise ValueError("catch_up='propagate' needs a KV fill graph for every segment after the first")
         self.states = [SegmentState(s, sess, kv_heads, head_dim, capacity, context, fills.get(s.fill),
-                                    with_heads.get(s.with_head))
+                                    with_heads.get(s.with_head), max_call)
                        for s, sess in zip(specs, sessions)]
 
     def step(self, ids: np.ndarray, thresholds: dict[int, float] | None, metric: int = 0,

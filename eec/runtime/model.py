@@ -15,7 +15,7 @@ from eec.calib.traces import Traces, metric_index, thresholds_for
 from eec.errors import InputError
 from eec.runtime.decode import CATCH_UPS, Decoder
 from eec.runtime.manifest import Manifest, read_manifest
-from eec.runtime.sessions import open_sessions
+from eec.runtime.sessions import MAX_CALL_TOKENS, TRT, open_sessions
 from eec.runtime.text import TextCodec
 
 MODES = ("early-exit", "full")
@@ -62,6 +62,8 @@ class EarlyExitModel:
         fill_files = [s.fill for s in manifest.segments if s.fill]
         self.fills = dict(zip(fill_files, open_sessions(root, fill_files, threads, manifest)))
         self.threads = threads
+        # TensorRT engines are built for calls of 1..MAX_CALL_TOKENS positions: longer ones go in pieces.
+        self.max_call = MAX_CALL_TOKENS if any(s.get_providers()[0] == TRT for s in self.sessions) else None
         self._with_heads: dict | None = None  # opened on first use (`with_head_sessions`)
         self.catch_up = self.check_catch_up(catch_up or manifest.catch_up)
         self.codec = TextCodec(root, manifest.tokenizer) if manifest.tokenizer else None
@@ -118,7 +120,8 @@ class EarlyExitModel:
         m = self.manifest.model
         catch_up = self.catch_up if catch_up is None else self.check_catch_up(catch_up)
         return Decoder(self.manifest.segments, self.sessions, self.heads, m.num_kv_heads, m.head_dim, m.context_length,
-                       capacity, self.fills, catch_up, self.with_head_sessions() if early_exit else None)
+                       capacity, self.fills, catch_up, self.with_head_sessions() if early_exit else None,
+                       self.max_call)
 
     def encode(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
         if isinstance(prompt, str):
