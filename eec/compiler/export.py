@@ -19,6 +19,7 @@ import torch
 from torch.export import Dim
 
 from eec.compiler.ops import TRANSLATIONS
+from eec.compiler.passes import DropUnusedNormOutputs
 from eec.compiler.segments import HEAD_INPUTS, HEAD_OUTPUTS, PlannedHead, PlannedSegment, fill_outputs
 from eec.errors import CompileError
 from eec.runtime.sessions import open_sessions
@@ -101,6 +102,7 @@ def _export(module, args, inputs, outputs, shapes, path: Path, what: str) -> Non
                 module, args, input_names=inputs, output_names=outputs, dynamic_shapes=shapes,
                 opset_version=OPSET, dynamo=True, verbose=False, custom_translation_table=TRANSLATIONS,
             )
+            DropUnusedNormOutputs()(program.model)  # before saving: the saved graph is the one verified
             path.parent.mkdir(parents=True, exist_ok=True)
             program.save(str(path), external_data=True)
     except Exception as e:

@@ -1,6 +1,7 @@
 """Graph passes applied after export, one per file (the onnx-ir ``call(model) -> PassResult`` contract).
 
-`FuseExitHead` puts an exit head's graph inside its segment's. The precision
+`DropUnusedNormOutputs` runs on every exported graph; `FuseExitHead` puts an
+exit head's graph inside its segment's. The precision
 passes wrap onnxruntime's own quantization tools; `precision_passes` maps each
 ``--precision`` to the passes that produce it.
 """
@@ -12,6 +13,7 @@ from eec.compiler.passes.fuse_exit_head import FuseExitHead
 from eec.compiler.passes.int8_dynamic import Int8Dynamic
 from eec.compiler.passes.int8_qdq import Int8StaticQDQ
 from eec.compiler.passes.q4_carry_over import Q4CarryOver
+from eec.compiler.passes.unused_norm_outputs import DropUnusedNormOutputs
 from eec.compiler.passes.weight_only import WeightOnly
 
-__all__ = ["Float16", "FuseExitHead", "Int8Dynamic", "Int8StaticQDQ", "Q4CarryOver", "WeightOnly"]
+__all__ = ["DropUnusedNormOutputs", "Float16", "FuseExitHead", "Int8Dynamic", "Int8StaticQDQ", "Q4CarryOver", "WeightOnly"]
