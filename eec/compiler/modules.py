@@ -218,6 +218,22 @@ class ExitClassifier(nn.Module):
         return torch.sigmoid(self.logit(hidden_last))
 
 
+class FinalHead(nn.Module):
+    """The model's own norm and LM head at the end of the last segment: the token alone.
+
+    Every token that reaches it takes its token, so no confidence is needed, and
+    the softmax, top-2 and entropy over the whole vocabulary cost about 2% of a
+    SmolLM2 step (docs/benchmarks.md, session 6)."""
+
+    def __init__(self, head: ExitHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden_last: torch.Tensor):
+        logits = self.head.proj(self.head.norm(hidden_last)[:, None, :])[:, 0, :]
+        return (logits.argmax(-1),)
+
+
 class LastPositionHead(nn.Module):
     """An exit head as its own graph: reads a segment's ``hidden_out``, judges its last position."""
 
@@ -233,7 +249,7 @@ class _SegmentBase(nn.Module):
     """What both segment forms share: the layers, the optional embedding, exit classifier and
     final head, and the order of the outputs."""
 
-    def __init__(self, layers, embed: nn.Embedding | None, head: ExitHead | None, emit_hidden: bool,
+    def __init__(self, layers, embed: nn.Embedding | None, head: "FinalHead | None", emit_hidden: bool,
                  classifier: ExitClassifier | None):
         super().__init__()
         self.layers = nn.ModuleList(layers)
@@ -260,7 +276,7 @@ class Segment(_SegmentBase):
         inv_freq: torch.Tensor,
         rope_scaling: float,
         embed: nn.Embedding | None,
-        head: ExitHead | None,
+        head: FinalHead | None,
         emit_hidden: bool,
         classifier: ExitClassifier | None = None,
     ):
@@ -321,7 +337,7 @@ class FusedSegment(_SegmentBase):
         rope_scaling: float,
         context: int,
         embed: nn.Embedding | None,
-        head: ExitHead | None,
+        head: FinalHead | None,
         emit_hidden: bool,
         classifier: ExitClassifier | None = None,
     ):

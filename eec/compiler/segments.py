@@ -6,7 +6,8 @@ Rules:
 2. The backbone is cut at every exit: ``[0, e1), [e1, e2), ..., [ek, L)``.
 3. Segment 0 takes ``input_ids`` (the embedding is fused into it); the others
    take ``hidden``. Every segment but the last emits ``hidden_out``.
-4. The last segment ends with the model's final norm and LM head, fused.
+4. The last segment ends with the model's final norm and LM head, fused, and
+   returns the token alone (`FinalHead`).
 5. With ``fills``, every segment but the first also gets a `KVFill` graph
    (``segments/fill<i>.onnx``) for the propagating catch-up.
 6. Each exit has a head graph of its own that reads the segment's
@@ -28,6 +29,7 @@ from eec.compiler.modules import (
     DecoderLayer,
     ExitClassifier,
     ExitHead,
+    FinalHead,
     FusedDecoderLayer,
     FusedSegment,
     KVFill,
@@ -87,7 +89,7 @@ def io_names(start: int, stop: int, first: bool, last: bool, scored: bool = Fals
     kv_in = [f"past_{kv}_{i}" for i in range(start, stop) for kv in ("key", "value")]
     kv_out = [f"present_{kv}_{i}" for i in range(start, stop) for kv in ("key", "value")]
     inputs = ["input_ids" if first else "hidden", "position_ids", "attention_mask", *kv_in]
-    outputs = (["token", "scores"] if last else ["hidden_out", *(["exit_score"] if scored else [])]) + kv_out
+    outputs = (["token"] if last else ["hidden_out", *(["exit_score"] if scored else [])]) + kv_out
     return inputs, outputs
 
 
@@ -158,7 +160,7 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
             if exit_spec.file not in heads:
                 heads[exit_spec.file] = PlannedHead(exit_spec.file, exit_head(shared_head()))
         classifier = None if last else classifiers.get(stop)
-        common = dict(embed=backbone.embed_tokens if first else None, head=shared_head(untie=first) if last else None,
+        common = dict(embed=backbone.embed_tokens if first else None, head=FinalHead(shared_head(untie=first)) if last else None,
                       emit_hidden=not last, inv_freq=rotary.inv_freq, rope_scaling=rotary.attention_scaling,
                       classifier=classifier)
         if fused:

@@ -289,8 +289,9 @@ class Decoder:
             x = outputs[0]
             if j == last:
                 result.token, result.exit_layer = int(x[0]), layer
-                if trace:
-                    result.exit_tokens[layer], result.scores[layer] = result.token, np.append(outputs[1][0], [np.nan, np.nan])
+                if trace:  # the final head has no confidence scores (artifacts before session 6 did)
+                    scores = outputs[1][0] if len(outputs) > 1 else np.full(len(GRAPH_METRICS), np.nan)
+                    result.exit_tokens[layer], result.scores[layer] = result.token, np.append(scores, [np.nan, np.nan])
                 return result
             current = x[0, -1]
             if not asked:
