@@ -222,8 +222,8 @@ class FinalHead(nn.Module):
     """The model's own norm and LM head at the end of the last segment: the token alone.
 
     Every token that reaches it takes its token, so no confidence is needed, and
-    the softmax, top-2 and entropy over the whole vocabulary cost about 2% of a
-    SmolLM2 step (docs/benchmarks.md, session 6)."""
+    the softmax, top-2 and entropy over the whole vocabulary took about 2% of a
+    SmolLM2 step in onnxruntime's profiler (docs/benchmarks.md, session 6)."""
 
     def __init__(self, head: ExitHead):
         super().__init__()
