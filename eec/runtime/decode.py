@@ -38,16 +38,17 @@ class BoundGraph:
 
     def __init__(self, session: ort.InferenceSession, shared: bool):
         self.session = session
-        names = [o.name for o in session.get_outputs()]
-        self.small = sum(not n.startswith("present_") for n in names)  # they come first
+        # The small outputs come first; kept, since a call that rebinds them must not ask the session again.
+        self.small_outputs = [o for o in session.get_outputs() if not o.name.startswith("present_")]
+        self.small = len(self.small_outputs)
         self.one: tuple | None = None  # fixed one-position arrays, while bound (`SegmentState._call`)
         self.binding = session.io_binding() if shared else None
         if self.binding is not None:
             # Its C binding's output list skips wrapping every bound KV buffer in a Python OrtValue
             # (~15 us a call); the public wrapper where a future onnxruntime renames it.
             self.outputs = getattr(self.binding, "_iobinding", self.binding).get_outputs
-            for name in names[: self.small]:  # bound first, so they lead `get_outputs()`
-                self.binding.bind_output(name, "cpu")
+            for out in self.small_outputs:  # bound first, so they lead `get_outputs()`
+                self.binding.bind_output(out.name, "cpu")
 
 
 class SegmentState:
@@ -109,7 +110,7 @@ class SegmentState:
     def run(self, x: np.ndarray, mask: np.ndarray, with_head: bool = False) -> list[np.ndarray]:
         """Run the segment over x ([1, seq] ids or [1, seq, hidden]) and append to the KV. Returns
         [hidden_out] (+ [exit_score] with a classifier, + [exit_token, exit_scores] ``with_head``),
-        or [token, scores] for the last segment."""
+        or [token] for the last segment ([token, scores] in artifacts before session 6)."""
         return self._chunked(self.with_head if with_head else self.plain, x, mask)
 
     def fill_kv(self, hidden: np.ndarray, mask: np.ndarray) -> None:
@@ -159,7 +160,7 @@ class SegmentState:
                 io.bind_cpu_input(name, x)
                 io.bind_cpu_input("position_ids", np.arange(past, past + seq, dtype=np.int64)[None, :])
                 io.bind_cpu_input("attention_mask", mask[:, : past + seq])
-                for out in graph.session.get_outputs()[: graph.small]:  # shapes change with seq: fresh tensors
+                for out in graph.small_outputs:  # their shapes change with seq: fresh tensors
                     io.bind_output(out.name, "cpu")
                 graph.session.run_with_iobinding(io)
                 values = graph.outputs() if graph.small else []
@@ -173,7 +174,7 @@ class SegmentState:
         x = np.zeros(like.shape, like.dtype)
         positions = np.zeros((1, 1), np.int64)
         outputs = []
-        for out in graph.session.get_outputs()[: graph.small]:  # symbolic dims are batch and seq: 1 each
+        for out in graph.small_outputs:  # symbolic dims are batch and seq: 1 each
             array = np.zeros([d if isinstance(d, int) else 1 for d in out.shape], ONNX_DTYPES[out.type])
             graph.binding.bind_output(out.name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
             outputs.append(array)

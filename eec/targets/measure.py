@@ -4,10 +4,10 @@ Each segment runs over 1..8 new tokens after ``past`` cached positions (one
 decode step plus up to seven pending catch-up positions), through the
 runtime's own segment state (`eec.runtime.decode.SegmentState`: shared KV
 buffers and IO binding where the segment has them), each head over one
-position, and a segment's KV fill graph (`--catch-up propagate`) over
+position through the runtime's own head call (`HeadCall`), and a segment's KV fill graph (`--catch-up propagate`) over
 1..8 positions just before it, all in chain order pass after pass as
-decoding runs them; the median of ``repeats`` passes is kept, the lower
-of two sweeps over the lengths (up, then down). The per-call overhead is
+decoding runs them; the median of ``repeats`` passes is kept, the lowest
+of `SWEEPS` sweeps over the lengths (alternately up and down). The per-call overhead is
 the median time of a graph that does nothing but pass a hidden state
 through, with the same session options. numpy and onnxruntime only.
 """
@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from eec.errors import InputError
-from eec.runtime.decode import SegmentState
+from eec.runtime.decode import HeadCall, SegmentState
 from eec.runtime.manifest import Manifest, read_manifest
 from eec.runtime.sessions import open_sessions, session_options
 from eec.targets.latency import MAX_SEQ, LatencyTable, ModelShape, fit_segment_overhead
@@ -106,7 +106,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     fill_files = [s.fill for s in manifest.segments if s.fill]
     fill_sessions = dict(zip(fill_files, open_sessions(root, fill_files)))
     heads = {s.exit.layer: s.exit.file for s in manifest.segments[:-1] if s.exit and s.exit.file}
-    head_sessions = dict(zip(heads, open_sessions(root, list(heads.values()))))
+    head_calls = {layer: HeadCall(s) for layer, s in zip(heads, open_sessions(root, list(heads.values())))}
     total = SWEEPS * MAX_SEQ * (repeats + 1)
     done = 0
     table = LatencyTable(shape_of(manifest), manifest.precision, target.name, "measured", 0.0)
@@ -132,7 +132,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
         calls.append(after_past(state.run))
         fill_calls.append(after_past(state.fill_kv) if spec.fill else None)
     head_x = rng.standard_normal((1, 1, m.hidden_size)).astype(np.float32)
-    head_times: dict[int, list[float]] = {layer: [] for layer in head_sessions}
+    head_times: dict[int, list[float]] = {layer: [] for layer in head_calls}
     # Every pass runs the whole chain in order, as decoding does, and times each call in it: a
     # segment timed alone in a loop keeps its weights in the CPU's caches, which decoding never does
     # once the model is larger than them (SmolLM2: its six segments timed alone summed to 2.8 ms,
@@ -164,10 +164,10 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
                     call(xs[j])
                     elapsed = time.perf_counter() - start
                     layer = spec.exit.layer if spec.exit else None
-                    head = head_sessions.get(layer) if seq == 1 else None
+                    head = head_calls.get(layer) if seq == 1 else None
                     if head is not None:
                         start = time.perf_counter()
-                        head.run(None, {"hidden": head_x})
+                        head(head_x)
                         if r:
                             head_times[layer].append(time.perf_counter() - start)
                     if r:
