@@ -119,7 +119,7 @@ def test_exits_auto_writes_the_full_model_when_the_built_set_would_be_slower(lla
 
 def test_bad_target_inputs(llama_src, measured, tmp_path):
     _, profile, _ = measured
-    with pytest.raises(InputError, match="known targets: cpu, jetson-orin-agx"):
+    with pytest.raises(InputError, match="known targets: cpu, cuda, jetson-orin-agx"):
         compile_model(llama_src / "hf", tmp_path / "x.eec", target="tpu-v9")
     with pytest.raises(InputError, match="--exits auto needs calibration traces"):
         compile_model(llama_src / "hf", tmp_path / "x.eec", exits="auto", calibrate=False)

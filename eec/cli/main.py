@@ -39,6 +39,10 @@ def _user_errors(fn):
     return wrapper
 
 
+DEVICE_HELP = ("where the graphs run: cpu, cuda (onnxruntime-gpu, fp16 artifacts), tensorrt (built engines), "
+               "or auto (tensorrt where built, else cuda for fp16 where available, else cpu)")
+
+
 def _parse_floats(text: str, what: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -247,6 +251,7 @@ def generate(
     chat: bool = typer.Option(True, help="wrap the prompt in the model's chat template"),
     threads: Optional[int] = typer.Option(None, help="onnxruntime threads (default: all cores)"),
     catch_up: Optional[str] = typer.Option(None, help="exact or propagate (default: the artifact's)"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Generate from ARTIFACT with early exits, streaming the text."""
     from eec.runtime import load
@@ -256,7 +261,7 @@ def generate(
         values = _parse_floats(threshold, "--threshold")
         thresholds = values[0] if len(values) == 1 else values
     the_prompt = _parse_ids(prompt) if ids else prompt
-    model = load(artifact, threads=threads, catch_up=catch_up)
+    model = load(artifact, threads=threads, catch_up=catch_up, device=device)
     pieces = model.generate(the_prompt, max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=eps,
                             metric=metric, rule=rule, delta=delta, stream=True, chat=chat)
     for piece in pieces:
@@ -313,6 +318,7 @@ def profile(
     plot: Optional[Path] = typer.Option(None, help="also draw speedup and agreement against ε into this PNG"),
     threads: Optional[int] = typer.Option(None, help="onnxruntime threads (default: all cores)"),
     catch_up: Optional[str] = typer.Option(None, help="exact or propagate (default: the artifact's)"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Measure tokens/s, speedup over full mode, agreement, exits and bandwidth at each ε on this device."""
     from eec.calib.calibrate import default_prompts, read_prompts
@@ -330,7 +336,7 @@ def profile(
             raise InputError(f"output folder {path.parent} does not exist")
     if plot is not None:
         _require_matplotlib()
-    model = load(artifact, threads=threads, catch_up=catch_up)
+    model = load(artifact, threads=threads, catch_up=catch_up, device=device)
     if model.exits and model.manifest.calibration is None:
         raise InputError(f"{artifact} is not calibrated; run `eec calibrate {artifact}` first")
     has_tok = model.codec is not None

@@ -74,6 +74,9 @@ def record_feeds(root: Path, prompts: list, max_new_tokens: int = 12, limit: int
         def __init__(self, file: str, session):
             self.file, self.session = file, session
 
+        def get_inputs(self):
+            return self.session.get_inputs()
+
         def get_outputs(self):
             return self.session.get_outputs()
 

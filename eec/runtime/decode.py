@@ -65,11 +65,16 @@ class SegmentState:
 
     def __init__(self, spec: SegmentSpec, session: ort.InferenceSession, kv_heads: int, head_dim: int,
                  capacity: int, context: int, fill: ort.InferenceSession | None = None,
-                 with_head: ort.InferenceSession | None = None, max_call: int | None = None):
+                 with_head: ort.InferenceSession | None = None, max_call: int | None = None,
+                 device: str = "cpu"):
         """``fill``: the segment's KV fill session (`fill_kv`); ``with_head``: the segment's graph
         with its exit head inside (`run(with_head=True)`); ``max_call``: the most positions one call
-        may carry (None: any)."""
-        self.spec, self.context, self.max_call = spec, context, max_call
+        may carry (None: any); ``device``: where a shared KV lives, "cpu" or "cuda" (sessions on
+        onnxruntime's CUDA provider, which then never copy the cache to the host)."""
+        self.spec, self.context, self.max_call, self.device = spec, context, max_call, device
+        # fp32, or fp16 where the precision pass gave the graph a half-precision KV.
+        types = {i.name: i.type for i in session.get_inputs()}
+        self.kv_dtype = ONNX_DTYPES[types[spec.inputs[3]]] if len(spec.inputs) > 3 else np.float32
         self.length = 0
         self.pending: np.ndarray | None = None  # [batch, n, hidden]
         shared = spec.kv_cache == "shared"
@@ -78,10 +83,16 @@ class SegmentState:
         self.with_head = BoundGraph(with_head, shared) if with_head is not None else None
         layers = 2 * (spec.stop - spec.start)
         if shared:
-            self.buffers = [np.zeros((1, kv_heads, min(capacity, context), head_dim), np.float32) for _ in range(layers)]
+            shape = (1, kv_heads, min(capacity, context), head_dim)
+            self.buffers = [self._new_buffer(np.zeros(shape, self.kv_dtype)) for _ in range(layers)]
             self._bind_buffers()
-        else:
-            self.buffers = [np.zeros((1, kv_heads, 0, head_dim), np.float32)] * layers
+        else:  # fed and returned as arrays, on any provider
+            self.device = "cpu"
+            self.buffers = [np.zeros((1, kv_heads, 0, head_dim), self.kv_dtype)] * layers
+
+    def _new_buffer(self, values: np.ndarray):
+        """A KV buffer holding ``values``: the array itself on the CPU, a device OrtValue on a GPU."""
+        return values if self.device == "cpu" else ort.OrtValue.ortvalue_from_numpy(values, self.device, 0)
 
     def _bind_buffers(self) -> None:
         kv_in, kv_out = self.spec.inputs[3:], [n for n in self.spec.outputs if n.startswith("present_")]
@@ -89,23 +100,51 @@ class SegmentState:
             if graph is None:
                 continue
             for name_in, name_out, buf in zip(kv_in, kv_out, self.buffers):
-                graph.binding.bind_input(name_in, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
-                graph.binding.bind_output(name_out, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+                if self.device == "cpu":
+                    graph.binding.bind_input(name_in, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+                    graph.binding.bind_output(name_out, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+                else:
+                    graph.binding.bind_ortvalue_input(name_in, buf)
+                    graph.binding.bind_ortvalue_output(name_out, buf)
+
+    @property
+    def capacity(self) -> int:
+        """Positions the shared KV buffers hold before they grow."""
+        return self.buffers[0].shape()[2] if self.device != "cpu" else self.buffers[0].shape[2]
 
     def _grow(self, needed: int) -> None:
-        capacity = min(self.context, max(needed, 2 * self.buffers[0].shape[2]))
+        capacity = min(self.context, max(needed, 2 * self.capacity))
         grown = []
-        for buf in self.buffers:
-            new = np.zeros((*buf.shape[:2], capacity, buf.shape[3]), np.float32)
-            new[:, :, : self.length] = buf[:, :, : self.length]
-            grown.append(new)
+        for old in self.kv:  # through the host on a GPU: growing is rare (doubling), the copy is simple
+            new = np.zeros((*old.shape[:2], capacity, old.shape[3]), self.kv_dtype)
+            new[:, :, : self.length] = old
+            grown.append(self._new_buffer(new))
         self.buffers = grown
         self._bind_buffers()
 
     @property
     def kv(self) -> list[np.ndarray]:
-        """Past key, value per layer: [batch, kv_heads, length, head_dim] (views)."""
+        """Past key, value per layer: [batch, kv_heads, length, head_dim] (views on the CPU, copies from a GPU)."""
+        if self.device != "cpu":
+            return [buf.numpy()[:, :, : self.length] for buf in self.buffers]
         return [buf[:, :, : self.length] for buf in self.buffers]
+
+    def write_kv(self, values: list[np.ndarray]) -> None:
+        """Set the cache to ``values`` (key, value per layer, [1, kv_heads, n, head_dim]): n cached positions."""
+        n = values[0].shape[2]
+        if self.spec.kv_cache != "shared":
+            self.buffers = [v.astype(self.kv_dtype) for v in values]
+        else:
+            if n > self.capacity:
+                self._grow(n)
+            for buf, v in zip(self.buffers, values):
+                if self.device == "cpu":
+                    buf[:, :, :n] = v
+                else:
+                    host = buf.numpy()
+                    host[:, :, :n] = v
+                    buf.update_inplace(host)
+        self.length = n
 
     def run(self, x: np.ndarray, mask: np.ndarray, with_head: bool = False) -> list[np.ndarray]:
         """Run the segment over x ([1, seq] ids or [1, seq, hidden]) and append to the KV. Returns
@@ -143,7 +182,7 @@ class SegmentState:
             outputs = graph.session.run(None, feeds)
             self.buffers, outputs = outputs[graph.small:], outputs[: graph.small]
         else:
-            if past + seq > self.buffers[0].shape[2]:
+            if past + seq > self.capacity:
                 self._grow(past + seq)
             if seq == 1 and graph.small:
                 # The decode step: inputs and outputs stay bound to fixed one-position arrays,
@@ -153,6 +192,9 @@ class SegmentState:
                 x_one, positions, outputs = graph.one
                 x_one[...] = x
                 positions[0, 0] = past
+                if self.device != "cpu":  # a host input bound for a GPU graph is copied when bound, not when run
+                    io.bind_cpu_input(name, x_one)
+                    io.bind_cpu_input("position_ids", positions)
                 io.bind_cpu_input("attention_mask", mask[:, : past + 1])
                 graph.session.run_with_iobinding(io)
             else:
@@ -190,8 +232,10 @@ class HeadCall:
     """An exit head's session with its two small outputs bound once to fixed arrays: a call
     allocates nothing and skips `InferenceSession.run`'s per-call feed and output handling."""
 
-    def __init__(self, session: ort.InferenceSession):
-        self.session = session
+    def __init__(self, session: ort.InferenceSession, device: str = "cpu"):
+        """``device``: "cuda" when the session runs on a GPU, where a bound host input is copied when
+        bound: it is then bound again for every call."""
+        self.session, self.rebind = session, device != "cpu"
         # A stand-in with run() alone (one that records feeds, `eec.compiler.precision.record_feeds`) is run plainly.
         self.binding = session.io_binding() if hasattr(session, "run_with_iobinding") else None
         self.token = np.zeros(1, dtype=np.int64)
@@ -207,7 +251,7 @@ class HeadCall:
         if self.binding is None:
             self.token[:], self.scores[:] = self.session.run(None, {"hidden": hidden})
         else:
-            if hidden is not self.bound:  # a segment's fixed one-position output stays bound across calls
+            if hidden is not self.bound or self.rebind:  # a segment's fixed one-position output stays bound across calls
                 hidden = np.ascontiguousarray(hidden)
                 self.binding.bind_input("hidden", "cpu", 0, hidden.dtype, list(hidden.shape), hidden.ctypes.data)
                 self.bound = hidden
@@ -241,21 +285,23 @@ class Decoder:
         catch_up: str = "exact",
         with_heads: dict[str, ort.InferenceSession] | None = None,
         max_call: int | None = None,
+        device: str = "cpu",
     ):
         """``capacity``: positions the shared KV buffers start with (they grow as needed); ``fills``:
         the segments' KV fill sessions by file, which ``catch_up="propagate"`` needs; ``with_heads``:
         the segments' graphs with their exit head inside by file, run in place of the segment and
         its head whenever the step asks for that exit (not in full mode); ``max_call``: the most
-        positions one graph call may carry (TensorRT's engines), longer ones run in pieces."""
+        positions one graph call may carry (TensorRT's engines), longer ones run in pieces; ``device``:
+        where the KV lives ("cuda" for sessions on onnxruntime's CUDA provider)."""
         self.specs, self.propagate = specs, catch_up == "propagate"
         # One call per exit, not per head file: each stays bound to its own segment's output.
-        self.heads = [HeadCall(heads[s.exit.file]) if s.exit and s.exit.file in heads else None for s in specs]
+        self.heads = [HeadCall(heads[s.exit.file], device) if s.exit and s.exit.file in heads else None for s in specs]
         self.mask = np.ones((1, context), dtype=np.int64)  # sliced, never reallocated
         fills, with_heads = fills or {}, with_heads or {}
         if self.propagate and any(s.fill not in fills for s in specs[1:]):
             raise ValueError("catch_up='propagate' needs a KV fill graph for every segment after the first")
         self.states = [SegmentState(s, sess, kv_heads, head_dim, capacity, context, fills.get(s.fill),
-                                    with_heads.get(s.with_head), max_call)
+                                    with_heads.get(s.with_head), max_call, device)
                        for s, sess in zip(specs, sessions)]
 
     def step(self, ids: np.ndarray, thresholds: dict[int, float] | None, metric: int = 0,

@@ -15,7 +15,7 @@ from eec.calib.traces import Traces, metric_index, thresholds_for
 from eec.errors import InputError
 from eec.runtime.decode import CATCH_UPS, Decoder
 from eec.runtime.manifest import Manifest, read_manifest
-from eec.runtime.sessions import MAX_CALL_TOKENS, TRT, open_sessions
+from eec.runtime.sessions import MAX_CALL_TOKENS, open_sessions, pick_device
 from eec.runtime.text import TextCodec
 
 MODES = ("early-exit", "full")
@@ -54,16 +54,18 @@ class GenerationResult:
 
 
 class EarlyExitModel:
-    def __init__(self, root: Path, manifest: Manifest, threads: int | None = None, catch_up: str | None = None):
+    def __init__(self, root: Path, manifest: Manifest, threads: int | None = None, catch_up: str | None = None,
+                 device: str = "auto"):
         self.root, self.manifest = root, manifest
-        self.sessions = open_sessions(root, [s.file for s in manifest.segments], threads, manifest)
+        self.device = pick_device(device, manifest)
+        self.sessions = self._open([s.file for s in manifest.segments], threads)
         head_files = sorted({s.exit.file for s in manifest.segments if s.exit and s.exit.file})
-        self.heads = dict(zip(head_files, open_sessions(root, head_files, threads, manifest)))
+        self.heads = dict(zip(head_files, self._open(head_files, threads)))
         fill_files = [s.fill for s in manifest.segments if s.fill]
-        self.fills = dict(zip(fill_files, open_sessions(root, fill_files, threads, manifest)))
+        self.fills = dict(zip(fill_files, self._open(fill_files, threads)))
         self.threads = threads
         # TensorRT engines are built for calls of 1..MAX_CALL_TOKENS positions: longer ones go in pieces.
-        self.max_call = MAX_CALL_TOKENS if any(s.get_providers()[0] == TRT for s in self.sessions) else None
+        self.max_call = MAX_CALL_TOKENS if self.device == "tensorrt" else None
         self._with_heads: dict | None = None  # opened on first use (`with_head_sessions`)
         self.catch_up = self.check_catch_up(catch_up or manifest.catch_up)
         self.codec = TextCodec(root, manifest.tokenizer) if manifest.tokenizer else None
@@ -109,8 +111,11 @@ class EarlyExitModel:
         full mode never runs them, and each holds a second copy of its segment's weights."""
         if self._with_heads is None:
             files = [s.with_head for s in self.manifest.segments if s.with_head]
-            self._with_heads = dict(zip(files, open_sessions(self.root, files, self.threads, self.manifest)))
+            self._with_heads = dict(zip(files, self._open(files, self.threads)))
         return self._with_heads
+
+    def _open(self, files: list[str], threads: int | None) -> list:
+        return open_sessions(self.root, files, threads, self.manifest, self.device)
 
     def new_decoder(self, capacity: int = 256, catch_up: str | None = None, early_exit: bool = True) -> Decoder:
         """A decoder for one sequence; ``capacity``: the positions it expects (its KV buffers grow past it);
@@ -121,7 +126,7 @@ class EarlyExitModel:
         catch_up = self.catch_up if catch_up is None else self.check_catch_up(catch_up)
         return Decoder(self.manifest.segments, self.sessions, self.heads, m.num_kv_heads, m.head_dim, m.context_length,
                        capacity, self.fills, catch_up, self.with_head_sessions() if early_exit else None,
-                       self.max_call)
+                       self.max_call, "cpu" if self.device == "cpu" else "cuda")
 
     def encode(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
         if isinstance(prompt, str):
@@ -249,8 +254,9 @@ class EarlyExitModel:
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
-         catch_up: str | None = None) -> EarlyExitModel:
+         catch_up: str | None = None, device: str = "auto") -> EarlyExitModel:
     """Open an artifact directory. ``verify`` checks every file's sha256 first; ``catch_up``
-    ("exact" or "propagate") replaces the artifact's default for every generation."""
+    ("exact" or "propagate") replaces the artifact's default for every generation; ``device``:
+    "cpu", "cuda" or "tensorrt", or "auto" (`eec.runtime.sessions.pick_device`)."""
     root = Path(path)
-    return EarlyExitModel(root, read_manifest(root, verify=verify), threads, catch_up)
+    return EarlyExitModel(root, read_manifest(root, verify=verify), threads, catch_up, device)

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import onnxruntime as ort
 
+from eec.errors import InputError
+
 if TYPE_CHECKING:
     from eec.runtime.manifest import Manifest
 
@@ -47,23 +49,50 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
+def pick_device(device: str, manifest: "Manifest") -> str:
+    """Where an artifact's sessions run: "cpu", "cuda" (onnxruntime's CUDA provider) or "tensorrt"
+    (the engines `eec build-engines` cached in the artifact). ``device="auto"`` takes TensorRT where
+    the engines are built and this onnxruntime has it, else CUDA for an fp16 artifact where this
+    onnxruntime has it (its GroupQueryAttention runs in half precision only), else the CPU."""
+    available = ort.get_available_providers()
+    if device == "auto":
+        if manifest.engines and TRT in available:
+            return "tensorrt"
+        return "cuda" if manifest.precision == "fp16" and CUDA in available else "cpu"
+    if device not in DEVICES:
+        raise InputError(f"device must be one of auto, {', '.join(DEVICES)}; got {device!r}")
+    if device == "cuda" and CUDA not in available:
+        raise InputError("device 'cuda' needs onnxruntime with its CUDA provider (pip install onnxruntime-gpu "
+                         f"in place of onnxruntime); this one has {', '.join(available)}")
+    if device == "cuda" and manifest.precision != "fp16":
+        raise InputError(f"device 'cuda' runs fp16 artifacts (onnxruntime's GroupQueryAttention has no "
+                         f"{manifest.precision} kernel on CUDA); compile with --precision fp16")
+    if device == "tensorrt" and not (manifest.engines and TRT in available):
+        raise InputError("device 'tensorrt' needs engines built on this machine (`eec build-engines ARTIFACT`) "
+                         "and onnxruntime with its TensorRT provider")
+    return device
+
+
 def open_sessions(root: Path, files: list[str], threads: int | None = None,
-                  manifest: "Manifest | None" = None) -> list[ort.InferenceSession]:
-    """Sessions on onnxruntime's CPU provider, or on TensorRT with the engines `eec build-engines`
-    cached in the artifact when the manifest records them and this onnxruntime has TensorRT."""
+                  manifest: "Manifest | None" = None, device: str = "cpu") -> list[ort.InferenceSession]:
+    """Sessions on onnxruntime's CPU provider, its CUDA provider (``device="cuda"``), or TensorRT
+    (``device="tensorrt"``) with the engines cached in the artifact; ``device`` as `pick_device` says."""
     options = session_options(threads)
-    use_trt = manifest is not None and manifest.engines and TRT in ort.get_available_providers()
     sessions = []
     for f in files:
         providers: list = ["CPUExecutionProvider"]
-        if use_trt:
+        if device == "cuda":
+            providers = [CUDA, *providers]
+        elif device == "tensorrt":
             inputs = next((spec.inputs for spec in manifest.segments if f in (spec.file, spec.fill, spec.with_head)), ["hidden"])
-            providers = [(TRT, trt_provider_options(root, manifest, inputs)), "CUDAExecutionProvider", *providers]
+            providers = [(TRT, trt_provider_options(root, manifest, inputs)), CUDA, *providers]
         sessions.append(ort.InferenceSession(str(root / f), options, providers=providers))
     return sessions
 
 
 TRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+DEVICES = ("cpu", "cuda", "tensorrt")
 ENGINE_DIR = "engines"
 MAX_CALL_TOKENS = 8  # one new token plus up to seven pending catch-up positions
 

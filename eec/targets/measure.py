@@ -26,7 +26,7 @@ import onnxruntime as ort
 from eec.errors import InputError
 from eec.runtime.decode import HeadCall, SegmentState
 from eec.runtime.manifest import Manifest, read_manifest
-from eec.runtime.sessions import open_sessions, session_options
+from eec.runtime.sessions import open_sessions, pick_device, session_options
 from eec.targets.latency import MAX_SEQ, LatencyTable, ModelShape, fit_segment_overhead
 from eec.targets.profiles import get_target
 
@@ -77,14 +77,16 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _overhead(hidden: int, repeats: int) -> float:
+def _overhead(hidden: int, repeats: int, device: str = "cpu") -> float:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Identity", ["hidden"], ["out"])], "noop",
                               [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, 1, hidden])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 1, hidden])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    # IR 10 (onnx 1.16): a newer onnx writes an IR version an older onnxruntime refuses.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=providers)
     x = np.zeros((1, 1, hidden), dtype=np.float32)
     return _median_time(lambda: session.run(None, {"hidden": x}), repeats)
 
@@ -94,19 +96,20 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     root = Path(path)
     manifest = read_manifest(root)
     target = get_target(manifest.target)
-    if target.backend != "onnxruntime-cpu":
+    if not target.backend.startswith("onnxruntime"):
         raise InputError(f"{root} targets {target.name} ({target.backend}); measure it on that device after "
                          "`eec build-engines` (this eec measures onnxruntime artifacts only)")
+    device = pick_device("cuda" if target.backend == "onnxruntime-cuda" else "cpu", manifest)
     m = manifest.model
     if m.intermediate_size == 0:
         raise InputError(f"{root} was compiled by an older eec without the model's MLP size; recompile it")
     past = max(0, min(past, m.context_length - MAX_SEQ))  # the longest call must fit in the context
     rng = np.random.default_rng(0)
-    sessions = open_sessions(root, [s.file for s in manifest.segments])
+    sessions = open_sessions(root, [s.file for s in manifest.segments], device=device)
     fill_files = [s.fill for s in manifest.segments if s.fill]
-    fill_sessions = dict(zip(fill_files, open_sessions(root, fill_files)))
+    fill_sessions = dict(zip(fill_files, open_sessions(root, fill_files, device=device)))
     heads = {s.exit.layer: s.exit.file for s in manifest.segments[:-1] if s.exit and s.exit.file}
-    head_calls = {layer: HeadCall(s) for layer, s in zip(heads, open_sessions(root, list(heads.values())))}
+    head_calls = {layer: HeadCall(s, device) for layer, s in zip(heads, open_sessions(root, list(heads.values()), device=device))}
     total = SWEEPS * MAX_SEQ * (repeats + 1)
     done = 0
     table = LatencyTable(shape_of(manifest), manifest.precision, target.name, "measured", 0.0)
@@ -114,11 +117,10 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     calls, fill_calls = [], []
     for spec, session in zip(manifest.segments, sessions):
         state = SegmentState(spec, session, m.num_kv_heads, m.head_dim, past + MAX_SEQ, m.context_length,
-                             fill_sessions.get(spec.fill))
-        pasts = [rng.standard_normal((1, m.num_kv_heads, past, m.head_dim)).astype(np.float32) for _ in state.buffers]
-        if spec.kv_cache == "shared":
-            for buf, values in zip(state.buffers, pasts):
-                buf[:, :, :past] = values
+                             fill_sessions.get(spec.fill), device=device)
+        pasts = [rng.standard_normal((1, m.num_kv_heads, past, m.head_dim)).astype(state.kv_dtype)
+                 for _ in state.buffers]
+        state.write_kv(pasts)
 
         def after_past(method, spec=spec, state=state, pasts=pasts):
             """``method`` (the segment's run or its fill) appending after the same cached positions every call."""
@@ -182,7 +184,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
             if fill_calls[j] is not None:
                 table.fills.setdefault((spec.start, spec.stop), []).append(best_fill[seq][j])
     table.heads = {layer: statistics.median(t) for layer, t in head_times.items()}
-    table.call_overhead = _overhead(m.hidden_size, repeats * 5)  # one artifact's cuts never overlap: no fit here
+    table.call_overhead = _overhead(m.hidden_size, repeats * 5, device)  # one artifact's cuts never overlap: no fit here
     progress("done", total, total)
     return table
 

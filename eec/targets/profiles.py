@@ -21,7 +21,7 @@ TENSORRT_PRECISIONS = ("fp16", "int8", "fp32")
 @dataclass(frozen=True)
 class Target:
     name: str
-    backend: str  # "onnxruntime-cpu" or "tensorrt"
+    backend: str  # "onnxruntime-cpu", "onnxruntime-cuda" or "tensorrt"
     precisions: tuple[str, ...]
     default_precision: str
     description: str
@@ -78,6 +78,14 @@ TARGETS: dict[str, Target] = {
             "this machine's CPU through onnxruntime's CPU execution provider",
             bandwidth_gbs=20.0, fp16_tflops=0.1, int8_tops=0.2, cpu_cores=os.cpu_count() or 1, call_overhead_us=40.0,
             source="defaults; measure with `eec targets measure`",
+        ),
+        Target(
+            "cuda", "onnxruntime-cuda", ("fp16",), "fp16",
+            "this machine's NVIDIA GPU through onnxruntime's CUDA execution provider (onnxruntime-gpu), "
+            "the KV cache kept on the GPU",
+            bandwidth_gbs=1000.0, fp16_tflops=100.0, int8_tops=200.0, cpu_cores=os.cpu_count() or 1,
+            call_overhead_us=20.0, source="defaults; measure with `eec targets measure`",
+            layer_floor_us=GPU_LAYER_FLOOR_US,
         ),
         _jetson("jetson-orin-agx", "NVIDIA Jetson AGX Orin 64GB (Ampere GA10B, 2048 CUDA cores)",
                 204.8, 42.5, 85.0, 12, "Jetson AGX Orin Series Technical Brief v1.2"),
