@@ -48,6 +48,18 @@ def test_hand_computed_cost():
     assert parts["segments"] == pytest.approx(0.6 * 3 + 0.4 * 12)
 
 
+def test_a_head_fused_into_its_segment_costs_what_fusing_adds():
+    t = LatencyTable(SHAPE, "fp32", "test", "measured", 0.0,
+                     segments={(0, 3): [3.0] * 8, (3, 12): [9.0] * 8}, heads={3: 2.0})
+    assert cost_breakdown(t, (3,), {3: 60, 12: 40})["heads"] == pytest.approx(2.0)  # the head as its own call
+    t.fused = {(0, 3): 3.5}  # the segment with its head inside: 0.5 more than without
+    parts = cost_breakdown(t, (3,), {3: 60, 12: 40})
+    assert parts["heads"] == pytest.approx(0.5) and parts["segments"] == pytest.approx(0.6 * 3 + 0.4 * 12)
+    assert cost_breakdown(t, (3,), {3: 60, 12: 40}, gated=True)["heads"] == pytest.approx(0.6 * 2.0)  # classifiers: apart
+    assert t.with_head_fraction(0.5).exit_cost(0, 3) == pytest.approx(0.25)  # a shortlist scales it
+    assert LatencyTable.from_json(t.to_json()).fused == {(0, 3): 3.5}
+
+
 def test_hand_computed_catch_up_from_long_calls():
     # A 9-layer range [3, 12) measured at 1..8 positions: 10 at one, 16 at two, then 1 a position
     # (a vector product becomes a matrix product between 1 and 2 positions).

@@ -468,6 +468,8 @@ def targets_measure(
     out.print(rows)
     for layer, t in table.heads.items():
         out.print(f"exit head at layer {layer}: {t * 1e3:.2f} ms")
+    for (a, b), t in table.fused.items():
+        out.print(f"layers {a}-{b} with the exit head inside: {t * 1e3:.2f} ms (1 token)")
     fitted = (f"; fixed cost per segment call {table.segment_overhead * 1e6:.0f} µs" if table.segment_overhead
               else "; measure an artifact without exits too to fit the fixed cost per segment call")
     out.print(f"per-call overhead {table.call_overhead * 1e6:.0f} µs{fitted}; wrote {output}")

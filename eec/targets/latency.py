@@ -74,6 +74,9 @@ class LatencyTable:
     segment_overhead: float = 0.0
     # KV fill graphs (`--catch-up propagate`), measured like the segments: (start, stop) -> s at seq 1..8.
     fills: dict[tuple[int, int], list[float]] = field(default_factory=dict)
+    # Segments with their exit head inside (`--fuse-heads`), one position: (start, stop) -> s. Early-exit
+    # decoding runs them in place of the segment and its head (one call instead of two).
+    fused: dict[tuple[int, int], float] = field(default_factory=dict)
 
     def range_cost(self, start: int, stop: int, seq: int = 1) -> float:
         """One call running layers [start, stop) over ``seq`` tokens; a range that ends at the
@@ -108,6 +111,14 @@ class LatencyTable:
             return fixed + (self.final_head - self.layer_floor) * self.head_fraction
         raise InputError(f"the latency profile has no head at layer {layer}; measure an artifact with that exit")
 
+    def exit_cost(self, start: int, stop: int) -> float:
+        """What asking for the exit at ``stop`` adds to the segment [start, stop)'s one-position call:
+        the head's call, or, where that segment was measured with its head inside, the fused call
+        over the plain one (a shortlist scales either, as `head_cost`)."""
+        if (start, stop) not in self.fused:
+            return self.head_cost(stop)
+        return max(self.fused[(start, stop)] - self.range_cost(start, stop, 1), 0.0) * self.head_fraction
+
     def with_head_fraction(self, fraction: float) -> "LatencyTable":
         return replace(self, head_fraction=fraction)
 
@@ -116,6 +127,7 @@ class LatencyTable:
         d["segments"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.segments.items()]
         d["heads"] = {str(k): v for k, v in self.heads.items()}
         d["fills"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.fills.items()]
+        d["fused"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.fused.items()]
         return json.dumps(d, indent=2)
 
     @staticmethod
@@ -125,6 +137,7 @@ class LatencyTable:
         d["segments"] = {(s["start"], s["stop"]): s["seconds"] for s in d["segments"]}
         d["heads"] = {int(k): v for k, v in d["heads"].items()}
         d["fills"] = {(s["start"], s["stop"]): s["seconds"] for s in d.get("fills", [])}
+        d["fused"] = {(s["start"], s["stop"]): s["seconds"] for s in d.get("fused", [])}
         return LatencyTable(**d)
 
 

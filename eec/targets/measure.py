@@ -4,7 +4,8 @@ Each segment runs over 1..8 new tokens after ``past`` cached positions (one
 decode step plus up to seven pending catch-up positions), through the
 runtime's own segment state (`eec.runtime.decode.SegmentState`: shared KV
 buffers and IO binding where the segment has them), each head over one
-position through the runtime's own head call (`HeadCall`), and a segment's KV fill graph (`--catch-up propagate`) over
+position through the runtime's own head call (`HeadCall`), a segment with its exit head inside
+(`--fuse-heads`) over one position as early exit runs it, and a segment's KV fill graph (`--catch-up propagate`) over
 1..8 positions just before it, all in chain order pass after pass as
 decoding runs them; the median of ``repeats`` passes is kept, the lowest
 of `SWEEPS` sweeps over the lengths (alternately up and down). The per-call overhead is
@@ -110,14 +111,16 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     fill_sessions = dict(zip(fill_files, open_sessions(root, fill_files, device=device)))
     heads = {s.exit.layer: s.exit.file for s in manifest.segments[:-1] if s.exit and s.exit.file}
     head_calls = {layer: HeadCall(s, device) for layer, s in zip(heads, open_sessions(root, list(heads.values()), device=device))}
+    fused_files = [s.with_head for s in manifest.segments if s.with_head]
+    fused_sessions = dict(zip(fused_files, open_sessions(root, fused_files, device=device)))
     total = SWEEPS * MAX_SEQ * (repeats + 1)
     done = 0
     table = LatencyTable(shape_of(manifest), manifest.precision, target.name, "measured", 0.0)
     mask = np.ones((1, m.context_length), dtype=np.int64)
-    calls, fill_calls = [], []
+    calls, fill_calls, fused_calls = [], [], []
     for spec, session in zip(manifest.segments, sessions):
         state = SegmentState(spec, session, m.num_kv_heads, m.head_dim, past + MAX_SEQ, m.context_length,
-                             fill_sessions.get(spec.fill), device=device)
+                             fill_sessions.get(spec.fill), fused_sessions.get(spec.with_head), device=device)
         pasts = [rng.standard_normal((1, m.num_kv_heads, past, m.head_dim)).astype(state.kv_dtype)
                  for _ in state.buffers]
         state.write_kv(pasts)
@@ -133,8 +136,11 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
 
         calls.append(after_past(state.run))
         fill_calls.append(after_past(state.fill_kv) if spec.fill else None)
+        fused_calls.append(after_past(lambda x, mask, state=state: state.run(x, mask, with_head=True))
+                           if spec.with_head else None)
     head_x = rng.standard_normal((1, 1, m.hidden_size)).astype(np.float32)
     head_times: dict[int, list[float]] = {layer: [] for layer in head_calls}
+    fused_best: dict[int, float] = {}  # segment index -> lowest per-sweep median, one position
     # Every pass runs the whole chain in order, as decoding does, and times each call in it: a
     # segment timed alone in a loop keeps its weights in the CPU's caches, which decoding never does
     # once the model is larger than them (SmolLM2: its six segments timed alone summed to 2.8 ms,
@@ -154,6 +160,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
                   else rng.standard_normal((1, seq, m.hidden_size)).astype(np.float32) for spec in manifest.segments]
             times: list[list[float]] = [[] for _ in calls]
             fill_times: list[list[float]] = [[] for _ in calls]
+            fused_times: list[list[float]] = [[] for _ in calls]
             for r in range(repeats + 1):  # the first pass allocates and is not kept
                 progress(f"{seq} token(s) per call, pass {r + 1}", done, total)
                 for j, (spec, call) in enumerate(zip(manifest.segments, calls)):
@@ -172,9 +179,17 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
                         head(head_x)
                         if r:
                             head_times[layer].append(time.perf_counter() - start)
+                    if seq == 1 and fused_calls[j] is not None:  # as early exit runs it: segment and head in one
+                        start = time.perf_counter()
+                        fused_calls[j](xs[j])
+                        if r:
+                            fused_times[j].append(time.perf_counter() - start)
                     if r:
                         times[j].append(elapsed)
                 done += 1
+            for j, t in enumerate(fused_times):
+                if t:
+                    fused_best[j] = min(fused_best.get(j, float("inf")), statistics.median(t))
             for store, measured in ((best, times), (best_fill, fill_times)):
                 medians = [statistics.median(t) if t else 0.0 for t in measured]
                 store[seq] = [min(a, b) for a, b in zip(store[seq], medians)] if seq in store else medians
@@ -184,6 +199,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
             if fill_calls[j] is not None:
                 table.fills.setdefault((spec.start, spec.stop), []).append(best_fill[seq][j])
     table.heads = {layer: statistics.median(t) for layer, t in head_times.items()}
+    table.fused = {(manifest.segments[j].start, manifest.segments[j].stop): t for j, t in fused_best.items()}
     table.call_overhead = _overhead(m.hidden_size, repeats * 5, device)  # one artifact's cuts never overlap: no fit here
     progress("done", total, total)
     return table
@@ -203,5 +219,6 @@ def measure_artifacts(paths: list[Path], past: int = 128, repeats: int = 20,
         first.segments.update(t.segments)
         first.heads.update(t.heads)
         first.fills.update(t.fills)
+        first.fused.update(t.fused)
     first.segment_overhead = fit_segment_overhead(first.segments)
     return first

@@ -10,7 +10,9 @@ Rules:
    each calibration token's exit layer is replayed from them.
 3. A token that leaves at exit e pays the segments up to e and the heads of
    every exit up to and including e; with exit classifiers (``gated``) only
-   the head of e, since a classifier that says "stay" skips the head. Each later segment then runs that
+   the head of e, since a classifier that says "stay" skips the head. A head
+   fused into its segment (`--fuse-heads`, measured as such) costs what the
+   fused call adds to the plain one. Each later segment then runs that
    token's position once more as part of the next deep token's call
    (catch-up), paying the segment's marginal cost of one more position in
    a long call: the slope of its measured times from 2 to 8 positions,
@@ -96,7 +98,9 @@ def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dic
             fill = table.fill_costs(a, b)
             if fill is not None:
                 fixed[k], marginal[k], step[k] = *fill, 0.0
-    heads = [table.head_cost(b) if b in exits else 0.0 for _, b in ranges]
+    # With a classifier the head runs apart, only for tokens that leave; otherwise a segment measured
+    # with its head inside prices the head as what fusing it adds to the segment's call.
+    heads = [(table.head_cost(b) if gated else table.exit_cost(a, b)) if b in exits else 0.0 for a, b in ranges]
     total_tokens = sum(exit_counts.values())
     counts = [exit_counts.get(stop, 0) if total_tokens else int(stop == n_layers) for _, stop in ranges]
     parts = {"segments": 0.0, "heads": 0.0, "catch_up": 0.0}
