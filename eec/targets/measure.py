@@ -93,14 +93,16 @@ def _overhead(hidden: int, repeats: int, device: str = "cpu") -> float:
 
 
 def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
-                     progress: Callable[[str, int, int], None] = lambda *a: None) -> LatencyTable:
+                     progress: Callable[[str, int, int], None] = lambda *a: None,
+                     device: str | None = None) -> LatencyTable:
+    """``device``: "cpu" or "cuda" (default: the target's, the CUDA provider for target ``cuda``)."""
     root = Path(path)
     manifest = read_manifest(root)
     target = get_target(manifest.target)
     if not target.backend.startswith("onnxruntime"):
         raise InputError(f"{root} targets {target.name} ({target.backend}); measure it on that device after "
                          "`eec build-engines` (this eec measures onnxruntime artifacts only)")
-    device = pick_device("cuda" if target.backend == "onnxruntime-cuda" else "cpu", manifest)
+    device = pick_device(device or ("cuda" if target.backend == "onnxruntime-cuda" else "cpu"), manifest)
     m = manifest.model
     if m.intermediate_size == 0:
         raise InputError(f"{root} was compiled by an older eec without the model's MLP size; recompile it")

@@ -79,7 +79,7 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
                      rounds: int = 2, metric: str | None = None,
                      progress: Callable[[str, int, int], None] = lambda *a: None) -> list[ProfileRow]:
     encoded = [model.encode(p) for p in prompts]
-    table = measure_artifact(model.root, repeats=10)
+    table = measure_artifact(model.root, repeats=10, device=model.device)  # where the timed runs go
     levels: list[float | None] = [None, *epsilons]
     thresholds = {e: model.thresholds_for(e, metric) for e in epsilons}
     index = model.resolve_thresholds("early-exit", epsilon=epsilons[0], metric=metric)[1] if epsilons else 0
