@@ -179,6 +179,23 @@ def test_profile_bad_input(llama_compiled, tmp_path):
     assert missing.exit_code == 1
 
 
+def test_a_listed_tensorrt_provider_that_cannot_open_a_session_is_not_available(monkeypatch):
+    # onnxruntime-gpu lists TensorRT whether or not its libraries are installed (an H100 without them).
+    import onnxruntime as ort
+
+    from eec.runtime import sessions
+
+    listed = [sessions.TRT, *ort.get_available_providers()]
+    monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: listed)
+    sessions.tensorrt_available.cache_clear()
+    try:
+        if "TensorrtExecutionProvider" in __import__("onnxruntime").capi._pybind_state.get_available_providers():
+            pytest.skip("this onnxruntime really has TensorRT")
+        assert not sessions.tensorrt_available()
+    finally:
+        sessions.tensorrt_available.cache_clear()
+
+
 def test_tensorrt_target_compiles_anywhere_and_build_engines_explains(llama_src, tmp_path):
     from eec.targets.engines import build_engines, tensorrt_available
 

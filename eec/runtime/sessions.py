@@ -13,6 +13,7 @@ the first `session_options` call sets it and later ones share it.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -49,6 +50,28 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
+# y = Identity(x), x and y float [1], opset 17, IR 8: onnx.helper's bytes, kept here because the
+# runtime does not depend on onnx.
+_IDENTITY_MODEL = bytes.fromhex(
+    "080812003a3b0a100a017812017922084964656e74697479120570726f62655a0f0a0178120a0a08080112040a020801"
+    "620f0a0179120a0a08080112040a02080142040a001011")
+
+
+@functools.cache
+def tensorrt_available() -> bool:
+    """Whether onnxruntime can run its TensorRT provider here. onnxruntime-gpu lists the provider
+    whether or not TensorRT's libraries are installed (seen on an H100 without them), and a session
+    asked for it then falls back to CUDA with a printed error: so a one-node session must really
+    open on it."""
+    if TRT not in ort.get_available_providers():
+        return False
+    try:
+        session = ort.InferenceSession(_IDENTITY_MODEL, session_options(), providers=[TRT])
+    except Exception:  # noqa: BLE001 - any failure to open means no usable TensorRT
+        return False
+    return session.get_providers()[0] == TRT
+
+
 def pick_device(device: str, manifest: "Manifest") -> str:
     """Where an artifact's sessions run: "cpu", "cuda" (onnxruntime's CUDA provider) or "tensorrt"
     (the engines `eec build-engines` cached in the artifact). ``device="auto"`` takes TensorRT where
@@ -56,7 +79,7 @@ def pick_device(device: str, manifest: "Manifest") -> str:
     onnxruntime has it (its GroupQueryAttention runs in half precision only), else the CPU."""
     available = ort.get_available_providers()
     if device == "auto":
-        if manifest.engines and TRT in available:
+        if manifest.engines and tensorrt_available():
             return "tensorrt"
         return "cuda" if manifest.precision == "fp16" and CUDA in available else "cpu"
     if device not in DEVICES:
@@ -67,7 +90,7 @@ def pick_device(device: str, manifest: "Manifest") -> str:
     if device == "cuda" and manifest.precision != "fp16":
         raise InputError(f"device 'cuda' runs fp16 artifacts (onnxruntime's GroupQueryAttention has no "
                          f"{manifest.precision} kernel on CUDA); compile with --precision fp16")
-    if device == "tensorrt" and not (manifest.engines and TRT in available):
+    if device == "tensorrt" and not (manifest.engines and tensorrt_available()):
         raise InputError("device 'tensorrt' needs engines built on this machine (`eec build-engines ARTIFACT`) "
                          "and onnxruntime with its TensorRT provider")
     return device

@@ -23,12 +23,8 @@ import onnxruntime as ort
 
 from eec.errors import InputError
 from eec.runtime.manifest import Manifest, hash_files, read_manifest, write_manifest
-from eec.runtime.sessions import ENGINE_DIR, TRT, input_dims, trt_provider_options
+from eec.runtime.sessions import ENGINE_DIR, TRT, input_dims, tensorrt_available, trt_provider_options
 from eec.targets.profiles import get_target
-
-
-def tensorrt_available() -> bool:
-    return TRT in ort.get_available_providers()
 
 
 
