@@ -179,6 +179,7 @@ def test_profile_bad_input(llama_compiled, tmp_path):
     assert missing.exit_code == 1
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'TensorrtExecutionProvider'")
 def test_a_listed_tensorrt_provider_that_cannot_open_a_session_is_not_available(monkeypatch):
     # onnxruntime-gpu lists TensorRT whether or not its libraries are installed (an H100 without them).
     import onnxruntime as ort
