@@ -27,7 +27,7 @@ import onnxruntime as ort
 from eec.errors import InputError
 from eec.runtime.decode import HeadCall, SegmentState
 from eec.runtime.manifest import Manifest, read_manifest
-from eec.runtime.sessions import open_sessions, pick_device, session_options
+from eec.runtime.sessions import CUDA, open_sessions, pick_device, session_options
 from eec.targets.latency import MAX_SEQ, LatencyTable, ModelShape, fit_segment_overhead
 from eec.targets.profiles import get_target
 
@@ -86,7 +86,7 @@ def _overhead(hidden: int, repeats: int, device: str = "cpu") -> float:
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 1, hidden])])
     # IR 10 (onnx 1.16): a newer onnx writes an IR version an older onnxruntime refuses.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    providers = [CUDA, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=providers)
     x = np.zeros((1, 1, hidden), dtype=np.float32)
     return _median_time(lambda: session.run(None, {"hidden": x}), repeats)

@@ -52,8 +52,7 @@ class Float16(FunctionalPass):
         drop_cast_round_trips(converted.graph, set(norms) | {n.name for n in converted.graph.node if n.op_type in BLOCKED})
         # An initializer's own type is the truth; a value_info of it may still say float32.
         inits = {i.name for i in converted.graph.initializer}
-        stale = [v for v in converted.graph.value_info if v.name in inits]
-        for v in stale:
+        for v in [v for v in converted.graph.value_info if v.name in inits]:
             converted.graph.value_info.remove(v)
         new = ir.serde.deserialize_model(converted)
         new.graph.sort()  # the converter appends its casts at the end
@@ -64,15 +63,31 @@ class Float16(FunctionalPass):
 NORM_CHAIN = ("Pow", "ReduceMean", "Add", "Sqrt", "Div")
 
 
+def _consumers(graph) -> dict[str, list]:
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _cast_to(node) -> int | None:
+    """A Cast node's target type; None for any other node."""
+    return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+
+def _keep_nodes(graph, kept: list) -> None:
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def rms_norm_nodes(graph) -> list[str]:
     """Names of the nodes of every plain-op RMS norm: Pow -> ReduceMean -> Add -> Sqrt -> Div, each
     feeding the next (unnamed nodes are named here, so the converter can block them)."""
-    consumers: dict[str, list] = {}
     for i, node in enumerate(graph.node):
         if not node.name:
             node.name = f"eec_node_{i}"
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
     names = []
     for node in graph.node:
         if node.op_type != NORM_CHAIN[0]:
@@ -89,42 +104,32 @@ def rms_norm_nodes(graph) -> list[str]:
 
 
 def drop_duplicate_casts(graph) -> None:
-    """Keep the first of several identical Cast nodes that write the same output."""
-    seen, kept = {}, []
+    """Keep the first of several identical Cast nodes (same input, type and output)."""
+    seen, kept = set(), []
     for node in graph.node:
-        key = (node.input[0], tuple(a.i for a in node.attribute if a.name == "to")) if node.op_type == "Cast" else None
-        if key is not None and node.output[0] in seen:
-            if seen[node.output[0]] == key:
-                continue
-        elif key is not None:
-            seen[node.output[0]] = key
+        key = (node.output[0], node.input[0], _cast_to(node)) if node.op_type == "Cast" else None
+        if key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
         kept.append(node)
     if len(kept) < len(graph.node):
-        del graph.node[:]
-        graph.node.extend(kept)
+        _keep_nodes(graph, kept)
 
 
 def drop_cast_round_trips(graph, blocked: set[str]) -> None:
     """Remove Cast(fp16) -> Cast(fp32) pairs after a blocked node: the fp32 value goes straight on."""
-    from onnx import TensorProto
-
-    def cast_to(node) -> int | None:
-        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
-
     producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
     outputs = {o.name for o in graph.output}
     drop, rename = set(), {}
     for node in graph.node:
-        if cast_to(node) != TensorProto.FLOAT16 or producer.get(node.input[0]) is None:
+        if _cast_to(node) != onnx.TensorProto.FLOAT16 or producer.get(node.input[0]) is None:
             continue
         if producer[node.input[0]].name not in blocked or node.output[0] in outputs:
             continue
         after = consumers.get(node.output[0], [])
-        if not after or any(cast_to(c) != TensorProto.FLOAT for c in after):
+        if not after or any(_cast_to(c) != onnx.TensorProto.FLOAT for c in after):
             continue
         for back in after:
             rename[back.output[0]] = node.input[0]
@@ -137,5 +142,4 @@ def drop_cast_round_trips(graph, blocked: set[str]) -> None:
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
-    del graph.node[:]
-    graph.node.extend(kept)
+    _keep_nodes(graph, kept)
