@@ -166,3 +166,25 @@ def test_bad_fuse_heads(tiny_hf_dir, tmp_path):
     run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", "--fuse-heads", "sometimes"], "--fuse-heads",
               "auto, on, off")
     assert leftovers(tmp_path) == []
+
+
+def test_bad_speculative(tiny_hf_dir, llama_compiled, tmp_path):
+    run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", "--speculative", "maybe"], "--speculative",
+              "auto, on, off")
+    assert leftovers(tmp_path) == []
+    run_fails(["generate", llama_compiled.artifact, "1,2,3", "--ids", "--mode", "speculative", "--draft-layer", "2"],
+              "no exit at layer 2")
+
+
+def test_speculative_generate_gives_full_mode_tokens(llama_compiled):
+    def tokens(*extra):
+        result = runner.invoke(app, ["generate", str(llama_compiled.artifact), "1,2,3", "--ids", "--max-new-tokens", "12",
+                                     *extra])
+        assert result.exit_code == 0, result.output
+        return result.stdout.split(), result.stderr
+
+    full, _ = tokens("--mode", "full")
+    speculative, stats = tokens("--mode", "speculative", "--threshold", "0", "--max-draft", "3")
+    assert speculative == full and "drafts accepted" in stats
+    result = runner.invoke(app, ["inspect", str(llama_compiled.artifact)], env={"COLUMNS": "200"})
+    assert "speculative verify" in result.stdout

@@ -159,10 +159,15 @@ def test_targets_cli(measured, tmp_path):
 def test_profile_command(llama_compiled, tmp_path):
     json_out, png = tmp_path / "profile.json", tmp_path / "profile.png"
     result = runner.invoke(app, ["profile", str(llama_compiled.artifact), "--eps", "0.5,0.9", "--tokens", "12",
-                                 "--rounds", "1", "--json", str(json_out), "--plot", str(png)])
+                                 "--rounds", "1", "--json", str(json_out), "--plot", str(png)], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     rows = json.loads(json_out.read_text())
-    assert [r["epsilon"] for r in rows] == [None, 0.5, 0.9]
+    assert [(r["mode"], r["epsilon"]) for r in rows] == [("full", None), ("early-exit", 0.5), ("early-exit", 0.9),
+                                                        ("speculative", 0.95)]  # the artifact has a verify graph
+    rows, speculative = rows[:-1], rows[-1]
+    assert speculative["agreement"] == 1.0  # lossless: its tokens are full mode's
+    assert speculative["exits"] == {"6": 4 * 12} and 0 <= speculative["drafts_kept"] <= 1
+    assert "speculative (drafts at 0.95)" in result.output
     full = rows[0]
     assert full["agreement"] == 1.0 and full["speedup"] == 1.0 and full["exits"] == {"6": 4 * 12}
     assert full["cost_ms"]["heads"] == 0 and full["cost_ms"]["catch_up"] == 0 and full["cost_ms"]["segments"] > 0

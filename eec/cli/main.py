@@ -160,6 +160,8 @@ def compile_cmd(
                                  "or propagate (project the exit's hidden state, as CALM; cheaper, not exact)"),
     fuse_heads: str = typer.Option("auto", help="also write exit segments with their head inside, run in one call "
                                    "when exiting: on, off, or auto (segments up to 64 MB, where it pays)"),
+    speculative: str = typer.Option("auto", help="also write the last segment's verify graph for --mode speculative "
+                                    "(lossless): on, off, or auto (where there are exits and it is up to 64 MB)"),
 ) -> None:
     """Compile MODEL into per-segment ONNX graphs with exit heads, then calibrate them."""
     _torch_side()
@@ -172,7 +174,8 @@ def compile_cmd(
                                  calibration_tokens=calibration_tokens, calibration_metric=metric,
                                  placement_eps=eps, profile=profile, shortlist=_parse_shortlist(shortlist),
                                  exit_classifier=exit_classifier, candidates=_parse_candidates(candidates),
-                                 catch_up=catch_up, fuse_heads=fuse_heads, progress=update)
+                                 catch_up=catch_up, fuse_heads=fuse_heads, speculative=speculative,
+                                 progress=update)
     for line in (manifest.placement or {}).get("report", []):
         err.print(line)
     cal = manifest.calibration
@@ -240,8 +243,9 @@ def calibrate_cmd(
 def generate(
     artifact: Path = typer.Argument(..., help="compiled artifact directory"),
     prompt: str = typer.Argument(..., help="prompt text (or token ids with --ids)"),
-    mode: str = typer.Option("early-exit", help="early-exit or full"),
-    eps: Optional[float] = typer.Option(None, "--eps", help="accuracy level ε in [0, 1]: share of exited tokens that agree with the full model (calibrated artifacts; default 0.9)"),
+    mode: str = typer.Option("early-exit", help="early-exit, full, or speculative (full mode's tokens: the exit "
+                             "drafts while confident at --eps, the deeper layers verify)"),
+    eps: Optional[float] = typer.Option(None, "--eps", help="accuracy level ε in [0, 1]: share of exited tokens that agree with the full model (calibrated artifacts; default 0.9, 0.95 for speculative drafts)"),
     threshold: Optional[str] = typer.Option(None, help="fixed exit thresholds instead of --eps: one number, or one per exit (e.g. 0.8,0.9,0.95)"),
     metric: Optional[str] = typer.Option(None, help="confidence metric (default: the calibrated one)"),
     rule: str = typer.Option("risk", help="threshold rule for --eps: risk (holds with probability 1-δ) or valade"),
@@ -252,6 +256,8 @@ def generate(
     threads: Optional[int] = typer.Option(None, help="onnxruntime threads (default: all cores)"),
     catch_up: Optional[str] = typer.Option(None, help="exact or propagate (default: the artifact's)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    max_draft: Optional[int] = typer.Option(None, help="speculative mode: tokens drafted at most before a verify (default 6)"),
+    draft_layer: Optional[int] = typer.Option(None, help="speculative mode: the exit that drafts (default: the first)"),
 ) -> None:
     """Generate from ARTIFACT with early exits, streaming the text."""
     from eec.runtime import load
@@ -263,7 +269,8 @@ def generate(
     the_prompt = _parse_ids(prompt) if ids else prompt
     model = load(artifact, threads=threads, catch_up=catch_up, device=device)
     pieces = model.generate(the_prompt, max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=eps,
-                            metric=metric, rule=rule, delta=delta, stream=True, chat=chat)
+                            metric=metric, rule=rule, delta=delta, stream=True, chat=chat, max_draft=max_draft,
+                            draft_layer=draft_layer)
     for piece in pieces:
         sys.stdout.write(piece if isinstance(piece, str) else f"{piece} ")
         sys.stdout.flush()
@@ -301,6 +308,9 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
         if s.with_head:
             table.add_row(s.with_head, f"{s.start}-{s.stop}", f"layer {s.exit.layer}'s head inside (early exit)",
                           megabytes(s.with_head))
+        if s.verify:
+            table.add_row(s.verify, f"{s.start}-{s.stop}", "the token at every position (speculative verify)",
+                          megabytes(s.verify))
     out.print(table)
     out.print(f"exits: {', '.join(map(str, m.exits)) or 'none'}; catch-up: {m.catch_up}")
 
@@ -319,10 +329,13 @@ def profile(
     threads: Optional[int] = typer.Option(None, help="onnxruntime threads (default: all cores)"),
     catch_up: Optional[str] = typer.Option(None, help="exact or propagate (default: the artifact's)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative", help="also time speculative "
+                                               "mode (lossless; default: where the artifact has its verify graph)"),
 ) -> None:
     """Measure tokens/s, speedup over full mode, agreement, exits and bandwidth at each ε on this device."""
     from eec.calib.calibrate import default_prompts, read_prompts
     from eec.runtime import load
+    from eec.runtime.model import SPECULATIVE_EPSILON
     from eec.targets.measure import busy_warning
     from eec.targets.profiling import profile_artifact
 
@@ -339,17 +352,27 @@ def profile(
     model = load(artifact, threads=threads, catch_up=catch_up, device=device)
     if model.exits and model.manifest.calibration is None:
         raise InputError(f"{artifact} is not calibrated; run `eec calibrate {artifact}` first")
+    can_verify = any(s.verify for s in model.manifest.segments) and model.catch_up == "exact"
+    if speculative and not can_verify:
+        raise InputError(f"{artifact} cannot run speculative mode: it needs the verify graph (compile with "
+                         "--speculative on) and the exact catch-up")
+    draft_eps = SPECULATIVE_EPSILON if (can_verify if speculative is None else speculative) else None
     has_tok = model.codec is not None
     the_prompts = (read_prompts(prompts, has_tok) if prompts
                    else default_prompts(has_tok, model.manifest.model.vocab_size)[:4])
     if warning := busy_warning():
         err.print(f"warning: {warning}")
     with _progress() as update:
-        rows = profile_artifact(model, the_prompts, levels, tokens, rounds, metric, progress=update)
+        rows = profile_artifact(model, the_prompts, levels, tokens, rounds, metric, draft_eps, progress=update)
     table = Table("ε", "tok/s", "speedup", "ideal", "real/ideal", "agreement", "GB/s",
                   "ideal ms/token: segments + heads + catch-up", "exits per layer")
     for r in rows:
         c = r.cost_ms
+        if r.mode == "speculative":  # lossless: no exits, no ideal; its quality is equality with full mode
+            kept = "-" if r.drafts_kept is None else f"{r.drafts_kept:.0%}"
+            table.add_row(f"speculative (drafts at {r.epsilon})", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x", "-", "-",
+                          f"{r.agreement:.3f}", "-", "-", f"drafts kept: {kept}")
+            continue
         table.add_row("full" if r.epsilon is None else f"{r.epsilon}", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x",
                       f"{r.ideal_speedup:.2f}x", f"{r.realised_over_ideal:.2f}", f"{r.agreement:.3f}",
                       f"{r.gb_per_s:.1f}", f"{c['segments']:.3f} + {c['heads']:.3f} + {c['catch_up']:.3f}",
@@ -382,7 +405,7 @@ def _plot_profile(rows, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = [r for r in rows if r.epsilon is not None]
+    levels = [r for r in rows if r.mode == "early-exit"]
     eps = [r.epsilon for r in levels]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(eps, [r.speedup for r in levels], "o-", label="measured speedup")

@@ -88,6 +88,17 @@ def export_fill(seg: PlannedSegment, root: Path) -> None:
             root / seg.spec.fill, what)
 
 
+def export_verify(seg: PlannedSegment, root: Path) -> None:
+    """The last segment's verify graph, beside it (``seg.spec.verify``): its inputs and outputs, the
+    token at every position."""
+    args = segment_inputs(seg, batch=2, seq=3, past=4)
+    shapes = _segment_shapes(2 * len(seg.module.layers))
+    what = f"the verify graph of layers {seg.spec.start}-{seg.spec.stop}"
+    _export(seg.verify, args, seg.spec.inputs, seg.spec.outputs, shapes, root / seg.spec.verify, what)
+    _verify(seg.verify, segment_inputs(seg, batch=1, seq=2, past=5, seed=1), seg.spec.inputs, seg.spec.outputs,
+            root / seg.spec.verify, what)
+
+
 def export_head(head: PlannedHead, root: Path) -> None:
     shapes = ({0: Dim("batch"), 1: Dim("seq")},)
     what = f"exit head {head.file}"

@@ -223,14 +223,23 @@ class FinalHead(nn.Module):
 
     Every token that reaches it takes its token, so no confidence is needed, and
     the softmax, top-2 and entropy over the whole vocabulary took about 2% of a
-    SmolLM2 step in onnxruntime's profiler (docs/benchmarks.md, session 6)."""
+    SmolLM2 step in onnxruntime's profiler (docs/benchmarks.md, session 6).
 
-    def __init__(self, head: ExitHead):
+    ``every_position``: the token at every position ([batch, seq]) instead of the
+    last one's ([batch]): the verify graph of speculative decoding, which checks
+    several drafted tokens in one call. Decoding proper keeps the last position
+    alone, so that a catch-up over many positions projects one row, not all."""
+
+    def __init__(self, head: ExitHead, every_position: bool = False):
         super().__init__()
         self.head = head
+        self.every_position = every_position
 
-    def forward(self, hidden_last: torch.Tensor):
-        logits = self.head.proj(self.head.norm(hidden_last)[:, None, :])[:, 0, :]
+    def forward(self, hidden: torch.Tensor):
+        """``hidden``: [batch, seq, hidden] with ``every_position``, else the last position's [batch, hidden]."""
+        if self.every_position:
+            return (self.head.proj(self.head.norm(hidden)).argmax(-1),)
+        logits = self.head.proj(self.head.norm(hidden)[:, None, :])[:, 0, :]
         return (logits.argmax(-1),)
 
 
@@ -263,7 +272,7 @@ class _SegmentBase(nn.Module):
         if self.classifier is not None:
             outputs.append(self.classifier(x[:, -1, :]))
         if self.head is not None:
-            outputs += list(self.head(x[:, -1, :]))
+            outputs += list(self.head(x if self.head.every_position else x[:, -1, :]))
         return tuple(outputs + presents)
 
 

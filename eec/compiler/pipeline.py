@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from eec import __version__
-from eec.compiler.export import export_fill, export_head, export_segment
+from eec.compiler.export import export_fill, export_head, export_segment, export_verify
 from eec.compiler.frontends import SourceModel, load_source
 from eec.compiler.precision import DEFAULT_BLOCK_SIZE, apply_precision, needs_feeds, record_feeds, write_with_head
 from eec.compiler.segments import check_repeats, default_exits, exit_head_weights, plan_segments
@@ -105,6 +105,7 @@ def compile_model(
     candidates: list[int] | str | None = None,
     catch_up: str = "exact",
     fuse_heads: str = "auto",
+    speculative: str = "auto",
     progress: Progress = no_progress,
 ) -> Manifest:
     """Compile ``model`` into the artifact directory ``out`` and return its manifest.
@@ -144,6 +145,11 @@ def compile_model(
     copy of the segment's weights on disk, so "auto" fuses segments of at
     most `FUSE_LIMIT` bytes, where a call's fixed cost is a visible share;
     never with exit classifiers (their head runs only for tokens that leave).
+
+    ``speculative`` ("auto", "on", "off"): also write the last segment's verify
+    graph (the token at every position), which speculative decoding needs
+    (`eec.runtime.speculative`); "auto" where the artifact has exits and the
+    last segment is at most `FUSE_LIMIT` bytes in fp32, as for ``fuse_heads``.
     """
     out = Path(out).absolute()
     tgt = get_target(target)
@@ -155,6 +161,8 @@ def compile_model(
         raise InputError(f"--catch-up must be one of {', '.join(CATCH_UPS)}, got {catch_up!r}")
     if fuse_heads not in FUSE_HEADS:
         raise InputError(f"--fuse-heads must be one of {', '.join(FUSE_HEADS)}, got {fuse_heads!r}")
+    if speculative not in FUSE_HEADS:
+        raise InputError(f"--speculative must be one of {', '.join(FUSE_HEADS)}, got {speculative!r}")
     if candidates is not None and not auto:
         raise InputError("--candidates are the layers --exits auto chooses among: use them with --exits auto")
     if isinstance(candidates, str) and candidates != "all":
@@ -172,7 +180,8 @@ def compile_model(
         candidates = list(range(1, shape.num_layers))
     layers = (candidates or default_exits(src)) if auto else default_exits(src) if exits is None else exits
     build = _Build(src, tgt, precision, block_size, calibrate, calibration_prompts, calibration_tokens,
-                   calibration_metric, progress, placed=auto, catch_up=catch_up, fuse_heads=fuse_heads)
+                   calibration_metric, progress, placed=auto, catch_up=catch_up, fuse_heads=fuse_heads,
+                   speculative=speculative)
     tmp = build.run(layers, out.parent)
     try:
         manifest = read_manifest(tmp, verify=False)
@@ -362,16 +371,17 @@ class _Build:
     placed: bool  # --exits auto: the exit set may leave trained heads out
     catch_up: str = "exact"
     fuse_heads: str = "auto"
+    speculative: str = "auto"
 
     def run(self, exits: list[int], parent: Path, shortlist: list[int] | None = None,
             classifiers: dict | None = None, metric: str | None = None) -> Path:
         src, progress = self.src, self.progress
         plan = plan_segments(src, exits, fused=self.target.fused_ops, context=context_length(src.config),
                              all_heads=not self.placed, shortlist=shortlist, classifiers=classifiers,
-                             fills=self.catch_up == "propagate")
+                             fills=self.catch_up == "propagate", verify=self.speculative != "off")
         fills = {seg.spec.fill: seg.spec.file for seg in plan.segments if seg.fill is not None}
-        graphs = [seg.spec.file for seg in plan.segments] + list(fills) + [head.file for head in plan.heads]
-        total = len(graphs) + 3 + int(self.calibrate)
+        verifies = {seg.spec.verify: seg.spec.file for seg in plan.segments if seg.verify is not None}
+        total = len(plan.segments) + len(fills) + len(verifies) + len(plan.heads) + 3 + int(self.calibrate)
         step = 1
         tmp = Path(tempfile.mkdtemp(prefix=".eec-build-", dir=parent))
         try:
@@ -383,6 +393,15 @@ class _Build:
                     progress(f"exporting the key/value fill of layers {seg.spec.start}-{seg.spec.stop}", step, total)
                     export_fill(seg, tmp)
                     step += 1
+                if seg.verify is not None:
+                    if self._verify_wanted(tmp / seg.spec.file):
+                        progress(f"exporting the verify graph of layers {seg.spec.start}-{seg.spec.stop}", step, total)
+                        export_verify(seg, tmp)
+                    else:
+                        verifies.pop(seg.spec.verify)
+                        seg.spec, seg.verify = replace(seg.spec, verify=None), None
+                    step += 1
+            graphs = [seg.spec.file for seg in plan.segments] + list(fills) + list(verifies) + [h.file for h in plan.heads]
             for head in plan.heads:
                 progress(f"exporting {head.file}", step, total)
                 export_head(head, tmp)
@@ -397,9 +416,9 @@ class _Build:
                     prompts = (read_prompts(self.prompts, has_tok) if self.prompts
                                else default_prompts(has_tok, src.config.vocab_size))
                     feeds = record_feeds(tmp, prompts[:8])
-                for file in graphs:  # a fill graph takes its segment's inputs: calibrated on the same feeds
+                for file in graphs:  # fill and verify graphs take their segment's inputs: the same feeds
                     apply_precision(tmp / file, self.precision, self.block_size, self.target.backend,
-                                    feeds.get(fills.get(file, file)))
+                                    feeds.get(fills.get(file, verifies.get(file, file))))
                 manifest = self._manifest(tmp, plan, self.precision)
             if self._fused(tmp, plan):
                 manifest = self._manifest(tmp, plan, self.precision)
@@ -413,6 +432,11 @@ class _Build:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return tmp
+
+    def _verify_wanted(self, segment: Path) -> bool:
+        """Whether to write the last segment's verify graph, as ``speculative`` says (``segment``: its fp32 graph)."""
+        size = sum(f.stat().st_size for f in segment.parent.glob(segment.name + "*"))
+        return self.speculative == "on" or self.speculative == "auto" and size <= FUSE_LIMIT
 
     def _fused(self, tmp: Path, plan) -> bool:
         """Write the exit segments' graphs with their heads inside, as ``fuse_heads`` says; record

@@ -10,6 +10,9 @@ Rules:
    returns the token alone (`FinalHead`).
 5. With ``fills``, every segment but the first also gets a `KVFill` graph
    (``segments/fill<i>.onnx``) for the propagating catch-up.
+7. With ``verify`` and at least one exit, the last segment also gets a verify
+   graph (``segments/seg<i>_verify.onnx``): the same layers and inputs, its
+   final head returning the token at every position (speculative decoding).
 6. Each exit has a head graph of its own that reads the segment's
    ``hidden_out``: the trained head from ``model.pt`` where there is one
    (``heads/exit<b>.onnx``), else the model's own final norm and LM head
@@ -71,6 +74,7 @@ class PlannedSegment:
     spec: SegmentSpec
     module: Segment
     fill: KVFill | None = None
+    verify: Segment | None = None  # the last segment with the token at every position (rule 7)
 
 
 @dataclass
@@ -103,13 +107,15 @@ HEAD_INPUTS, HEAD_OUTPUTS = ["hidden"], ["token", "scores"]
 
 def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, context: int = 2048,
                   all_heads: bool = True, shortlist: list[int] | None = None,
-                  classifiers: dict[int, ExitClassifier] | None = None, fills: bool = False) -> Plan:
+                  classifiers: dict[int, ExitClassifier] | None = None, fills: bool = False,
+                  verify: bool = False) -> Plan:
     """``fused``: build the segments from onnxruntime's fused kernels (`eec.compiler.ops`)
     where the model allows it; ``context`` is the longest sequence the rotary cache covers;
     ``all_heads``: refuse exits that leave a trained head out (placement may drop heads);
     ``shortlist``: vocabulary ids every exit head is restricted to (the final head never is);
     ``classifiers``: exit layer -> exit classifier fused at the end of the segment that ends there;
-    ``fills``: a `KVFill` graph for every segment after the first (``--catch-up propagate``)."""
+    ``fills``: a `KVFill` graph for every segment after the first (``--catch-up propagate``);
+    ``verify``: a verify graph for the last segment where there are exits (speculative decoding)."""
     classifiers = classifiers or {}
     config = src.config
     n_layers = config.num_hidden_layers
@@ -160,20 +166,26 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
             if exit_spec.file not in heads:
                 heads[exit_spec.file] = PlannedHead(exit_spec.file, exit_head(shared_head()))
         classifier = None if last else classifiers.get(stop)
-        common = dict(embed=backbone.embed_tokens if first else None, head=FinalHead(shared_head(untie=first)) if last else None,
-                      emit_hidden=not last, inv_freq=rotary.inv_freq, rope_scaling=rotary.attention_scaling,
-                      classifier=classifier)
         if fused:
             layers = [FusedDecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]
-            module = FusedSegment(layers, context=context, **common).eval()
         else:
             layers = [DecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]
-            module = Segment(layers, **common).eval()
+
+        def segment(every_position: bool = False) -> Segment | FusedSegment:
+            head = FinalHead(shared_head(untie=first), every_position) if last else None
+            common = dict(embed=backbone.embed_tokens if first else None, head=head, emit_hidden=not last,
+                          inv_freq=rotary.inv_freq, rope_scaling=rotary.attention_scaling, classifier=classifier)
+            return (FusedSegment(layers, context=context, **common) if fused else Segment(layers, **common)).eval()
+
+        module = segment()
         inputs, outputs = io_names(start, stop, first, last, scored=classifier is not None)
         fill = fills and not first
+        verified = verify and last and not first
         spec = SegmentSpec(f"segments/seg{i}.onnx", start, stop, inputs, outputs, exit_spec,
-                           kv_cache="shared" if fused else "concat", fill=f"segments/fill{i}.onnx" if fill else None)
-        segments.append(PlannedSegment(spec, module, KVFill(module).eval() if fill else None))
+                           kv_cache="shared" if fused else "concat", fill=f"segments/fill{i}.onnx" if fill else None,
+                           verify=f"segments/seg{i}_verify.onnx" if verified else None)
+        segments.append(PlannedSegment(spec, module, KVFill(module).eval() if fill else None,
+                                       segment(every_position=True) if verified else None))
     return Plan(segments, [h for h in heads.values()])
 
 

@@ -66,9 +66,10 @@ class SegmentState:
     def __init__(self, spec: SegmentSpec, session: ort.InferenceSession, kv_heads: int, head_dim: int,
                  capacity: int, context: int, fill: ort.InferenceSession | None = None,
                  with_head: ort.InferenceSession | None = None, max_call: int | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", verify: ort.InferenceSession | None = None):
         """``fill``: the segment's KV fill session (`fill_kv`); ``with_head``: the segment's graph
-        with its exit head inside (`run(with_head=True)`); ``max_call``: the most positions one call
+        with its exit head inside (`run(with_head=True)`); ``verify``: the last segment's graph with
+        the token at every position (`run(verify=True)`); ``max_call``: the most positions one call
         may carry (None: any); ``device``: where a shared KV lives, "cpu" or "cuda" (sessions on
         onnxruntime's CUDA provider, which then never copy the cache to the host)."""
         self.spec, self.context, self.max_call, self.device = spec, context, max_call, device
@@ -81,6 +82,7 @@ class SegmentState:
         self.plain = BoundGraph(session, shared)
         self.fill = BoundGraph(fill, shared) if fill is not None else None
         self.with_head = BoundGraph(with_head, shared) if with_head is not None else None
+        self.verify = BoundGraph(verify, shared) if verify is not None else None
         layers = 2 * (spec.stop - spec.start)
         if shared:
             shape = (1, kv_heads, min(capacity, context), head_dim)
@@ -96,7 +98,7 @@ class SegmentState:
 
     def _bind_buffers(self) -> None:
         kv_in, kv_out = self.spec.inputs[3:], [n for n in self.spec.outputs if n.startswith("present_")]
-        for graph in (self.plain, self.fill, self.with_head):
+        for graph in (self.plain, self.fill, self.with_head, self.verify):
             if graph is None:
                 continue
             for name_in, name_out, buf in zip(kv_in, kv_out, self.buffers):
@@ -146,11 +148,21 @@ class SegmentState:
                     buf.update_inplace(host)
         self.length = n
 
-    def run(self, x: np.ndarray, mask: np.ndarray, with_head: bool = False) -> list[np.ndarray]:
+    def run(self, x: np.ndarray, mask: np.ndarray, with_head: bool = False, verify: bool = False) -> list[np.ndarray]:
         """Run the segment over x ([1, seq] ids or [1, seq, hidden]) and append to the KV. Returns
         [hidden_out] (+ [exit_score] with a classifier, + [exit_token, exit_scores] ``with_head``),
-        or [token] for the last segment ([token, scores] in artifacts before session 6)."""
-        return self._chunked(self.with_head if with_head else self.plain, x, mask)
+        or [token] for the last segment ([token, scores] in artifacts before session 6; ``verify``:
+        [tokens], one per position, [1, seq])."""
+        return self._chunked(self.verify if verify else self.with_head if with_head else self.plain, x, mask)
+
+    def truncate(self, length: int) -> None:
+        """Forget the cached positions from ``length`` on (speculative decoding's rejected drafts). A
+        shared buffer keeps their values, which the next call overwrites: the mask hides them till then."""
+        if not 0 <= length <= self.length or self.pending is not None:
+            raise ValueError(f"cannot cut {self.length} cached positions to {length} with pending positions")
+        if self.spec.kv_cache != "shared":
+            self.buffers = [b[:, :, :length] for b in self.buffers]
+        self.length = length
 
     def fill_kv(self, hidden: np.ndarray, mask: np.ndarray) -> None:
         """Append the KV of ``hidden``'s positions ([1, n, hidden]) with the fill graph."""
@@ -166,7 +178,7 @@ class SegmentState:
         # Copied: a one-position piece returns fixed arrays, which the next one overwrites.
         pieces = [[np.array(o) for o in self._call(graph, x[:, i: i + step], mask)] for i in range(0, x.shape[1], step)]
         outputs = pieces[-1]
-        if self.spec.emits_hidden and outputs:
+        if (self.spec.emits_hidden or graph is self.verify) and outputs:  # per position: joined
             outputs[0] = np.concatenate([p[0] for p in pieces], axis=1)
         return outputs
 
@@ -286,22 +298,24 @@ class Decoder:
         with_heads: dict[str, ort.InferenceSession] | None = None,
         max_call: int | None = None,
         device: str = "cpu",
+        verifies: dict[str, ort.InferenceSession] | None = None,
     ):
         """``capacity``: positions the shared KV buffers start with (they grow as needed); ``fills``:
         the segments' KV fill sessions by file, which ``catch_up="propagate"`` needs; ``with_heads``:
         the segments' graphs with their exit head inside by file, run in place of the segment and
         its head whenever the step asks for that exit (not in full mode); ``max_call``: the most
         positions one graph call may carry (TensorRT's engines), longer ones run in pieces; ``device``:
-        where the KV lives ("cuda" for sessions on onnxruntime's CUDA provider)."""
+        where the KV lives ("cuda" for sessions on onnxruntime's CUDA provider); ``verifies``: the last
+        segment's verify session by file (`eec.runtime.speculative`)."""
         self.specs, self.propagate = specs, catch_up == "propagate"
         # One call per exit, not per head file: each stays bound to its own segment's output.
         self.heads = [HeadCall(heads[s.exit.file], device) if s.exit and s.exit.file in heads else None for s in specs]
         self.mask = np.ones((1, context), dtype=np.int64)  # sliced, never reallocated
-        fills, with_heads = fills or {}, with_heads or {}
+        fills, with_heads, verifies = fills or {}, with_heads or {}, verifies or {}
         if self.propagate and any(s.fill not in fills for s in specs[1:]):
             raise ValueError("catch_up='propagate' needs a KV fill graph for every segment after the first")
         self.states = [SegmentState(s, sess, kv_heads, head_dim, capacity, context, fills.get(s.fill),
-                                    with_heads.get(s.with_head), max_call, device)
+                                    with_heads.get(s.with_head), max_call, device, verifies.get(s.verify))
                        for s, sess in zip(specs, sessions)]
 
     def step(self, ids: np.ndarray, thresholds: dict[int, float] | None, metric: int = 0,

@@ -45,6 +45,9 @@ class SegmentSpec:
     # The segment's graph with its exit head inside (`eec.compiler.passes.FuseExitHead`): early-exit
     # decoding runs it in place of the segment and the head's own graph; None where it was not built.
     with_head: str | None = None
+    # The last segment's graph with the token at every position (`eec.runtime.speculative` verifies
+    # drafted tokens with it); None where it was not built.
+    verify: str | None = None
 
     @property
     def takes_ids(self) -> bool:

@@ -11,16 +11,21 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from eec.calib.metrics import COSINE
 from eec.calib.traces import Traces, metric_index, thresholds_for
 from eec.errors import InputError
 from eec.runtime.decode import CATCH_UPS, Decoder
+from eec.runtime.speculative import DEFAULT_MAX_DRAFT, cycle
 from eec.runtime.manifest import Manifest, read_manifest
 from eec.runtime.sessions import MAX_CALL_TOKENS, open_sessions, pick_device
 from eec.runtime.text import TextCodec
 
-MODES = ("early-exit", "full")
+MODES = ("early-exit", "full", "speculative")
 DEFAULT_THRESHOLD = 0.9  # top-1 minus top-2 probability, for artifacts without calibration
 DEFAULT_EPSILON = 0.9  # for calibrated artifacts
+# Speculative mode's draft threshold: the code model kept 82% of drafts at 0.95 against 71% at 0.9, and
+# decoded 1.22-1.26x full mode against 1.10-1.15x (docs/benchmarks.md, session 8).
+SPECULATIVE_EPSILON = 0.95
 
 
 @dataclass
@@ -32,6 +37,8 @@ class Stats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     exits: dict[int, int] = field(default_factory=dict)  # layer -> tokens that left there
+    drafted: int = 0  # speculative mode: tokens the exit proposed
+    accepted: int = 0  # of them, the ones the full model confirmed
 
     @property
     def tokens_per_s(self) -> float:
@@ -40,9 +47,10 @@ class Stats:
 
     def __str__(self) -> str:
         exits = ", ".join(f"layer {k}: {v}" for k, v in sorted(self.exits.items()))
+        drafts = f"; drafts accepted: {self.accepted} of {self.drafted}" if self.drafted else ""
         return (
             f"{self.new_tokens} tokens, {self.tokens_per_s:.1f} tok/s decode, "
-            f"prefill {self.prompt_tokens} tokens in {self.prefill_s * 1e3:.0f} ms; exits: {exits}"
+            f"prefill {self.prompt_tokens} tokens in {self.prefill_s * 1e3:.0f} ms; exits: {exits}{drafts}"
         )
 
 
@@ -67,6 +75,7 @@ class EarlyExitModel:
         # TensorRT engines are built for calls of 1..MAX_CALL_TOKENS positions: longer ones go in pieces.
         self.max_call = MAX_CALL_TOKENS if self.device == "tensorrt" else None
         self._with_heads: dict | None = None  # opened on first use (`with_head_sessions`)
+        self._verifies: dict | None = None  # opened on first use (`verify_sessions`)
         self.catch_up = self.check_catch_up(catch_up or manifest.catch_up)
         self.codec = TextCodec(root, manifest.tokenizer) if manifest.tokenizer else None
         self.stats = Stats()
@@ -114,19 +123,29 @@ class EarlyExitModel:
             self._with_heads = dict(zip(files, self._open(files, self.threads)))
         return self._with_heads
 
+    def verify_sessions(self) -> dict:
+        """Sessions of the last segment's verify graph (speculative mode), by file; opened on first use."""
+        if self._verifies is None:
+            files = [s.verify for s in self.manifest.segments if s.verify]
+            self._verifies = dict(zip(files, self._open(files, self.threads)))
+        return self._verifies
+
     def _open(self, files: list[str], threads: int | None) -> list:
         return open_sessions(self.root, files, threads, self.manifest, self.device)
 
-    def new_decoder(self, capacity: int = 256, catch_up: str | None = None, early_exit: bool = True) -> Decoder:
+    def new_decoder(self, capacity: int = 256, catch_up: str | None = None, early_exit: bool = True,
+                    speculative: bool = False) -> Decoder:
         """A decoder for one sequence; ``capacity``: the positions it expects (its KV buffers grow past it);
         ``catch_up``: "exact" or "propagate" (`eec.runtime.decode`), by default the model's;
         ``early_exit``: it will be asked for exits, so it runs segments with their heads inside where
-        the artifact has them (False for full mode, which never runs a head)."""
+        the artifact has them (False for full mode, which never runs a head); ``speculative``: it
+        will verify drafts, so the last segment's verify graph is opened too."""
         m = self.manifest.model
         catch_up = self.catch_up if catch_up is None else self.check_catch_up(catch_up)
         return Decoder(self.manifest.segments, self.sessions, self.heads, m.num_kv_heads, m.head_dim, m.context_length,
                        capacity, self.fills, catch_up, self.with_head_sessions() if early_exit else None,
-                       self.max_call, "cpu" if self.device == "cpu" else "cuda")
+                       self.max_call, "cpu" if self.device == "cpu" else "cuda",
+                       self.verify_sessions() if speculative else None)
 
     def encode(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
         if isinstance(prompt, str):
@@ -198,6 +217,8 @@ class EarlyExitModel:
         chat: bool | None = None,
         ignore_eos: bool = False,
         catch_up: str | None = None,
+        max_draft: int | None = None,
+        draft_layer: int | None = None,
     ):
         """Greedy generation.
 
@@ -213,14 +234,32 @@ class EarlyExitModel:
         token (for benchmarks). ``catch_up`` ("exact" or "propagate") overrides how
         deeper layers get the KV of exited tokens (`eec.runtime.decode`; by
         default the artifact's). ``self.stats`` describes the last generation.
+
+        ``mode="speculative"`` gives ``full`` mode's tokens faster where the exit
+        is often right (`eec.runtime.speculative`): the exit at ``draft_layer``
+        (default: the first) drafts up to ``max_draft`` (default 6) tokens while its
+        confidence reaches the threshold for ``epsilon`` (default 0.95; or ``thresholds``), and
+        the deeper layers check them in one call. It needs the verify graph that
+        `eec compile --speculative` writes.
         """
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         ids = self.encode(prompt, chat)
+        if mode == "speculative" and thresholds is None and epsilon is None and self.manifest.calibration:
+            epsilon = SPECULATIVE_EPSILON
         values, index = self.resolve_thresholds(mode, thresholds, epsilon, metric, rule, delta)
-        decoder = self.new_decoder(len(ids) + max_new_tokens, catch_up, early_exit=values is not None)
-        steps = self._steps(decoder, ids, max_new_tokens, values, index,
-                            set() if ignore_eos else set(self.manifest.eos_token_ids))
+        eos = set() if ignore_eos else set(self.manifest.eos_token_ids)
+        if mode == "speculative":
+            max_draft = DEFAULT_MAX_DRAFT if max_draft is None else max_draft
+            draft = self._draft_exit(draft_layer, max_draft, index, catch_up)
+            if self.exits[draft] not in values:
+                raise InputError(f"no threshold for the draft exit at layer {self.exits[draft]}")
+            decoder = self.new_decoder(len(ids) + max_new_tokens + max_draft, catch_up, speculative=True)
+            steps = self._speculative_steps(decoder, ids, max_new_tokens, draft, values[self.exits[draft]], index,
+                                            max_draft, eos)
+        else:
+            decoder = self.new_decoder(len(ids) + max_new_tokens, catch_up, early_exit=values is not None)
+            steps = self._steps(decoder, ids, max_new_tokens, values, index, eos)
         if stream:
             tokens = (token for token, _ in steps)
             return self.codec.stream(tokens) if self.codec else tokens
@@ -251,6 +290,49 @@ class EarlyExitModel:
             if result.token in eos:
                 break
             feed, step_thresholds = np.asarray([[result.token]], dtype=np.int64), thresholds
+
+
+    def _draft_exit(self, draft_layer: int | None, max_draft: int, metric: int, catch_up: str | None) -> int:
+        """The index, among the exits, of the one speculative mode drafts at; refuses what it cannot run."""
+        if not self.exits:
+            raise InputError("speculative decoding drafts at an exit: this artifact has none")
+        if not any(s.verify for s in self.manifest.segments):
+            raise InputError("this artifact has no verify graph for speculative decoding; "
+                             "compile it with --speculative on")
+        if draft_layer is not None and draft_layer not in self.exits:
+            raise InputError(f"no exit at layer {draft_layer} to draft at; this artifact's exits are {self.exits}")
+        if max_draft < 1:
+            raise InputError("max_draft must be at least 1")
+        if metric == COSINE:
+            raise InputError("speculative decoding drafts on a head score or the exit classifier, not on cosine")
+        if (catch_up or self.catch_up) != "exact":
+            raise InputError("speculative decoding verifies through the exact catch-up: pass catch_up='exact'")
+        return self.exits.index(self.exits[0] if draft_layer is None else draft_layer)
+
+    def _speculative_steps(self, decoder: Decoder, ids: list[int], max_new_tokens: int, exit_index: int,
+                           threshold: float, metric: int, max_draft: int, eos: set[int]) -> Iterator[tuple[int, int]]:
+        """`_steps` for speculative mode: the prompt through every layer, then draft-and-verify cycles.
+        Every token is the full model's: its layer is reported as the last."""
+        stats = self.stats = Stats(prompt_tokens=len(ids))
+        limit = min(max_new_tokens, self.manifest.model.context_length - len(ids))
+        start = time.perf_counter()
+        token = decoder.step(np.asarray([ids], dtype=np.int64), None).token
+        stats.prefill_s = time.perf_counter() - start
+        produced = [token]
+        while True:
+            for t in produced:
+                stats.new_tokens += 1
+                stats.exits[self.num_layers] = stats.exits.get(self.num_layers, 0) + 1
+                yield t, self.num_layers
+                if t in eos or stats.new_tokens >= limit:
+                    return
+            start = time.perf_counter()
+            room = min(max_draft, limit - stats.new_tokens, self.manifest.model.context_length - decoder.states[0].length - 1)
+            step = cycle(decoder, produced[-1], exit_index, threshold, metric, max(room, 1))
+            stats.decode_s += time.perf_counter() - start
+            stats.drafted += step.drafted
+            stats.accepted += step.accepted
+            produced = step.tokens
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,

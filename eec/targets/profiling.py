@@ -13,6 +13,11 @@ measured exit distribution under the latency table measured on this device
 into its segment priced as what the fused call adds), over the full
 model's. Their ratio, realised / ideal, is what the runtime's own overhead
 (Python, KV copies, host reads) leaves of the possible gain.
+
+With ``speculative`` (an artifact with a verify graph), one more row times
+speculative mode at that draft ε in the same interleaved rounds; its quality
+is the share of positions where its free-running tokens equal full mode's
+(1.0 but for near-ties, it being lossless), and it has no ideal.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from eec.runtime.evaluate import teacher_forced
 from eec.runtime.model import EarlyExitModel
 from eec.targets.measure import measure_artifact
 from eec.targets.placement import cost_breakdown
+
+SPECULATIVE = "speculative"
 
 
 @dataclass
@@ -41,6 +48,8 @@ class ProfileRow:
     # segments (one position each), exit heads, catch-up of exited positions. Exit classifiers are
     # inside their segments.
     cost_ms: dict[str, float] = field(default_factory=dict)
+    mode: str = "early-exit"  # "full", "early-exit", or "speculative" (``epsilon``: its draft threshold)
+    drafts_kept: float | None = None  # speculative: share of drafted tokens the full model confirmed
 
     @property
     def realised_over_ideal(self) -> float:
@@ -76,26 +85,34 @@ def bytes_per_token(model: EarlyExitModel, exits: dict[int, int], thresholds: di
 
 
 def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequence[float], tokens: int = 128,
-                     rounds: int = 2, metric: str | None = None,
+                     rounds: int = 2, metric: str | None = None, speculative: float | None = None,
                      progress: Callable[[str, int, int], None] = lambda *a: None) -> list[ProfileRow]:
+    """``speculative``: also time speculative mode, drafting at this ε (see the module's docstring)."""
     encoded = [model.encode(p) for p in prompts]
     table = measure_artifact(model.root, repeats=10, device=model.device)  # where the timed runs go
-    levels: list[float | None] = [None, *epsilons]
+    spec = [SPECULATIVE] if speculative is not None else []
+    levels: list = [None, *epsilons, *spec]
     thresholds = {e: model.thresholds_for(e, metric) for e in epsilons}
     index = model.resolve_thresholds("early-exit", epsilon=epsilons[0], metric=metric)[1] if epsilons else 0
     speeds: dict = {e: [] for e in levels}
-    ratios: dict = {e: [] for e in epsilons}
+    ratios: dict = {e: [] for e in levels[1:]}
     exits: dict = {e: {} for e in levels}
-    total, done = rounds * len(encoded) * len(levels) + len(encoded) * len(epsilons), 0
+    drafts = [0, 0]  # accepted, drafted
+    total, done = rounds * len(encoded) * len(levels) + len(encoded) * (len(epsilons) + len(spec)), 0
     model.generate(encoded[0], max_new_tokens=4, mode="full")  # warm-up
     for r in range(rounds):
         for ids in encoded:
             base = None
             for e in levels:
-                progress(f"round {r + 1}: {'full' if e is None else f'ε={e}'}", done, total)
-                kwargs = {"mode": "full"} if e is None else {"thresholds": thresholds[e], "metric": metric}
+                progress(f"round {r + 1}: {'full' if e is None else e if e == SPECULATIVE else f'ε={e}'}", done, total)
+                kwargs = ({"mode": "full"} if e is None
+                          else {"mode": SPECULATIVE, "epsilon": speculative, "metric": metric} if e == SPECULATIVE
+                          else {"thresholds": thresholds[e], "metric": metric})
                 model.generate(ids, max_new_tokens=tokens, ignore_eos=True, **kwargs)
                 speed = model.stats.tokens_per_s
+                if e == SPECULATIVE:
+                    drafts[0] += model.stats.accepted
+                    drafts[1] += model.stats.drafted
                 speeds[e].append(speed)
                 if e is None:
                     base = speed
@@ -111,6 +128,18 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
     rows = []
     gated = (metric or (model.manifest.calibration.metric if model.manifest.calibration else "")) == "classifier"
     for e in levels:
+        if e == SPECULATIVE:
+            same = []
+            for ids, ref in zip(encoded, references):
+                progress("speculative: tokens against full mode's", done, total)
+                got = model.generate(ids, max_new_tokens=tokens, ignore_eos=True, mode=SPECULATIVE, epsilon=speculative,
+                                     metric=metric).tokens
+                same.append(sum(int(a == b) for a, b in zip(got, ref)))
+                done += 1
+            rows.append(ProfileRow(speculative, statistics.median(speeds[e]), statistics.median(ratios[e]), 0.0,
+                                   sum(same) / sum(len(f) for f in references), dict(sorted(exits[e].items())),
+                                   mode=SPECULATIVE, drafts_kept=drafts[0] / drafts[1] if drafts[1] else None))
+            continue
         if e is None:
             agree, ideal, ratio, parts = 1.0, 1.0, 1.0, full_parts
         else:
@@ -129,6 +158,6 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
         med = statistics.median(speeds[e])
         rows.append(ProfileRow(e, med, ratio, ideal, agree, dict(sorted(exits[e].items())),
                                bytes_per_token(model, exits[e], None if e is None else thresholds[e], gated) * med / 1e9,
-                               {k: v * 1e3 for k, v in parts.items()}))
+                               {k: v * 1e3 for k, v in parts.items()}, "full" if e is None else "early-exit"))
     return rows
 

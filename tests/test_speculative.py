@@ -1,0 +1,106 @@
+"""Speculative mode (`eec.runtime.speculative`): the exit drafts, the deeper layers verify, and the
+tokens are full mode's, whatever the exit proposes and however far it drafts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eec.errors import InputError
+from eec.runtime import load
+from tests.conftest import TINY_SHAPES, tiny_model
+
+PROMPTS = ([5, 17, 3, 60, 2], [41, 8])
+
+
+def _full(model, prompt, n=24):
+    return model.generate(prompt, max_new_tokens=n, mode="full", ignore_eos=True).tokens
+
+
+@pytest.mark.parametrize("draft_layer", [2, 4])
+@pytest.mark.parametrize("max_draft", [1, 3, 6])
+def test_speculative_equals_full_mode(tiny_compiled, draft_layer, max_draft):
+    """Threshold 0 drafts as far as allowed: random heads are mostly wrong, so most cycles roll back."""
+    model = load(tiny_compiled.artifact)
+    assert model.manifest.segments[-1].verify  # written by default for a small artifact
+    drafted = accepted = 0
+    for prompt in PROMPTS:
+        got = model.generate(prompt, max_new_tokens=24, mode="speculative", thresholds=0.0, ignore_eos=True,
+                             max_draft=max_draft, draft_layer=draft_layer)
+        drafted, accepted = drafted + model.stats.drafted, accepted + model.stats.accepted
+        assert got.tokens == _full(model, prompt)
+        assert got.exits == [model.num_layers] * 24
+    assert 0 <= accepted < drafted  # rejected drafts were rolled back
+    if max_draft == 1:
+        assert drafted == 2 * 23  # one draft per token after the prompt's
+
+
+def test_thresholds_end_the_drafts(tiny_compiled):
+    """A threshold no score reaches drafts one token a cycle: full mode, one verify per token."""
+    model = load(tiny_compiled.artifact)
+    got = model.generate(PROMPTS[0], max_new_tokens=12, mode="speculative", thresholds=math.inf, ignore_eos=True,
+                         max_draft=6)
+    assert model.stats.drafted == 11
+    assert got.tokens == _full(model, PROMPTS[0], 12)
+
+
+@pytest.fixture(scope="module")
+def exit_is_final(tmp_path_factory):
+    """A Llama whose layers after 2 add nothing to the residual stream (attention output and MLP down
+    projections zeroed): the shared head at layer 2 gives the final token, so every draft holds."""
+    from eec.compiler import compile_model
+
+    model_type, overrides = TINY_SHAPES["llama-gqa-untied"]
+    hf = tiny_model(model_type, **overrides)
+    with torch.no_grad():
+        for layer in hf.model.layers[2:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    root = tmp_path_factory.mktemp("exit-is-final")
+    hf.save_pretrained(root / "hf")
+    compile_model(root / "hf", root / "a.eec", exits=[2], calibrate=False)
+    return root / "a.eec"
+
+
+def test_drafts_the_full_model_agrees_with_are_all_kept(exit_is_final):
+    model = load(exit_is_final)
+    got = model.generate(PROMPTS[0], max_new_tokens=20, mode="speculative", thresholds=0.0, ignore_eos=True,
+                         max_draft=4)
+    assert model.stats.drafted == model.stats.accepted == 19  # 19 tokens after the prompt's, all drafted
+    assert got.tokens == _full(model, PROMPTS[0], 20)
+
+
+def test_a_prefix_is_kept_and_the_rest_rolled_back(tiny_compiled):
+    """Each segment's KV after a cycle holds the positions of the emitted tokens alone."""
+    from eec.runtime.speculative import cycle
+
+    model = load(tiny_compiled.artifact)
+    decoder = model.new_decoder(64, speculative=True)
+    first = decoder.step(np.asarray([PROMPTS[0]], dtype=np.int64), None).token
+    step = cycle(decoder, first, 0, 0.0, 0, 5)
+    assert step.drafted == 5 and 1 <= len(step.tokens) <= 5 and step.accepted == len(step.tokens) - (len(step.tokens) < 5)
+    assert {s.length for s in decoder.states} == {len(PROMPTS[0]) + len(step.tokens)}
+    assert [first, *step.tokens] == _full(model, PROMPTS[0], 1 + len(step.tokens))
+
+
+def test_speculative_needs_what_it_drafts_and_verifies_with(tmp_path, llama_src):
+    from eec.compiler import compile_model
+
+    compile_model(llama_src / "hf", tmp_path / "off.eec", exits=[2], calibrate=False, speculative="off")
+    model = load(tmp_path / "off.eec")
+    assert model.manifest.segments[-1].verify is None
+    with pytest.raises(InputError, match="--speculative on"):
+        model.generate(PROMPTS[0], max_new_tokens=4, mode="speculative")
+    compile_model(llama_src / "hf", tmp_path / "on.eec", exits=[2, 4], calibrate=False, catch_up="propagate")
+    model = load(tmp_path / "on.eec")
+    with pytest.raises(InputError, match="no exit at layer 3"):
+        model.generate(PROMPTS[0], max_new_tokens=4, mode="speculative", draft_layer=3)
+    with pytest.raises(InputError, match="exact catch-up"):
+        model.generate(PROMPTS[0], max_new_tokens=4, mode="speculative")
+    with pytest.raises(InputError, match="max_draft"):
+        model.generate(PROMPTS[0], max_new_tokens=4, mode="speculative", catch_up="exact", max_draft=0)
+    got = model.generate(PROMPTS[0], max_new_tokens=8, mode="speculative", catch_up="exact", ignore_eos=True)
+    assert got.tokens == _full(model, PROMPTS[0], 8)
