@@ -60,6 +60,8 @@ def test_distillation_adds_each_exits_kl_to_the_last_layer():
     plain, per_layer = recipe.layer_weighted_loss(model, x, y, 0.0)
     # CALM's weights by hand: layer l counts l / (1 + 2 + 3)
     assert float(plain.detach()) == pytest.approx(sum((i + 1) * v for i, v in enumerate(per_layer)) / 6, rel=1e-5)
+    uniform, _ = recipe.layer_weighted_loss(model, x, y, 0.0, "uniform")
+    assert float(uniform.detach()) == pytest.approx(sum(per_layer) / 3, rel=1e-5)  # every layer alike
     mixed, _ = recipe.layer_weighted_loss(model, x, y, 0.5)
     with torch.no_grad():
         hidden = model.model(input_ids=x, output_hidden_states=True).hidden_states[1:]

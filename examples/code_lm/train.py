@@ -11,7 +11,9 @@ are held out for evaluation. The result is saved in the Hugging Face layout
 to the last layer's distribution (detached), so the exits learn the token
 the full model will emit. Off by default: at W = 1 it raised the early
 layers' agreement (layer 2: 0.72 -> 0.80) but not the speedup at ε = 0.9
-(docs/benchmarks.md, session 4).
+(docs/benchmarks.md, session 4). ``--weights uniform`` weights every layer's
+exit loss alike instead of by depth, which puts more of the objective on the
+early exits (docs/benchmarks.md, session 8).
 
     .venv/bin/python examples/code_lm/train.py -o code-lm --minutes 55
 
@@ -64,8 +66,10 @@ def encode(tok, files: list[Path]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def layer_weighted_loss(model, x: torch.Tensor, y: torch.Tensor, distill: float = 0.0) -> tuple[torch.Tensor, list[float]]:
-    """CALM's objective: sum over layers l of l * CE(head(norm(h_l)), y) / sum of l; with ``distill``
+def layer_weighted_loss(model, x: torch.Tensor, y: torch.Tensor, distill: float = 0.0,
+                        weights: str = "depth") -> tuple[torch.Tensor, list[float]]:
+    """CALM's objective: sum over layers l of l * CE(head(norm(h_l)), y) / sum of l (``weights="uniform"``:
+    every layer's CE weighted alike, which puts more of the objective on the early exits); with ``distill``
     > 0, plus that weight times the mean over the earlier layers of KL(last layer || layer l), the
     last layer's distribution detached (self-distillation: it trains each exit towards the token
     the full model will emit, which is what an exit's agreement measures)."""
@@ -76,8 +80,8 @@ def layer_weighted_loss(model, x: torch.Tensor, y: torch.Tensor, distill: float 
         normed = h if i == len(hidden) - 1 else model.model.norm(h)
         logits.append(model.lm_head(normed).flatten(0, 1))
         losses.append(F.cross_entropy(logits[-1], y.flatten()))
-    weights = torch.arange(1, len(losses) + 1, dtype=torch.float32)
-    total = sum(w * l for w, l in zip(weights, losses)) / weights.sum()
+    scale = torch.arange(1, len(losses) + 1, dtype=torch.float32) if weights == "depth" else torch.ones(len(losses))
+    total = sum(w * l for w, l in zip(scale, losses)) / scale.sum()
     if distill > 0 and len(logits) > 1:
         teacher = F.log_softmax(logits[-1].detach(), dim=-1)
         kl = [F.kl_div(F.log_softmax(lg, dim=-1), teacher, log_target=True, reduction="batchmean") for lg in logits[:-1]]
@@ -119,6 +123,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--distill", type=float, default=0.0,
                         help="weight of each exit's KL to the last layer's (detached) distribution; 0: CALM's loss only")
+    parser.add_argument("--weights", choices=("depth", "uniform"), default="depth",
+                        help="each layer's share of the exit loss: by depth (CALM) or alike")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long run on a few files (tests)")
     args = parser.parse_args()
     if args.tiny:
@@ -151,7 +157,7 @@ def main() -> None:
         idx = torch.randint(0, len(train) - args.seq - 1, (args.batch,))
         x = torch.stack([train[i: i + args.seq] for i in idx])
         y = torch.stack([train[i + 1: i + args.seq + 1] for i in idx])
-        loss, per_layer = layer_weighted_loss(model, x, y, args.distill)
+        loss, per_layer = layer_weighted_loss(model, x, y, args.distill, args.weights)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
