@@ -10,14 +10,14 @@ Rules:
    returns the token alone (`FinalHead`).
 5. With ``fills``, every segment but the first also gets a `KVFill` graph
    (``segments/fill<i>.onnx``) for the propagating catch-up.
-7. With ``verify`` and at least one exit, the last segment also gets a verify
-   graph (``segments/seg<i>_verify.onnx``): the same layers and inputs, its
-   final head returning the token at every position (speculative decoding).
 6. Each exit has a head graph of its own that reads the segment's
    ``hidden_out``: the trained head from ``model.pt`` where there is one
    (``heads/exit<b>.onnx``), else the model's own final norm and LM head
    ("shared", as in CALM and LayerSkip), stored once in ``heads/shared.onnx``
    for every exit that uses it.
+7. With ``verify`` and at least one exit, the last segment also gets a verify
+   graph (``segments/seg<i>_verify.onnx``): the same layers and inputs, its
+   final head returning the token at every position (speculative decoding).
 """
 
 from __future__ import annotations

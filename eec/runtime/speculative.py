@@ -19,9 +19,18 @@ One *cycle* from the last token ``t`` (every segment's KV covers the positions b
 
 The exit threshold (from ε, as in early-exit mode) only decides how far to
 draft: a draft the exit is unsure of ends the cycle, so a verify is rarely
-spent on tokens the exit would not have kept. Up to floating-point
-differences between one call over ``m`` positions and ``m`` calls over one
-(near-ties can flip, as in the exact catch-up), ``speculative`` equals ``full``.
+spent on tokens the exit would not have kept.
+
+``speculative`` equals ``full`` up to the difference between one call over
+``m`` positions and ``m`` calls over one, as the exact catch-up does: kernels
+round a call over several positions differently (attention sums in another
+order). In fp32 that stays rounding (tokens identical in the tests); int8 and
+int4 artifacts quantize activations to int8 inside their products, which turns
+those last-bit differences into whole quantization steps now and then and
+flips close calls: on SmolLM2 int4, full mode's own prefill of a prefix and
+its token-by-token decode disagree at 2 of 32 positions (int8: 1; fp32: 0),
+so speculative and full generations part after a few tokens there, each a
+faithful run of the quantized model (docs/benchmarks.md, session 8).
 """
 
 from __future__ import annotations
