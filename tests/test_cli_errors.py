@@ -188,3 +188,5 @@ def test_speculative_generate_gives_full_mode_tokens(llama_compiled):
     assert speculative == full and "drafts accepted" in stats
     result = runner.invoke(app, ["inspect", str(llama_compiled.artifact)], env={"COLUMNS": "200"})
     assert "speculative verify" in result.stdout
+    monitored, stats = tokens("--threshold", "0.3", "--monitor")
+    assert monitored != full and "exited tokens the final head agrees with" in stats  # this random model: 4 checked

@@ -104,3 +104,34 @@ def test_speculative_needs_what_it_drafts_and_verifies_with(tmp_path, llama_src)
         model.generate(PROMPTS[0], max_new_tokens=4, mode="speculative", catch_up="exact", max_draft=0)
     got = model.generate(PROMPTS[0], max_new_tokens=8, mode="speculative", catch_up="exact", ignore_eos=True)
     assert got.tokens == _full(model, PROMPTS[0], 8)
+
+
+def test_monitor_counts_the_exited_tokens_the_full_model_agrees_with(tiny_compiled):
+    """Checked live as the catch-up reaches the last segment; the reference is full mode run
+    teacher-forced on the early-exit generation itself."""
+    from eec.runtime.evaluate import teacher_forced
+
+    model = load(tiny_compiled.artifact)
+    judged_total = 0
+    for threshold in (0.1, 0.2, 0.35, 0.5):
+        plain = model.generate(PROMPTS[0], max_new_tokens=40, thresholds=threshold, ignore_eos=True)
+        got = model.generate(PROMPTS[0], max_new_tokens=40, thresholds=threshold, ignore_eos=True, monitor=True)
+        checked, agreed = model.stats.checked, model.stats.agreed
+        assert got.tokens == plain.tokens and got.exits == plain.exits  # monitoring changes nothing
+        full, _ = teacher_forced(model, PROMPTS[0], got.tokens)  # the full model's token at each position
+        deep = [i for i, layer in enumerate(got.exits) if layer == model.num_layers]
+        judged = [i for i, layer in enumerate(got.exits) if layer < model.num_layers and deep and i < deep[-1]]
+        assert checked == len(judged)
+        assert agreed == sum(full[i] == got.tokens[i] for i in judged)
+        judged_total += len(judged)
+    assert judged_total > 0  # some thresholds let tokens exit before a deep one
+
+
+def test_monitor_needs_the_verify_graph_and_the_exact_catch_up(tmp_path, llama_src):
+    from eec.compiler import compile_model
+
+    compile_model(llama_src / "hf", tmp_path / "off.eec", exits=[2], calibrate=False, speculative="off")
+    with pytest.raises(InputError, match="no verify graph"):
+        load(tmp_path / "off.eec").generate(PROMPTS[0], max_new_tokens=4, thresholds=0.5, monitor=True)
+    with pytest.raises(InputError, match="early-exit"):
+        load(tmp_path / "off.eec").generate(PROMPTS[0], max_new_tokens=4, mode="full", monitor=True)

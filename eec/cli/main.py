@@ -258,6 +258,8 @@ def generate(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     max_draft: Optional[int] = typer.Option(None, help="speculative mode: tokens drafted at most before a verify (default 6)"),
     draft_layer: Optional[int] = typer.Option(None, help="speculative mode: the exit that drafts (default: the first)"),
+    monitor: bool = typer.Option(False, "--monitor", help="early-exit mode: check exited tokens against the final "
+                                 "head as they catch up, and report how many it agrees with (needs the verify graph)"),
 ) -> None:
     """Generate from ARTIFACT with early exits, streaming the text."""
     from eec.runtime import load
@@ -270,7 +272,7 @@ def generate(
     model = load(artifact, threads=threads, catch_up=catch_up, device=device)
     pieces = model.generate(the_prompt, max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=eps,
                             metric=metric, rule=rule, delta=delta, stream=True, chat=chat, max_draft=max_draft,
-                            draft_layer=draft_layer)
+                            draft_layer=draft_layer, monitor=monitor)
     for piece in pieces:
         sys.stdout.write(piece if isinstance(piece, str) else f"{piece} ")
         sys.stdout.flush()

@@ -299,6 +299,7 @@ class Decoder:
         max_call: int | None = None,
         device: str = "cpu",
         verifies: dict[str, ort.InferenceSession] | None = None,
+        monitor: bool = False,
     ):
         """``capacity``: positions the shared KV buffers start with (they grow as needed); ``fills``:
         the segments' KV fill sessions by file, which ``catch_up="propagate"`` needs; ``with_heads``:
@@ -306,7 +307,9 @@ class Decoder:
         its head whenever the step asks for that exit (not in full mode); ``max_call``: the most
         positions one graph call may carry (TensorRT's engines), longer ones run in pieces; ``device``:
         where the KV lives ("cuda" for sessions on onnxruntime's CUDA provider); ``verifies``: the last
-        segment's verify session by file (`eec.runtime.speculative`)."""
+        segment's verify session by file (`eec.runtime.speculative`); ``monitor``: check exited
+        tokens against the final head as the exact catch-up reaches the last segment (needs its
+        verify session): `checked` and `agreed` count them."""
         self.specs, self.propagate = specs, catch_up == "propagate"
         # One call per exit, not per head file: each stays bound to its own segment's output.
         self.heads = [HeadCall(heads[s.exit.file], device) if s.exit and s.exit.file in heads else None for s in specs]
@@ -317,6 +320,14 @@ class Decoder:
         self.states = [SegmentState(s, sess, kv_heads, head_dim, capacity, context, fills.get(s.fill),
                                     with_heads.get(s.with_head), max_call, device, verifies.get(s.verify))
                        for s, sess in zip(specs, sessions)]
+        if monitor and (self.propagate or self.states[-1].verify is None):
+            raise ValueError("monitoring exits needs the last segment's verify graph and the exact catch-up")
+        self.monitor = monitor
+        # Tokens that left at an exit since the last segment last ran, in order: the exact catch-up
+        # brings their positions to the last segment with the next token that goes that deep.
+        self.unchecked: list[int] = []
+        self.checked = 0  # exited tokens the final head has judged (monitor)
+        self.agreed = 0  # of them, the ones it would have emitted too
 
     def step(self, ids: np.ndarray, thresholds: dict[int, float] | None, metric: int = 0,
              trace: bool = False) -> StepResult:
@@ -346,9 +357,19 @@ class Decoder:
                 state.pending = None
             layer = spec.exit.layer
             asked = thresholds is not None and layer in thresholds
-            outputs = state.run(x, self.mask, with_head=asked and state.with_head is not None)
+            # Monitoring: the final head over the caught-up positions too, each the full model's token
+            # after that position, to compare with what its exit emitted.
+            verify = j == last and self.monitor and bool(self.unchecked)
+            outputs = state.run(x, self.mask, with_head=asked and state.with_head is not None, verify=verify)
             x = outputs[0]
             if j == last:
+                if verify:
+                    tokens = np.asarray(x).reshape(-1)
+                    final = tokens[-1 - len(self.unchecked): -1]
+                    self.checked += len(self.unchecked)
+                    self.agreed += int(np.sum(final == np.asarray(self.unchecked)))
+                    x = tokens[-1:]
+                self.unchecked = []
                 result.token, result.exit_layer = int(x[0]), layer
                 if trace:  # the final head has no confidence scores (artifacts before session 6 did)
                     scores = outputs[1][0] if len(outputs) > 1 else np.full(len(GRAPH_METRICS), np.nan)
@@ -383,5 +404,7 @@ class Decoder:
                 nxt = self.states[j + 1]
                 nxt.pending = x.copy() if nxt.pending is None else np.concatenate([nxt.pending, x], axis=1)
                 result.token, result.exit_layer = token, layer
+                if self.monitor:
+                    self.unchecked.append(token)
                 return result
         raise AssertionError("unreachable: the last segment always returns")

@@ -39,6 +39,8 @@ class Stats:
     exits: dict[int, int] = field(default_factory=dict)  # layer -> tokens that left there
     drafted: int = 0  # speculative mode: tokens the exit proposed
     accepted: int = 0  # of them, the ones the full model confirmed
+    checked: int = 0  # monitored early exit: exited tokens the final head judged on catching up
+    agreed: int = 0  # of them, the ones the final head would have emitted too
 
     @property
     def tokens_per_s(self) -> float:
@@ -48,9 +50,11 @@ class Stats:
     def __str__(self) -> str:
         exits = ", ".join(f"layer {k}: {v}" for k, v in sorted(self.exits.items()))
         drafts = f"; drafts accepted: {self.accepted} of {self.drafted}" if self.drafted else ""
+        checked = (f"; exited tokens the final head agrees with: {self.agreed} of {self.checked}"
+                   if self.checked else "")
         return (
             f"{self.new_tokens} tokens, {self.tokens_per_s:.1f} tok/s decode, "
-            f"prefill {self.prompt_tokens} tokens in {self.prefill_s * 1e3:.0f} ms; exits: {exits}{drafts}"
+            f"prefill {self.prompt_tokens} tokens in {self.prefill_s * 1e3:.0f} ms; exits: {exits}{drafts}{checked}"
         )
 
 
@@ -134,18 +138,19 @@ class EarlyExitModel:
         return open_sessions(self.root, files, threads, self.manifest, self.device)
 
     def new_decoder(self, capacity: int = 256, catch_up: str | None = None, early_exit: bool = True,
-                    speculative: bool = False) -> Decoder:
+                    speculative: bool = False, monitor: bool = False) -> Decoder:
         """A decoder for one sequence; ``capacity``: the positions it expects (its KV buffers grow past it);
         ``catch_up``: "exact" or "propagate" (`eec.runtime.decode`), by default the model's;
         ``early_exit``: it will be asked for exits, so it runs segments with their heads inside where
         the artifact has them (False for full mode, which never runs a head); ``speculative``: it
-        will verify drafts, so the last segment's verify graph is opened too."""
+        will verify drafts, so the last segment's verify graph is opened too; ``monitor``: it checks
+        exited tokens against the final head when catching up (`Decoder`), through that graph too."""
         m = self.manifest.model
         catch_up = self.catch_up if catch_up is None else self.check_catch_up(catch_up)
         return Decoder(self.manifest.segments, self.sessions, self.heads, m.num_kv_heads, m.head_dim, m.context_length,
                        capacity, self.fills, catch_up, self.with_head_sessions() if early_exit else None,
                        self.max_call, "cpu" if self.device == "cpu" else "cuda",
-                       self.verify_sessions() if speculative else None)
+                       self.verify_sessions() if speculative or monitor else None, monitor)
 
     def encode(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
         if isinstance(prompt, str):
@@ -219,6 +224,7 @@ class EarlyExitModel:
         catch_up: str | None = None,
         max_draft: int | None = None,
         draft_layer: int | None = None,
+        monitor: bool = False,
     ):
         """Greedy generation.
 
@@ -241,6 +247,14 @@ class EarlyExitModel:
         confidence reaches the threshold for ``epsilon`` (default 0.95; or ``thresholds``), and
         the deeper layers check them in one call. It needs the verify graph that
         `eec compile --speculative` writes.
+
+        ``monitor=True`` (early-exit mode, same graph, exact catch-up) checks
+        exited tokens as their positions catch up to the last segment: the
+        final head runs over those positions too (one call either way), and
+        ``stats.agreed`` of ``stats.checked`` exited tokens equal what the full
+        model would have emitted after the same prefix: the agreement ε
+        promises, measured live on this traffic (tokens after the last deep one
+        stay unchecked).
         """
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
@@ -258,7 +272,10 @@ class EarlyExitModel:
             steps = self._speculative_steps(decoder, ids, max_new_tokens, draft, values[self.exits[draft]], index,
                                             max_draft, eos)
         else:
-            decoder = self.new_decoder(len(ids) + max_new_tokens, catch_up, early_exit=values is not None)
+            if monitor:
+                self._check_monitor(mode, catch_up)
+            decoder = self.new_decoder(len(ids) + max_new_tokens, catch_up, early_exit=values is not None,
+                                       monitor=monitor and values is not None)
             steps = self._steps(decoder, ids, max_new_tokens, values, index, eos)
         if stream:
             tokens = (token for token, _ in steps)
@@ -286,11 +303,20 @@ class EarlyExitModel:
                 stats.decode_s += elapsed
             stats.new_tokens = n + 1
             stats.exits[result.exit_layer] = stats.exits.get(result.exit_layer, 0) + 1
+            stats.checked, stats.agreed = decoder.checked, decoder.agreed
             yield result.token, result.exit_layer
             if result.token in eos:
                 break
             feed, step_thresholds = np.asarray([[result.token]], dtype=np.int64), thresholds
 
+
+    def _check_monitor(self, mode: str, catch_up: str | None) -> None:
+        if mode != "early-exit":
+            raise InputError("monitor checks exited tokens: it needs mode='early-exit'")
+        if not any(s.verify for s in self.manifest.segments):
+            raise InputError("this artifact has no verify graph to check exits with; compile it with --speculative on")
+        if (catch_up or self.catch_up) != "exact":
+            raise InputError("monitor checks exits as the exact catch-up reaches the last segment: pass catch_up='exact'")
 
     def _draft_exit(self, draft_layer: int | None, max_draft: int, metric: int, catch_up: str | None) -> int:
         """The index, among the exits, of the one speculative mode drafts at; refuses what it cannot run."""
