@@ -2,8 +2,10 @@
 
 Per setting: decode tok/s (median over prompts and rounds), the median of
 per-run ratios to full mode decoded just before it, the share of drafts the
-full model kept, and whether every token equals full mode's (speculative is
-lossless; early exit is not, so its free-running match is shown for scale).
+full model kept (speculative) or of checked exits it agrees with (early exit
+with ``monitor``, whose cost this shows), and whether every token equals full
+mode's (speculative is lossless; early exit is not, so its free-running match
+is shown for scale).
 Usage:
 
     .venv/bin/python bench/speculative.py ARTIFACT.eec [--eps 0.9,0.95] [--drafts 4,6,8] \\
@@ -35,6 +37,7 @@ def main() -> None:
     levels = [float(e) for e in args.eps.split(",")]
     drafts = [int(d) for d in args.drafts.split(",")]
     settings = {f"early exit ε={e}": dict(epsilon=e) for e in levels}
+    settings.update({f"early exit ε={e} monitored": dict(epsilon=e, monitor=True) for e in levels})
     settings.update({f"speculative ε={e} draft {d}": dict(mode="speculative", epsilon=e, max_draft=d)
                      for e in levels for d in drafts})
     model.generate(prompts[0], max_new_tokens=8, mode="full")
@@ -54,11 +57,11 @@ def main() -> None:
                 speed[name].append(model.stats.tokens_per_s)
                 ratio[name].append(model.stats.tokens_per_s / base)
                 same[name] += got.tokens == reference.tokens
-                kept[name][0] += model.stats.accepted
-                kept[name][1] += model.stats.drafted
+                kept[name][0] += model.stats.accepted + model.stats.agreed
+                kept[name][1] += model.stats.drafted + model.stats.checked
     runs = args.rounds * len(prompts)
     print(f"{args.artifact.name}: {len(prompts)} prompts x {args.tokens} tokens x {args.rounds} rounds, interleaved")
-    print(f"{'setting':32} {'tok/s':>8} {'vs full':>8} {'drafts kept':>11} {'= full':>8}")
+    print(f"{'setting':32} {'tok/s':>8} {'vs full':>8} {'kept/agreed':>11} {'= full':>8}")
     print(f"{'full':32} {statistics.median(speed['full']):8.0f} {1:8.2f}x")
     for name in settings:
         accepted, drafted = kept[name]
