@@ -69,34 +69,29 @@ def _quiet():
 
 
 def export_segment(seg: PlannedSegment, root: Path) -> None:
-    args = segment_inputs(seg, batch=2, seq=3, past=4)
-    shapes = _segment_shapes(2 * len(seg.module.layers))
-    what = f"layers {seg.spec.start}-{seg.spec.stop}"
-    _export(seg.module, args, seg.spec.inputs, seg.spec.outputs, shapes, root / seg.spec.file, what)
-    _verify(seg.module, segment_inputs(seg, batch=1, seq=2, past=5, seed=1), seg.spec.inputs, seg.spec.outputs,
-            root / seg.spec.file, what)
+    _export_over_segment(seg, seg.module, seg.spec.outputs, root / seg.spec.file,
+                         f"layers {seg.spec.start}-{seg.spec.stop}")
 
 
 def export_fill(seg: PlannedSegment, root: Path) -> None:
     """The segment's `KVFill` graph, beside it (``seg.spec.fill``)."""
-    args = segment_inputs(seg, batch=2, seq=3, past=4)
-    shapes = _segment_shapes(2 * len(seg.module.layers))
-    what = f"the key/value fill of layers {seg.spec.start}-{seg.spec.stop}"
-    outputs = fill_outputs(seg.spec)
-    _export(seg.fill, args, seg.spec.inputs, outputs, shapes, root / seg.spec.fill, what)
-    _verify(seg.fill, segment_inputs(seg, batch=1, seq=2, past=5, seed=1), seg.spec.inputs, outputs,
-            root / seg.spec.fill, what)
+    _export_over_segment(seg, seg.fill, fill_outputs(seg.spec), root / seg.spec.fill,
+                         f"the key/value fill of layers {seg.spec.start}-{seg.spec.stop}")
 
 
 def export_verify(seg: PlannedSegment, root: Path) -> None:
     """The last segment's verify graph, beside it (``seg.spec.verify``): its inputs and outputs, the
     token at every position."""
+    _export_over_segment(seg, seg.verify, seg.spec.outputs, root / seg.spec.verify,
+                         f"the verify graph of layers {seg.spec.start}-{seg.spec.stop}")
+
+
+def _export_over_segment(seg: PlannedSegment, module, outputs: list[str], path: Path, what: str) -> None:
+    """Export ``module`` (the segment or a graph over its inputs and KV), then check it on other shapes."""
     args = segment_inputs(seg, batch=2, seq=3, past=4)
     shapes = _segment_shapes(2 * len(seg.module.layers))
-    what = f"the verify graph of layers {seg.spec.start}-{seg.spec.stop}"
-    _export(seg.verify, args, seg.spec.inputs, seg.spec.outputs, shapes, root / seg.spec.verify, what)
-    _verify(seg.verify, segment_inputs(seg, batch=1, seq=2, past=5, seed=1), seg.spec.inputs, seg.spec.outputs,
-            root / seg.spec.verify, what)
+    _export(module, args, seg.spec.inputs, outputs, shapes, path, what)
+    _verify(module, segment_inputs(seg, batch=1, seq=2, past=5, seed=1), seg.spec.inputs, outputs, path, what)
 
 
 def export_head(head: PlannedHead, root: Path) -> None:
