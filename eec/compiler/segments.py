@@ -166,26 +166,24 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
             if exit_spec.file not in heads:
                 heads[exit_spec.file] = PlannedHead(exit_spec.file, exit_head(shared_head()))
         classifier = None if last else classifiers.get(stop)
+        common = dict(embed=backbone.embed_tokens if first else None, emit_hidden=not last, inv_freq=rotary.inv_freq,
+                      rope_scaling=rotary.attention_scaling, classifier=classifier)
         if fused:
             layers = [FusedDecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]
+            common["context"] = context
         else:
             layers = [DecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]
-
-        def segment(every_position: bool = False) -> Segment | FusedSegment:
-            head = FinalHead(shared_head(untie=first), every_position) if last else None
-            common = dict(embed=backbone.embed_tokens if first else None, head=head, emit_hidden=not last,
-                          inv_freq=rotary.inv_freq, rope_scaling=rotary.attention_scaling, classifier=classifier)
-            return (FusedSegment(layers, context=context, **common) if fused else Segment(layers, **common)).eval()
-
-        module = segment()
+        kind = FusedSegment if fused else Segment
+        module = kind(layers, head=FinalHead(shared_head(untie=first)) if last else None, **common).eval()
         inputs, outputs = io_names(start, stop, first, last, scored=classifier is not None)
         fill = fills and not first
         verified = verify and last and not first
         spec = SegmentSpec(f"segments/seg{i}.onnx", start, stop, inputs, outputs, exit_spec,
                            kv_cache="shared" if fused else "concat", fill=f"segments/fill{i}.onnx" if fill else None,
                            verify=f"segments/seg{i}_verify.onnx" if verified else None)
-        segments.append(PlannedSegment(spec, module, KVFill(module).eval() if fill else None,
-                                       segment(every_position=True) if verified else None))
+        # The verify graph: the same layers, the final head over every position (rule 7).
+        every = kind(layers, head=FinalHead(shared_head(), every_position=True), **common).eval() if verified else None
+        segments.append(PlannedSegment(spec, module, KVFill(module).eval() if fill else None, every))
     return Plan(segments, [h for h in heads.values()])
 
 

@@ -15,9 +15,9 @@ from eec.calib.metrics import COSINE
 from eec.calib.traces import Traces, metric_index, thresholds_for
 from eec.errors import InputError
 from eec.runtime.decode import CATCH_UPS, Decoder
-from eec.runtime.speculative import DEFAULT_MAX_DRAFT, cycle
 from eec.runtime.manifest import Manifest, read_manifest
 from eec.runtime.sessions import MAX_CALL_TOKENS, open_sessions, pick_device
+from eec.runtime.speculative import DEFAULT_MAX_DRAFT, cycle
 from eec.runtime.text import TextCodec
 
 MODES = ("early-exit", "full", "speculative")
