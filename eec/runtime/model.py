@@ -263,6 +263,8 @@ class EarlyExitModel:
             epsilon = SPECULATIVE_EPSILON
         values, index = self.resolve_thresholds(mode, thresholds, epsilon, metric, rule, delta)
         eos = set() if ignore_eos else set(self.manifest.eos_token_ids)
+        if monitor:
+            self._check_monitor(mode, catch_up)
         if mode == "speculative":
             max_draft = DEFAULT_MAX_DRAFT if max_draft is None else max_draft
             draft = self._draft_exit(draft_layer, max_draft, index, catch_up)
@@ -272,8 +274,6 @@ class EarlyExitModel:
             steps = self._speculative_steps(decoder, ids, max_new_tokens, draft, values[self.exits[draft]], index,
                                             max_draft, eos)
         else:
-            if monitor:
-                self._check_monitor(mode, catch_up)
             decoder = self.new_decoder(len(ids) + max_new_tokens, catch_up, early_exit=values is not None,
                                        monitor=monitor and values is not None)
             steps = self._steps(decoder, ids, max_new_tokens, values, index, eos)
@@ -308,7 +308,6 @@ class EarlyExitModel:
             if result.token in eos:
                 break
             feed, step_thresholds = np.asarray([[result.token]], dtype=np.int64), thresholds
-
 
     def _check_monitor(self, mode: str, catch_up: str | None) -> None:
         if mode != "early-exit":
@@ -353,7 +352,8 @@ class EarlyExitModel:
                 if t in eos or stats.new_tokens >= limit:
                     return
             start = time.perf_counter()
-            room = min(max_draft, limit - stats.new_tokens, self.manifest.model.context_length - decoder.states[0].length - 1)
+            context_left = self.manifest.model.context_length - decoder.states[0].length - 1
+            room = min(max_draft, limit - stats.new_tokens, context_left)
             step = cycle(decoder, produced[-1], exit_index, threshold, metric, max(room, 1))
             stats.decode_s += time.perf_counter() - start
             stats.drafted += step.drafted
