@@ -78,7 +78,8 @@ def main() -> None:
                 ratio[name].append(m.stats.tokens_per_s / base)
                 for layer, n in m.stats.exits.items():
                     exits[name][layer] = exits[name].get(layer, 0) + n
-    references = [full.generate(ids, max_new_tokens=64, mode="full", ignore_eos=True).tokens for ids in prompts]
+    references = [full.generate(ids, max_new_tokens=args.tokens, mode="full", ignore_eos=True).tokens
+                  for ids in prompts]  # as long as the timed generations (64 before session 8)
     print(f"{len(prompts)} held-out prompts x {args.tokens} tokens x {args.rounds} rounds, ε = {args.eps}; "
           f"full {statistics.median(speed['full']):.1f} tok/s decode")
     if genai is not None:
