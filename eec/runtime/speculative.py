@@ -52,16 +52,6 @@ class Cycle:
     accepted: int  # of them, the ones the full model confirmed and that were emitted
 
 
-def check_speculative(decoder: Decoder, exit_index: int) -> None:
-    """Raise ValueError where ``decoder`` cannot verify drafts from segment ``exit_index``'s exit."""
-    if not 0 <= exit_index < len(decoder.states) - 1:
-        raise ValueError(f"no exit at the end of segment {exit_index}")
-    if decoder.states[-1].verify is None:
-        raise ValueError("the last segment has no verify graph")
-    if decoder.propagate:
-        raise ValueError("speculative decoding verifies with the exact catch-up, not the propagating one")
-
-
 def cycle(decoder: Decoder, token: int, exit_index: int, threshold: float, metric: int, max_draft: int) -> Cycle:
     """Draft up to ``max_draft`` tokens after ``token`` at the exit ending segment ``exit_index``,
     verify them with the deeper segments, keep the full model's tokens; see the module's docstring.

@@ -98,19 +98,21 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
     ratios: dict = {e: [] for e in levels[1:]}
     exits: dict = {e: {} for e in levels}
     drafts = [0, 0]  # accepted, drafted
-    total, done = rounds * len(encoded) * len(levels) + len(encoded) * (len(epsilons) + len(spec)), 0
+    spoken: dict[int, list[int]] = {}  # prompt index -> speculative mode's tokens (the timed runs')
+    total, done = rounds * len(encoded) * len(levels) + len(encoded) * len(epsilons), 0
     model.generate(encoded[0], max_new_tokens=4, mode="full")  # warm-up
     for r in range(rounds):
-        for ids in encoded:
+        for k, ids in enumerate(encoded):
             base = None
             for e in levels:
                 progress(f"round {r + 1}: {'full' if e is None else e if e == SPECULATIVE else f'ε={e}'}", done, total)
                 kwargs = ({"mode": "full"} if e is None
                           else {"mode": SPECULATIVE, "epsilon": speculative, "metric": metric} if e == SPECULATIVE
                           else {"thresholds": thresholds[e], "metric": metric})
-                model.generate(ids, max_new_tokens=tokens, ignore_eos=True, **kwargs)
+                got = model.generate(ids, max_new_tokens=tokens, ignore_eos=True, **kwargs)
                 speed = model.stats.tokens_per_s
                 if e == SPECULATIVE:
+                    spoken[k] = got.tokens
                     drafts[0] += model.stats.accepted
                     drafts[1] += model.stats.drafted
                 speeds[e].append(speed)
@@ -129,13 +131,7 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
     gated = (metric or (model.manifest.calibration.metric if model.manifest.calibration else "")) == "classifier"
     for e in levels:
         if e == SPECULATIVE:
-            same = []
-            for ids, ref in zip(encoded, references):
-                progress("speculative: tokens against full mode's", done, total)
-                got = model.generate(ids, max_new_tokens=tokens, ignore_eos=True, mode=SPECULATIVE, epsilon=speculative,
-                                     metric=metric).tokens
-                same.append(sum(int(a == b) for a, b in zip(got, ref)))
-                done += 1
+            same = [sum(int(a == b) for a, b in zip(spoken[k], ref)) for k, ref in enumerate(references)]
             rows.append(ProfileRow(speculative, statistics.median(speeds[e]), statistics.median(ratios[e]), 0.0,
                                    sum(same) / sum(len(f) for f in references), dict(sorted(exits[e].items())),
                                    mode=SPECULATIVE, drafts_kept=drafts[0] / drafts[1] if drafts[1] else None))
