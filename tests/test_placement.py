@@ -9,7 +9,7 @@ from eec.calib.metrics import ALL_METRICS
 from eec.calib.traces import Traces
 from eec.errors import InputError
 from eec.targets.latency import LatencyTable, ModelShape, load_profile, model_table
-from eec.targets.placement import TOLERANCE, cost_breakdown, expected_cost, place_exits
+from eec.targets.placement import TOLERANCE, cost_breakdown, expected_cost, place_exits, speculative_breakdown
 from eec.targets.profiles import get_target
 
 SHAPE = ModelShape("llama", 12, 64, 128, 4, 2, 16, 1000)
@@ -98,6 +98,28 @@ def test_hand_computed_cost_with_propagated_catch_up():
     # Ranges without fill graphs fall back to the exact catch-up.
     t.fills = {}
     assert cost_breakdown(t, (3,), {3: 60, 12: 40}, propagate=True)["catch_up"] == pytest.approx(0.6 * 4.5)
+
+
+def test_hand_computed_speculative_cost():
+    # Cut at 3 and 6, drafting at 6: a draft call runs [0, 3) and [3, 6) over one position (3 + 3.2)
+    # and the fused head (0.5 over the plain [3, 6) call); the verify runs [6, 12) over the drafts
+    # through its verify graph: 9 + s at s positions, where the plain segment costs 8 + s.
+    t = LatencyTable(SHAPE, "fp32", "test", "measured", 0.0,
+                     segments={(0, 3): [3.0] * 8, (3, 6): [3.2] * 8, (6, 12): [8.0 + s for s in range(1, 9)]},
+                     heads={3: 2.0, 6: 2.0}, fused={(3, 6): 3.7}, verifies={(6, 12): [9.0 + s for s in range(1, 9)]})
+    assert t.verify_cost(6, 12, 4) == pytest.approx(13.0) and t.verify_cost(3, 6, 4) == pytest.approx(3.2)
+    # 10 cycles of 4 draft calls and 5 of 1, emitting 35 tokens.
+    parts = speculative_breakdown(t, 6, {4: 10, 1: 5}, 35, splits=(3, 6))
+    assert parts["segments"] == pytest.approx((10 * 4 + 5 * 1) * 6.2 / 35)
+    assert parts["heads"] == pytest.approx((10 * 4 + 5 * 1) * 0.5 / 35)
+    assert parts["catch_up"] == pytest.approx((10 * 13.0 + 5 * 10.0) / 35)
+    # Drafting at 3: the draft calls stop at [0, 3) with the head as its own call; [3, 6) joins the verify.
+    parts = speculative_breakdown(t, 3, {2: 10}, 20, splits=(3, 6))
+    assert parts["segments"] == pytest.approx(2 * 3.0 / 2) and parts["heads"] == pytest.approx(2 * 2.0 / 2)
+    assert parts["catch_up"] == pytest.approx((3.2 + 11.0) / 2)
+    assert LatencyTable.from_json(t.to_json()).verifies == t.verifies
+    t.verifies = {}  # not measured: the plain segment stands in
+    assert t.verify_cost(6, 12, 4) == pytest.approx(12.0)
 
 
 def test_measured_ranges_chain_and_fit_the_fixed_cost_of_a_call():

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from eec.compiler import compile_model
 from eec.compiler.passes import Float16, Int8Dynamic, Q4CarryOver, WeightOnly
+from eec.compiler.precision import record_feeds
 from eec.errors import InputError
 from eec.runtime import load
 from eec.runtime.evaluate import agreement
@@ -162,6 +163,10 @@ def test_tensorrt_int8_is_symmetric_qdq_calibrated_on_recorded_inputs(llama_src)
                 assert not inits[node.input[2]].any()  # symmetric: zero points 0, as TensorRT needs
     reference = load(fp32).generate(PROMPT, max_new_tokens=32, mode="full").tokens
     assert agreement(load(out), PROMPT, reference) >= 0.5  # runs on the host CPU too; int8 stays close
+    # The recorder sees concat-KV segments' inputs (TensorRT's); a CPU artifact's bound ones it is refused.
+    assert load(fp32).manifest.segments[0].kv_cache == "shared"
+    with pytest.raises(ValueError, match="concat-KV artifacts only"):
+        record_feeds(fp32, [PROMPT])
 
 
 def test_q4_1_blocks_are_carried_over_exactly():

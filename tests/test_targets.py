@@ -168,6 +168,8 @@ def test_profile_command(llama_compiled, tmp_path):
     assert speculative["agreement"] == 1.0  # lossless: its tokens are full mode's
     assert speculative["exits"] == {"6": 4 * 12} and 0 <= speculative["drafts_kept"] <= 1
     assert "speculative (drafts at 0.95)" in result.output
+    # Its ideal prices the cycles it made: the drafts' segments and head, the verify in catch-up's place.
+    assert speculative["ideal_speedup"] > 0 and all(speculative["cost_ms"][k] > 0 for k in ("segments", "catch_up"))
     full = rows[0]
     assert full["agreement"] == 1.0 and full["speedup"] == 1.0 and full["exits"] == {"6": 4 * 12}
     assert full["cost_ms"]["heads"] == 0 and full["cost_ms"]["catch_up"] == 0 and full["cost_ms"]["segments"] > 0

@@ -60,7 +60,9 @@ def apply_precision(path: Path, precision: str, block_size: int = DEFAULT_BLOCK_
 
 def record_feeds(root: Path, prompts: list, max_new_tokens: int = 12, limit: int = 48) -> dict[str, list[dict]]:
     """Inputs each graph of the fp32 artifact at ``root`` sees while decoding ``prompts``, every exit
-    head included (thresholds that never pass), at most ``limit`` per graph."""
+    head included (thresholds that never pass), at most ``limit`` per graph. Concat KV only (the
+    TensorRT targets', the only ones calibrated on feeds): shared-KV segments run through IO
+    bindings, whose inputs a stand-in session cannot see."""
     import math
 
     import numpy as np
@@ -68,6 +70,8 @@ def record_feeds(root: Path, prompts: list, max_new_tokens: int = 12, limit: int
     from eec.runtime import load
 
     model = load(root, verify=False)
+    if any(s.kv_cache == "shared" for s in model.manifest.segments):
+        raise ValueError(f"{root}: feeds are recorded from concat-KV artifacts only")
     recorded: dict[str, list[dict]] = {}
 
     class Recorder:

@@ -39,6 +39,7 @@ class Stats:
     exits: dict[int, int] = field(default_factory=dict)  # layer -> tokens that left there
     drafted: int = 0  # speculative mode: tokens the exit proposed
     accepted: int = 0  # of them, the ones the full model confirmed
+    cycles: dict[int, int] = field(default_factory=dict)  # speculative mode: draft calls in a cycle -> cycles
     checked: int = 0  # monitored early exit: exited tokens the final head judged on catching up
     agreed: int = 0  # of them, the ones the final head would have emitted too
 
@@ -358,6 +359,7 @@ class EarlyExitModel:
             stats.decode_s += time.perf_counter() - start
             stats.drafted += step.drafted
             stats.accepted += step.accepted
+            stats.cycles[step.calls] = stats.cycles.get(step.calls, 0) + 1
             produced = step.tokens
 
 

@@ -50,6 +50,7 @@ class Cycle:
     tokens: list[int]  # emitted: the full model's tokens
     drafted: int  # tokens the exit proposed
     accepted: int  # of them, the ones the full model confirmed and that were emitted
+    calls: int  # draft calls made, positions verified
 
 
 def cycle(decoder: Decoder, token: int, exit_index: int, threshold: float, metric: int, max_draft: int) -> Cycle:
@@ -88,4 +89,4 @@ def cycle(decoder: Decoder, token: int, exit_index: int, threshold: float, metri
     emitted = final[: min(accepted + 1, len(drafts))]
     for state in states:
         state.truncate(start + len(emitted))
-    return Cycle(emitted, sum(d >= 0 for d in drafts), accepted)
+    return Cycle(emitted, sum(d >= 0 for d in drafts), accepted, len(drafts))

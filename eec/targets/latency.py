@@ -77,6 +77,9 @@ class LatencyTable:
     # Segments with their exit head inside (`--fuse-heads`), one position: (start, stop) -> s. Early-exit
     # decoding runs them in place of the segment and its head (one call instead of two).
     fused: dict[tuple[int, int], float] = field(default_factory=dict)
+    # The last segment's verify graph (speculative mode: the final head at every position), measured
+    # like the segments: (start, stop) -> s at seq 1..8.
+    verifies: dict[tuple[int, int], list[float]] = field(default_factory=dict)
 
     def range_cost(self, start: int, stop: int, seq: int = 1) -> float:
         """One call running layers [start, stop) over ``seq`` tokens; a range that ends at the
@@ -100,6 +103,18 @@ class LatencyTable:
         one, two = (sum(self.fills[p][n] for p in parts) - saved for n in (0, 1))
         per_position = max(two - one, 0.0)
         return max(one - per_position, 0.0), per_position
+
+    def verify_cost(self, start: int, stop: int, seq: int) -> float:
+        """Speculative mode's verify: layers [start, stop) over ``seq`` drafted positions in one call,
+        the last segment through its verify graph where it was measured (the final head at every
+        position costs more than at the last one alone), the plain segment otherwise."""
+        cost = self.range_cost(start, stop, seq)
+        seq = min(max(seq, 1), MAX_SEQ)
+        for (a, b), times in self.verifies.items():
+            if b == stop and start <= a and (a, b) in self.segments:
+                cost += max(times[seq - 1] - self.segments[(a, b)][seq - 1], 0.0)
+                break
+        return cost
 
     def head_cost(self, layer: int) -> float:
         """One exit head call; a shortlist scales the part that is not fixed overhead."""
@@ -128,6 +143,7 @@ class LatencyTable:
         d["heads"] = {str(k): v for k, v in self.heads.items()}
         d["fills"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.fills.items()]
         d["fused"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.fused.items()]
+        d["verifies"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.verifies.items()]
         return json.dumps(d, indent=2)
 
     @staticmethod
@@ -138,6 +154,7 @@ class LatencyTable:
         d["heads"] = {int(k): v for k, v in d["heads"].items()}
         d["fills"] = {(s["start"], s["stop"]): s["seconds"] for s in d.get("fills", [])}
         d["fused"] = {(s["start"], s["stop"]): s["seconds"] for s in d.get("fused", [])}
+        d["verifies"] = {(s["start"], s["stop"]): s["seconds"] for s in d.get("verifies", [])}
         return LatencyTable(**d)
 
 

@@ -115,14 +115,17 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     head_calls = {layer: HeadCall(s, device) for layer, s in zip(heads, open_sessions(root, list(heads.values()), device=device))}
     fused_files = [s.with_head for s in manifest.segments if s.with_head]
     fused_sessions = dict(zip(fused_files, open_sessions(root, fused_files, device=device)))
+    verify_files = [s.verify for s in manifest.segments if s.verify]
+    verify_sessions = dict(zip(verify_files, open_sessions(root, verify_files, device=device)))
     total = SWEEPS * MAX_SEQ * (repeats + 1)
     done = 0
     table = LatencyTable(shape_of(manifest), manifest.precision, target.name, "measured", 0.0)
     mask = np.ones((1, m.context_length), dtype=np.int64)
-    calls, fill_calls, fused_calls = [], [], []
+    calls, fill_calls, fused_calls, verify_calls = [], [], [], []
     for spec, session in zip(manifest.segments, sessions):
         state = SegmentState(spec, session, m.num_kv_heads, m.head_dim, past + MAX_SEQ, m.context_length,
-                             fill_sessions.get(spec.fill), fused_sessions.get(spec.with_head), device=device)
+                             fill_sessions.get(spec.fill), fused_sessions.get(spec.with_head), device=device,
+                             verify=verify_sessions.get(spec.verify))
         pasts = [rng.standard_normal((1, m.num_kv_heads, past, m.head_dim)).astype(state.kv_dtype)
                  for _ in state.buffers]
         state.write_kv(pasts)
@@ -140,6 +143,8 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
         fill_calls.append(after_past(state.fill_kv) if spec.fill else None)
         fused_calls.append(after_past(lambda x, mask, state=state: state.run(x, mask, with_head=True))
                            if spec.with_head else None)
+        verify_calls.append(after_past(lambda x, mask, state=state: state.run(x, mask, verify=True))
+                            if spec.verify else None)
     head_x = rng.standard_normal((1, 1, m.hidden_size)).astype(np.float32)
     head_times: dict[int, list[float]] = {layer: [] for layer in head_calls}
     fused_best: dict[int, float] = {}  # segment index -> lowest per-sweep median, one position
@@ -156,6 +161,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     seqs = list(range(1, MAX_SEQ + 1))
     best: dict[int, list[float]] = {}
     best_fill: dict[int, list[float]] = {}
+    best_verify: dict[int, list[float]] = {}
     for order in [seqs, seqs[::-1]] * (SWEEPS // 2):
         for seq in order:
             xs = [rng.integers(0, m.vocab_size, (1, seq)) if spec.takes_ids
@@ -163,6 +169,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
             times: list[list[float]] = [[] for _ in calls]
             fill_times: list[list[float]] = [[] for _ in calls]
             fused_times: list[list[float]] = [[] for _ in calls]
+            verify_times: list[list[float]] = [[] for _ in calls]
             for r in range(repeats + 1):  # the first pass allocates and is not kept
                 progress(f"{seq} token(s) per call, pass {r + 1}", done, total)
                 for j, (spec, call) in enumerate(zip(manifest.segments, calls)):
@@ -188,11 +195,20 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
                             fused_times[j].append(time.perf_counter() - start)
                     if r:
                         times[j].append(elapsed)
+                if verify_calls[-1] is not None:
+                    # Speculative mode's call over the drafts, in a chain of its own as it runs: after the
+                    # earlier segments, not right after the last one's own call, whose weights it would find cached.
+                    for earlier, x in zip(calls[:-1], xs):
+                        earlier(x)
+                    start = time.perf_counter()
+                    verify_calls[-1](xs[-1])
+                    if r:
+                        verify_times[-1].append(time.perf_counter() - start)
                 done += 1
             for j, t in enumerate(fused_times):
                 if t:
                     fused_best[j] = min(fused_best.get(j, float("inf")), statistics.median(t))
-            for store, measured in ((best, times), (best_fill, fill_times)):
+            for store, measured in ((best, times), (best_fill, fill_times), (best_verify, verify_times)):
                 medians = [statistics.median(t) if t else 0.0 for t in measured]
                 store[seq] = [min(a, b) for a, b in zip(store[seq], medians)] if seq in store else medians
     for seq in seqs:
@@ -200,6 +216,8 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
             table.segments.setdefault((spec.start, spec.stop), []).append(best[seq][j])
             if fill_calls[j] is not None:
                 table.fills.setdefault((spec.start, spec.stop), []).append(best_fill[seq][j])
+            if verify_calls[j] is not None:
+                table.verifies.setdefault((spec.start, spec.stop), []).append(best_verify[seq][j])
     table.heads = {layer: statistics.median(t) for layer, t in head_times.items()}
     table.fused = {(manifest.segments[j].start, manifest.segments[j].stop): t for j, t in fused_best.items()}
     table.call_overhead = _overhead(m.hidden_size, repeats * 5, device)  # one artifact's cuts never overlap: no fit here
@@ -222,5 +240,6 @@ def measure_artifacts(paths: list[Path], past: int = 128, repeats: int = 20,
         first.heads.update(t.heads)
         first.fills.update(t.fills)
         first.fused.update(t.fused)
+        first.verifies.update(t.verifies)
     first.segment_overhead = fit_segment_overhead(first.segments)
     return first

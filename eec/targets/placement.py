@@ -115,6 +115,32 @@ def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dic
     return {name: value / (total_tokens or 1) for name, value in parts.items()}
 
 
+def speculative_breakdown(table: LatencyTable, draft: int, cycles: dict[int, int], tokens: int,
+                          splits: tuple[int, ...] | None = None, gated: bool = False) -> dict[str, float]:
+    """Speculative mode's cost in `cost_breakdown`'s parts, mean seconds per emitted token, for
+    ``cycles`` (draft calls in a cycle -> how many cycles made that many) that emitted ``tokens``,
+    drafting at the exit at layer ``draft``; ``splits``: the artifact's segment boundaries.
+
+    A draft call runs the segments up to ``draft`` over one position and the exit's head
+    (``segments``, ``heads``; priced as in `cost_breakdown`, and with an exit classifier too: a
+    draft runs the head unless the classifier ends the cycle). The verify, in the part the catch-up
+    holds in early exit (``catch_up``), runs the later segments once over the m drafted positions,
+    the last one through its verify graph (`LatencyTable.verify_cost`)."""
+    n_layers = table.shape.num_layers
+    bounds = [0, *sorted(set(splits or ()) | {draft}), n_layers]
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    k = bounds.index(draft) - 1  # the range that ends at the draft exit
+    one = sum(table.range_cost(a, b, 1) for a, b in ranges[: k + 1])
+    head = table.head_cost(draft) if gated else table.exit_cost(*ranges[k])
+    parts = {"segments": 0.0, "heads": 0.0, "catch_up": 0.0}
+    for m, count in cycles.items():
+        parts["segments"] += count * m * one
+        parts["heads"] += count * m * head
+        parts["catch_up"] += count * sum(table.verify_cost(a, b, m) if b == n_layers else table.range_cost(a, b, m)
+                                         for a, b in ranges[k + 1:])
+    return {name: value / (tokens or 1) for name, value in parts.items()}
+
+
 def evaluate(traces: Traces, table: LatencyTable, exits: tuple[int, ...], eps: float, metric: str, rule: str,
              delta: float, propagate: bool = False) -> Candidate:
     gated = metric == "classifier"

@@ -17,7 +17,9 @@ model's. Their ratio, realised / ideal, is what the runtime's own overhead
 With ``speculative`` (an artifact with a verify graph), one more row times
 speculative mode at that draft ε in the same interleaved rounds; its quality
 is the share of positions where its free-running tokens equal full mode's
-(1.0 but for near-ties, it being lossless), and it has no ideal.
+(1.0 but for near-ties, it being lossless), and its ideal prices the cycles
+it made (draft calls each, one verify over their positions) from the same
+table (`eec.targets.placement.speculative_breakdown`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 from eec.runtime.evaluate import teacher_forced
 from eec.runtime.model import EarlyExitModel
 from eec.targets.measure import measure_artifact
-from eec.targets.placement import cost_breakdown
+from eec.targets.placement import cost_breakdown, speculative_breakdown
 
 SPECULATIVE = "speculative"
 
@@ -98,6 +100,8 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
     ratios: dict = {e: [] for e in levels[1:]}
     exits: dict = {e: {} for e in levels}
     drafts = [0, 0]  # accepted, drafted
+    cycles: dict[int, int] = {}  # speculative mode's draft calls per cycle -> cycles, and the tokens they emitted
+    cycle_tokens = 0
     spoken: dict[int, list[int]] = {}  # prompt index -> speculative mode's tokens (the timed runs')
     total, done = rounds * len(encoded) * len(levels) + len(encoded) * len(epsilons), 0
     model.generate(encoded[0], max_new_tokens=4, mode="full")  # warm-up
@@ -115,6 +119,9 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
                     spoken[k] = got.tokens
                     drafts[0] += model.stats.accepted
                     drafts[1] += model.stats.drafted
+                    cycle_tokens += model.stats.new_tokens - 1  # the first comes from the prompt's call
+                    for m, n in model.stats.cycles.items():
+                        cycles[m] = cycles.get(m, 0) + n
                 speeds[e].append(speed)
                 if e is None:
                     base = speed
@@ -132,8 +139,10 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
     for e in levels:
         if e == SPECULATIVE:
             same = [sum(int(a == b) for a, b in zip(spoken[k], ref)) for k, ref in enumerate(references)]
-            rows.append(ProfileRow(speculative, statistics.median(speeds[e]), statistics.median(ratios[e]), 0.0,
-                                   sum(same) / sum(len(f) for f in references), dict(sorted(exits[e].items())),
+            parts = speculative_breakdown(table, model.exits[0], cycles, cycle_tokens, splits, gated)
+            rows.append(ProfileRow(speculative, statistics.median(speeds[e]), statistics.median(ratios[e]),
+                                   full_cost / sum(parts.values()), sum(same) / sum(len(f) for f in references),
+                                   dict(sorted(exits[e].items())), cost_ms={k: v * 1e3 for k, v in parts.items()},
                                    mode=SPECULATIVE, drafts_kept=drafts[0] / drafts[1] if drafts[1] else None))
             continue
         if e is None:
