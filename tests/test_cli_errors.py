@@ -174,6 +174,7 @@ def test_bad_speculative(tiny_hf_dir, llama_compiled, tmp_path):
     assert leftovers(tmp_path) == []
     run_fails(["generate", llama_compiled.artifact, "1,2,3", "--ids", "--mode", "speculative", "--draft-layer", "2"],
               "no exit at layer 2")
+    run_fails(["profile", llama_compiled.artifact, "--draft-layer", "2"], "--draft-layer 2", "exits (1, 3, 4)")
 
 
 def test_speculative_generate_gives_full_mode_tokens(llama_compiled):

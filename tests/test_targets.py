@@ -159,7 +159,8 @@ def test_targets_cli(measured, tmp_path):
 def test_profile_command(llama_compiled, tmp_path):
     json_out, png = tmp_path / "profile.json", tmp_path / "profile.png"
     result = runner.invoke(app, ["profile", str(llama_compiled.artifact), "--eps", "0.5,0.9", "--tokens", "12",
-                                 "--rounds", "1", "--json", str(json_out), "--plot", str(png)], env={"COLUMNS": "250"})
+                                 "--rounds", "1", "--json", str(json_out), "--plot", str(png), "--draft-layer", "3"],
+                           env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     rows = json.loads(json_out.read_text())
     assert [(r["mode"], r["epsilon"]) for r in rows] == [("full", None), ("early-exit", 0.5), ("early-exit", 0.9),
@@ -170,6 +171,7 @@ def test_profile_command(llama_compiled, tmp_path):
     assert "speculative (drafts at 0.95)" in result.output
     # Its ideal prices the cycles it made: the drafts' segments and head, the verify in catch-up's place.
     assert speculative["ideal_speedup"] > 0 and all(speculative["cost_ms"][k] > 0 for k in ("segments", "catch_up"))
+    assert 1 <= speculative["tokens_per_verify"] <= 6  # a cycle emits at least the full model's token, at most max_draft
     full = rows[0]
     assert full["agreement"] == 1.0 and full["speedup"] == 1.0 and full["exits"] == {"6": 4 * 12}
     assert full["cost_ms"]["heads"] == 0 and full["cost_ms"]["catch_up"] == 0 and full["cost_ms"]["segments"] > 0

@@ -333,6 +333,7 @@ def profile(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative", help="also time speculative "
                                                "mode (lossless; default: where the artifact has its verify graph)"),
+    draft_layer: Optional[int] = typer.Option(None, help="speculative mode: the exit that drafts (default: the first)"),
 ) -> None:
     """Measure tokens/s, speedup over full mode, agreement, exits and bandwidth at each ε on this device."""
     from eec.calib.calibrate import default_prompts, read_prompts
@@ -359,13 +360,17 @@ def profile(
         raise InputError(f"{artifact} cannot run speculative mode: it needs the verify graph (compile with "
                          "--speculative on) and the exact catch-up")
     draft_eps = SPECULATIVE_EPSILON if (can_verify if speculative is None else speculative) else None
+    if draft_layer is not None and (draft_eps is None or draft_layer not in model.exits):
+        raise InputError(f"--draft-layer {draft_layer}: speculative mode drafts at one of this artifact's exits "
+                         f"({', '.join(map(str, model.exits)) or 'none'}), and only where it runs")
     has_tok = model.codec is not None
     the_prompts = (read_prompts(prompts, has_tok) if prompts
                    else default_prompts(has_tok, model.manifest.model.vocab_size)[:4])
     if warning := busy_warning():
         err.print(f"warning: {warning}")
     with _progress() as update:
-        rows = profile_artifact(model, the_prompts, levels, tokens, rounds, metric, draft_eps, progress=update)
+        rows = profile_artifact(model, the_prompts, levels, tokens, rounds, metric, draft_eps, draft_layer,
+                                progress=update)
     table = Table("ε", "tok/s", "speedup", "ideal", "real/ideal", "agreement", "GB/s",
                   "ideal ms/token: segments + heads + catch-up", "exits per layer")
     for r in rows:
@@ -375,7 +380,7 @@ def profile(
             table.add_row(f"speculative (drafts at {r.epsilon})", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x",
                           f"{r.ideal_speedup:.2f}x", f"{r.realised_over_ideal:.2f}", f"{r.agreement:.3f}", "-",
                           f"{c['segments']:.3f} + {c['heads']:.3f} + {c['catch_up']:.3f} (verify)",
-                          f"drafts kept: {kept}")
+                          f"drafts kept: {kept}, {r.tokens_per_verify:.1f} tokens a verify")
             continue
         table.add_row("full" if r.epsilon is None else f"{r.epsilon}", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x",
                       f"{r.ideal_speedup:.2f}x", f"{r.realised_over_ideal:.2f}", f"{r.agreement:.3f}",

@@ -52,6 +52,7 @@ class ProfileRow:
     cost_ms: dict[str, float] = field(default_factory=dict)
     mode: str = "early-exit"  # "full", "early-exit", or "speculative" (``epsilon``: its draft threshold)
     drafts_kept: float | None = None  # speculative: share of drafted tokens the full model confirmed
+    tokens_per_verify: float | None = None  # speculative: tokens emitted per cycle (one verify call each)
 
     @property
     def realised_over_ideal(self) -> float:
@@ -88,8 +89,10 @@ def bytes_per_token(model: EarlyExitModel, exits: dict[int, int], thresholds: di
 
 def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequence[float], tokens: int = 128,
                      rounds: int = 2, metric: str | None = None, speculative: float | None = None,
+                     draft_layer: int | None = None,
                      progress: Callable[[str, int, int], None] = lambda *a: None) -> list[ProfileRow]:
-    """``speculative``: also time speculative mode, drafting at this ε (see the module's docstring)."""
+    """``speculative``: also time speculative mode, drafting at this ε (see the module's docstring) at
+    the exit at ``draft_layer`` (default: the first)."""
     encoded = [model.encode(p) for p in prompts]
     table = measure_artifact(model.root, repeats=10, device=model.device)  # where the timed runs go
     spec = [SPECULATIVE] if speculative is not None else []
@@ -111,7 +114,8 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
             for e in levels:
                 progress(f"round {r + 1}: {'full' if e is None else e if e == SPECULATIVE else f'ε={e}'}", done, total)
                 kwargs = ({"mode": "full"} if e is None
-                          else {"mode": SPECULATIVE, "epsilon": speculative, "metric": metric} if e == SPECULATIVE
+                          else {"mode": SPECULATIVE, "epsilon": speculative, "metric": metric, "draft_layer": draft_layer}
+                          if e == SPECULATIVE
                           else {"thresholds": thresholds[e], "metric": metric})
                 got = model.generate(ids, max_new_tokens=tokens, ignore_eos=True, **kwargs)
                 speed = model.stats.tokens_per_s
@@ -139,11 +143,12 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
     for e in levels:
         if e == SPECULATIVE:
             same = [sum(int(a == b) for a, b in zip(spoken[k], ref)) for k, ref in enumerate(references)]
-            parts = speculative_breakdown(table, model.exits[0], cycles, cycle_tokens, splits, gated)
+            parts = speculative_breakdown(table, draft_layer or model.exits[0], cycles, cycle_tokens, splits, gated)
             rows.append(ProfileRow(speculative, statistics.median(speeds[e]), statistics.median(ratios[e]),
                                    full_cost / sum(parts.values()), sum(same) / sum(len(f) for f in references),
                                    dict(sorted(exits[e].items())), cost_ms={k: v * 1e3 for k, v in parts.items()},
-                                   mode=SPECULATIVE, drafts_kept=drafts[0] / drafts[1] if drafts[1] else None))
+                                   mode=SPECULATIVE, drafts_kept=drafts[0] / drafts[1] if drafts[1] else None,
+                                   tokens_per_verify=cycle_tokens / (sum(cycles.values()) or 1)))
             continue
         if e is None:
             agree, ideal, ratio, parts = 1.0, 1.0, 1.0, full_parts
