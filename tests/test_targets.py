@@ -172,6 +172,7 @@ def test_profile_command(llama_compiled, tmp_path):
     # Its ideal prices the cycles it made: the drafts' segments and head, the verify in catch-up's place.
     assert speculative["ideal_speedup"] > 0 and all(speculative["cost_ms"][k] > 0 for k in ("segments", "catch_up"))
     assert 1 <= speculative["tokens_per_verify"] <= 6  # a cycle emits at least the full model's token, at most max_draft
+    assert speculative["gb_per_s"] > 0
     full = rows[0]
     assert full["agreement"] == 1.0 and full["speedup"] == 1.0 and full["exits"] == {"6": 4 * 12}
     assert full["cost_ms"]["heads"] == 0 and full["cost_ms"]["catch_up"] == 0 and full["cost_ms"]["segments"] > 0
@@ -280,3 +281,20 @@ def test_measure_warns_on_a_busy_machine(measured, tmp_path, monkeypatch):
     quiet = runner.invoke(app, ["targets", "measure", str(art), "-o", str(tmp_path / "p.json"), "--repeats", "1",
                                 "--past", "8"])
     assert quiet.exit_code == 0 and "other work" not in quiet.output
+
+
+def test_speculative_weight_bytes_match_early_exit_where_they_read_the_same(llama_compiled):
+    # One draft a cycle, one token a cycle: every token reads every segment and the draft exit's head,
+    # as an early-exit token that goes to the last layer past that exit alone does.
+    from eec.runtime import load
+    from eec.targets.profiling import bytes_per_token, speculative_bytes_per_token
+
+    model = load(llama_compiled.artifact)
+    for draft in model.exits:
+        deep = bytes_per_token(model, {model.num_layers: 1}, {draft: 0.5})
+        assert speculative_bytes_per_token(model, draft, {1: 10}, 10) == pytest.approx(deep)
+    # Four drafts a cycle, two tokens kept: the draft part twice per token, the deep part half.
+    first = model.exits[0]
+    draft_part = bytes_per_token(model, {first: 1}, {first: 0.5})  # segments up to the exit, and its head
+    deep_part = bytes_per_token(model, {model.num_layers: 1}, None) - bytes_per_token(model, {first: 1}, None)
+    assert speculative_bytes_per_token(model, first, {4: 5}, 10) == pytest.approx(2 * draft_part + 0.5 * deep_part)

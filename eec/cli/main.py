@@ -378,8 +378,8 @@ def profile(
         if r.mode == "speculative":  # lossless: its quality is equality with full mode; the verify in catch-up's place
             kept = "-" if r.drafts_kept is None else f"{r.drafts_kept:.0%}"
             table.add_row(f"speculative (drafts at {r.epsilon})", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x",
-                          f"{r.ideal_speedup:.2f}x", f"{r.realised_over_ideal:.2f}", f"{r.agreement:.3f}", "-",
-                          f"{c['segments']:.3f} + {c['heads']:.3f} + {c['catch_up']:.3f} (verify)",
+                          f"{r.ideal_speedup:.2f}x", f"{r.realised_over_ideal:.2f}", f"{r.agreement:.3f}",
+                          f"{r.gb_per_s:.1f}", f"{c['segments']:.3f} + {c['heads']:.3f} + {c['catch_up']:.3f} (verify)",
                           f"drafts kept: {kept}, {r.tokens_per_verify:.1f} tokens a verify")
             continue
         table.add_row("full" if r.epsilon is None else f"{r.epsilon}", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x",

@@ -69,22 +69,37 @@ def _size(root: Path, file: str) -> int:
     return sum(p.stat().st_size for p in (root / file).parent.glob(Path(file).name + "*"))
 
 
-def bytes_per_token(model: EarlyExitModel, exits: dict[int, int], thresholds: dict[int, float] | None,
-                    gated: bool = False) -> float:
-    """Mean weight bytes a token reads: the segments it runs and the heads it passes (file sizes);
-    with exit classifiers (``gated``) only the head it leaves by."""
+def _weight_bytes(model: EarlyExitModel) -> tuple[list[int], list[int]]:
+    """Bytes of weights a call of each segment reads, and of each segment's exit head (0: none)."""
     root, segments, spec = model.root, model.manifest.segments, model.manifest.model
     seg_bytes = [_size(root, s.file) for s in segments]
     # The first segment holds the embedding table, of which a token reads one row.
     seg_bytes[0] -= spec.vocab_size * spec.hidden_size * (2 if model.manifest.precision == "fp16" else 4)
-    head_bytes = [_size(root, s.exit.file) if s.exit and s.exit.file and thresholds and s.exit.layer in thresholds
-                  else 0 for s in segments]
+    return seg_bytes, [_size(root, s.exit.file) if s.exit and s.exit.file else 0 for s in segments]
+
+
+def bytes_per_token(model: EarlyExitModel, exits: dict[int, int], thresholds: dict[int, float] | None,
+                    gated: bool = False) -> float:
+    """Mean weight bytes a token reads: the segments it runs and the heads it passes (file sizes);
+    with exit classifiers (``gated``) only the head it leaves by."""
+    segments = model.manifest.segments
+    seg_bytes, heads = _weight_bytes(model)
+    head_bytes = [h if thresholds and s.exit and s.exit.layer in thresholds else 0 for s, h in zip(segments, heads)]
     total = sum(exits.values()) or 1
     cost = 0.0
     for k, spec in enumerate(segments):
         count = exits.get(spec.exit.layer if spec.exit else spec.stop, 0)
         cost += count * (sum(seg_bytes[: k + 1]) + (head_bytes[k] if gated else sum(head_bytes[: k + 1])))
     return cost / total
+
+
+def speculative_bytes_per_token(model: EarlyExitModel, draft: int, cycles: dict[int, int], tokens: int) -> float:
+    """Mean weight bytes speculative mode reads per emitted token: each draft call the segments up to
+    the exit at ``draft`` and its head, each cycle's verify the deeper segments once."""
+    seg_bytes, heads = _weight_bytes(model)
+    k = model.exits.index(draft)
+    calls, verifies = sum(m * n for m, n in cycles.items()), sum(cycles.values())
+    return (calls * (sum(seg_bytes[: k + 1]) + heads[k]) + verifies * sum(seg_bytes[k + 1:])) / (tokens or 1)
 
 
 def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequence[float], tokens: int = 128,
@@ -143,10 +158,14 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
     for e in levels:
         if e == SPECULATIVE:
             same = [sum(int(a == b) for a, b in zip(spoken[k], ref)) for k, ref in enumerate(references)]
-            parts = speculative_breakdown(table, draft_layer or model.exits[0], cycles, cycle_tokens, splits, gated)
-            rows.append(ProfileRow(speculative, statistics.median(speeds[e]), statistics.median(ratios[e]),
+            draft = draft_layer or model.exits[0]
+            parts = speculative_breakdown(table, draft, cycles, cycle_tokens, splits, gated)
+            med = statistics.median(speeds[e])
+            rows.append(ProfileRow(speculative, med, statistics.median(ratios[e]),
                                    full_cost / sum(parts.values()), sum(same) / sum(len(f) for f in references),
-                                   dict(sorted(exits[e].items())), cost_ms={k: v * 1e3 for k, v in parts.items()},
+                                   dict(sorted(exits[e].items())),
+                                   speculative_bytes_per_token(model, draft, cycles, cycle_tokens) * med / 1e9,
+                                   cost_ms={k: v * 1e3 for k, v in parts.items()},
                                    mode=SPECULATIVE, drafts_kept=drafts[0] / drafts[1] if drafts[1] else None,
                                    tokens_per_verify=cycle_tokens / (sum(cycles.values()) or 1)))
             continue
