@@ -43,7 +43,7 @@ def test_missing_model_path(tmp_path):
 def test_file_that_is_not_a_model(tmp_path):
     junk = tmp_path / "notes.txt"
     junk.write_text("not a model")
-    run_fails(["compile", junk, "-o", tmp_path / "a.eec"], "not")
+    run_fails(["compile", junk, "-o", tmp_path / "a.eec"], "not a readable eec checkpoint", "a .gguf file")
     assert leftovers(tmp_path) == ["notes.txt"]
 
 
