@@ -310,29 +310,29 @@ class EarlyExitModel:
                 break
             feed, step_thresholds = np.asarray([[result.token]], dtype=np.int64), thresholds
 
+    def _require_verify(self, purpose: str, catch_up: str | None) -> None:
+        """Speculative mode and the monitor run the last segment's verify graph through the exact catch-up."""
+        if not any(s.verify for s in self.manifest.segments):
+            raise InputError(f"this artifact has no verify graph {purpose}; compile it with --speculative on")
+        if (catch_up or self.catch_up) != "exact":
+            raise InputError(f"the verify graph {purpose} runs through the exact catch-up: pass catch_up='exact'")
+
     def _check_monitor(self, mode: str, catch_up: str | None) -> None:
         if mode != "early-exit":
             raise InputError("monitor checks exited tokens: it needs mode='early-exit'")
-        if not any(s.verify for s in self.manifest.segments):
-            raise InputError("this artifact has no verify graph to check exits with; compile it with --speculative on")
-        if (catch_up or self.catch_up) != "exact":
-            raise InputError("monitor checks exits as the exact catch-up reaches the last segment: pass catch_up='exact'")
+        self._require_verify("to check exits with", catch_up)
 
     def _draft_exit(self, draft_layer: int | None, max_draft: int, metric: int, catch_up: str | None) -> int:
         """The index, among the exits, of the one speculative mode drafts at; refuses what it cannot run."""
         if not self.exits:
             raise InputError("speculative decoding drafts at an exit: this artifact has none")
-        if not any(s.verify for s in self.manifest.segments):
-            raise InputError("this artifact has no verify graph for speculative decoding; "
-                             "compile it with --speculative on")
         if draft_layer is not None and draft_layer not in self.exits:
             raise InputError(f"no exit at layer {draft_layer} to draft at; this artifact's exits are {self.exits}")
         if max_draft < 1:
             raise InputError("max_draft must be at least 1")
         if metric == COSINE:
             raise InputError("speculative decoding drafts on a head score or the exit classifier, not on cosine")
-        if (catch_up or self.catch_up) != "exact":
-            raise InputError("speculative decoding verifies through the exact catch-up: pass catch_up='exact'")
+        self._require_verify("for speculative decoding", catch_up)
         return self.exits.index(self.exits[0] if draft_layer is None else draft_layer)
 
     def _speculative_steps(self, decoder: Decoder, ids: list[int], max_new_tokens: int, exit_index: int,
