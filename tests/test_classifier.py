@@ -70,12 +70,13 @@ class Counting:
 def test_head_runs_only_for_tokens_that_leave_and_gives_the_heads_token(classified):
     out, _ = classified
     model = load(out)
-    model.heads = {f: Counting(s) for f, s in model.heads.items()}
+    heads = {s.exit.file for s in model.manifest.segments if s.exit and s.exit.file}
+    model.opened = {f: Counting(s) if f in heads else s for f, s in model.opened.items()}
     stay = model.generate(PROMPT, max_new_tokens=12, thresholds=math.inf, metric="classifier")
-    assert sum(h.calls for h in model.heads.values()) == 0  # the classifier said stay: no projection ran
+    assert sum(model.opened[f].calls for f in heads) == 0  # the classifier said stay: no projection ran
     assert stay.exits == [6] * 12
     leave = model.generate(PROMPT, max_new_tokens=12, thresholds=-math.inf, metric="classifier")
-    assert sum(h.calls for h in model.heads.values()) == 11  # one head per token after the prompt
+    assert sum(model.opened[f].calls for f in heads) == 11  # one head per token after the prompt
     by_head = model.generate(PROMPT, max_new_tokens=12, thresholds=-math.inf, metric="top2-margin")
     assert leave.tokens == by_head.tokens and leave.exits == by_head.exits == [6] + [2] * 11
     eps = model.generate(PROMPT, max_new_tokens=12, epsilon=0.8)  # the artifact's default metric: classifier

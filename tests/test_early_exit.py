@@ -66,9 +66,9 @@ def test_catch_up_fills_skipped_layers_kv_exactly(llama_compiled):
     sequence = PROMPT + tokens[:-1]
     cache = hf_forward(hf, sequence).past_key_values
     for spec, state in zip(decoder.specs, decoder.states):
-        pending = 0 if state.pending is None else state.pending.shape[1]
+        pending = 0 if state.pending[0] is None else len(state.pending[0])
         assert state.length + pending == len(sequence)
-        assert state.buffers[0].shape[2] > len(PROMPT) + 2, "the buffers never grew"
+        assert state.capacity > len(PROMPT) + 2, "the buffers never grew"
         for i, layer in enumerate(range(spec.start, spec.stop)):
             want_k = cache.layers[layer].keys[:, :, : state.length].numpy()
             want_v = cache.layers[layer].values[:, :, : state.length].numpy()
@@ -98,12 +98,13 @@ def test_bad_thresholds_are_refused(llama_compiled, bad):
 def test_long_calls_in_pieces_decode_the_same(tiny_compiled, monkeypatch):
     """A TensorRT session takes at most 8 positions a call, so prompts and catch-ups go in pieces
     (`max_call`): here 3 on CPU, against the same artifact in one call each."""
-    from eec.runtime.decode import SegmentState
+    from eec.runtime.kv import SegmentKV
 
     lengths = []
-    call = SegmentState._call
-    monkeypatch.setattr(SegmentState, "_call", lambda self, g, x, m: (lengths.append((self.max_call, x.shape[1])),
-                                                                     call(self, g, x, m))[1])
+    for name in ("_call_shared", "_call_concat"):  # every call of several positions goes through one of them
+        call = getattr(SegmentKV, name)
+        monkeypatch.setattr(SegmentKV, name, lambda self, g, where, x, counts, call=call: (
+            lengths.append((self.max_call, x.shape[1])), call(self, g, where, x, counts))[1])
     whole, pieces = load(tiny_compiled.artifact), load(tiny_compiled.artifact)
     assert whole.max_call is None  # onnxruntime's CPU provider: any length
     pieces.max_call = 3

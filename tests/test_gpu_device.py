@@ -78,7 +78,7 @@ def check_against_transformers(hf, decoder, tokens, exits, min_agreement=0.9):
     covered = len(sequence)  # the first segment holds every position; a deeper one no more than the one before
     for spec, state in zip(decoder.specs, decoder.states):
         assert state.kv_dtype == np.float16
-        pending = 0 if state.pending is None else state.pending.shape[1]
+        pending = 0 if state.pending[0] is None else len(state.pending[0])
         assert state.length + pending == covered if spec.start == 0 else state.length + pending <= covered
         covered = state.length + pending
         for i, layer in enumerate(range(spec.start, spec.stop)):
@@ -154,8 +154,8 @@ def test_cuda_keeps_the_kv_on_the_gpu_and_equals_the_cpu(fp16_artifact):
     assert g.states[0].capacity > len(PROMPT) + 2, "the buffers never grew"
     close(g_hidden, c_hidden)
     for gs, cs in zip(g.states, c.states):
-        assert (gs.length, None if gs.pending is None else gs.pending.shape) == \
-               (cs.length, None if cs.pending is None else cs.pending.shape)
+        assert (gs.length, None if gs.pending[0] is None else gs.pending[0].shape) == \
+               (cs.length, None if cs.pending[0] is None else cs.pending[0].shape)
         for got, want in zip(gs.kv, cs.kv):
             assert got.dtype == np.float16
             close(got, want)

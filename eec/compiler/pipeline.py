@@ -26,7 +26,7 @@ from eec.calib.calibrate import (
     packaged_prompts,
     read_prompts,
 )
-from eec.runtime.decode import CATCH_UPS
+from eec.runtime.core import CATCH_UPS
 from eec.runtime.manifest import (
     MANIFEST,
     Manifest,
@@ -137,7 +137,7 @@ def compile_model(
     after the first (`eec.compiler.modules.KVFill`) and makes the runtime
     fill deeper layers' KV of exited positions from the exit's hidden state
     (CALM's state propagation) instead of running those layers: cheaper,
-    not exact (`eec.runtime.decode`). Calibration is unchanged.
+    not exact (`eec.runtime.core`). Calibration is unchanged.
 
     ``fuse_heads`` ("auto", "on", "off"): also write each exit segment's graph
     with its exit head inside (`eec.compiler.passes.FuseExitHead`), which

@@ -90,8 +90,7 @@ def record_feeds(root: Path, prompts: list, max_new_tokens: int = 12, limit: int
                 kept.append({k: np.array(v) for k, v in feeds.items()})
             return self.session.run(names, feeds)
 
-    model.sessions = [Recorder(s.file, sess) for s, sess in zip(model.manifest.segments, model.sessions)]
-    model.heads = {f: Recorder(f, sess) for f, sess in model.heads.items()}
+    model.opened = {f: Recorder(f, sess) for f, sess in model.opened.items()}
     for prompt in prompts:
         model.generate(prompt, max_new_tokens=max_new_tokens, thresholds=math.inf)
     return recorded

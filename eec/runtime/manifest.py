@@ -20,6 +20,13 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
+# A segment's graphs by role: the segment; the segment with its exit head inside (early exit runs it in
+# place of the segment and the head's own graph); its KV fill (the propagating catch-up); the last
+# segment with the final head's token at every position (speculative decoding and the monitor).
+PLAIN, WITH_HEAD, FILL, VERIFY = "plain", "with_head", "fill", "verify"
+ROLES = (PLAIN, WITH_HEAD, FILL, VERIFY)
+
+
 @dataclass(frozen=True)
 class ExitSpec:
     layer: int  # the exit reads the hidden state after this many layers
@@ -48,6 +55,10 @@ class SegmentSpec:
     # The last segment's graph with the token at every position (`eec.runtime.speculative` verifies
     # drafted tokens with it); None where it was not built.
     verify: str | None = None
+
+    def graph(self, role: str) -> str | None:
+        """The file of the segment's graph in ``role`` (`eec.runtime.kv`: plain, with_head, fill, verify)."""
+        return self.file if role == PLAIN else getattr(self, role)
 
     @property
     def takes_ids(self) -> bool:

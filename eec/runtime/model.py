@@ -14,9 +14,10 @@ import numpy as np
 from eec.calib.metrics import COSINE
 from eec.calib.traces import Traces, metric_index, thresholds_for
 from eec.errors import InputError
-from eec.runtime.decode import CATCH_UPS, Decoder
+from eec.runtime.core import CATCH_UPS, Batch, Decoder
+from eec.runtime.kv import FILL, PLAIN, VERIFY, WITH_HEAD, HeadCall
 from eec.runtime.manifest import Manifest, read_manifest
-from eec.runtime.sessions import MAX_CALL_TOKENS, open_sessions, pick_device
+from eec.runtime.sessions import MAX_CALL_TOKENS, open_graphs, open_sessions, pick_device
 from eec.runtime.speculative import DEFAULT_MAX_DRAFT, cycle
 from eec.runtime.text import TextCodec
 
@@ -69,23 +70,32 @@ class GenerationResult:
 class EarlyExitModel:
     def __init__(self, root: Path, manifest: Manifest, threads: int | None = None, catch_up: str | None = None,
                  device: str = "auto"):
-        self.root, self.manifest = root, manifest
+        self.root, self.manifest, self.threads = root, manifest, threads
         self.device = pick_device(device, manifest)
-        self.sessions = self._open([s.file for s in manifest.segments], threads)
-        head_files = sorted({s.exit.file for s in manifest.segments if s.exit and s.exit.file})
-        self.heads = dict(zip(head_files, self._open(head_files, threads)))
-        fill_files = [s.fill for s in manifest.segments if s.fill]
-        self.fills = dict(zip(fill_files, self._open(fill_files, threads)))
-        self.threads = threads
+        self.opened: dict[str, object] = {}  # sessions by file, opened on first use (`session`)
+        # The segments and heads now; a segment's graph with its head inside, or its verify graph, when a
+        # mode first needs it: each holds a second copy of its segment's weights.
+        self.graphs([PLAIN, FILL])
+        for spec in manifest.segments:
+            if spec.exit and spec.exit.file:
+                self.session(spec.exit.file)
         # TensorRT engines are built for calls of 1..MAX_CALL_TOKENS positions: longer ones go in pieces.
         self.max_call = MAX_CALL_TOKENS if self.device == "tensorrt" else None
-        self._with_heads: dict | None = None  # opened on first use (`with_head_sessions`)
-        self._verifies: dict | None = None  # opened on first use (`verify_sessions`)
         self.catch_up = self.check_catch_up(catch_up or manifest.catch_up)
         self.codec = TextCodec(root, manifest.tokenizer) if manifest.tokenizer else None
-        self.stats = Stats()
+        self.stats = Stats()  # the last generation's, for convenience: each result carries its own
         self._traces: Traces | None = None
         self._thresholds: dict[tuple, dict[int, float]] = {}  # (ε, metric, rule, δ) -> τ per exit
+
+    def session(self, file: str):
+        """The onnxruntime session of one of the artifact's graphs, opened once."""
+        if file not in self.opened:
+            self.opened[file] = open_sessions(self.root, [file], self.threads, self.manifest, self.device)[0]
+        return self.opened[file]
+
+    def graphs(self, roles: Sequence[str]) -> list[dict[str, object]]:
+        """Each segment's sessions for ``roles`` (`eec.runtime.kv`), where the artifact has those graphs."""
+        return open_graphs(self.root, self.manifest, roles, self.threads, self.device, self.opened)
 
     @property
     def traces(self) -> Traces:
@@ -115,43 +125,31 @@ class EarlyExitModel:
     def check_catch_up(self, catch_up: str) -> str:
         if catch_up not in CATCH_UPS:
             raise InputError(f"catch-up must be one of {', '.join(CATCH_UPS)}, got {catch_up!r}")
-        if catch_up == "propagate" and len(self.fills) < len(self.manifest.segments) - 1:
+        if catch_up == "propagate" and not all(s.graph(FILL) for s in self.manifest.segments[1:]):
             raise InputError("this artifact has no key/value fill graphs for the propagating catch-up; "
                              "compile it with --catch-up propagate")
         return catch_up
 
-    def with_head_sessions(self) -> dict:
-        """Sessions of the segments' graphs with their exit head inside, by file. Opened on first use:
-        full mode never runs them, and each holds a second copy of its segment's weights."""
-        if self._with_heads is None:
-            files = [s.with_head for s in self.manifest.segments if s.with_head]
-            self._with_heads = dict(zip(files, self._open(files, self.threads)))
-        return self._with_heads
-
-    def verify_sessions(self) -> dict:
-        """Sessions of the last segment's verify graph (speculative mode), by file; opened on first use."""
-        if self._verifies is None:
-            files = [s.verify for s in self.manifest.segments if s.verify]
-            self._verifies = dict(zip(files, self._open(files, self.threads)))
-        return self._verifies
-
-    def _open(self, files: list[str], threads: int | None) -> list:
-        return open_sessions(self.root, files, threads, self.manifest, self.device)
+    def new_batch(self, rows: int = 1, capacity: int = 256, catch_up: str | None = None, early_exit: bool = True,
+                  speculative: bool = False, monitor: bool = False) -> Batch:
+        """Decoding state for ``rows`` sequences (`eec.runtime.core`); ``capacity``: the positions each row
+        expects (its KV buffers grow past it); ``catch_up``: "exact" or "propagate", by default the
+        model's; ``early_exit``: it will be asked for exits, so it runs segments with their heads inside
+        where the artifact has them (False for full mode, which never runs a head); ``speculative``: it
+        will verify drafts, so the last segment's verify graph is opened too; ``monitor``: it checks
+        exited tokens against the final head when catching up, through that graph too."""
+        m = self.manifest.model
+        catch_up = self.catch_up if catch_up is None else self.check_catch_up(catch_up)
+        roles = [FILL] + [WITH_HEAD] * early_exit + [VERIFY] * (speculative or monitor)
+        heads = [HeadCall(self.session(s.exit.file), self.device) if s.exit and s.exit.file else None
+                 for s in self.manifest.segments]
+        return Batch(self.manifest.segments, self.graphs(roles), heads, m.num_kv_heads, m.head_dim, m.context_length,
+                     rows, capacity, catch_up, self.max_call, "cpu" if self.device == "cpu" else "cuda", monitor)
 
     def new_decoder(self, capacity: int = 256, catch_up: str | None = None, early_exit: bool = True,
                     speculative: bool = False, monitor: bool = False) -> Decoder:
-        """A decoder for one sequence; ``capacity``: the positions it expects (its KV buffers grow past it);
-        ``catch_up``: "exact" or "propagate" (`eec.runtime.decode`), by default the model's;
-        ``early_exit``: it will be asked for exits, so it runs segments with their heads inside where
-        the artifact has them (False for full mode, which never runs a head); ``speculative``: it
-        will verify drafts, so the last segment's verify graph is opened too; ``monitor``: it checks
-        exited tokens against the final head when catching up (`Decoder`), through that graph too."""
-        m = self.manifest.model
-        catch_up = self.catch_up if catch_up is None else self.check_catch_up(catch_up)
-        return Decoder(self.manifest.segments, self.sessions, self.heads, m.num_kv_heads, m.head_dim, m.context_length,
-                       capacity, self.fills, catch_up, self.with_head_sessions() if early_exit else None,
-                       self.max_call, "cpu" if self.device == "cpu" else "cuda",
-                       self.verify_sessions() if speculative or monitor else None, monitor)
+        """`new_batch` for one sequence, stepped with [1, n] arrays of ids."""
+        return Decoder(self.new_batch(1, capacity, catch_up, early_exit, speculative, monitor))
 
     def encode(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
         if isinstance(prompt, str):
@@ -239,7 +237,7 @@ class EarlyExitModel:
         ``stream=True`` an iterator of text pieces (token ids when the artifact
         has no tokenizer). ``ignore_eos`` keeps going past the end-of-sequence
         token (for benchmarks). ``catch_up`` ("exact" or "propagate") overrides how
-        deeper layers get the KV of exited tokens (`eec.runtime.decode`; by
+        deeper layers get the KV of exited tokens (`eec.runtime.core`; by
         default the artifact's). ``self.stats`` describes the last generation.
 
         ``mode="speculative"`` gives ``full`` mode's tokens faster where the exit
@@ -312,7 +310,7 @@ class EarlyExitModel:
 
     def _require_verify(self, purpose: str, catch_up: str | None) -> None:
         """Speculative mode and the monitor run the last segment's verify graph through the exact catch-up."""
-        if not any(s.verify for s in self.manifest.segments):
+        if not any(s.graph(VERIFY) for s in self.manifest.segments):
             raise InputError(f"this artifact has no verify graph {purpose}; compile it with --speculative on")
         if (catch_up or self.catch_up) != "exact":
             raise InputError(f"the verify graph {purpose} runs through the exact catch-up: pass catch_up='exact'")

@@ -17,11 +17,12 @@ import functools
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import onnxruntime as ort
 
 from eec.errors import InputError
+from eec.runtime.manifest import PLAIN, ROLES
 
 if TYPE_CHECKING:
     from eec.runtime.manifest import Manifest
@@ -96,6 +97,22 @@ def pick_device(device: str, manifest: "Manifest") -> str:
     return device
 
 
+def open_graphs(root: Path, manifest: "Manifest", roles: "Sequence[str]", threads: int | None = None,
+                device: str = "cpu", opened: dict | None = None) -> list[dict[str, ort.InferenceSession]]:
+    """Each segment's sessions for ``roles`` (`eec.runtime.manifest.ROLES`) where it has those graphs,
+    the plain graph always: the one way runtime, measurement and engine builds open an artifact.
+    ``opened``: sessions by file, reused and added to (a graph opened twice holds its weights twice)."""
+    opened = {} if opened is None else opened
+    graphs = []
+    for spec in manifest.segments:
+        files = {role: spec.graph(role) for role in dict.fromkeys((PLAIN, *roles)) if spec.graph(role)}
+        for file in files.values():
+            if file not in opened:
+                opened[file] = open_sessions(root, [file], threads, manifest, device)[0]
+        graphs.append({role: opened[file] for role, file in files.items()})
+    return graphs
+
+
 def open_sessions(root: Path, files: list[str], threads: int | None = None,
                   manifest: "Manifest | None" = None, device: str = "cpu") -> list[ort.InferenceSession]:
     """Sessions on onnxruntime's CPU provider, its CUDA provider (``device="cuda"``), or TensorRT
@@ -107,7 +124,8 @@ def open_sessions(root: Path, files: list[str], threads: int | None = None,
         if device == "cuda":
             providers = [CUDA, *providers]
         elif device == "tensorrt":
-            inputs = next((spec.inputs for spec in manifest.segments if f in (spec.file, spec.fill, spec.with_head)), ["hidden"])
+            # Every graph of a segment takes the segment's inputs, so each gets the same profiles.
+            inputs = next((spec.inputs for spec in manifest.segments if f in [spec.graph(r) for r in ROLES]), ["hidden"])
             providers = [(TRT, trt_provider_options(root, manifest, inputs)), CUDA, *providers]
         sessions.append(ort.InferenceSession(str(root / f), options, providers=providers))
     return sessions

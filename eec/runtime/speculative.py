@@ -15,7 +15,7 @@ One *cycle* from the last token ``t`` (every segment's KV covers the positions b
    at the first mismatch (``f1..f(n+1)``, or all ``m`` when every draft holds).
    Every emitted token is the full model's, so the output is ``full`` mode's.
 4. Roll back: each segment's KV keeps the positions whose input was emitted;
-   the drafts after the first mismatch are forgotten (`SegmentState.truncate`).
+   the drafts after the first mismatch are forgotten (`SegmentKV.truncate`).
 
 The exit threshold (from ε, as in early-exit mode) only decides how far to
 draft: a draft the exit is unsure of ends the cycle, so a verify is rarely
@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from eec.calib.metrics import CLASSIFIER, GRAPH_METRICS
-from eec.runtime.decode import Decoder
+from eec.runtime.core import Decoder
+from eec.runtime.kv import PLAIN, VERIFY, WITH_HEAD
 
 DEFAULT_MAX_DRAFT = 6
 
@@ -57,15 +58,14 @@ def cycle(decoder: Decoder, token: int, exit_index: int, threshold: float, metri
     """Draft up to ``max_draft`` tokens after ``token`` at the exit ending segment ``exit_index``,
     verify them with the deeper segments, keep the full model's tokens; see the module's docstring.
     ``threshold`` applies to metric ``metric`` (a head score, or the segment's classifier score)."""
-    states, mask = decoder.states, decoder.mask
+    states = decoder.states
     start = states[0].length
     hidden, drafts = [], []
     for _ in range(max_draft):
         x = np.asarray([[token]], dtype=np.int64)
         for j in range(exit_index + 1):
-            state = states[j]
-            fused = j == exit_index and state.with_head is not None and metric != CLASSIFIER
-            outputs = state.run(x, mask, with_head=fused)
+            fused = j == exit_index and states[j].has(WITH_HEAD) and metric != CLASSIFIER
+            outputs = states[j].call(WITH_HEAD if fused else PLAIN, [0], x)
             x = outputs[0]
         hidden.append(x.copy())  # a one-position call's outputs are overwritten by the next call
         if metric == CLASSIFIER and not float(outputs[1][0]) >= threshold:
@@ -81,7 +81,7 @@ def cycle(decoder: Decoder, token: int, exit_index: int, threshold: float, metri
     h = np.concatenate(hidden, axis=1)
     last = len(states) - 1
     for j in range(exit_index + 1, len(states)):
-        h = states[j].run(h, mask, verify=j == last)[0]
+        h = states[j].call(VERIFY if j == last else PLAIN, [0], h)[0]
     final = [int(t) for t in np.asarray(h).reshape(-1)]
     accepted = 0
     while accepted < len(drafts) and drafts[accepted] == final[accepted]:

@@ -2,7 +2,7 @@
 
 Each segment runs over 1..8 new tokens after ``past`` cached positions (one
 decode step plus up to seven pending catch-up positions), through the
-runtime's own segment state (`eec.runtime.decode.SegmentState`: shared KV
+runtime's own segment state (`eec.runtime.kv.SegmentKV`: shared KV
 buffers and IO binding where the segment has them), each head over one
 position through the runtime's own head call (`HeadCall`), a segment with its exit head inside
 (`--fuse-heads`) over one position as early exit runs it, and a segment's KV fill graph (`--catch-up propagate`) over
@@ -25,9 +25,9 @@ import numpy as np
 import onnxruntime as ort
 
 from eec.errors import InputError
-from eec.runtime.decode import HeadCall, SegmentState
+from eec.runtime.kv import FILL, PLAIN, ROLES, VERIFY, WITH_HEAD, HeadCall, SegmentKV
 from eec.runtime.manifest import Manifest, read_manifest
-from eec.runtime.sessions import CUDA, open_sessions, pick_device, session_options
+from eec.runtime.sessions import CUDA, open_graphs, open_sessions, pick_device, session_options
 from eec.targets.latency import MAX_SEQ, LatencyTable, ModelShape, fit_segment_overhead
 from eec.targets.profiles import get_target
 
@@ -108,43 +108,36 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
         raise InputError(f"{root} was compiled by an older eec without the model's MLP size; recompile it")
     past = max(0, min(past, m.context_length - MAX_SEQ))  # the longest call must fit in the context
     rng = np.random.default_rng(0)
-    sessions = open_sessions(root, [s.file for s in manifest.segments], device=device)
-    fill_files = [s.fill for s in manifest.segments if s.fill]
-    fill_sessions = dict(zip(fill_files, open_sessions(root, fill_files, device=device)))
+    graphs = open_graphs(root, manifest, ROLES, device=device)
     heads = {s.exit.layer: s.exit.file for s in manifest.segments[:-1] if s.exit and s.exit.file}
     head_calls = {layer: HeadCall(s, device) for layer, s in zip(heads, open_sessions(root, list(heads.values()), device=device))}
-    fused_files = [s.with_head for s in manifest.segments if s.with_head]
-    fused_sessions = dict(zip(fused_files, open_sessions(root, fused_files, device=device)))
-    verify_files = [s.verify for s in manifest.segments if s.verify]
-    verify_sessions = dict(zip(verify_files, open_sessions(root, verify_files, device=device)))
     total = SWEEPS * MAX_SEQ * (repeats + 1)
     done = 0
     table = LatencyTable(shape_of(manifest), manifest.precision, target.name, "measured", 0.0)
-    mask = np.ones((1, m.context_length), dtype=np.int64)
     calls, fill_calls, fused_calls, verify_calls = [], [], [], []
-    for spec, session in zip(manifest.segments, sessions):
-        state = SegmentState(spec, session, m.num_kv_heads, m.head_dim, past + MAX_SEQ, m.context_length,
-                             fill_sessions.get(spec.fill), fused_sessions.get(spec.with_head), device=device,
-                             verify=verify_sessions.get(spec.verify))
+    for spec, segment_graphs in zip(manifest.segments, graphs):
+        state = SegmentKV(spec, segment_graphs, m.num_kv_heads, m.head_dim, 1, past + MAX_SEQ, m.context_length,
+                          device=device)
         pasts = [rng.standard_normal((1, m.num_kv_heads, past, m.head_dim)).astype(state.kv_dtype)
-                 for _ in state.buffers]
+                 for _ in range(state.layers)]
         state.write_kv(pasts)
 
-        def after_past(method, spec=spec, state=state, pasts=pasts):
-            """``method`` (the segment's run or its fill) appending after the same cached positions every call."""
+        def after_past(role, spec=spec, state=state, pasts=pasts):
+            """The segment's ``role`` graph appending after the same cached positions every call."""
+            if not state.has(role):
+                return None
+
             def call(x):
-                state.length = past
                 if spec.kv_cache != "shared":
-                    state.buffers = pasts
-                method(x, mask)
+                    state.row_kv[0] = pasts
+                state.length = past
+                state.call(role, [0], x)
             return call
 
-        calls.append(after_past(state.run))
-        fill_calls.append(after_past(state.fill_kv) if spec.fill else None)
-        fused_calls.append(after_past(lambda x, mask, state=state: state.run(x, mask, with_head=True))
-                           if spec.with_head else None)
-        verify_calls.append(after_past(lambda x, mask, state=state: state.run(x, mask, verify=True))
-                            if spec.verify else None)
+        calls.append(after_past(PLAIN))
+        fill_calls.append(after_past(FILL))
+        fused_calls.append(after_past(WITH_HEAD))
+        verify_calls.append(after_past(VERIFY))
     head_x = rng.standard_normal((1, 1, m.hidden_size)).astype(np.float32)
     head_times: dict[int, list[float]] = {layer: [] for layer in head_calls}
     fused_best: dict[int, float] = {}  # segment index -> lowest per-sweep median, one position

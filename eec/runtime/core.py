@@ -1,0 +1,310 @@
+"""The decoding state of a batch of sequences and the step that runs it to each row's exit.
+
+`Batch` owns, for every segment, the KV of up to ``rows`` sequences and
+each row's *pending* positions: hidden states of positions that left at an
+earlier exit and have not run that segment yet (`eec.runtime.kv.SegmentKV`).
+Pending positions directly follow the row's cached ones, so positions are
+implied by lengths. A step feeds each row its new positions (a prompt, or the
+last token) and runs the segments in order; at each exit the rows whose
+confidence reaches their threshold leave, and only the others go deeper: the
+batch shrinks at every exit. A row that goes deeper than it did before
+catches its pending positions up first, one of two ways:
+
+- ``"exact"`` (synchronized catch-up): the segment runs over
+  ``[pending..., current]`` in one call, so every layer's KV equals what the
+  full model computes for the generated sequence; its outputs for the
+  pending positions become the next segment's pending.
+- ``"propagate"`` (CALM's state propagation): the segment's fill graph
+  writes each layer's KV of the pending positions from their exit's hidden
+  state (norm and key/value projections only, no attention output or MLP),
+  and the same hidden states become the next segment's pending. The first
+  layer after the exit is exact; deeper layers approximate the full model.
+  Cheaper where most tokens leave early: the deep layers' full compute
+  for every exited token is what the exact catch-up pays.
+
+Rows that add one position share one call per segment; a row that adds
+several (a catch-up, a prompt after others have started) runs alone, as
+GroupQueryAttention requires (`eec.runtime.kv`). Decoding modes drive a
+`Batch` (`eec.runtime.model`, `eec.runtime.speculative`, calibration traces,
+teacher-forced evaluation); `Decoder` is its one-sequence face.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from eec.calib.metrics import CLASSIFIER, COSINE, GRAPH_METRICS, cosine
+from eec.runtime.kv import FILL, PLAIN, VERIFY, WITH_HEAD, HeadCall, SegmentKV
+from eec.runtime.manifest import SegmentSpec
+
+CATCH_UPS = ("exact", "propagate")
+
+Thresholds = Mapping[int, float] | None  # exit layer -> minimum score; None: full mode (no exit asked)
+
+
+@dataclass
+class StepResult:
+    token: int
+    exit_layer: int  # layers the token passed through (num_layers for the final head)
+    # Filled when tracing (`Batch.step(trace=True)`), for every head that ran:
+    scores: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> one value per ALL_METRICS
+    exit_tokens: dict[int, int] = field(default_factory=dict)  # layer -> that head's token
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> last position's hidden state
+
+
+class Batch:
+    """Segments, exit heads and KV for up to ``rows`` sequences, each in a slot of its own."""
+
+    def __init__(self, specs: list[SegmentSpec], graphs: list[Mapping[str, ort.InferenceSession]],
+                 heads: list[HeadCall | None], kv_heads: int, head_dim: int, context: int, rows: int = 1,
+                 capacity: int = 256, catch_up: str = "exact", max_call: int | None = None, device: str = "cpu",
+                 monitor: bool = False):
+        """``graphs``: each segment's sessions by role (`eec.runtime.kv`); ``heads``: each segment's exit
+        head call (None where the exit has no graph of its own); ``capacity``: positions the shared KV
+        buffers start with; ``catch_up``: "exact" or "propagate"; ``max_call``: the most positions one
+        graph call may carry (TensorRT's engines); ``device``: where the KV lives ("cuda" for sessions on
+        onnxruntime's CUDA provider); ``monitor``: check exited tokens against the final head as the
+        exact catch-up brings them to the last segment (its verify graph): `checked`, `agreed`."""
+        if catch_up not in CATCH_UPS:
+            raise ValueError(f"catch_up must be one of {CATCH_UPS}, got {catch_up!r}")
+        self.specs, self.heads, self.rows = specs, heads, rows
+        self.propagate = catch_up == "propagate"
+        self.kv = [SegmentKV(spec, g, kv_heads, head_dim, rows, capacity, context, max_call, device)
+                   for spec, g in zip(specs, graphs)]
+        if self.propagate and not all(kv.has(FILL) for kv in self.kv[1:]):
+            raise ValueError("catch_up='propagate' needs a KV fill graph for every segment after the first")
+        if monitor and (self.propagate or not self.kv[-1].has(VERIFY)):
+            raise ValueError("monitoring exits needs the last segment's verify graph and the exact catch-up")
+        self.monitor = monitor
+        # Per row: tokens that left at an exit since the last segment last ran, in order; the exact
+        # catch-up brings their positions to the last segment with the row's next deep token.
+        self.unchecked: list[list[int]] = [[] for _ in range(rows)]
+        self.checked = np.zeros(rows, dtype=np.int64)  # exited tokens the final head has judged (monitor)
+        self.agreed = np.zeros(rows, dtype=np.int64)  # of them, the ones it would have emitted too
+
+    def length(self, slot: int) -> int:
+        """Positions the row has fed (the first segment's KV: it runs every position)."""
+        return int(self.kv[0].lengths[slot])
+
+    def release(self, slot: int) -> None:
+        """Forget a row: its slot takes another sequence."""
+        for kv in self.kv:
+            kv.reset(slot)
+        self.unchecked[slot] = []
+        self.checked[slot] = self.agreed[slot] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        """Move a row to a free slot (`Engine` keeps live rows together: one call covers them)."""
+        for kv in self.kv:
+            kv.move(src, dst)
+        self.unchecked[dst], self.unchecked[src] = self.unchecked[src], []
+        self.checked[dst], self.agreed[dst] = self.checked[src], self.agreed[src]
+        self.checked[src] = self.agreed[src] = 0
+
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[StepResult]:
+        """Run each row's prompt (token ids) through every layer and predict the next token. Rows in
+        neighbouring fresh slots run together: every position but the last in one right-padded call
+        a segment, then the last positions as one step (the final head reads a call's last
+        position, which padding would hide); a prompt never recomputes another's padding."""
+        slots = list(slots)
+        lengths = [len(p) for p in prompts]
+        together = (len(slots) > 1 and slots == list(range(slots[0], slots[0] + len(slots)))
+                    and all(self.length(s) == 0 for s in slots) and max(lengths) > 1)
+        if not together:
+            return [self.step([s], [p])[0] for s, p in zip(slots, prompts)]
+        seq = max(lengths) - 1
+        x = np.zeros((len(slots), seq), dtype=np.int64)
+        for i, p in enumerate(prompts):
+            x[i, : len(p) - 1] = p[:-1]
+        counts = [max(1, n - 1) for n in lengths]  # a one-token prompt computes one position, forgotten below
+        for spec, kv in zip(self.specs, self.kv):
+            outputs = kv.call(PLAIN, slots, x, counts)
+            if spec.emits_hidden:
+                x = outputs[0]
+        for slot, n in zip(slots, lengths):
+            if n == 1:
+                for kv in self.kv:
+                    kv.lengths[slot] = 0
+        return self.step(slots, [p[-1:] for p in prompts])
+
+    def step(self, slots: Sequence[int], inputs: Sequence[Sequence[int] | np.ndarray],
+             thresholds: Thresholds | Sequence[Thresholds] = None, metric: int = 0,
+             trace: bool = False) -> list[StepResult]:
+        """Feed each row in ``slots`` its ``inputs`` (token ids) and predict its next token.
+
+        ``thresholds`` maps exit layer -> minimum score of metric ``metric`` (an
+        index into `ALL_METRICS`), one map for every row or one per row; an exit
+        not in a row's map is passed without its head deciding (None: full mode).
+        With the ``classifier`` metric the segment's own exit score decides first,
+        and the head runs only for a token that leaves. ``trace`` runs the head of
+        every asked exit whatever the scores and records them (calibration).
+        """
+        slots = list(slots)
+        n = len(slots)
+        per_row = list(thresholds) if isinstance(thresholds, (list, tuple)) else [thresholds] * n
+        results = [StepResult(token=-1, exit_layer=-1) for _ in range(n)]
+        xs = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in inputs]  # ids, then [positions, hidden]
+        previous: list[np.ndarray | None] = [None] * n  # last position's hidden state at the previous exit
+        going = list(range(n))
+        last = len(self.kv) - 1
+        for j, (spec, kv) in enumerate(zip(self.specs, self.kv)):
+            for i in going:
+                self._catch_up(j, kv, slots[i], xs, i)
+            layer = spec.exit.layer
+            asked = [i for i in going if per_row[i] is not None and layer in per_row[i]] if j < last else []
+            role = WITH_HEAD if asked and kv.has(WITH_HEAD) else PLAIN
+            outputs = self._run(j, kv, role, slots, going, xs)
+            if j == last:
+                for i in going:
+                    results[i].token, results[i].exit_layer = self._final(slots[i], outputs[i], spec, trace, results[i])
+                return results
+            if spec.emits_hidden:
+                for i in going:
+                    xs[i] = outputs[i][0][0]
+            if not asked:
+                for i in going:
+                    previous[i] = xs[i][-1]
+                continue
+            leaving = self._decide(j, kv, role, asked, outputs, xs, previous, per_row, metric, trace, results)
+            nxt = self.kv[j + 1]
+            for i in leaving:
+                slot = slots[i]
+                x = np.array(xs[i])  # a one-position call's outputs are overwritten by the next call
+                nxt.pending[slot] = x if nxt.pending[slot] is None else np.concatenate([nxt.pending[slot], x])
+                if self.monitor:
+                    self.unchecked[slot].append(results[i].token)
+            going = [i for i in going if results[i].exit_layer < 0]
+        raise AssertionError("unreachable: the last segment always returns")
+
+    def _catch_up(self, j: int, kv: SegmentKV, slot: int, xs: list[np.ndarray], i: int) -> None:
+        pending = kv.pending[slot]
+        if pending is None:
+            return
+        kv.pending[slot] = None
+        if not self.propagate:
+            xs[i] = np.concatenate([pending, xs[i]])
+            return
+        kv.call(FILL, [slot], pending[None])
+        if j + 1 < len(self.kv):
+            nxt = self.kv[j + 1]
+            nxt.pending[slot] = pending if nxt.pending[slot] is None else np.concatenate([nxt.pending[slot], pending])
+
+    def _run(self, j: int, kv: SegmentKV, role: str, slots: list[int], going: list[int],
+             xs: list[np.ndarray]) -> dict[int, list[np.ndarray]]:
+        """One segment's calls for the rows ``going``: one over the rows that add one position, one
+        per row that adds several. Returns each row's outputs, batch dimension 1."""
+        out: dict[int, list[np.ndarray]] = {}
+        singles = [i for i in going if len(xs[i]) == 1]
+        if singles:
+            x = xs[singles[0]][None] if len(singles) == 1 else np.stack([xs[i] for i in singles])
+            outputs = kv.call(role, [slots[i] for i in singles], x)
+            if len(singles) == 1:
+                out[singles[0]] = outputs
+            else:
+                for r, i in enumerate(singles):
+                    out[i] = [o[r: r + 1] for o in outputs]
+        last = len(self.kv) - 1
+        for i in going:
+            if len(xs[i]) > 1:
+                slot = slots[i]
+                verify = j == last and self.monitor and bool(self.unchecked[slot])
+                out[i] = kv.call(VERIFY if verify else role, [slot], xs[i][None])
+        return out
+
+    def _final(self, slot: int, outputs: list[np.ndarray], spec: SegmentSpec, trace: bool,
+               result: StepResult) -> tuple[int, int]:
+        """The final head's token from the last segment's outputs; the monitor's check where it ran."""
+        tokens = np.asarray(outputs[0]).reshape(-1)
+        unchecked = self.unchecked[slot]
+        if self.monitor and unchecked and len(tokens) > 1:  # the verify graph: a token per position
+            final = tokens[-1 - len(unchecked): -1]
+            self.checked[slot] += len(unchecked)
+            self.agreed[slot] += int(np.sum(final == np.asarray(unchecked)))
+        self.unchecked[slot] = []
+        token, layer = int(tokens[-1]), spec.exit.layer
+        if trace:  # the final head has no confidence scores (artifacts before eec 0.2 had)
+            scores = outputs[1][0] if len(outputs) > 1 else np.full(len(GRAPH_METRICS), np.nan)
+            result.exit_tokens[layer], result.scores[layer] = token, np.append(scores, [np.nan, np.nan])
+        return token, layer
+
+    def _decide(self, j: int, kv: SegmentKV, role: str, asked: list[int], outputs: dict[int, list[np.ndarray]],
+                xs: list[np.ndarray], previous: list, per_row: list, metric: int, trace: bool,
+                results: list[StepResult]) -> list[int]:
+        """The rows of ``asked`` that leave at segment ``j``'s exit (their results filled in)."""
+        spec, layer = self.specs[j], self.specs[j].exit.layer
+        gates = {i: float(outputs[i][1][0]) if spec.scores_exit else np.nan for i in asked}
+        judged = asked
+        if metric == CLASSIFIER and not trace:  # the classifier says stay: the head's projection never runs
+            judged = [i for i in asked if gates[i] >= per_row[i][layer]]
+        heads: dict[int, tuple[int, np.ndarray]] = {}
+        if role == WITH_HEAD:  # the head ran inside the segment's call
+            for i in judged:
+                heads[i] = int(outputs[i][-2][0]), outputs[i][-1][0]
+        elif judged:
+            if len(judged) == 1:
+                hidden = outputs[judged[0]][0]
+            else:
+                hidden = np.stack([xs[i][-1:] for i in judged])
+            tokens, scores = self.heads[j].batch(hidden)
+            for r, i in enumerate(judged):
+                heads[i] = int(tokens[r]), scores[r]
+        leaving = []
+        for i in asked:
+            current = xs[i][-1]
+            if i not in heads:
+                previous[i] = current
+                continue
+            token, head_scores = heads[i]
+            if metric < len(GRAPH_METRICS):
+                value = float(head_scores[metric])
+            elif metric == CLASSIFIER:
+                value = gates[i]
+            else:  # the cosine with the previous exit's hidden state; none at the first exit
+                value = np.nan if previous[i] is None else cosine(current, previous[i])
+            if trace:
+                row = np.full(len(GRAPH_METRICS) + 2, np.nan, dtype=np.float32)
+                row[: len(GRAPH_METRICS)], row[-1] = head_scores, gates[i]
+                if previous[i] is not None:
+                    row[COSINE] = cosine(current, previous[i])
+                results[i].exit_tokens[layer], results[i].scores[layer] = token, row
+                results[i].hidden[layer] = np.array(current)
+            previous[i] = current
+            if value >= per_row[i][layer]:
+                results[i].token, results[i].exit_layer = token, layer
+                leaving.append(i)
+        return leaving
+
+
+class Decoder:
+    """A `Batch` of one sequence, stepped with [1, n] arrays of ids."""
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+
+    @property
+    def states(self) -> list[SegmentKV]:
+        return self.batch.kv
+
+    @property
+    def specs(self) -> list[SegmentSpec]:
+        return self.batch.specs
+
+    @property
+    def heads(self) -> list[HeadCall | None]:
+        return self.batch.heads
+
+    @property
+    def checked(self) -> int:
+        return int(self.batch.checked[0])
+
+    @property
+    def agreed(self) -> int:
+        return int(self.batch.agreed[0])
+
+    def step(self, ids: np.ndarray, thresholds: Thresholds, metric: int = 0, trace: bool = False) -> StepResult:
+        """Feed ``ids`` ([1, n] int64) and predict the next token (`Batch.step`)."""
+        return self.batch.step([0], [np.asarray(ids).reshape(-1)], thresholds, metric, trace)[0]
