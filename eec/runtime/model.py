@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from eec.calib.metrics import COSINE
 from eec.calib.traces import Traces, metric_index, thresholds_for
 from eec.errors import InputError
 from eec.runtime.core import CATCH_UPS, Batch, Decoder
+from eec.runtime.engine import Engine, Event, Request
 from eec.runtime.kv import FILL, PLAIN, VERIFY, WITH_HEAD, HeadCall
 from eec.runtime.manifest import Manifest, read_manifest
 from eec.runtime.sessions import MAX_CALL_TOKENS, open_graphs, open_sessions, pick_device
@@ -31,7 +33,7 @@ SPECULATIVE_EPSILON = 0.95
 
 @dataclass
 class Stats:
-    """Figures of the last generation."""
+    """Figures of one generation (a result's ``stats``)."""
 
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -65,6 +67,8 @@ class GenerationResult:
     tokens: list[int]  # new token ids
     exits: list[int]  # layer each token left at (num_layers = the final head)
     text: str | None  # decoded new text, when the artifact has a tokenizer
+    finish_reason: str | None = None  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens, context)
+    stats: Stats = field(default_factory=Stats)
 
 
 class EarlyExitModel:
@@ -152,12 +156,14 @@ class EarlyExitModel:
         return Decoder(self.new_batch(1, capacity, catch_up, early_exit, speculative, monitor))
 
     def encode(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
+        """Token ids of a prompt given as text (in the chat template where the model has one, unless
+        ``chat=False``) or as token ids; anything else, or ids this model cannot take, is refused."""
         if isinstance(prompt, str):
             if self.codec is None:
                 raise InputError("this artifact has no tokenizer; pass the prompt as a list of token ids")
             ids = self.codec.encode(prompt, chat=chat if chat is not None else True)
         else:
-            ids = [int(t) for t in prompt]
+            ids = token_ids(prompt)
         if not ids:
             raise InputError("the prompt is empty")
         vocab = self.manifest.model.vocab_size
@@ -167,6 +173,14 @@ class EarlyExitModel:
         if len(ids) >= context:
             raise InputError(f"the prompt is {len(ids)} tokens; this model's context is {context} tokens")
         return ids
+
+    def metric_id(self, metric: str | None) -> int:
+        """The index in `ALL_METRICS` of ``metric``, by default the calibration's (else the top-2 margin)."""
+        if metric is None:
+            metric = self.manifest.calibration.metric if self.manifest.calibration else "top2-margin"
+        if not isinstance(metric, str):
+            raise InputError(f"metric must be a metric's name, got {metric!r}")
+        return metric_index(metric)
 
     def resolve_thresholds(self, mode: str, thresholds=None, epsilon: float | None = None, metric: str | None = None,
                            rule: str = "risk", delta: float = 0.1) -> tuple[dict[int, float] | None, int]:
@@ -182,7 +196,7 @@ class EarlyExitModel:
             raise InputError("give thresholds or epsilon, not both")
         calibrated = self.manifest.calibration is not None
         metric = metric or (self.manifest.calibration.metric if calibrated else "top2-margin")
-        index = metric_index(metric)
+        index = self.metric_id(metric)
         if mode == "full" or not self.exits:
             return None, index  # an artifact without exits (placement chose none) always runs in full
         if thresholds is None and (epsilon is not None or calibrated):
@@ -208,7 +222,7 @@ class EarlyExitModel:
 
     def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
         *,
         max_new_tokens: int = 128,
         mode: str = "early-exit",
@@ -220,32 +234,45 @@ class EarlyExitModel:
         stream: bool = False,
         chat: bool | None = None,
         ignore_eos: bool = False,
+        stop: str | Sequence[str] | None = None,
         catch_up: str | None = None,
         max_draft: int | None = None,
         draft_layer: int | None = None,
         monitor: bool = False,
+        max_batch: int = 8,
     ):
-        """Greedy generation.
+        """Greedy generation, of one prompt or of a list of them decoded together.
 
         ``prompt`` is a string (wrapped in the chat template when the model has
-        one, unless ``chat=False``) or token ids. ``mode="full"`` runs every
+        one, unless ``chat=False``) or token ids; or a list of such prompts,
+        decoded together in batches of up to ``max_batch`` rows, each leaving at
+        its own exit (`eec.runtime.engine`), which returns a list of results in
+        the prompts' order. ``mode="full"`` runs every
         layer; ``"early-exit"`` leaves at the first exit whose confidence
         reaches its threshold: given as ``thresholds``, or computed from the
         artifact's calibration for accuracy level ``epsilon`` (the share of
         exited tokens that agree with the full model), with ``rule`` "risk"
-        (holds with probability 1 - ``delta``) or "valade" (the paper's rule). Returns a `GenerationResult`, or with
-        ``stream=True`` an iterator of text pieces (token ids when the artifact
-        has no tokenizer). ``ignore_eos`` keeps going past the end-of-sequence
-        token (for benchmarks). ``catch_up`` ("exact" or "propagate") overrides how
-        deeper layers get the KV of exited tokens (`eec.runtime.core`; by
-        default the artifact's). ``self.stats`` describes the last generation.
+        (holds with probability 1 - ``delta``) or "valade" (the paper's rule).
+        Generation ends at the end-of-sequence token (unless ``ignore_eos``, for
+        benchmarks), at a ``stop`` string (the text ends before it), after
+        ``max_new_tokens`` or at the model's context; the result's
+        ``finish_reason`` says which ("stop" or "length") and its ``stats`` how it went.
+
+        Returns a `GenerationResult`, or with ``stream=True`` an iterator of text
+        pieces (token ids when the artifact has no tokenizer); for a list of
+        prompts, a list of results, or with ``stream=True`` an iterator of
+        `eec.runtime.engine.Event` (which prompt, token, exit, text piece).
+        ``catch_up`` ("exact" or "propagate") overrides how deeper layers get the
+        KV of exited tokens (`eec.runtime.core`; by default the artifact's).
+        ``self.stats`` is the last finished generation's, for convenience.
 
         ``mode="speculative"`` gives ``full`` mode's tokens faster where the exit
         is often right (`eec.runtime.speculative`): the exit at ``draft_layer``
         (default: the first) drafts up to ``max_draft`` (default 6) tokens while its
         confidence reaches the threshold for ``epsilon`` (default 0.95; or ``thresholds``), and
         the deeper layers check them in one call. It needs the verify graph that
-        `eec compile --speculative` writes.
+        `eec compile --speculative` writes, and runs one sequence at a time (a
+        list of prompts goes one after another).
 
         ``monitor=True`` (early-exit mode, same graph, exact catch-up) checks
         exited tokens as their positions catch up to the last segment: the
@@ -255,58 +282,94 @@ class EarlyExitModel:
         promises, measured live on this traffic (tokens after the last deep one
         stay unchecked).
         """
-        if max_new_tokens < 1:
-            raise InputError("max_new_tokens must be at least 1")
-        ids = self.encode(prompt, chat)
-        if mode == "speculative" and thresholds is None and epsilon is None and self.manifest.calibration:
-            epsilon = SPECULATIVE_EPSILON
-        values, index = self.resolve_thresholds(mode, thresholds, epsilon, metric, rule, delta)
-        eos = set() if ignore_eos else set(self.manifest.eos_token_ids)
+        options = dict(max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=epsilon,
+                       rule=rule, delta=delta, chat=chat, ignore_eos=ignore_eos, stop=stop)
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if monitor:
             self._check_monitor(mode, catch_up)
+        if is_prompt_list(prompt):
+            prompts = list(prompt)
+            if not prompts:
+                raise InputError("no prompts: the list is empty")
+            if mode == "speculative":
+                if stream:
+                    raise InputError("speculative decoding runs one sequence at a time: stream one prompt at a time")
+                return [self.generate(p, metric=metric, catch_up=catch_up, max_draft=max_draft, draft_layer=draft_layer,
+                                      **options) for p in prompts]
+            engine = Engine(self, max_batch=min(max_batch, len(prompts)), metric=metric, catch_up=catch_up,
+                            monitor=monitor, capacity=self._capacity(max_new_tokens))
+            requests = [engine.submit(p, index=i, **options) for i, p in enumerate(prompts)]  # all checked first
+            if stream:
+                return self._events(engine)
+            engine.run()
+            results = [r.result() for r in requests]
+            self.stats = results[-1].stats
+            return results
         if mode == "speculative":
-            max_draft = DEFAULT_MAX_DRAFT if max_draft is None else max_draft
-            draft = self._draft_exit(draft_layer, max_draft, index, catch_up)
-            if self.exits[draft] not in values:
-                raise InputError(f"no threshold for the draft exit at layer {self.exits[draft]}")
-            decoder = self.new_decoder(len(ids) + max_new_tokens + max_draft, catch_up, speculative=True)
-            steps = self._speculative_steps(decoder, ids, max_new_tokens, draft, values[self.exits[draft]], index,
-                                            max_draft, eos)
+            request = self.make_request(prompt, metric=metric, **options)
+            steps = self._speculative(request, catch_up, max_draft, draft_layer)
         else:
-            decoder = self.new_decoder(len(ids) + max_new_tokens, catch_up, early_exit=values is not None,
-                                       monitor=monitor and values is not None)
-            steps = self._steps(decoder, ids, max_new_tokens, values, index, eos)
+            engine = Engine(self, max_batch=1, metric=metric, catch_up=catch_up, monitor=monitor,
+                            capacity=self._capacity(max_new_tokens))
+            request = engine.submit(prompt, **options)
+            steps = self._one(engine, request)
         if stream:
             tokens = (token for token, _ in steps)
             return self.codec.stream(tokens) if self.codec else tokens
-        tokens, exits = [], []
-        for token, layer in steps:
-            tokens.append(token)
-            exits.append(layer)
-        text = self.codec.decode(tokens) if self.codec else None
-        return GenerationResult(tokens=tokens, exits=exits, text=text)
+        for _ in steps:
+            pass
+        return self._result(request)
 
-    def _steps(self, decoder: Decoder, ids: list[int], max_new_tokens: int, thresholds: dict[int, float] | None,
-               metric: int, eos: set[int]) -> Iterator[tuple[int, int]]:
-        stats = self.stats = Stats(prompt_tokens=len(ids))
-        room = self.manifest.model.context_length - len(ids)
-        # The prompt runs through every layer: all its positions need KV everywhere.
-        feed, step_thresholds = np.asarray([ids], dtype=np.int64), None
-        for n in range(min(max_new_tokens, room)):
-            start = time.perf_counter()
-            result = decoder.step(feed, step_thresholds, metric)
-            elapsed = time.perf_counter() - start  # the caller's time between tokens is not ours
-            if n == 0:
-                stats.prefill_s = elapsed
-            else:
-                stats.decode_s += elapsed
-            stats.new_tokens = n + 1
-            stats.exits[result.exit_layer] = stats.exits.get(result.exit_layer, 0) + 1
-            stats.checked, stats.agreed = decoder.checked, decoder.agreed
-            yield result.token, result.exit_layer
-            if result.token in eos:
-                break
-            feed, step_thresholds = np.asarray([[result.token]], dtype=np.int64), thresholds
+    def make_request(self, prompt, *, index: int = 0, metric: str | None = None, max_new_tokens: int = 128,
+                     mode: str = "early-exit", thresholds=None, epsilon: float | None = None, rule: str = "risk",
+                     delta: float = 0.1, chat: bool | None = None, ignore_eos: bool = False,
+                     stop: str | Sequence[str] | None = None, stream: bool = False) -> Request:
+        """A checked `eec.runtime.engine.Request`: prompt encoded, thresholds resolved (`generate`'s options)."""
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
+        if mode == "speculative" and thresholds is None and epsilon is None and self.manifest.calibration:
+            epsilon = SPECULATIVE_EPSILON
+        values, metric_id = self.resolve_thresholds(mode, thresholds, epsilon, metric, rule, delta)
+        stops = stop_strings(stop)
+        if stops and self.codec is None:
+            raise InputError("stop strings need the artifact's tokenizer; this artifact has none")
+        ids = self.encode(prompt, chat)
+        request = Request(index=index, ids=ids, max_new_tokens=int(max_new_tokens), thresholds=values, metric=metric_id,
+                          eos=frozenset() if ignore_eos else frozenset(self.manifest.eos_token_ids), stop=stops,
+                          stream=stream)
+        if self.codec is not None:
+            request._piece = self.codec.piece_decoder()
+        if stream:
+            request._events = queue.SimpleQueue()
+        return request
+
+    def _capacity(self, max_new_tokens) -> int:
+        """Positions a row's KV buffers start with: a prompt of a few dozen tokens and its new ones."""
+        return 64 + max_new_tokens if isinstance(max_new_tokens, int) and max_new_tokens > 0 else 256
+
+    def _one(self, engine: Engine, request: Request) -> Iterator[tuple[int, int]]:
+        """One request through a one-row engine, token by token (`generate` of one prompt)."""
+        while engine.busy:
+            for _, event in engine.step():
+                yield event.token, event.exit_layer
+        self.stats = request.stats
+
+    def _events(self, engine: Engine) -> Iterator[Event]:
+        finished = []
+        while engine.busy:
+            for request, event in engine.step():
+                if event.finish_reason is not None:
+                    finished.append(request)
+                yield event
+        if finished:
+            self.stats = finished[-1].stats
+
+    @staticmethod
+    def _result(request: Request) -> GenerationResult:
+        return GenerationResult(tokens=list(request.tokens), exits=list(request.exits),
+                                text=request.text if request._piece is not None else None,
+                                finish_reason=request.finish_reason, stats=request.stats)
 
     def _require_verify(self, purpose: str, catch_up: str | None) -> None:
         """Speculative mode and the monitor run the last segment's verify graph through the exact catch-up."""
@@ -333,32 +396,72 @@ class EarlyExitModel:
         self._require_verify("for speculative decoding", catch_up)
         return self.exits.index(self.exits[0] if draft_layer is None else draft_layer)
 
-    def _speculative_steps(self, decoder: Decoder, ids: list[int], max_new_tokens: int, exit_index: int,
-                           threshold: float, metric: int, max_draft: int, eos: set[int]) -> Iterator[tuple[int, int]]:
-        """`_steps` for speculative mode: the prompt through every layer, then draft-and-verify cycles.
+    def _speculative(self, request: Request, catch_up: str | None, max_draft: int | None,
+                     draft_layer: int | None) -> Iterator[tuple[int, int]]:
+        """The prompt through every layer, then draft-and-verify cycles (`eec.runtime.speculative`).
         Every token is the full model's: its layer is reported as the last."""
-        stats = self.stats = Stats(prompt_tokens=len(ids))
-        limit = min(max_new_tokens, self.manifest.model.context_length - len(ids))
+        max_draft = DEFAULT_MAX_DRAFT if max_draft is None else max_draft
+        draft = self._draft_exit(draft_layer, max_draft, request.metric, catch_up)
+        if request.thresholds is None or self.exits[draft] not in request.thresholds:
+            raise InputError(f"no threshold for the draft exit at layer {self.exits[draft]}")
+        threshold = request.thresholds[self.exits[draft]]
+        ids, context = request.ids, self.manifest.model.context_length
+        decoder = self.new_decoder(len(ids) + request.max_new_tokens + max_draft, catch_up, speculative=True)
+        stats = request.stats = Stats(prompt_tokens=len(ids))
         start = time.perf_counter()
-        token = decoder.step(np.asarray([ids], dtype=np.int64), None).token
+        produced = [decoder.step(np.asarray([ids], dtype=np.int64), None).token]
         stats.prefill_s = time.perf_counter() - start
-        produced = [token]
+        elapsed = 0.0
         while True:
             for t in produced:
-                stats.new_tokens += 1
-                stats.exits[self.num_layers] = stats.exits.get(self.num_layers, 0) + 1
+                room = len(ids) + len(request.tokens) + 1 < context
+                request.accept(t, self.num_layers, elapsed, room)
+                elapsed = 0.0
                 yield t, self.num_layers
-                if t in eos or stats.new_tokens >= limit:
+                if request.finish_reason:
+                    self.stats = stats
                     return
             start = time.perf_counter()
-            context_left = self.manifest.model.context_length - decoder.states[0].length - 1
-            room = min(max_draft, limit - stats.new_tokens, context_left)
-            step = cycle(decoder, produced[-1], exit_index, threshold, metric, max(room, 1))
-            stats.decode_s += time.perf_counter() - start
+            context_left = context - decoder.states[0].length - 1
+            room = min(max_draft, request.max_new_tokens - len(request.tokens), context_left)
+            step = cycle(decoder, produced[-1], draft, threshold, request.metric, max(room, 1))
+            elapsed = time.perf_counter() - start
             stats.drafted += step.drafted
             stats.accepted += step.accepted
             stats.cycles[step.calls] = stats.cycles.get(step.calls, 0) + 1
             produced = step.tokens
+
+
+def token_ids(prompt) -> list[int]:
+    """A prompt given as token ids, checked: whole numbers only (no floats truncated, no bytes read as ids)."""
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise InputError("a prompt is text (str) or a list of token ids, not bytes; decode the bytes first")
+    if isinstance(prompt, np.ndarray):
+        if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
+            raise InputError(f"token ids must be a 1-D array of integers, got {prompt.dtype} of shape {prompt.shape}")
+        return [int(t) for t in prompt]
+    if not isinstance(prompt, (list, tuple)):
+        raise InputError(f"a prompt is text (str) or a list of token ids, not {type(prompt).__name__}")
+    bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, (int, np.integer))), None)
+    if bad is not None:
+        raise InputError(f"token ids must be whole numbers, got {bad!r} ({type(bad).__name__})")
+    return [int(t) for t in prompt]
+
+
+def is_prompt_list(prompt) -> bool:
+    """Whether ``generate`` was given several prompts (a list of texts or of id lists), not one."""
+    if isinstance(prompt, (list, tuple)):
+        return len(prompt) == 0 or isinstance(prompt[0], (str, list, tuple, np.ndarray))
+    return False
+
+
+def stop_strings(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, (list, tuple)) else None
+    if stops is None or not all(isinstance(s, str) and s for s in stops):
+        raise InputError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stops
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,

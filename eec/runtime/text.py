@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
@@ -43,6 +43,11 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def piece_decoder(self) -> Callable[[int], str]:
+        """A function from each next token to the text it completes ("" while a character's bytes wait)."""
+        decoder = DecodeStream(skip_special_tokens=True)
+        return lambda token: decoder.step(self.tokenizer, token) or ""
 
     def stream(self, ids: Iterable[int]) -> Iterator[str]:
         """Text pieces as tokens arrive; bytes of a split character wait for the rest."""

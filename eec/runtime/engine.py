@@ -1,0 +1,310 @@
+"""Continuous batching: many requests decoded together, each leaving at its own exit.
+
+An `Engine` owns one `eec.runtime.core.Batch` of ``max_batch`` rows. Between
+steps it admits waiting requests into free rows (up to ``max_batch`` and a KV
+budget) and prefills them together; each step then feeds every running row
+its last token, and each row leaves at the first exit whose confidence reaches
+that request's own threshold (the batch shrinks at every exit); finished
+requests (end of sequence, a stop string, ``max_new_tokens``, the context)
+are retired and their rows given to the next. Live rows are kept in the
+first slots, so one call covers them: a retired row's slot takes the last
+live row (`Batch.move`).
+
+Requests come from any thread (`submit`); the engine runs in the caller's
+thread (`step`, `run`) or in one worker thread of its own (`start`). All
+onnxruntime calls happen in that one thread: an IO binding is not for two
+threads at once.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
+
+from eec.errors import EecError, InputError
+
+if TYPE_CHECKING:
+    from eec.runtime.model import EarlyExitModel, GenerationResult, Stats
+
+
+@dataclass
+class Event:
+    """One token of one request, as it is produced (``generate(prompts, stream=True)``)."""
+
+    index: int  # the request's position in the list given to `generate`, or its submission number
+    token: int
+    exit_layer: int
+    text: str | None  # the new text this token completes ("" while a character waits for its other bytes)
+    finish_reason: str | None = None  # set on a request's last event: "stop" or "length"
+
+
+@dataclass
+class Request:
+    """A prompt and its options, and what decoding it has produced so far; `result` waits for the end."""
+
+    index: int
+    ids: list[int]
+    max_new_tokens: int
+    thresholds: Mapping[int, float] | None  # None: full mode
+    eos: frozenset[int]
+    metric: int = 0  # the confidence metric the thresholds apply to (an index into `ALL_METRICS`)
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    tokens: list[int] = field(default_factory=list)
+    exits: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stats: "Stats | None" = None
+    error: BaseException | None = None
+    _piece: Callable[[int], str] | None = None
+    _done: threading.Event = field(default_factory=threading.Event)
+    _events: "queue.SimpleQueue[Event | None] | None" = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def accept(self, token: int, layer: int, elapsed: float, room: bool = True) -> Event:
+        """Record a produced token (``elapsed``: the decode time it took; ``room``: whether the
+        context has room for another) and say whether the request is finished."""
+        stats = self.stats
+        self.tokens.append(token)
+        self.exits.append(layer)
+        stats.new_tokens += 1
+        stats.decode_s += elapsed
+        stats.exits[layer] = stats.exits.get(layer, 0) + 1
+        piece = None
+        if self._piece is not None:
+            piece = self._piece(token)
+            self.text += piece
+        if token in self.eos or (self.stop and piece and self._stopped(len(piece))):
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.max_new_tokens or not room:
+            self.finish_reason = "length"
+        event = Event(self.index, token, layer, piece, self.finish_reason)
+        if self._events is not None:
+            self._events.put(event)
+        return event
+
+    def _stopped(self, new: int) -> bool:
+        """Whether a stop string ends in the text the last piece completed; the text is cut before it."""
+        window = len(self.text) - new - max(len(s) for s in self.stop) + 1
+        for stop in self.stop:
+            at = self.text.find(stop, max(0, window))
+            if at >= 0:
+                self.text = self.text[:at]
+                return True
+        return False
+
+    def result(self, timeout: float | None = None) -> "GenerationResult":
+        """Wait for the request to finish and return its `GenerationResult`."""
+        from eec.runtime.model import GenerationResult
+
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.index} did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return GenerationResult(tokens=list(self.tokens), exits=list(self.exits),
+                                text=self.text if self._piece is not None else None,
+                                finish_reason=self.finish_reason, stats=self.stats)
+
+    def events(self) -> Iterator[Event]:
+        """The request's events as they come (submitted with ``stream=True``), from any thread."""
+        if self._events is None:
+            raise InputError("this request was not submitted with stream=True")
+        while True:
+            event = self._events.get()
+            if event is None:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield event
+
+
+class Engine:
+    """Decodes submitted requests together (see the module's docstring)."""
+
+    def __init__(self, model: "EarlyExitModel", *, max_batch: int = 8, kv_budget: int | None = None,
+                 metric: str | None = None, catch_up: str | None = None, monitor: bool = False, capacity: int = 256):
+        """``max_batch``: rows decoded at once; ``kv_budget``: positions (prompt plus new tokens) the
+        running requests may reserve together, by default every row at the full context; ``metric``:
+        the confidence metric every request's thresholds apply to (by default the calibration's);
+        ``catch_up``, ``monitor``: as `EarlyExitModel.generate`; ``capacity``: positions each row's KV
+        buffers start with (they grow by doubling)."""
+        from eec.runtime.model import Stats
+
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise InputError(f"max_batch must be a whole number of at least 1, got {max_batch!r}")
+        context = model.manifest.model.context_length
+        self.model, self.rows, self.metric_name = model, max_batch, metric
+        self.metric = model.metric_id(metric)
+        self.kv_budget = max_batch * context if kv_budget is None else kv_budget
+        if not isinstance(self.kv_budget, int) or self.kv_budget < 2:
+            raise InputError(f"kv_budget must be a whole number of positions, got {kv_budget!r}")
+        self.batch = model.new_batch(max_batch, min(capacity, context), catch_up, early_exit=True, monitor=monitor)
+        self.monitor = monitor
+        self._stats = Stats
+        self.slots: list[Request | None] = [None] * max_batch
+        self.live = 0  # rows 0..live-1 hold running requests
+        self._waiting: deque[Request] = deque()
+        self._lock = threading.Condition()
+        self._submitted = 0
+        self._worker: threading.Thread | None = None
+        self._closing = False
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def submit(self, prompt, **options) -> Request:
+        """Queue a prompt (text or token ids) with `EarlyExitModel.generate`'s options (``max_new_tokens``,
+        ``mode`` "full" or "early-exit", ``thresholds`` or ``epsilon``, ``rule``, ``delta``, ``stop``,
+        ``chat``, ``ignore_eos``, ``stream``); returns its `Request`. Safe from any thread. Bad input
+        raises here, before anything is queued."""
+        with self._lock:
+            index = options.pop("index", self._submitted)
+            self._submitted += 1
+        request = self.model.make_request(prompt, index=index, metric=self.metric_name, **options)
+        if len(request.ids) + 1 > self.kv_budget:
+            raise InputError(f"the prompt is {len(request.ids)} tokens; this engine's KV budget is {self.kv_budget}")
+        with self._lock:
+            if self._closing:
+                raise EecError("this engine is closed")
+            self._waiting.append(request)
+            self._lock.notify_all()
+        return request
+
+    @property
+    def busy(self) -> bool:
+        return self.live > 0 or bool(self._waiting)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[Request, Event]]:
+        """Admit what fits, prefill it, decode one token for every running row, retire what finished.
+        Returns the events produced, in row order. Runs in one thread at a time."""
+        events: list[tuple[Request, Event]] = []
+        running = list(range(self.live))  # rows that had their prefill before this step
+        admitted = self._admit()
+        if admitted:
+            start = time.perf_counter()
+            results = self.batch.prefill(admitted, [self.slots[s].ids for s in admitted])
+            elapsed = time.perf_counter() - start
+            for slot, result in zip(admitted, results):
+                request = self.slots[slot]
+                request.stats.prefill_s = elapsed
+                events.append(self._emit(slot, request, result.token, result.exit_layer, 0.0))
+        if running:
+            start = time.perf_counter()
+            results = self.batch.step(running, [[self.slots[s].tokens[-1]] for s in running],
+                                      [self.slots[s].thresholds for s in running], self.metric)
+            elapsed = time.perf_counter() - start
+            for slot, result in zip(running, results):
+                events.append(self._emit(slot, self.slots[slot], result.token, result.exit_layer, elapsed))
+        self._retire()
+        return events
+
+    def run(self) -> None:
+        """Step until nothing is running or waiting (in the caller's thread)."""
+        while self.busy:
+            self.step()
+
+    def start(self) -> "Engine":
+        """Decode in a worker thread of its own from now on, as requests arrive; `close` stops it."""
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._serve, name="eec-engine", daemon=True)
+            self._worker.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the worker once the requests already submitted are done."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                while not self.busy and not self._closing:
+                    self._lock.wait()
+                if not self.busy and self._closing:
+                    return
+            try:
+                self.step()
+            except BaseException as e:  # noqa: BLE001 - every request in flight learns of it
+                self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            requests = [r for r in self.slots if r is not None] + list(self._waiting)
+            self._waiting.clear()
+        for slot in range(self.rows):
+            if self.slots[slot] is not None:
+                self.batch.release(slot)
+                self.slots[slot] = None
+        self.live = 0
+        for request in requests:
+            request.error = error
+            self._finish(request)
+
+    # -- rows ------------------------------------------------------------------------------------
+
+    def _admit(self) -> list[int]:
+        """Move waiting requests into the free rows after the live ones, while they fit."""
+        reserved = sum(len(r.ids) + r.max_new_tokens for r in self.slots[: self.live])
+        admitted = []
+        with self._lock:
+            while self._waiting and self.live < self.rows:
+                request = self._waiting[0]
+                need = min(len(request.ids) + request.max_new_tokens, self.model.manifest.model.context_length)
+                if admitted or self.live:
+                    if reserved + need > self.kv_budget:
+                        break
+                self._waiting.popleft()
+                reserved += need
+                slot = self.live
+                self.slots[slot] = request
+                request.stats = self._stats(prompt_tokens=len(request.ids))
+                self.live += 1
+                admitted.append(slot)
+        return admitted
+
+    def _emit(self, slot: int, request: Request, token: int, layer: int, elapsed: float) -> tuple[Request, Event]:
+        room = self.batch.length(slot) + 1 <= self.model.manifest.model.context_length
+        return request, request.accept(token, layer, elapsed, room)
+
+    def _retire(self) -> None:
+        slot = 0
+        while slot < self.live:
+            request = self.slots[slot]
+            if request.finish_reason is None:
+                slot += 1
+                continue
+            if self.monitor:
+                request.stats.checked = int(self.batch.checked[slot])
+                request.stats.agreed = int(self.batch.agreed[slot])
+            self.batch.release(slot)
+            last = self.live - 1
+            if slot != last:
+                self.batch.move(last, slot)
+                self.slots[slot] = self.slots[last]
+            self.slots[last] = None
+            self.live -= 1
+            self._finish(request)
+
+    @staticmethod
+    def _finish(request: Request) -> None:
+        request._done.set()
+        if request._events is not None:
+            request._events.put(None)
