@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -242,7 +243,11 @@ def calibrate_cmd(
 @_user_errors
 def generate(
     artifact: Path = typer.Argument(..., help="compiled artifact directory"),
-    prompt: str = typer.Argument(..., help="prompt text (or token ids with --ids)"),
+    prompt: Optional[str] = typer.Argument(None, help="prompt text (or token ids with --ids)"),
+    prompts: Optional[Path] = typer.Option(None, help="a file of prompts, one a line (comma-separated token ids "
+                                           "for an artifact without a tokenizer), decoded together in batches"),
+    max_batch: int = typer.Option(8, help="with --prompts: sequences decoded at once"),
+    stop: Optional[list[str]] = typer.Option(None, help="stop at this text (repeat for several)"),
     mode: str = typer.Option("early-exit", help="early-exit, full, or speculative (full mode's tokens: the exit "
                              "drafts while confident at --eps, the deeper layers verify)"),
     eps: Optional[float] = typer.Option(None, "--eps", help="accuracy level ε in [0, 1]: share of exited tokens that agree with the full model (calibrated artifacts; default 0.9, 0.95 for speculative drafts)"),
@@ -261,18 +266,32 @@ def generate(
     monitor: bool = typer.Option(False, "--monitor", help="early-exit mode: check exited tokens against the final "
                                  "head as they catch up, and report how many it agrees with (needs the verify graph)"),
 ) -> None:
-    """Generate from ARTIFACT with early exits, streaming the text."""
+    """Generate from ARTIFACT with early exits, streaming the text; or from every line of --prompts at once."""
     from eec.runtime import load
 
     thresholds = None
     if threshold is not None:
         values = _parse_floats(threshold, "--threshold")
         thresholds = values[0] if len(values) == 1 else values
-    the_prompt = _parse_ids(prompt) if ids else prompt
+    if (prompt is None) == (prompts is None):
+        raise InputError("give one PROMPT or --prompts FILE")
     model = load(artifact, threads=threads, catch_up=catch_up, device=device)
-    pieces = model.generate(the_prompt, max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=eps,
-                            metric=metric, rule=rule, delta=delta, stream=True, chat=chat, max_draft=max_draft,
-                            draft_layer=draft_layer, monitor=monitor)
+    options = dict(max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=eps, metric=metric,
+                   rule=rule, delta=delta, chat=chat, max_draft=max_draft, draft_layer=draft_layer, monitor=monitor,
+                   stop=stop or None)
+    if prompts is not None:
+        from eec.calib.calibrate import read_prompts
+
+        start = time.perf_counter()
+        results = model.generate(read_prompts(prompts, model.codec is not None), max_batch=max_batch, **options)
+        elapsed = time.perf_counter() - start
+        for i, r in enumerate(results):
+            sys.stdout.write(f"[{i}] {r.text if r.text is not None else ' '.join(map(str, r.tokens))}\n")
+        tokens = sum(r.stats.new_tokens for r in results)
+        err.print(f"{len(results)} prompts, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tok/s with "
+                  f"prefill, up to {max_batch} at once)", highlight=False)
+        return
+    pieces = model.generate(_parse_ids(prompt) if ids else prompt, stream=True, **options)
     for piece in pieces:
         sys.stdout.write(piece if isinstance(piece, str) else f"{piece} ")
         sys.stdout.flush()

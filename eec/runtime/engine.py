@@ -129,12 +129,14 @@ class Engine:
     """Decodes submitted requests together (see the module's docstring)."""
 
     def __init__(self, model: "EarlyExitModel", *, max_batch: int = 8, kv_budget: int | None = None,
-                 metric: str | None = None, catch_up: str | None = None, monitor: bool = False, capacity: int = 256):
+                 metric: str | None = None, catch_up: str | None = None, monitor: bool = False, capacity: int = 256,
+                 early_exit: bool = True):
         """``max_batch``: rows decoded at once; ``kv_budget``: positions (prompt plus new tokens) the
         running requests may reserve together, by default every row at the full context; ``metric``:
         the confidence metric every request's thresholds apply to (by default the calibration's);
         ``catch_up``, ``monitor``: as `EarlyExitModel.generate`; ``capacity``: positions each row's KV
-        buffers start with (they grow by doubling)."""
+        buffers start with (they grow by doubling); ``early_exit=False``: every request runs in full
+        mode, so the segments' graphs with their heads inside are never opened."""
         from eec.runtime.model import Stats
 
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
@@ -145,7 +147,7 @@ class Engine:
         self.kv_budget = max_batch * context if kv_budget is None else kv_budget
         if not isinstance(self.kv_budget, int) or self.kv_budget < 2:
             raise InputError(f"kv_budget must be a whole number of positions, got {kv_budget!r}")
-        self.batch = model.new_batch(max_batch, min(capacity, context), catch_up, early_exit=True, monitor=monitor)
+        self.batch = model.new_batch(max_batch, min(capacity, context), catch_up, early_exit=early_exit, monitor=monitor)
         self.monitor = monitor
         self._stats = Stats
         self.slots: list[Request | None] = [None] * max_batch
@@ -281,7 +283,8 @@ class Engine:
         return admitted
 
     def _emit(self, slot: int, request: Request, token: int, layer: int, elapsed: float) -> tuple[Request, Event]:
-        room = self.batch.length(slot) + 1 <= self.model.manifest.model.context_length
+        # A sequence (prompt and new tokens) holds at most the context, as transformers counts it.
+        room = len(request.ids) + len(request.tokens) + 1 < self.model.manifest.model.context_length
         return request, request.accept(token, layer, elapsed, room)
 
     def _retire(self) -> None:

@@ -208,8 +208,12 @@ class SegmentKV:
         graph = self.graphs[role]
         slots = list(slots)
         rows, seq = x.shape[0], x.shape[1]
-        if seq == 1 and counts is None and self.shared and self.max_call is None:
-            return self._call_rows(graph, slots, x)  # the decode step's path, checked no further
+        if counts is None and (self.max_call is None or seq <= self.max_call):
+            # The decode step's and a one-sequence catch-up's paths, checked no further.
+            if seq == 1 and self.shared:
+                return self._call_rows(graph, slots, x)
+            if rows == 1:
+                return self.call_one(graph, slots[0], x)
         counts = [seq] * rows if counts is None else [int(c) for c in counts]
         if rows != len(slots) or len(counts) != rows or not all(1 <= c <= seq for c in counts):
             raise ValueError(f"a call over {rows} rows needs one slot and a count in 1..{seq} per row")
@@ -250,6 +254,9 @@ class SegmentKV:
         return outputs
 
     def call_one(self, graph: BoundGraph, slot: int, x: np.ndarray) -> list[np.ndarray]:
+        """All of ``x``'s positions ([1, seq, ...]) for one row."""
+        if isinstance(graph, str):
+            graph = self.graphs[graph]
         if not self.shared:
             return self._call_concat(graph, [slot], x, [x.shape[1]])
         return self._call_rows(graph, [slot], x) if x.shape[1] == 1 else self._call_shared(graph, slot, x, [x.shape[1]])
@@ -321,21 +328,33 @@ class SegmentKV:
         """One call over the neighbouring rows ``first..first+len(x)-1``, every row taking part."""
         rows, seq = x.shape[0], x.shape[1]
         end = first + rows
-        pasts = self.lengths[first:end]
-        if int(pasts.max()) + seq > self.capacity:
-            self._grow(int(pasts.max()) + seq)
+        if rows == 1:  # one sequence's prompt or catch-up: Python ints, no array arithmetic (~10 us a call)
+            past = int(self.lengths[first])
+            top, ends = past, None
+            positions = np.arange(past, past + seq, dtype=np.int64)[None, :]
+            mask = self._ones[:, : past + seq] if counts[0] == seq else self._mask(
+                np.asarray([past]), np.asarray([past + counts[0]]), past + seq)
+        else:
+            pasts = self.lengths[first:end]
+            top, ends = int(pasts.max()), pasts + np.asarray(counts)
+            positions = (pasts[:, None] + np.arange(seq)[None, :]).astype(np.int64)
+            mask = self._mask(pasts, ends, top + seq)
+        if top + seq > self.capacity:
+            self._grow(top + seq)
         self._bind_kv(graph, first, end)
         io, name = graph.binding, self.spec.inputs[0]
         io.bind_cpu_input(name, np.ascontiguousarray(x))
-        io.bind_cpu_input("position_ids", (pasts[:, None] + np.arange(seq)[None, :]).astype(np.int64))
-        ends = pasts + np.asarray(counts)
-        io.bind_cpu_input("attention_mask", self._mask(pasts, ends, int(pasts.max()) + seq))
+        io.bind_cpu_input("position_ids", positions)
+        io.bind_cpu_input("attention_mask", mask)
         graph.one.clear()  # the inputs and outputs are rebound below; a one-position call binds them again
         for out in graph.small_outputs:  # their shapes change with seq: fresh tensors
             io.bind_output(out.name, "cpu")
         graph.session.run_with_iobinding(io)
         values = graph.outputs() if graph.small else []
-        self.lengths[first:end] = ends
+        if rows == 1:
+            self.lengths[first] = top + counts[0]
+        else:
+            self.lengths[first:end] = ends
         return [values[i].numpy() for i in range(graph.small)]
 
     def _call_rows(self, graph: BoundGraph, slots: list[int], x: np.ndarray) -> list[np.ndarray]:

@@ -298,7 +298,7 @@ class EarlyExitModel:
                 return [self.generate(p, metric=metric, catch_up=catch_up, max_draft=max_draft, draft_layer=draft_layer,
                                       **options) for p in prompts]
             engine = Engine(self, max_batch=min(max_batch, len(prompts)), metric=metric, catch_up=catch_up,
-                            monitor=monitor, capacity=self._capacity(max_new_tokens))
+                            monitor=monitor, capacity=self._capacity(max_new_tokens), early_exit=mode != "full")
             requests = [engine.submit(p, index=i, **options) for i, p in enumerate(prompts)]  # all checked first
             if stream:
                 return self._events(engine)
@@ -311,7 +311,7 @@ class EarlyExitModel:
             steps = self._speculative(request, catch_up, max_draft, draft_layer)
         else:
             engine = Engine(self, max_batch=1, metric=metric, catch_up=catch_up, monitor=monitor,
-                            capacity=self._capacity(max_new_tokens))
+                            capacity=self._capacity(max_new_tokens), early_exit=mode != "full")
             request = engine.submit(prompt, **options)
             steps = self._one(engine, request)
         if stream:

@@ -1,0 +1,187 @@
+"""Many sequences at once: each row of a batch gets exactly what it gets alone, and transformers' greedy
+tokens in full mode; rows leave at their own exits and their KV stays the full model's."""
+
+import dataclasses
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from eec.errors import InputError
+from eec.runtime import load
+from eec.runtime.engine import Engine
+from tests.reference import hf_forward, hf_greedy
+
+PROMPTS = [[3, 17, 42, 8, 91, 5], [60], list(range(10, 40)), [7, 7, 9], [50, 2, 33, 81, 4, 4, 19, 23, 11, 0, 1]]
+
+
+def alone(model, prompts, **options):
+    return [model.generate(p, **options) for p in prompts]
+
+
+def same(a, b):
+    return [(r.tokens, r.exits) for r in a] == [(r.tokens, r.exits) for r in b]
+
+
+def test_batched_full_mode_is_each_sequence_alone_and_transformers(tiny_compiled):
+    model = load(tiny_compiled.artifact)
+    want = [hf_greedy(tiny_compiled.hf, p, 16) for p in PROMPTS]
+    solo = alone(model, PROMPTS, mode="full", max_new_tokens=16)
+    assert [r.tokens for r in solo] == want
+    for max_batch in (2, 3, 5):  # rows refilled as others finish (2, 3), or all at once (5)
+        batched = model.generate(PROMPTS, mode="full", max_new_tokens=16, max_batch=max_batch)
+        assert same(batched, solo), max_batch
+        assert all(r.finish_reason == "length" and r.stats.new_tokens == 16 for r in batched)
+
+
+@pytest.mark.parametrize("threshold", [0.25, 0.5])
+def test_batched_early_exit_gives_each_row_its_own_tokens_and_exits(tiny_compiled, threshold):
+    model = load(tiny_compiled.artifact)
+    n = tiny_compiled.hf.config.num_hidden_layers
+    solo = alone(model, PROMPTS, thresholds=threshold, max_new_tokens=20)
+    exits = {e for r in solo for e in r.exits}
+    assert len(exits) >= 2 and n in exits, f"the rows must exit at several depths, got {exits}"
+    for max_batch in (1, 2, 4, 5):
+        assert same(model.generate(PROMPTS, thresholds=threshold, max_new_tokens=20, max_batch=max_batch), solo)
+
+
+def test_infinite_thresholds_in_a_batch(tiny_compiled):
+    model = load(tiny_compiled.artifact)
+    n, first = tiny_compiled.hf.config.num_hidden_layers, tiny_compiled.exits[0]
+    full = model.generate(PROMPTS, mode="full", max_new_tokens=12)
+    never = model.generate(PROMPTS, thresholds=math.inf, max_new_tokens=12)
+    assert same(never, full)
+    always = model.generate(PROMPTS, thresholds=-math.inf, max_new_tokens=12)
+    assert same(always, alone(model, PROMPTS, thresholds=-math.inf, max_new_tokens=12))
+    assert all(r.exits == [n] + [first] * 11 for r in always)  # the prompt runs every layer, then the first exit
+
+
+def test_rows_kv_after_exits_is_the_full_models(llama_compiled):
+    """Decode three rows together with exits, then compare every row's KV at every layer with
+    transformers' cache for that row's own sequence (positions still pending excepted)."""
+    hf, model = llama_compiled.hf, load(llama_compiled.artifact)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
+    batch = model.new_batch(rows=3, capacity=8)  # the buffers grow on the way
+    results = batch.prefill([0, 1, 2], prompts)
+    sequences = [list(p) for p in prompts]
+    deep = {0: 0, 1: 0, 2: 0}
+    thresholds = {e: 0.3 for e in llama_compiled.exits}
+    for _ in range(16):
+        tokens = [r.token for r in results]
+        for i, t in enumerate(tokens):
+            sequences[i].append(t)
+        results = batch.step([0, 1, 2], [[t] for t in tokens], thresholds)
+        for i, r in enumerate(results):
+            deep[i] += r.exit_layer == hf.config.num_hidden_layers
+    assert all(v >= 2 for v in deep.values()), deep  # every row caught up at least once
+    for i, sequence in enumerate(sequences):
+        cache = hf_forward(hf, sequence).past_key_values
+        covered = len(sequence)  # a segment holds or has pending what the one before it holds
+        for spec, kv in zip(batch.specs, batch.kv):
+            pending = 0 if kv.pending[i] is None else len(kv.pending[i])
+            assert kv.lengths[i] + pending == covered, (i, spec.start)
+            covered = kv.lengths[i]
+            for j, layer in enumerate(range(spec.start, spec.stop)):
+                np.testing.assert_allclose(kv.kv_of(i)[2 * j], cache.layers[layer].keys[:, :, : kv.lengths[i]].numpy(),
+                                           atol=2e-4, rtol=1e-4)
+                np.testing.assert_allclose(kv.kv_of(i)[2 * j + 1],
+                                           cache.layers[layer].values[:, :, : kv.lengths[i]].numpy(), atol=2e-4, rtol=1e-4)
+
+
+def test_requests_submitted_while_others_decode(llama_compiled):
+    model = load(llama_compiled.artifact)
+    options = dict(thresholds=0.4, max_new_tokens=10)
+    solo = alone(model, PROMPTS, **options)
+    engine = Engine(model, max_batch=3)
+    first = [engine.submit(p, **options) for p in PROMPTS[:2]]
+    for _ in range(4):
+        engine.step()
+    assert all(len(r.tokens) == 4 for r in first)  # decoding when the next ones arrive
+    later = [engine.submit(p, **options) for p in PROMPTS[2:]]
+    engine.run()
+    assert same([r.result() for r in first + later], solo)
+
+
+def test_eight_threads_two_hundred_requests(llama_compiled):
+    model = load(llama_compiled.artifact)
+    options = dict(thresholds=0.4, max_new_tokens=5)
+    prompts = [[(7 * i + k) % 96 for k in range(1 + i % 9)] for i in range(25)]
+    want = {tuple(p): (r.tokens, r.exits) for p, r in zip(prompts, alone(model, prompts, **options))}
+    got, errors = [], []
+    with Engine(model, max_batch=6) as engine:
+        def client(t):
+            try:
+                requests = [(prompts[(t + 8 * k) % 25], engine.submit(prompts[(t + 8 * k) % 25], **options))
+                            for k in range(25)]
+                got.extend((tuple(p), r.result(timeout=120)) for p, r in requests)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        threads = [threading.Thread(target=client, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert len(got) == 200
+    assert all((r.tokens, r.exits) == want[p] for p, r in got)
+
+
+def test_finish_at_eos_and_at_the_context(llama_compiled):
+    model = load(llama_compiled.artifact)
+    free = model.generate(PROMPTS, mode="full", max_new_tokens=12)
+    eos = free[0].tokens[5]  # pretend the sixth token of the first row is the end of sequence
+    model.manifest = dataclasses.replace(model.manifest, eos_token_ids=[eos])
+    stopped = model.generate(PROMPTS, mode="full", max_new_tokens=12)
+    for f, s in zip(free, stopped):
+        cut = f.tokens.index(eos) + 1 if eos in f.tokens else len(f.tokens)
+        assert s.tokens == f.tokens[:cut]
+        assert s.finish_reason == ("stop" if eos in f.tokens else "length")
+    context = model.manifest.model.context_length
+    long = list(range(90)) + list(range(context - 93))  # 3 positions short of the context
+    near = model.generate([long, PROMPTS[1]], mode="full", max_new_tokens=10, ignore_eos=True)
+    assert len(near[0].tokens) == 3 and near[0].finish_reason == "length"
+    assert near[0].tokens == model.generate(long, mode="full", max_new_tokens=10, ignore_eos=True).tokens
+    assert len(near[1].tokens) == 10
+
+
+def test_streamed_batch_events_make_the_results(llama_compiled):
+    model = load(llama_compiled.artifact)
+    results = model.generate(PROMPTS, thresholds=0.4, max_new_tokens=8, max_batch=2)
+    events = list(model.generate(PROMPTS, thresholds=0.4, max_new_tokens=8, max_batch=2, stream=True))
+    for i, r in enumerate(results):
+        mine = [e for e in events if e.index == i]
+        assert [e.token for e in mine] == r.tokens and [e.exit_layer for e in mine] == r.exits
+        assert [e.finish_reason for e in mine] == [None] * 7 + ["length"]
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ([], "the list is empty"),
+    ([[1, 2], [1.7, 2.9]], "whole numbers"),
+    ([[1, 2], [True]], "whole numbers"),
+    (b"\xff\xfe", "not bytes"),
+    ([[1, 2], [96]], "0..95"),
+    ([[1, 2], [-1]], "0..95"),
+    ([[1, 2], list(range(96)) * 2], "context"),
+    ([[1, 2], 3.5], "not float"),
+    ([[1, 2], "text"], "no tokenizer"),
+])
+def test_bad_prompts_are_refused_before_anything_runs(llama_compiled, prompts, message):
+    model = load(llama_compiled.artifact)
+    with pytest.raises(InputError, match=message):
+        model.generate(prompts, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(max_new_tokens=True), "max_new_tokens"),
+    (dict(max_batch=0), "max_batch"),
+    (dict(stop="x"), "tokenizer"),
+    (dict(stop=[""]), "stop"),
+    (dict(mode="speculative", stream=True), "one sequence"),
+])
+def test_bad_options_are_refused(llama_compiled, options, message):
+    model = load(llama_compiled.artifact)
+    with pytest.raises(InputError, match=message):
+        model.generate([PROMPTS[0], PROMPTS[1]], **options)
