@@ -264,6 +264,8 @@ class Engine:
 
     def _admit(self) -> list[int]:
         """Move waiting requests into the free rows after the live ones, while they fit."""
+        if not self._waiting or self.live == self.rows:  # read without the lock: a request arriving now waits a step
+            return []
         reserved = sum(len(r.ids) + r.max_new_tokens for r in self.slots[: self.live])
         admitted = []
         with self._lock:
