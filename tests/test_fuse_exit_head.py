@@ -90,9 +90,9 @@ def test_conflicting_opsets_are_refused(twins):
 
 def test_decoding_with_fused_heads_matches_separate_heads(twins):
     on, off = (load(p) for p in twins)
-    assert [s.with_head for s in on.manifest.segments] == ["segments/seg0_with_head.onnx",
+    assert [s.graph("with_head") for s in on.manifest.segments] == ["segments/seg0_with_head.onnx",
                                                           "segments/seg1_with_head.onnx", None]
-    assert all(s.with_head is None for s in off.manifest.segments)
+    assert all(s.graph("with_head") is None for s in off.manifest.segments)
     for threshold in (0.2, 0.5):  # top-2 margins: some tokens leave at each exit, some go through
         for prompt in PROMPTS:
             a = on.generate(prompt, max_new_tokens=12, thresholds=threshold)

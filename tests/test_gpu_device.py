@@ -44,7 +44,7 @@ def kv_types(path):
 def test_fp16_artifact_has_a_half_precision_kv_and_float_hidden_states(fp16_artifact):
     manifest = load(fp16_artifact, device="cpu").manifest
     assert (manifest.precision, manifest.target) == ("fp16", "cuda")
-    files = [s.file for s in manifest.segments] + [s.with_head for s in manifest.segments if s.with_head]
+    files = [s.file for s in manifest.segments] + [s.graph("with_head") for s in manifest.segments if s.graph("with_head")]
     assert len(files) == 5  # three segments and the two exit segments with their head inside
     for f in files:
         types = kv_types(fp16_artifact / f)

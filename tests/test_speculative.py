@@ -25,7 +25,7 @@ def _full(model, prompt, n=24):
 def test_speculative_equals_full_mode(tiny_compiled, draft_layer, max_draft):
     """Threshold 0 drafts as far as allowed: random heads are mostly wrong, so most cycles roll back."""
     model = load(tiny_compiled.artifact)
-    assert model.manifest.segments[-1].verify  # written by default for a small artifact
+    assert model.manifest.segments[-1].graph("verify")  # written by default for a small artifact
     drafted = accepted = 0
     for prompt in PROMPTS:
         got = model.generate(prompt, max_new_tokens=24, mode="speculative", thresholds=0.0, ignore_eos=True,
@@ -91,7 +91,7 @@ def test_speculative_needs_what_it_drafts_and_verifies_with(tmp_path, llama_src)
 
     compile_model(llama_src / "hf", tmp_path / "off.eec", exits=[2], calibrate=False, speculative="off")
     model = load(tmp_path / "off.eec")
-    assert model.manifest.segments[-1].verify is None
+    assert model.manifest.segments[-1].graph("verify") is None
     with pytest.raises(InputError, match="--speculative on"):
         model.generate(PROMPTS[0], max_new_tokens=4, mode="speculative")
     compile_model(llama_src / "hf", tmp_path / "on.eec", exits=[2, 4], calibrate=False, catch_up="propagate")

@@ -324,14 +324,11 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
         users = [str(s.exit.layer) for s in m.segments if s.exit.file == file]
         table.add_row(file, "-", f"exit head for layer {', '.join(users)}", megabytes(file))
     for s in m.segments:
-        if s.fill:
-            table.add_row(s.fill, f"{s.start}-{s.stop}", "key/value fill (propagating catch-up)", megabytes(s.fill))
-        if s.with_head:
-            table.add_row(s.with_head, f"{s.start}-{s.stop}", f"layer {s.exit.layer}'s head inside (early exit)",
-                          megabytes(s.with_head))
-        if s.verify:
-            table.add_row(s.verify, f"{s.start}-{s.stop}", "the token at every position (speculative verify)",
-                          megabytes(s.verify))
+        roles = {"fill": "key/value fill (propagating catch-up)", "with_head": f"layer {s.exit.layer}'s head inside "
+                 "(early exit)", "verify": "the token at every position (speculative verify)"}
+        for role, what in roles.items():
+            if s.graph(role):
+                table.add_row(s.graph(role), f"{s.start}-{s.stop}", what, megabytes(s.graph(role)))
     out.print(table)
     out.print(f"exits: {', '.join(map(str, m.exits)) or 'none'}; catch-up: {m.catch_up}")
 
@@ -374,7 +371,7 @@ def profile(
     model = load(artifact, threads=threads, catch_up=catch_up, device=device)
     if model.exits and model.manifest.calibration is None:
         raise InputError(f"{artifact} is not calibrated; run `eec calibrate {artifact}` first")
-    can_verify = any(s.verify for s in model.manifest.segments) and model.catch_up == "exact"
+    can_verify = any(s.graph("verify") for s in model.manifest.segments) and model.catch_up == "exact"
     if speculative and not can_verify:
         raise InputError(f"{artifact} cannot run speculative mode: it needs the verify graph (compile with "
                          "--speculative on) and the exact catch-up")

@@ -22,6 +22,7 @@ from eec.compiler.ops import TRANSLATIONS
 from eec.compiler.passes import DropUnusedNormOutputs
 from eec.compiler.segments import HEAD_INPUTS, HEAD_OUTPUTS, PlannedHead, PlannedSegment, fill_outputs
 from eec.errors import CompileError
+from eec.runtime.manifest import FILL, VERIFY
 from eec.runtime.sessions import open_sessions
 
 OPSET = 20
@@ -74,15 +75,15 @@ def export_segment(seg: PlannedSegment, root: Path) -> None:
 
 
 def export_fill(seg: PlannedSegment, root: Path) -> None:
-    """The segment's `KVFill` graph, beside it (``seg.spec.fill``)."""
-    _export_over_segment(seg, seg.fill, fill_outputs(seg.spec), root / seg.spec.fill,
+    """The segment's `KVFill` graph, beside it (``seg.spec.graph(FILL)``)."""
+    _export_over_segment(seg, seg.fill, fill_outputs(seg.spec), root / seg.spec.graph(FILL),
                          f"the key/value fill of layers {seg.spec.start}-{seg.spec.stop}")
 
 
 def export_verify(seg: PlannedSegment, root: Path) -> None:
-    """The last segment's verify graph, beside it (``seg.spec.verify``): its inputs and outputs, the
+    """The last segment's verify graph, beside it (``seg.spec.graph(VERIFY)``): its inputs and outputs, the
     token at every position."""
-    _export_over_segment(seg, seg.verify, seg.spec.outputs, root / seg.spec.verify,
+    _export_over_segment(seg, seg.verify, seg.spec.outputs, root / seg.spec.graph(VERIFY),
                          f"the verify graph of layers {seg.spec.start}-{seg.spec.stop}")
 
 

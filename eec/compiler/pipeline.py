@@ -28,7 +28,10 @@ from eec.calib.calibrate import (
 )
 from eec.runtime.core import CATCH_UPS
 from eec.runtime.manifest import (
+    FILL,
     MANIFEST,
+    VERIFY,
+    WITH_HEAD,
     Manifest,
     ModelSpec,
     TokenizerSpec,
@@ -379,8 +382,8 @@ class _Build:
         plan = plan_segments(src, exits, fused=self.target.fused_ops, context=context_length(src.config),
                              all_heads=not self.placed, shortlist=shortlist, classifiers=classifiers,
                              fills=self.catch_up == "propagate", verify=self.speculative != "off")
-        fills = {seg.spec.fill: seg.spec.file for seg in plan.segments if seg.fill is not None}
-        verifies = {seg.spec.verify: seg.spec.file for seg in plan.segments if seg.verify is not None}
+        fills = {seg.spec.graph(FILL): seg.spec.file for seg in plan.segments if seg.fill is not None}
+        verifies = {seg.spec.graph(VERIFY): seg.spec.file for seg in plan.segments if seg.verify is not None}
         total = len(plan.segments) + len(fills) + len(verifies) + len(plan.heads) + 3 + int(self.calibrate)
         step = 1
         tmp = Path(tempfile.mkdtemp(prefix=".eec-build-", dir=parent))
@@ -398,8 +401,8 @@ class _Build:
                         progress(f"exporting the verify graph of layers {seg.spec.start}-{seg.spec.stop}", step, total)
                         export_verify(seg, tmp)
                     else:
-                        verifies.pop(seg.spec.verify)
-                        seg.spec, seg.verify = replace(seg.spec, verify=None), None
+                        verifies.pop(seg.spec.graph(VERIFY))
+                        seg.spec, seg.verify = seg.spec.with_graph(VERIFY, None), None
                     step += 1
             graphs = [seg.spec.file for seg in plan.segments] + list(fills) + list(verifies) + [h.file for h in plan.heads]
             for head in plan.heads:
@@ -452,7 +455,7 @@ class _Build:
                 continue
             file = spec.file.removesuffix(".onnx") + "_with_head.onnx"
             write_with_head(tmp / spec.file, tmp / spec.exit.file, tmp / file)
-            seg.spec = replace(spec, with_head=file)
+            seg.spec = spec.with_graph(WITH_HEAD, file)
             written = True
         return written
 

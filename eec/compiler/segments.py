@@ -41,7 +41,7 @@ from eec.compiler.modules import (
 )
 from eec.compiler.ops import gqa_supported
 from eec.errors import InputError, UnsupportedModelError
-from eec.runtime.manifest import ExitSpec, SegmentSpec
+from eec.runtime.manifest import FILL, PLAIN, VERIFY, ExitSpec, SegmentSpec
 
 
 def check_repeats(layers: list[int]) -> None:
@@ -178,9 +178,12 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
         inputs, outputs = io_names(start, stop, first, last, scored=classifier is not None)
         fill = fills and not first
         verified = verify and last and not first
-        spec = SegmentSpec(f"segments/seg{i}.onnx", start, stop, inputs, outputs, exit_spec,
-                           kv_cache="shared" if fused else "concat", fill=f"segments/fill{i}.onnx" if fill else None,
-                           verify=f"segments/seg{i}_verify.onnx" if verified else None)
+        graphs = {PLAIN: f"segments/seg{i}.onnx"}
+        if fill:
+            graphs[FILL] = f"segments/fill{i}.onnx"
+        if verified:
+            graphs[VERIFY] = f"segments/seg{i}_verify.onnx"
+        spec = SegmentSpec(graphs, start, stop, inputs, outputs, exit_spec, kv_cache="shared" if fused else "concat")
         # The verify graph: the same layers, the final head over every position (rule 7).
         every = kind(layers, head=FinalHead(shared_head(), every_position=True), **common).eval() if verified else None
         segments.append(PlannedSegment(spec, module, KVFill(module).eval() if fill else None, every))

@@ -10,13 +10,15 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from eec.errors import ArtifactError
 
 SCHEMA = "eec-artifact"
-SCHEMA_VERSION = 1
+# 2: a segment's graphs as one map by role (`SegmentSpec.graphs`); version 1 named them in four
+# fields (file, fill, with_head, verify) and is read by converting them.
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -37,7 +39,13 @@ class ExitSpec:
 
 @dataclass(frozen=True)
 class SegmentSpec:
-    file: str
+    # The segment's graphs by role (`ROLES`): "plain" always; "with_head", its exit head inside
+    # (`eec.compiler.passes.FuseExitHead`), which early exit runs in place of the segment and the
+    # head's own graph; "fill", the KVFill graph that writes the KV of positions that left at an
+    # earlier exit from that exit's hidden state (`eec.compiler.modules.KVFill`); "verify", the
+    # last segment with the token at every position (`eec.runtime.speculative`). Every graph of a
+    # segment takes its inputs and reads and appends to its KV.
+    graphs: dict[str, str]
     start: int  # first layer (inclusive)
     stop: int  # last layer (exclusive)
     inputs: list[str]
@@ -46,19 +54,22 @@ class SegmentSpec:
     # "shared": attention is onnxruntime's GroupQueryAttention, whose past and present KV may be one
     # preallocated buffer it appends to in place; "concat": present = past + new, a fresh tensor per call.
     kv_cache: str = "concat"
-    # The segment's KVFill graph (`eec.compiler.modules.KVFill`): keys and values for positions that left
-    # at an earlier exit, from that exit's hidden state; None where the artifact has none.
-    fill: str | None = None
-    # The segment's graph with its exit head inside (`eec.compiler.passes.FuseExitHead`): early-exit
-    # decoding runs it in place of the segment and the head's own graph; None where it was not built.
-    with_head: str | None = None
-    # The last segment's graph with the token at every position (`eec.runtime.speculative` verifies
-    # drafted tokens with it); None where it was not built.
-    verify: str | None = None
+
+    @property
+    def file(self) -> str:
+        """The segment's plain graph."""
+        return self.graphs[PLAIN]
 
     def graph(self, role: str) -> str | None:
-        """The file of the segment's graph in ``role`` (`eec.runtime.kv`: plain, with_head, fill, verify)."""
-        return self.file if role == PLAIN else getattr(self, role)
+        """The file of the segment's graph in ``role``; None where the artifact has none."""
+        return self.graphs.get(role)
+
+    def with_graph(self, role: str, file: str | None) -> "SegmentSpec":
+        """This spec with the graph in ``role`` set to ``file`` (None: removed)."""
+        graphs = {r: f for r, f in self.graphs.items() if r != role}
+        if file is not None:
+            graphs[role] = file
+        return replace(self, graphs={r: graphs[r] for r in ROLES if r in graphs})
 
     @property
     def takes_ids(self) -> bool:
@@ -137,16 +148,14 @@ class Manifest:
             raise ArtifactError(f"manifest.json is not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
             raise ArtifactError("manifest.json is not an eec artifact manifest")
-        if raw.get("schema_version") != SCHEMA_VERSION:
+        version = raw.get("schema_version")
+        if version not in (1, SCHEMA_VERSION):
             raise ArtifactError(
-                f"artifact schema version {raw.get('schema_version')} is not supported "
-                f"(this eec reads version {SCHEMA_VERSION}); recompile it"
+                f"artifact schema version {version} is not supported "
+                f"(this eec reads versions 1 and {SCHEMA_VERSION}); recompile it"
             )
         try:
-            segments = [
-                SegmentSpec(**{**s, "exit": ExitSpec(**s["exit"]) if s.get("exit") else None})
-                for s in raw["segments"]
-            ]
+            segments = [_segment(s, version) for s in raw["segments"]]
             tok = raw.get("tokenizer")
             cal = raw.get("calibration")
             return Manifest(
@@ -163,8 +172,24 @@ class Manifest:
                 engines=raw.get("engines"),
                 catch_up=raw.get("catch_up", "exact"),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None
+
+
+def _segment(raw: dict, version: int) -> SegmentSpec:
+    raw = dict(raw)
+    if version == 1:  # four fields, converted to the role map
+        raw["graphs"] = {role: raw.pop(field) for role, field in
+                         ((PLAIN, "file"), (WITH_HEAD, "with_head"), (FILL, "fill"), (VERIFY, "verify")) if raw.get(field)}
+        for field_ in ("fill", "with_head", "verify"):
+            raw.pop(field_, None)
+    graphs = raw.get("graphs")
+    if not isinstance(graphs, dict) or PLAIN not in graphs or set(graphs) - set(ROLES) \
+            or not all(isinstance(f, str) for f in graphs.values()):
+        raise ArtifactError(f"manifest.json: a segment's graphs must map roles ({', '.join(ROLES)}) to files, "
+                            f"the plain one included; got {graphs!r}")
+    raw["exit"] = ExitSpec(**raw["exit"]) if raw.get("exit") else None
+    return SegmentSpec(**raw)
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:

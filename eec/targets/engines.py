@@ -37,7 +37,7 @@ def build_engines(artifact: Path, progress: Callable[[str, int, int], None] = la
     if not tensorrt_available():
         raise InputError("TensorRT is not available here: build engines on the target device, with onnxruntime-gpu "
                          "built with TensorRT (JetPack's onnxruntime-gpu on Jetson)")
-    graphs = [(f, s.inputs) for s in manifest.segments for f in (s.file, s.fill, s.with_head, s.verify) if f]
+    graphs = [(f, s.inputs) for s in manifest.segments for f in s.graphs.values()]
     graphs += [(f, ["hidden"]) for f in dict.fromkeys(s.exit.file for s in manifest.segments if s.exit and s.exit.file)]
     (root / ENGINE_DIR).mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
