@@ -4,4 +4,4 @@
 ``eec.compiler`` (the ``eec[compile]`` extra) turns a trained model into one.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -156,9 +156,14 @@ class FusedDecoderLayer(nn.Module):
         return self.mlp(normed), residual, k, v
 
 
+# Tokens a head returns with their logits, for sampling (`eec.runtime.sampling`): the rest of the
+# vocabulary is never drawn. A TopK of 64 over SmolLM2's 49152 logits is a small part of the projection.
+SAMPLE_K = 64
+
+
 class ExitHead(nn.Module):
     """Norm, vocabulary projection and softmax on the last position; returns the
-    token and its confidence scores.
+    token, its confidence scores and the ``SAMPLE_K`` most likely tokens with their logits.
 
     ``scores`` [batch, 3] holds, in the order of `eec.calib.metrics.GRAPH_METRICS`:
     top-1 minus top-2 probability ("breaking ties"), the top-1 probability and
@@ -193,7 +198,13 @@ class ExitHead(nn.Module):
         margin = top.values[:, 0] - top.values[:, 1]
         neg_entropy = (probs * logp).sum(-1)
         token = top.indices[:, 0] if self.token_ids is None else self.token_ids[top.indices[:, 0]]
-        return token, torch.stack([margin, top.values[:, 0], neg_entropy], dim=-1)
+        top_ids, top_logits = self.top(logits)
+        return token, torch.stack([margin, top.values[:, 0], neg_entropy], dim=-1), top_ids, top_logits
+
+    def top(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``SAMPLE_K`` largest logits (fewer for a short list) and their vocabulary ids, largest first."""
+        values, indices = torch.topk(logits, min(SAMPLE_K, logits.shape[-1]), dim=-1)
+        return (indices if self.token_ids is None else self.token_ids[indices]), values
 
 
 class ExitClassifier(nn.Module):
@@ -236,11 +247,12 @@ class FinalHead(nn.Module):
         self.every_position = every_position
 
     def forward(self, hidden: torch.Tensor):
-        """``hidden``: [batch, seq, hidden] with ``every_position``, else the last position's [batch, hidden]."""
+        """``hidden``: [batch, seq, hidden] with ``every_position``, else the last position's [batch, hidden].
+        Returns the token, and outside the verify graph the ``SAMPLE_K`` top tokens and logits (sampling)."""
         if self.every_position:
             return (self.head.proj(self.head.norm(hidden)).argmax(-1),)
         logits = self.head.proj(self.head.norm(hidden)[:, None, :])[:, 0, :]
-        return (logits.argmax(-1),)
+        return (logits.argmax(-1), *self.head.top(logits.float()))
 
 
 class LastPositionHead(nn.Module):

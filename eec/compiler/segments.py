@@ -93,7 +93,7 @@ def io_names(start: int, stop: int, first: bool, last: bool, scored: bool = Fals
     kv_in = [f"past_{kv}_{i}" for i in range(start, stop) for kv in ("key", "value")]
     kv_out = [f"present_{kv}_{i}" for i in range(start, stop) for kv in ("key", "value")]
     inputs = ["input_ids" if first else "hidden", "position_ids", "attention_mask", *kv_in]
-    outputs = (["token"] if last else ["hidden_out", *(["exit_score"] if scored else [])]) + kv_out
+    outputs = (["token", *SAMPLE_OUTPUTS] if last else ["hidden_out", *(["exit_score"] if scored else [])]) + kv_out
     return inputs, outputs
 
 
@@ -102,7 +102,8 @@ def fill_outputs(spec: SegmentSpec) -> list[str]:
     return [name for name in spec.outputs if name.startswith("present_")]
 
 
-HEAD_INPUTS, HEAD_OUTPUTS = ["hidden"], ["token", "scores"]
+SAMPLE_OUTPUTS = ["top_ids", "top_logits"]  # a head's most likely tokens and their logits (`ExitHead.top`)
+HEAD_INPUTS, HEAD_OUTPUTS = ["hidden"], ["token", "scores", *SAMPLE_OUTPUTS]
 
 
 def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, context: int = 2048,

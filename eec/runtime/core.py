@@ -54,6 +54,10 @@ class StepResult:
     scores: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> one value per ALL_METRICS
     exit_tokens: dict[int, int] = field(default_factory=dict)  # layer -> that head's token
     hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> last position's hidden state
+    # Asked for with ``sample``: the deciding head's most likely tokens and their logits, largest first
+    # (None from an artifact whose heads do not return them).
+    top_ids: np.ndarray | None = None
+    top_logits: np.ndarray | None = None
 
 
 class Batch:
@@ -105,7 +109,8 @@ class Batch:
         self.checked[dst], self.agreed[dst] = self.checked[src], self.agreed[src]
         self.checked[src] = self.agreed[src] = 0
 
-    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[StepResult]:
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+                sample: bool | Sequence[bool] = False) -> list[StepResult]:
         """Run each row's prompt (token ids) through every layer and predict the next token. Rows in
         neighbouring fresh slots run together: every position but the last in one right-padded call
         a segment, then the last positions as one step (the final head reads a call's last
@@ -114,8 +119,9 @@ class Batch:
         lengths = [len(p) for p in prompts]
         together = (len(slots) > 1 and slots == list(range(slots[0], slots[0] + len(slots)))
                     and all(self.length(s) == 0 for s in slots) and max(lengths) > 1)
+        sample = list(sample) if isinstance(sample, (list, tuple)) else [sample] * len(slots)
         if not together:
-            return [self.step([s], [p])[0] for s, p in zip(slots, prompts)]
+            return [self.step([s], [p], sample=[w])[0] for s, p, w in zip(slots, prompts, sample)]
         seq = max(lengths) - 1
         x = np.zeros((len(slots), seq), dtype=np.int64)
         for i, p in enumerate(prompts):
@@ -129,11 +135,11 @@ class Batch:
             if n == 1:
                 for kv in self.kv:
                     kv.lengths[slot] = 0
-        return self.step(slots, [p[-1:] for p in prompts])
+        return self.step(slots, [p[-1:] for p in prompts], sample=sample)
 
     def step(self, slots: Sequence[int], inputs: Sequence[Sequence[int] | np.ndarray],
              thresholds: Thresholds | Sequence[Thresholds] = None, metric: int = 0,
-             trace: bool = False) -> list[StepResult]:
+             trace: bool = False, sample: bool | Sequence[bool] = False) -> list[StepResult]:
         """Feed each row in ``slots`` its ``inputs`` (token ids) and predict its next token.
 
         ``thresholds`` maps exit layer -> minimum score of metric ``metric`` (an
@@ -141,11 +147,14 @@ class Batch:
         not in a row's map is passed without its head deciding (None: full mode).
         With the ``classifier`` metric the segment's own exit score decides first,
         and the head runs only for a token that leaves. ``trace`` runs the head of
-        every asked exit whatever the scores and records them (calibration).
+        every asked exit whatever the scores and records them (calibration). ``sample``
+        (for every row, or per row) copies the deciding head's top tokens and logits into the
+        results, for drawing the token (`eec.runtime.sampling`).
         """
         slots = list(slots)
         n = len(slots)
         per_row = list(thresholds) if isinstance(thresholds, (list, tuple)) else [thresholds] * n
+        self._sample = list(sample) if isinstance(sample, (list, tuple)) else [sample] * n
         results = [StepResult(token=-1, exit_layer=-1) for _ in range(n)]
         xs = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in inputs]  # ids, then [positions, hidden]
         previous: list[np.ndarray | None] = [None] * n  # last position's hidden state at the previous exit
@@ -161,10 +170,13 @@ class Batch:
             if j == last:
                 for i in going:
                     results[i].token, results[i].exit_layer = self._final(slots[i], outputs[i], spec, trace, results[i])
+                    if self._sample[i] and "top_ids" in outputs[i]:
+                        results[i].top_ids = np.array(outputs[i]["top_ids"][0])
+                        results[i].top_logits = np.array(outputs[i]["top_logits"][0])
                 return results
             if spec.emits_hidden:
                 for i in going:
-                    xs[i] = outputs[i][0][0]
+                    xs[i] = outputs[i]["hidden_out"][0]
             if not asked:
                 for i in going:
                     previous[i] = xs[i][-1]
@@ -194,31 +206,33 @@ class Batch:
             nxt.pending[slot] = pending if nxt.pending[slot] is None else np.concatenate([nxt.pending[slot], pending])
 
     def _run(self, j: int, kv: SegmentKV, role: str, slots: list[int], going: list[int],
-             xs: list[np.ndarray]) -> dict[int, list[np.ndarray]]:
+             xs: list[np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
         """One segment's calls for the rows ``going``: one over the rows that add one position, one
-        per row that adds several. Returns each row's outputs, batch dimension 1."""
-        out: dict[int, list[np.ndarray]] = {}
+        per row that adds several. Returns each row's outputs by name, batch dimension 1."""
+        out: dict[int, dict[str, np.ndarray]] = {}
         singles = [i for i in going if len(xs[i]) == 1]
         if singles:
             x = xs[singles[0]][None] if len(singles) == 1 else np.stack([xs[i] for i in singles])
             outputs = kv.call(role, [slots[i] for i in singles], x)
+            names = kv.graphs[role].names
             if len(singles) == 1:
-                out[singles[0]] = outputs
+                out[singles[0]] = dict(zip(names, outputs))
             else:
                 for r, i in enumerate(singles):
-                    out[i] = [o[r: r + 1] for o in outputs]
+                    out[i] = {name: o[r: r + 1] for name, o in zip(names, outputs)}
         last = len(self.kv) - 1
         for i in going:
             if len(xs[i]) > 1:
                 slot = slots[i]
                 verify = j == last and self.monitor and bool(self.unchecked[slot])
-                out[i] = kv.call(VERIFY if verify else role, [slot], xs[i][None])
+                graph = VERIFY if verify else role
+                out[i] = dict(zip(kv.graphs[graph].names, kv.call(graph, [slot], xs[i][None])))
         return out
 
-    def _final(self, slot: int, outputs: list[np.ndarray], spec: SegmentSpec, trace: bool,
+    def _final(self, slot: int, outputs: dict[str, np.ndarray], spec: SegmentSpec, trace: bool,
                result: StepResult) -> tuple[int, int]:
         """The final head's token from the last segment's outputs; the monitor's check where it ran."""
-        tokens = np.asarray(outputs[0]).reshape(-1)
+        tokens = np.asarray(outputs["token"]).reshape(-1)
         unchecked = self.unchecked[slot]
         if self.monitor and unchecked and len(tokens) > 1:  # the verify graph: a token per position
             final = tokens[-1 - len(unchecked): -1]
@@ -227,31 +241,37 @@ class Batch:
         self.unchecked[slot] = []
         token, layer = int(tokens[-1]), spec.exit.layer
         if trace:  # the final head has no confidence scores (artifacts before eec 0.2 had)
-            scores = outputs[1][0] if len(outputs) > 1 else np.full(len(GRAPH_METRICS), np.nan)
+            scores = outputs["scores"][0] if "scores" in outputs else np.full(len(GRAPH_METRICS), np.nan)
             result.exit_tokens[layer], result.scores[layer] = token, np.append(scores, [np.nan, np.nan])
         return token, layer
 
-    def _decide(self, j: int, kv: SegmentKV, role: str, asked: list[int], outputs: dict[int, list[np.ndarray]],
+    def _decide(self, j: int, kv: SegmentKV, role: str, asked: list[int], outputs: dict[int, dict[str, np.ndarray]],
                 xs: list[np.ndarray], previous: list, per_row: list, metric: int, trace: bool,
                 results: list[StepResult]) -> list[int]:
         """The rows of ``asked`` that leave at segment ``j``'s exit (their results filled in)."""
         spec, layer = self.specs[j], self.specs[j].exit.layer
-        gates = {i: float(outputs[i][1][0]) if spec.scores_exit else np.nan for i in asked}
+        gates = {i: float(outputs[i]["exit_score"][0]) if spec.scores_exit else np.nan for i in asked}
         judged = asked
         if metric == CLASSIFIER and not trace:  # the classifier says stay: the head's projection never runs
             judged = [i for i in asked if gates[i] >= per_row[i][layer]]
         heads: dict[int, tuple[int, np.ndarray]] = {}
+        tops: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # the top tokens of sampled rows
         if role == WITH_HEAD:  # the head ran inside the segment's call
             for i in judged:
-                heads[i] = int(outputs[i][-2][0]), outputs[i][-1][0]
+                heads[i] = int(outputs[i]["exit_token"][0]), outputs[i]["exit_scores"][0]
+                if self._sample[i] and "exit_top_ids" in outputs[i]:
+                    tops[i] = outputs[i]["exit_top_ids"][0], outputs[i]["exit_top_logits"][0]
         elif judged:
             if len(judged) == 1:
-                hidden = outputs[judged[0]][0]
+                hidden = outputs[judged[0]]["hidden_out"]
             else:
                 hidden = np.stack([xs[i][-1:] for i in judged])
-            tokens, scores = self.heads[j].batch(hidden)
+            head = self.heads[j]
+            tokens, scores = head.batch(hidden)
             for r, i in enumerate(judged):
                 heads[i] = int(tokens[r]), scores[r]
+                if self._sample[i] and head.k:
+                    tops[i] = head.top_ids[r], head.top_logits[r]
         leaving = []
         for i in asked:
             current = xs[i][-1]
@@ -275,6 +295,8 @@ class Batch:
             previous[i] = current
             if value >= per_row[i][layer]:
                 results[i].token, results[i].exit_layer = token, layer
+                if i in tops:
+                    results[i].top_ids, results[i].top_logits = np.array(tops[i][0]), np.array(tops[i][1])
                 leaving.append(i)
         return leaving
 

@@ -28,7 +28,11 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 from eec.errors import EecError, InputError
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from eec.runtime.core import StepResult
     from eec.runtime.model import EarlyExitModel, GenerationResult, Stats
+    from eec.runtime.sampling import Sampling
 
 
 @dataclass
@@ -54,6 +58,8 @@ class Request:
     metric: int = 0  # the confidence metric the thresholds apply to (an index into `ALL_METRICS`)
     stop: tuple[str, ...] = ()
     stream: bool = False
+    sampling: "Sampling | None" = None  # None: greedy
+    rng: "np.random.Generator | None" = None
     tokens: list[int] = field(default_factory=list)
     exits: list[int] = field(default_factory=list)
     text: str = ""
@@ -67,6 +73,12 @@ class Request:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    def choose(self, result: "StepResult") -> int:
+        """The token of a step: the head's own, or drawn from its top tokens when sampling."""
+        if self.sampling is None:
+            return result.token
+        return self.sampling.draw(result.top_ids, result.top_logits, self.rng)
 
     def accept(self, token: int, layer: int, elapsed: float, room: bool = True) -> Event:
         """Record a produced token (``elapsed``: the decode time it took; ``room``: whether the
@@ -192,19 +204,21 @@ class Engine:
         admitted = self._admit()
         if admitted:
             start = time.perf_counter()
-            results = self.batch.prefill(admitted, [self.slots[s].ids for s in admitted])
+            results = self.batch.prefill(admitted, [self.slots[s].ids for s in admitted],
+                                         [self.slots[s].sampling is not None for s in admitted])
             elapsed = time.perf_counter() - start
             for slot, result in zip(admitted, results):
                 request = self.slots[slot]
                 request.stats.prefill_s = elapsed
-                events.append(self._emit(slot, request, result.token, result.exit_layer, 0.0))
+                events.append(self._emit(slot, request, result, 0.0))
         if running:
             start = time.perf_counter()
             results = self.batch.step(running, [[self.slots[s].tokens[-1]] for s in running],
-                                      [self.slots[s].thresholds for s in running], self.metric)
+                                      [self.slots[s].thresholds for s in running], self.metric,
+                                      sample=[self.slots[s].sampling is not None for s in running])
             elapsed = time.perf_counter() - start
             for slot, result in zip(running, results):
-                events.append(self._emit(slot, self.slots[slot], result.token, result.exit_layer, elapsed))
+                events.append(self._emit(slot, self.slots[slot], result, elapsed))
         self._retire()
         return events
 
@@ -284,10 +298,10 @@ class Engine:
                 admitted.append(slot)
         return admitted
 
-    def _emit(self, slot: int, request: Request, token: int, layer: int, elapsed: float) -> tuple[Request, Event]:
+    def _emit(self, slot: int, request: Request, result: "StepResult", elapsed: float) -> tuple[Request, Event]:
         # A sequence (prompt and new tokens) holds at most the context, as transformers counts it.
         room = len(request.ids) + len(request.tokens) + 1 < self.model.manifest.model.context_length
-        return request, request.accept(token, layer, elapsed, room)
+        return request, request.accept(request.choose(result), result.exit_layer, elapsed, room)
 
     def _retire(self) -> None:
         slot = 0

@@ -48,6 +48,7 @@ class BoundGraph:
         self.session = session
         self.small_outputs = [o for o in session.get_outputs() if not o.name.startswith("present_")]
         self.small = len(self.small_outputs)
+        self.names = [o.name for o in self.small_outputs]
         # Every position's output is joined when a call runs in pieces; the rest are the last position's.
         self.per_position = {"hidden_out", "tokens"} | ({"token"} if self._token_per_position() else set())
         self.binding = session.io_binding() if shared else None
@@ -460,26 +461,36 @@ class HeadCall:
         self.binding = session.io_binding() if hasattr(session, "run_with_iobinding") else None
         self.rows = 0
         self.bound: np.ndarray | None = None  # the array "hidden" is bound to, kept alive while bound
+        outputs = {o.name: o for o in session.get_outputs()}
+        # The most likely tokens and their logits, for sampling (artifacts from eec 0.2 on).
+        self.k = outputs["top_ids"].shape[-1] if "top_ids" in outputs else 0
         self._fix(1)
 
     def _fix(self, rows: int) -> None:
         self.rows = rows
         self.token = np.zeros(rows, dtype=np.int64)
         self.scores = np.zeros((rows, len(GRAPH_METRICS)), dtype=np.float32)
+        self.top_ids = np.zeros((rows, self.k), dtype=np.int64) if self.k else None
+        self.top_logits = np.zeros((rows, self.k), dtype=np.float32) if self.k else None
+        self.arrays = [("token", self.token), ("scores", self.scores)] + (
+            [("top_ids", self.top_ids), ("top_logits", self.top_logits)] if self.k else [])
         if self.binding is not None:
-            for name, out in (("token", self.token), ("scores", self.scores)):
+            for name, out in self.arrays:
                 self.binding.bind_output(name, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
         self.bound = None
 
     def batch(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(tokens [rows], scores [rows, metrics]) of the last position of each row of ``hidden``
-        ([rows, seq, hidden]); both arrays are reused by the next call. ``hidden`` is read by
-        address: the caller keeps it unchanged until the call returns."""
+        ([rows, seq, hidden]); both arrays, and ``top_ids`` and ``top_logits`` where the head has
+        them, are reused by the next call. ``hidden`` is read by address: the caller keeps it
+        unchanged until the call returns."""
         rows = hidden.shape[0]
         if rows != self.rows:
             self._fix(rows)
         if self.binding is None:
-            self.token[:], self.scores[:] = self.session.run(None, {"hidden": hidden})
+            values = self.session.run([name for name, _ in self.arrays], {"hidden": hidden})
+            for (_, out), value in zip(self.arrays, values):
+                out[...] = value
         else:
             if hidden is not self.bound or self.rebind:  # a segment's fixed one-position output stays bound across calls
                 hidden = np.ascontiguousarray(hidden)

@@ -19,6 +19,7 @@ from eec.runtime.core import CATCH_UPS, Batch, Decoder
 from eec.runtime.engine import Engine, Event, Request
 from eec.runtime.kv import FILL, PLAIN, VERIFY, WITH_HEAD, HeadCall
 from eec.runtime.manifest import Manifest, read_manifest
+from eec.runtime.sampling import Sampling
 from eec.runtime.sessions import MAX_CALL_TOKENS, open_graphs, open_sessions, pick_device
 from eec.runtime.speculative import DEFAULT_MAX_DRAFT, cycle
 from eec.runtime.text import TextCodec
@@ -240,6 +241,10 @@ class EarlyExitModel:
         draft_layer: int | None = None,
         monitor: bool = False,
         max_batch: int = 8,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
     ):
         """Greedy generation, of one prompt or of a list of them decoded together.
 
@@ -257,6 +262,10 @@ class EarlyExitModel:
         benchmarks), at a ``stop`` string (the text ends before it), after
         ``max_new_tokens`` or at the model's context; the result's
         ``finish_reason`` says which ("stop" or "length") and its ``stats`` how it went.
+        Tokens are the heads' most likely ones unless ``temperature``, ``top_k``,
+        ``top_p`` or ``seed`` is given: then each is drawn from the deciding head's
+        64 most likely tokens (`eec.runtime.sampling`, where ε's meaning with
+        sampling is said); a ``seed`` repeats a generation exactly.
 
         Returns a `GenerationResult`, or with ``stream=True`` an iterator of text
         pieces (token ids when the artifact has no tokenizer); for a list of
@@ -283,11 +292,14 @@ class EarlyExitModel:
         stay unchecked).
         """
         options = dict(max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=epsilon,
-                       rule=rule, delta=delta, chat=chat, ignore_eos=ignore_eos, stop=stop)
+                       rule=rule, delta=delta, chat=chat, ignore_eos=ignore_eos, stop=stop,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if monitor:
             self._check_monitor(mode, catch_up)
+            if Sampling.make(temperature, top_k, top_p, seed) is not None:
+                raise InputError("monitor checks greedy exits against the final head's token: it does not sample")
         if is_prompt_list(prompt):
             prompts = list(prompt)
             if not prompts:
@@ -324,20 +336,24 @@ class EarlyExitModel:
     def make_request(self, prompt, *, index: int = 0, metric: str | None = None, max_new_tokens: int = 128,
                      mode: str = "early-exit", thresholds=None, epsilon: float | None = None, rule: str = "risk",
                      delta: float = 0.1, chat: bool | None = None, ignore_eos: bool = False,
-                     stop: str | Sequence[str] | None = None, stream: bool = False) -> Request:
+                     stop: str | Sequence[str] | None = None, stream: bool = False, temperature: float | None = None,
+                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Request:
         """A checked `eec.runtime.engine.Request`: prompt encoded, thresholds resolved (`generate`'s options)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
         if mode == "speculative" and thresholds is None and epsilon is None and self.manifest.calibration:
             epsilon = SPECULATIVE_EPSILON
         values, metric_id = self.resolve_thresholds(mode, thresholds, epsilon, metric, rule, delta)
+        sampling = Sampling.make(temperature, top_k, top_p, seed)
+        if sampling is not None:
+            self._check_sampling(mode)
         stops = stop_strings(stop)
         if stops and self.codec is None:
             raise InputError("stop strings need the artifact's tokenizer; this artifact has none")
         ids = self.encode(prompt, chat)
         request = Request(index=index, ids=ids, max_new_tokens=int(max_new_tokens), thresholds=values, metric=metric_id,
                           eos=frozenset() if ignore_eos else frozenset(self.manifest.eos_token_ids), stop=stops,
-                          stream=stream)
+                          stream=stream, sampling=sampling, rng=sampling.generator() if sampling else None)
         if self.codec is not None:
             request._piece = self.codec.piece_decoder()
         if stream:
@@ -377,6 +393,14 @@ class EarlyExitModel:
             raise InputError(f"this artifact has no verify graph {purpose}; compile it with --speculative on")
         if (catch_up or self.catch_up) != "exact":
             raise InputError(f"the verify graph {purpose} runs through the exact catch-up: pass catch_up='exact'")
+
+    def _check_sampling(self, mode: str) -> None:
+        if mode == "speculative":
+            raise InputError("speculative decoding gives full mode's greedy tokens: it does not sample")
+        final = self.session(self.manifest.segments[-1].file)
+        if "top_ids" not in {o.name for o in final.get_outputs()}:
+            raise InputError("this artifact's heads return no top tokens to sample from (compiled before eec 0.2); "
+                             "recompile it to sample")
 
     def _check_monitor(self, mode: str, catch_up: str | None) -> None:
         if mode != "early-exit":

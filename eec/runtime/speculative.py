@@ -65,14 +65,15 @@ def cycle(decoder: Decoder, token: int, exit_index: int, threshold: float, metri
         x = np.asarray([[token]], dtype=np.int64)
         for j in range(exit_index + 1):
             fused = j == exit_index and states[j].has(WITH_HEAD) and metric != CLASSIFIER
-            outputs = states[j].call(WITH_HEAD if fused else PLAIN, [0], x)
-            x = outputs[0]
+            role = WITH_HEAD if fused else PLAIN
+            outputs = dict(zip(states[j].graphs[role].names, states[j].call(role, [0], x)))
+            x = outputs["hidden_out"]
         hidden.append(x.copy())  # a one-position call's outputs are overwritten by the next call
-        if metric == CLASSIFIER and not float(outputs[1][0]) >= threshold:
+        if metric == CLASSIFIER and not float(outputs["exit_score"][0]) >= threshold:
             drafts.append(-1)  # the classifier is unsure: verify without running the head
             break
         if fused:
-            token, scores = int(outputs[-2][0]), outputs[-1][0]
+            token, scores = int(outputs["exit_token"][0]), outputs["exit_scores"][0]
         else:
             token, scores = decoder.heads[exit_index](x)
         drafts.append(token)

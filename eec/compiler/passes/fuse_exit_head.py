@@ -7,13 +7,13 @@ code model, nothing on SmolLM2. The segment keeps its plain graph for
 
 Rules:
 1. The segment graph must emit ``hidden_out`` and the head graph take one
-   input (``hidden``) and return ``token`` and ``scores``; otherwise the pass
-   changes nothing.
+   input (``hidden``) and return ``token`` and ``scores`` (and, from eec 0.2,
+   ``top_ids`` and ``top_logits``); otherwise the pass changes nothing.
 2. The head's input is replaced by the segment's ``hidden_out``; its nodes,
    initializers and intermediate values join the segment graph, renamed
    under ``exit_head/`` so they cannot clash with the segment's names.
-3. The head's outputs become the segment's outputs ``exit_token`` and
-   ``exit_scores``, placed after its other non-KV outputs and before the
+3. The head's outputs become the segment's outputs ``exit_token``,
+   ``exit_scores`` (``exit_top_ids``, ``exit_top_logits``), placed after its other non-KV outputs and before the
    presents (the runtime reads the outputs before the presents as a group).
 4. Opset imports are merged; a domain both graphs import at different
    versions is refused (ValueError), before either graph changes.
@@ -28,7 +28,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
 PREFIX = "exit_head/"
-OUTPUTS = {"token": "exit_token", "scores": "exit_scores"}
+OUTPUTS = {"token": "exit_token", "scores": "exit_scores", "top_ids": "exit_top_ids", "top_logits": "exit_top_logits"}
 
 
 class FuseExitHead(InPlacePass):
@@ -40,8 +40,8 @@ class FuseExitHead(InPlacePass):
         graph = model.graph
         hidden_out = next((v for v in graph.outputs if v.name == "hidden_out"), None)
         head = self.head.graph
-        names = sorted(v.name for v in head.outputs)
-        if hidden_out is None or len(head.inputs) != 1 or names != sorted(OUTPUTS):
+        names = {v.name for v in head.outputs}
+        if hidden_out is None or len(head.inputs) != 1 or not {"token", "scores"} <= names <= set(OUTPUTS):
             return PassResult(model, modified=False)
         for domain, version in self.head.opset_imports.items():
             if model.opset_imports.get(domain, version) != version:
