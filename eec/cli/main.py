@@ -248,6 +248,10 @@ def generate(
                                            "for an artifact without a tokenizer), decoded together in batches"),
     max_batch: int = typer.Option(8, help="with --prompts: sequences decoded at once"),
     stop: Optional[list[str]] = typer.Option(None, help="stop at this text (repeat for several)"),
+    temperature: Optional[float] = typer.Option(None, help="sample at this temperature (default: greedy)"),
+    top_k: Optional[int] = typer.Option(None, help="sample from the k most likely tokens (at most 64)"),
+    top_p: Optional[float] = typer.Option(None, help="sample from the fewest most likely tokens holding this mass"),
+    seed: Optional[int] = typer.Option(None, help="seed for sampling: the same seed, the same tokens"),
     mode: str = typer.Option("early-exit", help="early-exit, full, or speculative (full mode's tokens: the exit "
                              "drafts while confident at --eps, the deeper layers verify)"),
     eps: Optional[float] = typer.Option(None, "--eps", help="accuracy level ε in [0, 1]: share of exited tokens that agree with the full model (calibrated artifacts; default 0.9, 0.95 for speculative drafts)"),
@@ -278,7 +282,7 @@ def generate(
     model = load(artifact, threads=threads, catch_up=catch_up, device=device)
     options = dict(max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=eps, metric=metric,
                    rule=rule, delta=delta, chat=chat, max_draft=max_draft, draft_layer=draft_layer, monitor=monitor,
-                   stop=stop or None)
+                   stop=stop or None, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if prompts is not None:
         from eec.calib.calibrate import read_prompts
 
