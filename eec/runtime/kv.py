@@ -462,7 +462,7 @@ class HeadCall:
         self.rows = 0
         self.bound: np.ndarray | None = None  # the array "hidden" is bound to, kept alive while bound
         outputs = {o.name: o for o in session.get_outputs()}
-        # The most likely tokens and their logits, for sampling (artifacts from eec 0.2 on).
+        # The most likely tokens and their logits, for sampling (artifacts compiled with schema 2 on; older heads lack them).
         self.k = outputs["top_ids"].shape[-1] if "top_ids" in outputs else 0
         self._fix(1)
 

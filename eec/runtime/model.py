@@ -399,7 +399,7 @@ class EarlyExitModel:
             raise InputError("speculative decoding gives full mode's greedy tokens: it does not sample")
         final = self.session(self.manifest.segments[-1].file)
         if "top_ids" not in {o.name for o in final.get_outputs()}:
-            raise InputError("this artifact's heads return no top tokens to sample from (compiled before eec 0.2); "
+            raise InputError("this artifact's heads return no top tokens to sample from (compiled by an older eec); "
                              "recompile it to sample")
 
     def _check_monitor(self, mode: str, catch_up: str | None) -> None:

@@ -1,6 +1,6 @@
 """Drawing a token instead of taking the most likely one (numpy only).
 
-Every head of an artifact (eec 0.2 on) returns, beside its token, its
+Every head of an artifact compiled by this eec returns, beside its token, its
 ``SAMPLE_K`` (64) most likely tokens and their logits; a token is drawn from
 those, after temperature, top-k and top-p, with the request's own random
 generator, so a seed repeats a generation exactly, alone or in a batch. An

@@ -7,7 +7,7 @@ code model, nothing on SmolLM2. The segment keeps its plain graph for
 
 Rules:
 1. The segment graph must emit ``hidden_out`` and the head graph take one
-   input (``hidden``) and return ``token`` and ``scores`` (and, from eec 0.2,
+   input (``hidden``) and return ``token`` and ``scores`` (and, in artifacts of schema 2,
    ``top_ids`` and ``top_logits``); otherwise the pass changes nothing.
 2. The head's input is replaced by the segment's ``hidden_out``; its nodes,
    initializers and intermediate values join the segment graph, renamed
