@@ -21,7 +21,7 @@ def test_head_graph_confidence_equals_numpy_metric(llama_compiled):
     out = hf_forward(hf, sequence)
     for spec in model.manifest.segments[:-1]:
         hidden = out.hidden_states[spec.exit.layer]  # [1, seq, hidden]
-        token, scores = model.session(spec.exit.file).run(None, {"hidden": hidden.numpy()})
+        token, scores, *_ = model.session(spec.exit.file).run(None, {"hidden": hidden.numpy()})
         logits = (rms_norm(hidden[0, -1], hf.model.norm.weight, hf.config.rms_norm_eps) @ hf.lm_head.weight.T)
         logits = logits.detach().numpy()
         assert int(token[0]) == int(np.argmax(logits))

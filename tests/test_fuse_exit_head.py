@@ -54,18 +54,21 @@ def test_fused_graph_computes_segment_then_head(twins, tmp_path):
     assert result.modified
     assert result.model.graph.num_nodes() == nodes and head.graph.num_nodes() == 0  # rule 5: the head moved in
     names = [v.name for v in result.model.graph.outputs]
-    assert names[:3] == ["hidden_out", "exit_token", "exit_scores"] and all(n.startswith("present_") for n in names[3:])
+    head_outputs = ["exit_token", "exit_scores", "exit_top_ids", "exit_top_logits"]
+    assert names[:5] == ["hidden_out", *head_outputs] and all(n.startswith("present_") for n in names[5:])
     ir.save(result.model, tmp_path / "fused.onnx", external_data="fused.onnx.data")
 
     fused, plain, head_session = (ort.InferenceSession(str(f), session_options())
                                   for f in (tmp_path / "fused.onnx", off / spec.file, off / spec.exit.file))
     feeds = random_feeds(plain)
     want = plain.run(None, feeds)
-    want_token, want_scores = head_session.run(None, {"hidden": want[0]})
+    want_token, want_scores, want_ids, want_logits = head_session.run(None, {"hidden": want[0]})
     got = dict(zip(names, fused.run(None, feeds)))
     np.testing.assert_allclose(got["hidden_out"], want[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got["exit_token"], want_token)
     np.testing.assert_allclose(got["exit_scores"], want_scores, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["exit_top_logits"], want_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got["exit_top_ids"][:, :8], want_ids[:, :8])
     for name, value in zip(plain.get_outputs()[1:], want[1:]):
         np.testing.assert_allclose(got[name.name], value, rtol=1e-5, atol=1e-5)
 

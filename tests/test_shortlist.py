@@ -35,7 +35,7 @@ def test_numpy_head_scores_equal_the_pytorch_head():
     ids = torch.tensor([1, 4, 9, 16, 25, 36])
     for module, numpy_ids in ((head, None), (head.shortlisted(ids), ids.numpy())):
         with torch.no_grad():
-            token, scores = module(h)
+            token, scores, *_ = module(h)
         got_token, got_scores = head_scores(weights, h.numpy(), numpy_ids)
         assert got_token.tolist() == token.tolist()
         np.testing.assert_allclose(got_scores, scores.numpy(), rtol=1e-4, atol=1e-5)

@@ -129,8 +129,8 @@ def drop_cast_round_trips(graph, blocked: set[str]) -> None:
         if producer[node.input[0]].name not in blocked or node.output[0] in outputs:
             continue
         after = consumers.get(node.output[0], [])
-        if not after or any(_cast_to(c) != onnx.TensorProto.FLOAT for c in after):
-            continue
+        if not after or any(_cast_to(c) != onnx.TensorProto.FLOAT or c.output[0] in outputs for c in after):
+            continue  # a graph output keeps its name, so its producer stays (a head's top logits after TopK)
         for back in after:
             rename[back.output[0]] = node.input[0]
             drop.add(id(back))
