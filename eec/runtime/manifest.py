@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from eec.errors import ArtifactError
 
@@ -146,6 +146,8 @@ class Manifest:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise ArtifactError(f"manifest.json is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except RecursionError:
+            raise ArtifactError("manifest.json is nested too deeply to be a manifest") from None
         if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
             raise ArtifactError("manifest.json is not an eec artifact manifest")
         version = raw.get("schema_version")
@@ -238,7 +240,13 @@ def read_manifest(root: Path, verify: bool = True) -> Manifest:
         raise ArtifactError(f"no artifact at {root}")
     if not root.is_dir() or not (root / MANIFEST).is_file():
         raise ArtifactError(f"{root} is not an eec artifact (no {MANIFEST}); compile one with `eec compile`")
-    manifest = Manifest.from_json((root / MANIFEST).read_text(encoding="utf-8"))
+    try:
+        text = (root / MANIFEST).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{root / MANIFEST} is not UTF-8 text") from None
+    manifest = Manifest.from_json(text)
+    check_fields(manifest)
+    check_paths(root, manifest)
     if verify:
         actual = hash_files(root)
         for name, digest in manifest.files.items():
@@ -250,3 +258,89 @@ def read_manifest(root: Path, verify: bool = True) -> Manifest:
         if extra:
             raise ArtifactError(f"artifact {root} holds files the manifest does not list: {', '.join(extra)}")
     return manifest
+
+
+# Bounds on what a manifest may ask the runtime to allocate: far above any model eec compiles.
+LIMITS = {"num_layers": 1024, "hidden_size": 65536, "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 4096,
+          "vocab_size": 1 << 22, "context_length": 1 << 20, "intermediate_size": 1 << 20}
+KV_CACHES = ("shared", "concat")
+
+
+def _bad(what: str) -> ArtifactError:
+    return ArtifactError(f"manifest.json: {what}")
+
+
+def _whole(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_fields(manifest: Manifest) -> None:
+    """Types and ranges of what the runtime sizes buffers and loops from, checked before any of it is used."""
+    m = manifest.model
+    for name, high in LIMITS.items():
+        low = 0 if name == "intermediate_size" else 1
+        if not _whole(getattr(m, name), low, high):
+            raise _bad(f"model.{name} must be a whole number in {low}..{high}, got {getattr(m, name)!r}")
+    if m.num_heads % m.num_kv_heads:
+        raise _bad(f"model.num_heads ({m.num_heads}) is not a multiple of num_kv_heads ({m.num_kv_heads})")
+    if not manifest.segments:
+        raise _bad("no segments")
+    start = 0
+    for s in manifest.segments:
+        if not (_whole(s.start, 0, m.num_layers) and _whole(s.stop, 1, m.num_layers)) or s.start != start or s.stop <= s.start:
+            raise _bad(f"segments must cover layers 0..{m.num_layers} in order; got layers {s.start!r}..{s.stop!r}")
+        start = s.stop
+        if s.kv_cache not in KV_CACHES:
+            raise _bad(f"a segment's kv_cache must be one of {', '.join(KV_CACHES)}, got {s.kv_cache!r}")
+        if not (isinstance(s.inputs, list) and isinstance(s.outputs, list)
+                and all(isinstance(n, str) for n in (*s.inputs, *s.outputs)) and len(s.inputs) >= 3):
+            raise _bad(f"layers {s.start}-{s.stop}: inputs and outputs must be lists of names")
+        if s.exit is not None and not (_whole(s.exit.layer, 1, m.num_layers) and (s.exit.file is None or isinstance(s.exit.file, str))
+                                       and _whole(s.exit.shortlist, 0, m.vocab_size)):
+            raise _bad(f"layers {s.start}-{s.stop}: a malformed exit {s.exit!r}")
+    if start != m.num_layers:
+        raise _bad(f"segments cover layers 0..{start} of {m.num_layers}")
+    if not (isinstance(manifest.eos_token_ids, list) and all(_whole(t, 0, m.vocab_size - 1) for t in manifest.eos_token_ids)):
+        raise _bad(f"eos_token_ids must be token ids below {m.vocab_size}, got {manifest.eos_token_ids!r}")
+    if not (isinstance(manifest.files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in manifest.files.items())):
+        raise _bad("files must map paths to sha256 digests")
+    if not isinstance(manifest.precision, str) or not isinstance(manifest.target, str):
+        raise _bad("precision and target must be names")
+    tok = manifest.tokenizer
+    if tok is not None and not (isinstance(tok.file, str) and all(v is None or isinstance(v, str) for v in
+                                                                   (tok.chat_template, tok.bos_token, tok.eos_token))):
+        raise _bad("tokenizer: file, chat_template, bos_token and eos_token must be text")
+    cal = manifest.calibration
+    if cal is not None and not (isinstance(cal.file, str) and isinstance(cal.metric, str)):
+        raise _bad("calibration: file and metric must be text")
+
+
+def named_files(manifest: Manifest) -> list[str]:
+    """Every file the manifest points the runtime at: graphs, heads, tokenizer, calibration traces."""
+    names = [f for s in manifest.segments for f in s.graphs.values()]
+    names += [s.exit.file for s in manifest.segments if s.exit and s.exit.file]
+    names += [x.file for x in (manifest.tokenizer, manifest.calibration) if x is not None]
+    return names
+
+
+def check_paths(root: Path, manifest: Manifest) -> None:
+    """Every path is relative, inside the artifact and listed with its sha256; no file is reached through
+    a link (an artifact is untrusted input: nothing outside its folder may reach onnxruntime or the tokenizer)."""
+    for name in [*named_files(manifest), *manifest.files]:
+        parts = PurePosixPath(name).parts
+        if not name or name.startswith("/") or "\\" in name or ":" in name or ".." in parts or "." in parts \
+                or PurePosixPath(name).as_posix() != name:
+            raise _bad(f"{name!r} is not a plain relative path inside the artifact")
+    unlisted = sorted(set(named_files(manifest)) - set(manifest.files))
+    if unlisted:
+        raise _bad(f"{', '.join(unlisted)} named but not listed with a sha256 in files")
+    inside = root.resolve()
+    for name in manifest.files:
+        path = root
+        for part in PurePosixPath(name).parts:
+            path = path / part
+            if path.is_symlink():
+                raise ArtifactError(f"artifact {root}: {name} is reached through a link ({path.relative_to(root)}); "
+                                    "an artifact's files must lie inside it")
+        if path.exists() and not path.resolve().is_relative_to(inside):
+            raise ArtifactError(f"artifact {root}: {name} lies outside the artifact")

@@ -162,7 +162,7 @@ class EarlyExitModel:
         if isinstance(prompt, str):
             if self.codec is None:
                 raise InputError("this artifact has no tokenizer; pass the prompt as a list of token ids")
-            ids = self.codec.encode(prompt, chat=chat if chat is not None else True)
+            ids = self.codec.encode(self.codec.check(prompt), chat=chat if chat is not None else True)
         else:
             ids = token_ids(prompt)
         if not ids:

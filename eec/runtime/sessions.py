@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import onnxruntime as ort
 
-from eec.errors import InputError
+from eec.errors import ArtifactError, InputError
 from eec.runtime.manifest import PLAIN, ROLES
 
 if TYPE_CHECKING:
@@ -127,7 +127,11 @@ def open_sessions(root: Path, files: list[str], threads: int | None = None,
             # Every graph of a segment takes the segment's inputs, so each gets the same profiles.
             inputs = next((spec.inputs for spec in manifest.segments if f in [spec.graph(r) for r in ROLES]), ["hidden"])
             providers = [(TRT, trt_provider_options(root, manifest, inputs)), CUDA, *providers]
-        sessions.append(ort.InferenceSession(str(root / f), options, providers=providers))
+        try:
+            sessions.append(ort.InferenceSession(str(root / f), options, providers=providers))
+        except Exception as e:  # noqa: BLE001 - a graph onnxruntime cannot open is a broken artifact
+            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"onnxruntime cannot open {root / f}: {detail}") from None
     return sessions
 
 

@@ -8,13 +8,17 @@ from typing import Callable, Iterable, Iterator
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from eec.errors import ArtifactError, InputError
 from eec.runtime.manifest import TokenizerSpec
 
 
 class TextCodec:
     def __init__(self, root: Path, spec: TokenizerSpec):
         self.spec = spec
-        self.tokenizer = Tokenizer.from_file(str(root / spec.file))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(root / spec.file))
+        except Exception as e:  # noqa: BLE001 - a tokenizer file the tokenizers library cannot read is broken
+            raise ArtifactError(f"the artifact's tokenizer {spec.file} cannot be read: {str(e)[:200]}") from None
 
     def encode(self, prompt: str, chat: bool) -> list[int]:
         """Token ids of ``prompt``; with ``chat``, wrapped in the model's chat template."""
@@ -22,6 +26,14 @@ class TextCodec:
             text = self.render_chat([{"role": "user", "content": prompt}])
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         return self.tokenizer.encode(prompt).ids
+
+    def check(self, prompt: str) -> str:
+        """A prompt the tokenizer can take: text without lone surrogates (not valid UTF-8)."""
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError("the prompt is not valid UTF-8 text") from None
+        return prompt
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         # The same Jinja settings transformers uses for chat templates.
@@ -33,13 +45,22 @@ class TextCodec:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.spec.chat_template)
-        return template.render(
-            messages=messages,
-            add_generation_prompt=True,
-            bos_token=self.spec.bos_token or "",
-            eos_token=self.spec.eos_token or "",
-        )
+        try:
+            template = env.from_string(self.spec.chat_template)
+            text = template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.spec.bos_token or "",
+                eos_token=self.spec.eos_token or "",
+            )
+        except Exception as e:  # noqa: BLE001 - the template is the artifact's code: any failure is its fault
+            what = "broke the sandbox" if type(e).__name__ == "SecurityError" else f"failed ({type(e).__name__})"
+            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise ArtifactError(f"the artifact's chat template {what}: {detail}; pass chat=False "
+                                "(--no-chat) to send the prompt as it is") from None
+        if not isinstance(text, str):
+            raise ArtifactError("the artifact's chat template did not produce text")
+        return text
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
