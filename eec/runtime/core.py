@@ -208,9 +208,13 @@ class Batch:
     def _run(self, j: int, kv: SegmentKV, role: str, slots: list[int], going: list[int],
              xs: list[np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
         """One segment's calls for the rows ``going``: one over the rows that add one position, one
-        per row that adds several. Returns each row's outputs by name, batch dimension 1."""
+        per row that adds several (a catch-up); or, where that takes fewer calls, `_rounds`.
+        Returns each row's outputs by name, batch dimension 1."""
         out: dict[int, dict[str, np.ndarray]] = {}
         singles = [i for i in going if len(xs[i]) == 1]
+        several = [i for i in going if len(xs[i]) > 1]
+        if several and not self.monitor and max(len(xs[i]) for i in several) < len(several) + bool(singles):
+            return self._rounds(kv, role, slots, going, xs)
         if singles:
             x = xs[singles[0]][None] if len(singles) == 1 else np.stack([xs[i] for i in singles])
             outputs = kv.call(role, [slots[i] for i in singles], x)
@@ -227,6 +231,31 @@ class Batch:
                 verify = j == last and self.monitor and bool(self.unchecked[slot])
                 graph = VERIFY if verify else role
                 out[i] = dict(zip(kv.graphs[graph].names, kv.call(graph, [slot], xs[i][None])))
+        return out
+
+    def _rounds(self, kv: SegmentKV, role: str, slots: list[int], going: list[int],
+                xs: list[np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+        """The rows' positions one at a time, every row that has one left in each call: right-aligned,
+        so that the last call carries every row's current position (and runs the head). A row's
+        catch-up of n positions joins the batch in n one-position calls instead of running alone:
+        GroupQueryAttention takes several rows only at one position each. Each position's KV is
+        what one-position decoding computes, as in full mode."""
+        depth = max(len(xs[i]) for i in going)
+        hidden: dict[int, list[np.ndarray]] = {i: [] for i in going}
+        out: dict[int, dict[str, np.ndarray]] = {}
+        for r in range(depth):
+            taking = [i for i in going if r >= depth - len(xs[i])]
+            graph = role if r == depth - 1 else PLAIN  # a head matters at the current position only
+            x = np.stack([xs[i][r - depth + len(xs[i])][None] for i in taking])
+            outputs = dict(zip(kv.graphs[graph].names, kv.call(graph, [slots[i] for i in taking], x)))
+            for k, i in enumerate(taking):
+                if "hidden_out" in outputs:
+                    hidden[i].append(np.array(outputs["hidden_out"][k: k + 1]))
+                if r == depth - 1:
+                    out[i] = {name: np.array(o[k: k + 1]) for name, o in outputs.items()}
+        for i in going:
+            if hidden[i]:
+                out[i]["hidden_out"] = np.concatenate(hidden[i], axis=1)
         return out
 
     def _final(self, slot: int, outputs: dict[str, np.ndarray], spec: SegmentSpec, trace: bool,
