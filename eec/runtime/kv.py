@@ -54,6 +54,7 @@ class BoundGraph:
         self.binding = session.io_binding() if shared else None
         self.span: tuple[int, int, int] | None = None  # (first slot, end slot, buffers' generation) bound as KV
         self.one: dict[int, tuple] = {}  # rows -> fixed arrays of a one-position call (`SegmentKV._call_shared`)
+        self.spans: dict[tuple[int, int, int], tuple] = {}  # a binding per block of rows (`SegmentKV._bind_kv`)
         if self.binding is not None:
             # Its C binding's output list skips wrapping every bound KV buffer in a Python OrtValue
             # (~15 us a call); the public wrapper where a future onnxruntime renames it.
@@ -302,27 +303,38 @@ class SegmentKV:
         return outputs
 
     def _bind_kv(self, graph: BoundGraph, first: int, end: int) -> None:
-        """Bind rows ``first..end-1`` of the shared buffers as the graph's past and present KV."""
+        """Make the graph's binding the one whose past and present KV are rows ``first..end-1`` of the
+        shared buffers. One binding per block of rows, kept: a batch's calls alternate between a few
+        blocks, and rebinding every layer's key and value each time cost a third of a step's time."""
         key = (first, end, self.generation)
         if graph.span == key:
             return
-        kv_in, kv_out = self.spec.inputs[3:], [n for n in self.spec.outputs if n.startswith("present_")]
-        for name_in, name_out, buf in zip(kv_in, kv_out, self.buffers):
-            if self.device == "cpu":
-                shape = [end - first, *buf.shape[1:]]
-                address = buf.ctypes.data + first * buf.strides[0]
-                graph.binding.bind_input(name_in, "cpu", 0, buf.dtype, shape, address)
-                graph.binding.bind_output(name_out, "cpu", 0, buf.dtype, shape, address)
-            elif first == 0 and end == self.rows:
-                graph.binding.bind_ortvalue_input(name_in, buf)
-                graph.binding.bind_ortvalue_output(name_out, buf)
-            else:  # NOT VERIFIED on a GPU: a block of rows of a device buffer, bound by address
-                dims = buf.shape()
-                row_bytes = int(np.prod(dims[1:])) * np.dtype(self.kv_dtype).itemsize
-                shape = [end - first, *dims[1:]]
-                address = buf.data_ptr() + first * row_bytes
-                graph.binding.bind_input(name_in, self.device, 0, self.kv_dtype, shape, address)
-                graph.binding.bind_output(name_out, self.device, 0, self.kv_dtype, shape, address)
+        cached = graph.spans.get(key)
+        if cached is None:
+            if len(graph.spans) >= 64 or any(k[2] != self.generation for k in graph.spans):
+                graph.spans.clear()
+            io = graph.session.io_binding()
+            for out in graph.small_outputs:  # bound first, so they lead the outputs
+                io.bind_output(out.name, "cpu")
+            kv_in, kv_out = self.spec.inputs[3:], [n for n in self.spec.outputs if n.startswith("present_")]
+            for name_in, name_out, buf in zip(kv_in, kv_out, self.buffers):
+                if self.device == "cpu":
+                    shape = [end - first, *buf.shape[1:]]
+                    address = buf.ctypes.data + first * buf.strides[0]
+                    io.bind_input(name_in, "cpu", 0, buf.dtype, shape, address)
+                    io.bind_output(name_out, "cpu", 0, buf.dtype, shape, address)
+                elif first == 0 and end == self.rows:
+                    io.bind_ortvalue_input(name_in, buf)
+                    io.bind_ortvalue_output(name_out, buf)
+                else:  # NOT VERIFIED on a GPU: a block of rows of a device buffer, bound by address
+                    dims = buf.shape()
+                    row_bytes = int(np.prod(dims[1:])) * np.dtype(self.kv_dtype).itemsize
+                    shape = [end - first, *dims[1:]]
+                    address = buf.data_ptr() + first * row_bytes
+                    io.bind_input(name_in, self.device, 0, self.kv_dtype, shape, address)
+                    io.bind_output(name_out, self.device, 0, self.kv_dtype, shape, address)
+            cached = graph.spans[key] = (io, getattr(io, "_iobinding", io).get_outputs, {})
+        graph.binding, graph.outputs, graph.one = cached
         graph.span = key
 
     def _call_shared(self, graph: BoundGraph, first: int, x: np.ndarray, counts: list[int]) -> list[np.ndarray]:
