@@ -191,3 +191,29 @@ def test_speculative_generate_gives_full_mode_tokens(llama_compiled):
     assert "speculative verify" in result.stdout
     monitored, stats = tokens("--threshold", "0.3", "--monitor")
     assert monitored != full and "exited tokens the final head agrees with" in stats  # this random model: 4 checked
+
+
+@pytest.mark.parametrize("command", [["compile", "model.pt", "-o", "out.eec"], ["train", "model.gguf", "--exits", "2", "-o", "m.pt"]])
+def test_a_runtime_only_install_is_told_to_install_the_compile_extra(tmp_path, command):
+    """Without torch and transformers (`pip install eec`), compile and train say which extra to install."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfor m in ('torch', 'transformers'): sys.modules[m] = None\n"
+            f"from eec.cli.main import app\napp({command!r})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'eec[compile]'" in lines[0] and "is not installed" in lines[0], done.stderr
+
+
+def test_an_error_message_keeps_its_brackets(monkeypatch, tmp_path):
+    """rich's markup would read "[plot]" as a tag and eat it: messages are printed as they are."""
+    import eec.runtime
+    from eec.errors import InputError
+
+    def refuse(*args, **kwargs):
+        raise InputError("--plot needs matplotlib: pip install 'eec[plot]'")
+
+    monkeypatch.setattr(eec.runtime, "load", refuse)
+    run_fails(["generate", tmp_path, "x"], "pip install 'eec[plot]'")

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from eec.errors import EecError, InputError
@@ -31,7 +32,14 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except EecError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in COMPILE_EXTRA:
+                raise
+            hint, missing = escape("pip install 'eec[compile]'"), e.name.split(".")[0]
+            err.print(f"[bold red]error:[/] this command needs eec's compile extra ({missing} is not installed): "
+                      f"{hint}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -39,6 +47,9 @@ def _user_errors(fn):
 
     return wrapper
 
+
+# Packages of the `eec[compile]` extra: a runtime-only install lacks them.
+COMPILE_EXTRA = {"torch", "transformers", "accelerate", "gguf", "onnx", "onnxscript", "onnx_ir"}
 
 DEVICE_HELP = ("where the graphs run: cpu, cuda (onnxruntime-gpu, fp16 artifacts), tensorrt (built engines), "
                "or auto (tensorrt where built, else cuda for fp16 where available, else cpu)")
