@@ -154,7 +154,7 @@ class Batch:
         slots = list(slots)
         n = len(slots)
         per_row = list(thresholds) if isinstance(thresholds, (list, tuple)) else [thresholds] * n
-        self._sample = list(sample) if isinstance(sample, (list, tuple)) else [sample] * n
+        sampled = list(sample) if isinstance(sample, (list, tuple)) else [sample] * n
         results = [StepResult(token=-1, exit_layer=-1) for _ in range(n)]
         xs = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in inputs]  # ids, then [positions, hidden]
         previous: list[np.ndarray | None] = [None] * n  # last position's hidden state at the previous exit
@@ -170,7 +170,7 @@ class Batch:
             if j == last:
                 for i in going:
                     results[i].token, results[i].exit_layer = self._final(slots[i], outputs[i], spec, trace, results[i])
-                    if self._sample[i] and "top_ids" in outputs[i]:
+                    if sampled[i] and "top_ids" in outputs[i]:
                         results[i].top_ids = np.array(outputs[i]["top_ids"][0])
                         results[i].top_logits = np.array(outputs[i]["top_logits"][0])
                 return results
@@ -181,14 +181,12 @@ class Batch:
                 for i in going:
                     previous[i] = xs[i][-1]
                 continue
-            leaving = self._decide(j, kv, role, asked, outputs, xs, previous, per_row, metric, trace, results)
-            nxt = self.kv[j + 1]
+            leaving = self._decide(j, role, asked, outputs, xs, previous, per_row, metric, trace, sampled, results)
             for i in leaving:
-                slot = slots[i]
-                x = np.array(xs[i])  # a one-position call's outputs are overwritten by the next call
-                nxt.pending[slot] = x if nxt.pending[slot] is None else np.concatenate([nxt.pending[slot], x])
+                # Copied: a one-position call's outputs are overwritten by the next call.
+                self.kv[j + 1].add_pending(slots[i], np.array(xs[i]))
                 if self.monitor:
-                    self.unchecked[slot].append(results[i].token)
+                    self.unchecked[slots[i]].append(results[i].token)
             going = [i for i in going if results[i].exit_layer < 0]
         raise AssertionError("unreachable: the last segment always returns")
 
@@ -202,8 +200,7 @@ class Batch:
             return
         kv.call(FILL, [slot], pending[None])
         if j + 1 < len(self.kv):
-            nxt = self.kv[j + 1]
-            nxt.pending[slot] = pending if nxt.pending[slot] is None else np.concatenate([nxt.pending[slot], pending])
+            self.kv[j + 1].add_pending(slot, pending)
 
     def _run(self, j: int, kv: SegmentKV, role: str, slots: list[int], going: list[int],
              xs: list[np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
@@ -274,8 +271,8 @@ class Batch:
             result.exit_tokens[layer], result.scores[layer] = token, np.append(scores, [np.nan, np.nan])
         return token, layer
 
-    def _decide(self, j: int, kv: SegmentKV, role: str, asked: list[int], outputs: dict[int, dict[str, np.ndarray]],
-                xs: list[np.ndarray], previous: list, per_row: list, metric: int, trace: bool,
+    def _decide(self, j: int, role: str, asked: list[int], outputs: dict[int, dict[str, np.ndarray]],
+                xs: list[np.ndarray], previous: list, per_row: list, metric: int, trace: bool, sampled: list[bool],
                 results: list[StepResult]) -> list[int]:
         """The rows of ``asked`` that leave at segment ``j``'s exit (their results filled in)."""
         spec, layer = self.specs[j], self.specs[j].exit.layer
@@ -288,7 +285,7 @@ class Batch:
         if role == WITH_HEAD:  # the head ran inside the segment's call
             for i in judged:
                 heads[i] = int(outputs[i]["exit_token"][0]), outputs[i]["exit_scores"][0]
-                if self._sample[i] and "exit_top_ids" in outputs[i]:
+                if sampled[i] and "exit_top_ids" in outputs[i]:
                     tops[i] = outputs[i]["exit_top_ids"][0], outputs[i]["exit_top_logits"][0]
         elif judged:
             if len(judged) == 1:
@@ -299,7 +296,7 @@ class Batch:
             tokens, scores = head.batch(hidden)
             for r, i in enumerate(judged):
                 heads[i] = int(tokens[r]), scores[r]
-                if self._sample[i] and head.k:
+                if sampled[i] and head.k:
                     tops[i] = head.top_ids[r], head.top_logits[r]
         leaving = []
         for i in asked:

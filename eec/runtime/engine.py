@@ -114,12 +114,16 @@ class Request:
 
     def result(self, timeout: float | None = None) -> "GenerationResult":
         """Wait for the request to finish and return its `GenerationResult`."""
-        from eec.runtime.model import GenerationResult
-
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.index} did not finish within {timeout} s")
         if self.error is not None:
             raise self.error
+        return self.as_result()
+
+    def as_result(self) -> "GenerationResult":
+        """What the request has produced, as a `GenerationResult`."""
+        from eec.runtime.model import GenerationResult
+
         return GenerationResult(tokens=list(self.tokens), exits=list(self.exits),
                                 text=self.text if self._piece is not None else None,
                                 finish_reason=self.finish_reason, stats=self.stats)

@@ -44,24 +44,18 @@ class BoundGraph:
     """One graph of a segment and, for shared KV, its IO binding. Its outputs are the small ones
     (hidden state, scores, token) followed by the presents, named ``present_*``."""
 
-    def __init__(self, session: ort.InferenceSession, shared: bool):
+    def __init__(self, session: ort.InferenceSession):
         self.session = session
         self.small_outputs = [o for o in session.get_outputs() if not o.name.startswith("present_")]
         self.small = len(self.small_outputs)
         self.names = [o.name for o in self.small_outputs]
         # Every position's output is joined when a call runs in pieces; the rest are the last position's.
         self.per_position = {"hidden_out", "tokens"} | ({"token"} if self._token_per_position() else set())
-        self.binding = session.io_binding() if shared else None
+        # Shared KV only: the IO binding of the block of rows last called, its output list and the fixed
+        # arrays of its one-position calls, switched between blocks by `SegmentKV._bind_kv`.
+        self.binding, self.outputs, self.one = None, None, {}
         self.span: tuple[int, int, int] | None = None  # (first slot, end slot, buffers' generation) bound as KV
-        self.one: dict[int, tuple] = {}  # rows -> fixed arrays of a one-position call (`SegmentKV._call_shared`)
-        self.spans: dict[tuple[int, int, int], tuple] = {}  # a binding per block of rows (`SegmentKV._bind_kv`)
-        if self.binding is not None:
-            # Its C binding's output list skips wrapping every bound KV buffer in a Python OrtValue
-            # (~15 us a call); the public wrapper where a future onnxruntime renames it.
-            self.outputs = getattr(self.binding, "_iobinding", self.binding).get_outputs
-            for out in self.small_outputs:  # bound first, so they lead `outputs()`
-                self.binding.bind_output(out.name, "cpu")
-
+        self.spans: dict[tuple[int, int, int], tuple] = {}  # a binding per block of rows
     def _token_per_position(self) -> bool:
         """The verify graph's ``token`` is [batch, seq] (one per position), the final head's [batch]."""
         token = next((o for o in self.small_outputs if o.name == "token"), None)
@@ -83,7 +77,7 @@ class SegmentKV:
         self.spec, self.context, self.max_call, self.rows = spec, context, max_call, rows
         self.shared = spec.kv_cache == "shared"
         self.device = device if self.shared else "cpu"  # a concat cache is fed and returned as arrays
-        self.graphs = {role: BoundGraph(s, self.shared) for role, s in graphs.items() if s is not None}
+        self.graphs = {role: BoundGraph(s) for role, s in graphs.items() if s is not None}
         types = {i.name: i.type for i in self.graphs[PLAIN].session.get_inputs()}
         # fp32, or fp16 where the precision pass gave the graph a half-precision KV.
         self.kv_dtype = ONNX_DTYPES[types[spec.inputs[3]]] if len(spec.inputs) > 3 else np.float32
@@ -174,6 +168,11 @@ class SegmentKV:
             self.row_kv[slot] = [b[:, :, :length] for b in self.row_kv[slot]]
         self.lengths[slot] = length
 
+    def add_pending(self, slot: int, hidden: np.ndarray) -> None:
+        """Queue positions (``hidden``: [n, ...]) for this segment to run with the row's next deep token."""
+        queued = self.pending[slot]
+        self.pending[slot] = hidden if queued is None else np.concatenate([queued, hidden])
+
     def reset(self, slot: int) -> None:
         """Free a row for another sequence."""
         self.lengths[slot] = 0
@@ -215,7 +214,7 @@ class SegmentKV:
             if seq == 1 and self.shared:
                 return self._call_rows(graph, slots, x)
             if rows == 1:
-                return self.call_one(graph, slots[0], x)
+                return self._call_one(graph, slots[0], x)
         counts = [seq] * rows if counts is None else [int(c) for c in counts]
         if rows != len(slots) or len(counts) != rows or not all(1 <= c <= seq for c in counts):
             raise ValueError(f"a call over {rows} rows needs one slot and a count in 1..{seq} per row")
@@ -230,7 +229,7 @@ class SegmentKV:
         if rows > 1 and fresh and slots == list(range(slots[0], slots[0] + rows)):
             return self._call_shared(graph, slots[0], x, counts)  # a first prompt: rows right-padded
         # Several positions after a past: GroupQueryAttention takes one row a call.
-        return self._stack(graph, [self.call_one(graph, s, x[i: i + 1, :c]) for i, (s, c) in enumerate(zip(slots, counts))], seq)
+        return self._stack(graph, [self._call_one(graph, s, x[i: i + 1, :c]) for i, (s, c) in enumerate(zip(slots, counts))], seq)
 
     @staticmethod
     def _stack(graph: BoundGraph, outputs: list[list[np.ndarray]], seq: int) -> list[np.ndarray]:
@@ -248,22 +247,21 @@ class SegmentKV:
         """One row's call in pieces of at most ``max_call`` positions; per-position outputs are joined,
         the others are the last piece's. Copied: a one-position piece returns fixed arrays."""
         step = self.max_call
-        pieces = [[np.array(o) for o in self.call_one(graph, slot, x[:, i: i + step])] for i in range(0, x.shape[1], step)]
+        pieces = [[np.array(o) for o in self._call_one(graph, slot, x[:, i: i + step])] for i in range(0, x.shape[1], step)]
         outputs = pieces[-1]
         for k, out in enumerate(graph.small_outputs):
             if out.name in graph.per_position:
                 outputs[k] = np.concatenate([p[k] for p in pieces], axis=1)
         return outputs
 
-    def call_one(self, graph: BoundGraph, slot: int, x: np.ndarray) -> list[np.ndarray]:
+    def _call_one(self, graph: BoundGraph, slot: int, x: np.ndarray) -> list[np.ndarray]:
         """All of ``x``'s positions ([1, seq, ...]) for one row."""
-        if isinstance(graph, str):
-            graph = self.graphs[graph]
         if not self.shared:
             return self._call_concat(graph, [slot], x, [x.shape[1]])
         return self._call_rows(graph, [slot], x) if x.shape[1] == 1 else self._call_shared(graph, slot, x, [x.shape[1]])
 
-    def _mask(self, pasts: np.ndarray, ends: np.ndarray, total: int) -> np.ndarray:
+    def _mask(self, ends: np.ndarray, total: int) -> np.ndarray:
+        """Each row's positions before its end, up to the call's total length."""
         if len(ends) == 1 and ends[0] == total:
             return self._ones[:, :total]  # one row, no padding: a slice, never reallocated
         return (np.arange(total)[None, :] < ends[:, None]).astype(np.int64)
@@ -345,13 +343,12 @@ class SegmentKV:
             past = int(self.lengths[first])
             top, ends = past, None
             positions = np.arange(past, past + seq, dtype=np.int64)[None, :]
-            mask = self._ones[:, : past + seq] if counts[0] == seq else self._mask(
-                np.asarray([past]), np.asarray([past + counts[0]]), past + seq)
+            mask = self._ones[:, : past + seq] if counts[0] == seq else self._mask(np.asarray([past + counts[0]]), past + seq)
         else:
             pasts = self.lengths[first:end]
             top, ends = int(pasts.max()), pasts + np.asarray(counts)
             positions = (pasts[:, None] + np.arange(seq)[None, :]).astype(np.int64)
-            mask = self._mask(pasts, ends, top + seq)
+            mask = self._mask(ends, top + seq)
         if top + seq > self.capacity:
             self._grow(top + seq)
         self._bind_kv(graph, first, end)
@@ -430,7 +427,7 @@ class SegmentKV:
         if rows == 1:
             io.bind_cpu_input("attention_mask", self._ones[:, : top + 1])
         else:
-            io.bind_cpu_input("attention_mask", self._mask(pasts, pasts + 1, top + 1))
+            io.bind_cpu_input("attention_mask", self._mask(pasts + 1, top + 1))
         graph.session.run_with_iobinding(io)
         if rows == 1:
             self.lengths[first] = top + (taking is None or bool(taking[0]))

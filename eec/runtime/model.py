@@ -331,7 +331,7 @@ class EarlyExitModel:
             return self.codec.stream(tokens) if self.codec else tokens
         for _ in steps:
             pass
-        return self._result(request)
+        return request.as_result()
 
     def make_request(self, prompt, *, index: int = 0, metric: str | None = None, max_new_tokens: int = 128,
                      mode: str = "early-exit", thresholds=None, epsilon: float | None = None, rule: str = "risk",
@@ -380,12 +380,6 @@ class EarlyExitModel:
                 yield event
         if finished:
             self.stats = finished[-1].stats
-
-    @staticmethod
-    def _result(request: Request) -> GenerationResult:
-        return GenerationResult(tokens=list(request.tokens), exits=list(request.exits),
-                                text=request.text if request._piece is not None else None,
-                                finish_reason=request.finish_reason, stats=request.stats)
 
     def _require_verify(self, purpose: str, catch_up: str | None) -> None:
         """Speculative mode and the monitor run the last segment's verify graph through the exact catch-up."""
