@@ -114,7 +114,7 @@ def test_existing_output_is_not_replaced_silently(llama_compiled, tiny_hf_dir):
 def test_tampered_artifact(llama_compiled, tmp_path):
     copy = tmp_path / "copy.eec"
     shutil.copytree(llama_compiled.artifact, copy)
-    data = next((copy / "segments").glob("seg1.onnx*.data"))
+    data = copy / "graphs" / "weights.data"
     blob = bytearray(data.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     data.write_bytes(bytes(blob))
@@ -153,7 +153,7 @@ def test_generate_and_inspect_work(llama_compiled):
     assert "5 tokens" in result.stderr
     result = runner.invoke(app, ["inspect", str(llama_compiled.artifact)], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "exits: 1, 3, 4" in result.stdout
-    assert "segments/seg0_with_head.onnx" in result.stdout  # a tiny model's heads are fused by default
+    assert "graphs/seg0_with_head.onnx" in result.stdout  # a tiny model's heads are fused by default
 
 
 def test_bad_catch_up(tiny_hf_dir, llama_compiled, tmp_path):

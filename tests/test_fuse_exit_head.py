@@ -93,8 +93,8 @@ def test_conflicting_opsets_are_refused(twins):
 
 def test_decoding_with_fused_heads_matches_separate_heads(twins):
     on, off = (load(p) for p in twins)
-    assert [s.graph("with_head") for s in on.manifest.segments] == ["segments/seg0_with_head.onnx",
-                                                          "segments/seg1_with_head.onnx", None]
+    assert [s.graph("with_head") for s in on.manifest.segments] == ["graphs/seg0_with_head.onnx",
+                                                          "graphs/seg1_with_head.onnx", None]
     assert all(s.graph("with_head") is None for s in off.manifest.segments)
     for threshold in (0.2, 0.5):  # top-2 margins: some tokens leave at each exit, some go through
         for prompt in PROMPTS:
@@ -115,4 +115,4 @@ def test_full_mode_never_opens_the_fused_graphs(twins):
     with_heads = lambda: sorted(f for f in model.opened if f.endswith("_with_head.onnx"))  # noqa: E731
     assert with_heads() == [] and set(full.exits) == {6}
     model.generate(PROMPTS[0], max_new_tokens=6, thresholds=0.5)
-    assert with_heads() == ["segments/seg0_with_head.onnx", "segments/seg1_with_head.onnx"]
+    assert with_heads() == ["graphs/seg0_with_head.onnx", "graphs/seg1_with_head.onnx"]

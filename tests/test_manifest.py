@@ -74,6 +74,6 @@ def test_unlisted_and_missing_files(artifact_copy):
     with pytest.raises(ArtifactError, match="does not list: extra.bin"):
         read_manifest(artifact_copy)
     (artifact_copy / "extra.bin").unlink()
-    (artifact_copy / "heads" / "shared.onnx").unlink()
-    with pytest.raises(ArtifactError, match="missing heads/shared.onnx"):
+    (artifact_copy / "graphs" / "shared_head.onnx").unlink()
+    with pytest.raises(ArtifactError, match="missing graphs/shared_head.onnx"):
         read_manifest(artifact_copy)

@@ -36,10 +36,10 @@ def first_graph(raw, value):
 
 # -- paths in the manifest ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["../../outside/seg0.onnx", "/etc/passwd", "segments/../../x.onnx", "./segments/seg0.onnx",
-                                  "segments\\seg0.onnx", "C:/x.onnx", ""])
+@pytest.mark.parametrize("path", ["../../outside/seg0.onnx", "/etc/passwd", "graphs/../../x.onnx", "./graphs/seg0.onnx",
+                                  "graphs\\seg0.onnx", "C:/x.onnx", ""])
 def test_a_graph_path_that_leaves_the_artifact_is_refused(art, tmp_path, path):
-    shutil.copy(art / "segments" / "seg0.onnx", tmp_path / "outside" / "seg0.onnx")
+    shutil.copy(art / "graphs" / "seg0.onnx", tmp_path / "outside" / "seg0.onnx")
     rewrite(art, lambda raw: first_graph(raw, path))
     with pytest.raises(ArtifactError, match="not a plain relative path"):
         load(art)
@@ -48,8 +48,8 @@ def test_a_graph_path_that_leaves_the_artifact_is_refused(art, tmp_path, path):
 @pytest.mark.parametrize("verify", [True, False])
 def test_a_named_file_must_be_listed_with_its_hash(art, verify):
     def change(raw):
-        raw["segments"][0]["graphs"]["plain"] = "segments/seg9.onnx"
-    shutil.copy(art / "segments" / "seg0.onnx", art / "segments" / "seg9.onnx")
+        raw["segments"][0]["graphs"]["plain"] = "graphs/seg9.onnx"
+    shutil.copy(art / "graphs" / "seg0.onnx", art / "graphs" / "seg9.onnx")
     rewrite(art, change)
     with pytest.raises(ArtifactError, match="named but not listed"):
         load(art, verify=verify)  # even unverified loads do not open an unhashed graph
@@ -58,42 +58,42 @@ def test_a_named_file_must_be_listed_with_its_hash(art, verify):
 @pytest.mark.parametrize("which", ["file", "folder"])
 def test_a_file_reached_through_a_link_is_refused(art, tmp_path, which):
     if which == "file":  # the graph replaced by a link to the same bytes outside: the hash still matches
-        target = tmp_path / "outside" / "seg0.onnx.data"
-        shutil.move(art / "segments" / "seg0.onnx.data", target)
-        os.symlink(target, art / "segments" / "seg0.onnx.data")
+        target = tmp_path / "outside" / "weights.data"
+        shutil.move(art / "graphs" / "weights.data", target)
+        os.symlink(target, art / "graphs" / "weights.data")
     else:
-        shutil.move(art / "heads", tmp_path / "outside" / "heads")
-        os.symlink(tmp_path / "outside" / "heads", art / "heads")
+        shutil.move(art / "graphs", tmp_path / "outside" / "graphs")
+        os.symlink(tmp_path / "outside" / "graphs", art / "graphs")
     with pytest.raises(ArtifactError, match="reached through a link"):
         load(art)
 
 
 def test_a_truncated_graph_with_a_recomputed_hash_is_a_one_line_error(art):
-    graph = art / "segments" / "seg1.onnx"
+    graph = art / "graphs" / "seg1.onnx"
     graph.write_bytes(graph.read_bytes()[:200])
-    rewrite(art, lambda raw: None, rehash=["segments/seg1.onnx"])
+    rewrite(art, lambda raw: None, rehash=["graphs/seg1.onnx"])
     with pytest.raises(ArtifactError, match="onnxruntime cannot open .*seg1.onnx") as e:
         load(art)
     assert "\n" not in str(e.value)
 
 
 def test_a_folder_in_place_of_a_graph(art):
-    (art / "segments" / "seg1.onnx").unlink()
-    (art / "segments" / "seg1.onnx").mkdir()
-    with pytest.raises(ArtifactError, match="missing segments/seg1.onnx"):
+    (art / "graphs" / "seg1.onnx").unlink()
+    (art / "graphs" / "seg1.onnx").mkdir()
+    with pytest.raises(ArtifactError, match="missing graphs/seg1.onnx"):
         load(art)
 
 
 def test_external_data_outside_the_artifact_never_loads(art, tmp_path):
-    graph = art / "segments" / "seg0.onnx"
+    graph = art / "graphs" / "seg0.onnx"
     model = onnx.load(graph, load_external_data=False)
-    shutil.move(art / "segments" / "seg0.onnx.data", tmp_path / "outside" / "seg0.onnx.data")
+    shutil.copy(art / "graphs" / "weights.data", tmp_path / "outside" / "weights.data")
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location":
-                entry.value = "../../../outside/seg0.onnx.data"
+                entry.value = "../../../outside/weights.data"
     graph.write_bytes(model.SerializeToString())
-    rewrite(art, lambda raw: raw["files"].pop("segments/seg0.onnx.data"), rehash=["segments/seg0.onnx"])
+    rewrite(art, lambda raw: None, rehash=["graphs/seg0.onnx"])
     with pytest.raises(ArtifactError, match="onnxruntime cannot open .*seg0.onnx"):
         load(art)
 

@@ -13,8 +13,9 @@ import numpy as np
 from eec import __version__
 from eec.compiler.export import export_fill, export_head, export_segment, export_verify
 from eec.compiler.frontends import SourceModel, load_source
+from eec.compiler.weights import store_once
 from eec.compiler.precision import DEFAULT_BLOCK_SIZE, apply_precision, needs_feeds, record_feeds, write_with_head
-from eec.compiler.segments import check_repeats, default_exits, exit_head_weights, plan_segments
+from eec.compiler.segments import GRAPHS, check_repeats, default_exits, exit_head_weights, plan_segments
 from eec.calib.shortlist import rescore, shortlist_ids
 from eec.errors import InputError
 from eec.calib.calibrate import (
@@ -358,6 +359,17 @@ def _check_built(build: "_Build", tmp: Path, record: dict, table, eps: float, pa
     return build.run([], parent)
 
 
+def stored_order(plan) -> list[str]:
+    """The plan's graphs by name inside `GRAPHS`: plain segments first, so that the first copy of a
+    weight, which the others refer to, is the one full mode reads."""
+    files = [seg.spec.file for seg in plan.segments]
+    files += [f for seg in plan.segments for f in seg.spec.graphs.values() if f not in files]
+    files += [h.file for h in plan.heads]
+    prefix = f"{GRAPHS}/"
+    assert all(f.startswith(prefix) and "/" not in f[len(prefix):] for f in files), files
+    return [f[len(prefix):] for f in files]
+
+
 @dataclass
 class _Build:
     """Export, quantize and (optionally) calibrate one exit set into a fresh staging directory."""
@@ -384,7 +396,7 @@ class _Build:
                              fills=self.catch_up == "propagate", verify=self.speculative != "off")
         fills = {seg.spec.graph(FILL): seg.spec.file for seg in plan.segments if seg.fill is not None}
         verifies = {seg.spec.graph(VERIFY): seg.spec.file for seg in plan.segments if seg.verify is not None}
-        total = len(plan.segments) + len(fills) + len(verifies) + len(plan.heads) + 3 + int(self.calibrate)
+        total = len(plan.segments) + len(fills) + len(verifies) + len(plan.heads) + 4 + int(self.calibrate)
         step = 1
         tmp = Path(tempfile.mkdtemp(prefix=".eec-build-", dir=parent))
         try:
@@ -423,8 +435,11 @@ class _Build:
                     apply_precision(tmp / file, self.precision, self.block_size, self.target.backend,
                                     feeds.get(fills.get(file, verifies.get(file, file))))
                 manifest = self._manifest(tmp, plan, self.precision)
-            if self._fused(tmp, plan):
-                manifest = self._manifest(tmp, plan, self.precision)
+            self._fused(tmp, plan)
+            step += 1
+            progress("storing each weight once", step, total)
+            store_once(tmp / GRAPHS, stored_order(plan))
+            manifest = self._manifest(tmp, plan, self.precision)
             step += 1
             progress("writing manifest", step, total)
             write_manifest(tmp, manifest)
@@ -441,10 +456,9 @@ class _Build:
         size = sum(f.stat().st_size for f in segment.parent.glob(segment.name + "*"))
         return self.speculative == "on" or self.speculative == "auto" and size <= FUSE_LIMIT
 
-    def _fused(self, tmp: Path, plan) -> bool:
+    def _fused(self, tmp: Path, plan) -> None:
         """Write the exit segments' graphs with their heads inside, as ``fuse_heads`` says; record
-        them in the plan's specs. True if any was written."""
-        written = False
+        them in the plan's specs."""
         for seg in plan.segments:
             spec = seg.spec
             if not (spec.exit and spec.exit.file and spec.emits_hidden and not spec.scores_exit):
@@ -456,8 +470,6 @@ class _Build:
             file = spec.file.removesuffix(".onnx") + "_with_head.onnx"
             write_with_head(tmp / spec.file, tmp / spec.exit.file, tmp / file)
             seg.spec = spec.with_graph(WITH_HEAD, file)
-            written = True
-        return written
 
     def _manifest(self, tmp: Path, plan, precision: str) -> Manifest:
         src = self.src

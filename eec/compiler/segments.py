@@ -5,18 +5,19 @@ Rules:
    an exit at ``b`` reads the hidden state after ``b`` layers.
 2. The backbone is cut at every exit: ``[0, e1), [e1, e2), ..., [ek, L)``.
 3. Segment 0 takes ``input_ids`` (the embedding is fused into it); the others
-   take ``hidden``. Every segment but the last emits ``hidden_out``.
+   take ``hidden``. Every segment but the last emits ``hidden_out``. Every graph
+   lies in `GRAPHS`, whose weights the compiler stores once (`eec.compiler.weights`).
 4. The last segment ends with the model's final norm and LM head, fused, and
    returns the token alone (`FinalHead`).
 5. With ``fills``, every segment but the first also gets a `KVFill` graph
-   (``segments/fill<i>.onnx``) for the propagating catch-up.
+   (``graphs/fill<i>.onnx``) for the propagating catch-up.
 6. Each exit has a head graph of its own that reads the segment's
    ``hidden_out``: the trained head from ``model.pt`` where there is one
-   (``heads/exit<b>.onnx``), else the model's own final norm and LM head
-   ("shared", as in CALM and LayerSkip), stored once in ``heads/shared.onnx``
+   (``graphs/exit<b>.onnx``), else the model's own final norm and LM head
+   ("shared", as in CALM and LayerSkip), written once as ``graphs/shared_head.onnx``
    for every exit that uses it.
 7. With ``verify`` and at least one exit, the last segment also gets a verify
-   graph (``segments/seg<i>_verify.onnx``): the same layers and inputs, its
+   graph (``graphs/seg<i>_verify.onnx``): the same layers and inputs, its
    final head returning the token at every position (speculative decoding).
 """
 
@@ -102,6 +103,7 @@ def fill_outputs(spec: SegmentSpec) -> list[str]:
     return [name for name in spec.outputs if name.startswith("present_")]
 
 
+GRAPHS = "graphs"  # the folder of an artifact's graphs and their one weights file (rule 3)
 SAMPLE_OUTPUTS = ["top_ids", "top_logits"]  # a head's most likely tokens and their logits (`ExitHead.top`)
 HEAD_INPUTS, HEAD_OUTPUTS = ["hidden"], ["token", "scores", *SAMPLE_OUTPUTS]
 
@@ -160,10 +162,10 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
         if last:
             exit_spec = ExitSpec(stop, "final", None)
         elif stop in src.heads:
-            exit_spec = ExitSpec(stop, "trained", f"heads/exit{stop}.onnx", len(ids) if ids is not None else 0)
+            exit_spec = ExitSpec(stop, "trained", f"{GRAPHS}/exit{stop}.onnx", len(ids) if ids is not None else 0)
             heads[exit_spec.file] = PlannedHead(exit_spec.file, exit_head(_trained_head(src.heads[stop], eps)))
         else:
-            exit_spec = ExitSpec(stop, "shared", "heads/shared.onnx", len(ids) if ids is not None else 0)
+            exit_spec = ExitSpec(stop, "shared", f"{GRAPHS}/shared_head.onnx", len(ids) if ids is not None else 0)
             if exit_spec.file not in heads:
                 heads[exit_spec.file] = PlannedHead(exit_spec.file, exit_head(shared_head()))
         classifier = None if last else classifiers.get(stop)
@@ -179,11 +181,11 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
         inputs, outputs = io_names(start, stop, first, last, scored=classifier is not None)
         fill = fills and not first
         verified = verify and last and not first
-        graphs = {PLAIN: f"segments/seg{i}.onnx"}
+        graphs = {PLAIN: f"{GRAPHS}/seg{i}.onnx"}
         if fill:
-            graphs[FILL] = f"segments/fill{i}.onnx"
+            graphs[FILL] = f"{GRAPHS}/fill{i}.onnx"
         if verified:
-            graphs[VERIFY] = f"segments/seg{i}_verify.onnx"
+            graphs[VERIFY] = f"{GRAPHS}/seg{i}_verify.onnx"
         spec = SegmentSpec(graphs, start, stop, inputs, outputs, exit_spec, kv_cache="shared" if fused else "concat")
         # The verify graph: the same layers, the final head over every position (rule 7).
         every = kind(layers, head=FinalHead(shared_head(), every_position=True), **common).eval() if verified else None
