@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,11 +26,21 @@ err = Console(stderr=True)
 out = Console()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound as Ctrl-C is, so that a compile or calibration removes its staging folder."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def _user_errors(fn):
-    """One line on stderr and exit 1 for eec's own errors; exit 130 on Ctrl-C."""
+    """One line on stderr and exit 1 for eec's own errors; exit 130 on Ctrl-C, 143 on SIGTERM."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
         except EecError as e:
@@ -41,9 +53,10 @@ def _user_errors(fn):
             err.print(f"[bold red]error:[/] this command needs eec's compile extra ({missing} is not installed): "
                       f"{hint}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            terminated = isinstance(e, Terminated)
+            err.print("terminated" if terminated else "interrupted")
+            raise typer.Exit(143 if terminated else 130) from None
 
     return wrapper
 

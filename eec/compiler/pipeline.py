@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from eec.runtime.manifest import (
     write_manifest,
 )
 from eec.calib.traces import Traces, metric_index
+from eec.runtime.staging import new_stage, output_lock
 from eec.targets.latency import ModelShape, load_profile, model_table
 from eec.targets.placement import TOLERANCE, describe, evaluate, place_exits
 from eec.targets.profiles import Target, check_precision, get_target
@@ -172,32 +172,34 @@ def compile_model(
     if isinstance(candidates, str) and candidates != "all":
         raise InputError(f"--candidates must be layer numbers or 'all', got {candidates!r}")
 
-    progress("loading model", 0, 1)
-    src = load_source(model)
-    shape = model_shape(src)
-    if isinstance(shortlist, int) and shortlist >= shape.vocab_size:
-        raise InputError(f"--shortlist {shortlist} is not smaller than the vocabulary ({shape.vocab_size} tokens)")
-    table = None
-    if auto:
-        table = load_profile(profile, shape, precision) if profile else model_table(tgt, shape, precision)
-    if candidates == "all":
-        candidates = list(range(1, shape.num_layers))
-    layers = (candidates or default_exits(src)) if auto else default_exits(src) if exits is None else exits
-    build = _Build(src, tgt, precision, block_size, calibrate, calibration_prompts, calibration_tokens,
-                   calibration_metric, progress, placed=auto, catch_up=catch_up, fuse_heads=fuse_heads,
-                   speculative=speculative)
-    tmp = build.run(layers, out.parent)
-    try:
-        manifest = read_manifest(tmp, verify=False)
-        if auto or (shortlist or exit_classifier) and manifest.exits:
-            manifest, tmp = _refine(build, tmp, manifest, layers, table, placement_eps, out.parent, shortlist,
-                                    exit_classifier)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    progress("done", 1, 1)
-    return manifest
+    with output_lock(out):  # one writer per output; killed writers' staging folders removed
+        _check_output(out, overwrite)  # again under the lock: another writer may have finished meanwhile
+        progress("loading model", 0, 1)
+        src = load_source(model)
+        shape = model_shape(src)
+        if isinstance(shortlist, int) and shortlist >= shape.vocab_size:
+            raise InputError(f"--shortlist {shortlist} is not smaller than the vocabulary ({shape.vocab_size} tokens)")
+        table = None
+        if auto:
+            table = load_profile(profile, shape, precision) if profile else model_table(tgt, shape, precision)
+        if candidates == "all":
+            candidates = list(range(1, shape.num_layers))
+        layers = (candidates or default_exits(src)) if auto else default_exits(src) if exits is None else exits
+        build = _Build(src, tgt, precision, block_size, calibrate, calibration_prompts, calibration_tokens,
+                       calibration_metric, progress, placed=auto, catch_up=catch_up, fuse_heads=fuse_heads,
+                       speculative=speculative)
+        tmp = build.run(layers, out)
+        try:
+            manifest = read_manifest(tmp, verify=False)
+            if auto or (shortlist or exit_classifier) and manifest.exits:
+                manifest, tmp = _refine(build, tmp, manifest, layers, table, placement_eps, out, shortlist,
+                                        exit_classifier)
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        progress("done", 1, 1)
+        return manifest
 
 
 def _check_options(exits, block_size: int, calibrate: bool, prompts: Path | None, metric: str | None,
@@ -260,7 +262,7 @@ def classifier_traces(root: Path, src: SourceModel) -> Traces:
     return collect_traces(model, prompts, CLASSIFIER_TOKENS)
 
 
-def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], table, eps: float, parent: Path,
+def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], table, eps: float, out: Path,
             shortlist: int | str, classifier: bool) -> tuple[Manifest, Path]:
     """After the first build and its calibration: choose the exit set (with ``table``), the
     shortlist and train exit classifiers on the traces, then rebuild with them.
@@ -323,10 +325,10 @@ def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], t
     if exits != list(traces.exits) or ids is not None or classifiers:
         shutil.rmtree(tmp, ignore_errors=True)
         chosen = {layer: classifiers[layer] for layer in exits} if classifiers else None
-        tmp = build.run(exits, parent, None if ids is None else ids.tolist(), chosen,
+        tmp = build.run(exits, out, None if ids is None else ids.tolist(), chosen,
                         metric="classifier" if chosen else None)
         if record is not None and exits:
-            tmp = _check_built(build, tmp, record, table.with_head_fraction(k / vocab if k else 1.0), eps, parent)
+            tmp = _check_built(build, tmp, record, table.with_head_fraction(k / vocab if k else 1.0), eps, out)
     manifest = read_manifest(tmp, verify=False)
     if record is not None:
         manifest = replace(manifest, placement=record)
@@ -334,7 +336,7 @@ def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], t
     return manifest, tmp
 
 
-def _check_built(build: "_Build", tmp: Path, record: dict, table, eps: float, parent: Path) -> Path:
+def _check_built(build: "_Build", tmp: Path, record: dict, table, eps: float, out: Path) -> Path:
     """Price the built artifact on its own calibration traces, which is what its thresholds come from.
 
     The search priced candidates on the candidate build's traces, rescored in fp32 for a shortlist;
@@ -356,7 +358,7 @@ def _check_built(build: "_Build", tmp: Path, record: dict, table, eps: float, pa
     record.update(exits=[], shortlist=0, exit_classifier=False, predicted_speedup=1.0)
     record["report"].append("no exit pays here once built: the full model is written instead")
     shutil.rmtree(tmp, ignore_errors=True)
-    return build.run([], parent)
+    return build.run([], out)
 
 
 def stored_order(plan) -> list[str]:
@@ -388,7 +390,7 @@ class _Build:
     fuse_heads: str = "auto"
     speculative: str = "auto"
 
-    def run(self, exits: list[int], parent: Path, shortlist: list[int] | None = None,
+    def run(self, exits: list[int], out: Path, shortlist: list[int] | None = None,
             classifiers: dict | None = None, metric: str | None = None) -> Path:
         src, progress = self.src, self.progress
         plan = plan_segments(src, exits, fused=self.target.fused_ops, context=context_length(src.config),
@@ -398,7 +400,7 @@ class _Build:
         verifies = {seg.spec.graph(VERIFY): seg.spec.file for seg in plan.segments if seg.verify is not None}
         total = len(plan.segments) + len(fills) + len(verifies) + len(plan.heads) + 4 + int(self.calibrate)
         step = 1
-        tmp = Path(tempfile.mkdtemp(prefix=".eec-build-", dir=parent))
+        tmp = new_stage(out, "build")
         try:
             for seg in plan.segments:
                 progress(f"exporting layers {seg.spec.start}-{seg.spec.stop}", step, total)
