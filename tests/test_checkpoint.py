@@ -98,3 +98,46 @@ def test_not_a_checkpoint(tmp_path):
     torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
     with pytest.raises(InputError, match="not an eec checkpoint"):
         compile_model(tmp_path / "other.pt", tmp_path / "d.eec")
+
+
+def test_the_design_cards_command_works_as_written(checkpoint_artifact, tmp_path):
+    """`eec compile model.pt --target jetson-orin`: no -o (the artifact lands beside model.pt), a family name
+    resolved to a profile and said so; the fp16 standard-ops graphs against transformers' greedy tokens."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from eec.cli.main import app
+
+    hf, _, root = checkpoint_artifact
+    shutil.copy(root / "model.pt", tmp_path / "model.pt")
+    result = CliRunner().invoke(app, ["compile", str(tmp_path / "model.pt"), "--target", "jetson-orin"])
+    assert result.exit_code == 0, result.output
+    art = tmp_path / "model-jetson-orin.eec"
+    assert f"wrote {art}" in result.stderr and "recorded as jetson-orin-agx" in result.stderr
+    import re  # not a terminal: plain progress lines, one per step, in order
+
+    steps = re.findall(r"^\[\d\d:\d\d\] (.*?) \((\d+)/(\d+)\)", result.stderr, re.M)
+    assert [s[0] for s in steps[:3]] == ["loading model", "exporting layers 0-2", "exporting layers 2-4"], steps
+    assert "storing each weight once" in [s[0] for s in steps]
+    model = load(art)
+    assert (model.manifest.target, model.manifest.precision, model.exits) == ("jetson-orin-agx", "fp16", [2, 4])
+    from eec.runtime.evaluate import agreement
+
+    # fp16 flips near-ties of this wide-weight random model (token 4 of 8 here): teacher-forced agreement
+    # with transformers' fp32 tokens, where a wrong graph would agree on about 1 in 96.
+    assert agreement(model, PROMPT, hf_greedy(hf, PROMPT, 24)) >= 0.8
+    again = CliRunner().invoke(app, ["compile", str(tmp_path / "model.pt"), "--target", "jetson-orin"])
+    assert again.exit_code == 1 and "already exists" in again.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "jetson-orin", "--exits", "auto"], "name the device, e.g. --target jetson-orin-nano"),
+    (["--target", "jetson-xavier"], "families: jetson-orin (jetson-orin-agx, jetson-orin-nx, jetson-orin-nano)"),
+])
+def test_a_family_or_unknown_target_lists_the_choices(checkpoint_artifact, tmp_path, args, message):
+    from tests.test_cli_errors import run_fails
+
+    _, _, root = checkpoint_artifact
+    run_fails(["compile", root / "model.pt", "-o", tmp_path / "x.eec", *args], message)
+    assert list(tmp_path.iterdir()) == []

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 from eec.compiler import compile_model
 from eec.compiler.weights import ALIGN, INLINE, TIE_FROM, WEIGHTS, store_once
 from eec.runtime import load
+from eec.runtime.sessions import open_sessions
 from tests.conftest import tiny_model
 
 
@@ -32,7 +32,7 @@ def _matmul_graph(path, weights: dict[str, np.ndarray], order: list[str]) -> Non
 
 
 def _run(path, x):
-    return ort.InferenceSession(str(path)).run(["y"], {"x": x})[0]
+    return open_sessions(path.parent, [path.name])[0].run(["y"], {"x": x})[0]  # eec's options: a suite may share threads
 
 
 def test_shared_and_transposed_weights_are_stored_once_and_compute_the_same(tmp_path):

@@ -22,7 +22,7 @@ from eec.errors import EecError, InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile early-exit models into per-segment ONNX artifacts and run them.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages whole on one line in logs; the terminal wraps them
 out = Console()
 
 
@@ -77,7 +77,11 @@ def _parse_floats(text: str, what: str) -> list[float]:
 
 @contextlib.contextmanager
 def _progress():
-    """Yields ``update(what, done, total, extra="")`` driving a live bar (shown on terminals only)."""
+    """Yields ``update(what, done, total, extra="")``: a live bar on a terminal, else plain timed lines
+    (a log of a long train or compile shows where it is)."""
+    if not err.is_terminal:
+        yield _plain_progress()
+        return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description:<48}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -88,6 +92,24 @@ def _progress():
             bar.update(task, description=f"{what} {extra}".strip(), completed=done, total=total)
 
         yield update
+
+
+PLAIN_EVERY_S = 10.0  # a step that reports often (training batches) prints at most this often
+
+
+def _plain_progress():
+    start, last = time.monotonic(), {"what": None, "at": -PLAIN_EVERY_S}
+
+    def update(what: str, done: int, total: int, extra: str = "") -> None:
+        now = time.monotonic()
+        if what == last["what"] and now - last["at"] < PLAIN_EVERY_S and done != total:
+            return
+        last.update(what=what, at=now)
+        elapsed = int(now - start)
+        counts = f" ({done}/{total})" if total else ""
+        print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {what}{counts} {extra}".rstrip(), file=sys.stderr, flush=True)
+
+    return update
 
 
 def _torch_side() -> None:
@@ -155,14 +177,15 @@ def train_cmd(
         if result.undone_final_agreement is not None:
             err.print(f"epoch {result.epochs_run + 1} took it to {result.undone_final_agreement:.3f}, below the floor: "
                       "undone, training stopped there")
-    err.print(f"wrote {output}; compile it with `eec compile {output} -o ARTIFACT`")
+    err.print(f"wrote {output}; compile it with `eec compile {output}`")
 
 
 @app.command("compile")
 @_user_errors
 def compile_cmd(
     model: Path = typer.Argument(..., help="Hugging Face model directory, .gguf file or eec model.pt"),
-    output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write (e.g. smollm2.eec)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="artifact directory to write (default: beside "
+                                          "MODEL, named after it and the target, e.g. model-jetson-orin.eec)"),
     exits: Optional[str] = typer.Option(None, help="exit layers, e.g. 8,16,24; 'auto' to choose among the heads by predicted "
                                         "latency; 'none' (default: the checkpoint's heads, else quarter depths)"),
     eps: float = typer.Option(0.9, help="accuracy level the --exits auto placement optimises for"),
@@ -193,6 +216,7 @@ def compile_cmd(
     from eec.compiler import compile_model
 
     layers = _parse_exits(exits)
+    output = output or default_output(model, target)
     with _progress() as update:
         manifest = compile_model(model, output, exits=layers, target=target, precision=precision, block_size=block_size,
                                  overwrite=overwrite, calibrate=calibrate, calibration_prompts=prompts,
@@ -203,10 +227,20 @@ def compile_cmd(
                                  progress=update)
     for line in (manifest.placement or {}).get("report", []):
         err.print(line)
+    if manifest.target != target:
+        err.print(f"target {target}: every member of the family runs these graphs; recorded as {manifest.target}, "
+                  "whose latency figures `eec profile` and placement use")
     cal = manifest.calibration
     err.print(f"wrote {output}: {len(manifest.segments)} segments, exits at {manifest.exits or 'none'}, "
               f"{manifest.precision}, target {manifest.target}, catch-up {manifest.catch_up}, "
               + (f"calibrated on {cal.tokens} tokens (metric {cal.metric})" if cal else "not calibrated"))
+
+
+def default_output(model: Path, target: str) -> Path:
+    """``model.pt`` -> ``model.eec`` beside it on the CPU target, ``model-<target>.eec`` on others."""
+    model = Path(model)
+    stem = model.name if model.is_dir() else model.stem
+    return model.absolute().parent / (f"{stem}.eec" if target == "cpu" else f"{stem}-{target}.eec")
 
 
 def _parse_exits(text: str | None) -> list[int] | str | None:

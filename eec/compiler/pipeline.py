@@ -156,7 +156,7 @@ def compile_model(
     last segment is at most `FUSE_LIMIT` bytes in fp32, as for ``fuse_heads``.
     """
     out = Path(out).absolute()
-    tgt = get_target(target)
+    tgt = get_target(target, placed=exits == "auto")
     precision = check_precision(tgt, precision)
     _check_output(out, overwrite)
     auto = _check_options(exits, block_size, calibrate, calibration_prompts, calibration_metric, placement_eps,

@@ -108,11 +108,28 @@ TARGETS: dict[str, Target] = {
 }
 
 
-def get_target(name: str) -> Target:
-    try:
+# Families whose members run the same graphs (fp16 standard ops, engines built on the device): only the
+# latency model that `--exits auto` places exits with tells them apart.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "jetson-orin": ("jetson-orin-agx", "jetson-orin-nx", "jetson-orin-nano"),
+    "rtx": ("rtx-4090", "rtx-3060"),
+}
+
+
+def get_target(name: str, placed: bool = False) -> Target:
+    """The profile ``name``, or for a family name (`FAMILIES`) its first member, whose graphs every member
+    runs; ``placed`` (exits placed by latency) needs the device itself, so a family is refused then."""
+    if name in TARGETS:
         return TARGETS[name]
-    except KeyError:
-        raise InputError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}") from None
+    if name in FAMILIES:
+        members = FAMILIES[name]
+        if placed:
+            raise InputError(f"target {name!r} is a family ({', '.join(members)}) and --exits auto places exits by the "
+                             f"device's latency: name the device, e.g. --target {members[-1]}")
+        return TARGETS[members[0]]
+    families = "; ".join(f"{f} ({', '.join(m)})" for f, m in FAMILIES.items())
+    raise InputError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}; families: {families} "
+                     "(`eec targets list` describes them)")
 
 
 def check_precision(target: Target, precision: str | None) -> str:
