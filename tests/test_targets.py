@@ -207,15 +207,34 @@ def test_a_listed_tensorrt_provider_that_cannot_open_a_session_is_not_available(
         sessions.tensorrt_available.cache_clear()
 
 
-def test_tensorrt_target_compiles_anywhere_and_build_engines_explains(llama_src, tmp_path):
+def test_tensorrt_target_compiles_anywhere_and_build_engines_explains(llama_src, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from eec.runtime import sessions
+    from eec.runtime.evaluate import agreement
     from eec.targets.engines import build_engines, tensorrt_available
+    from tests.reference import hf_greedy
 
     out = tmp_path / "orin.eec"
     manifest = compile_model(llama_src / "hf", out, exits=[2, 4], target="jetson-orin-agx", calibration_tokens=8)
     assert (manifest.precision, manifest.target) == ("fp16", "jetson-orin-agx")
     ops = {n.op_type for n in __import__("onnx").load(out / manifest.segments[0].file, load_external_data=False).graph.node}
     assert "GroupQueryAttention" not in ops  # TensorRT reads standard ops only
-    assert len(load(out).generate([3, 17, 42], max_new_tokens=6, epsilon=0.8).tokens) == 6  # runs on the host CPU too
+    monkeypatch.setattr(sessions, "_SAID", set())
+    capsys.readouterr()
+    model = load(out)  # on the host CPU, and saying so once
+    load(out)
+    notices = [line for line in capsys.readouterr().err.splitlines() if "not TensorRT" in line]
+    if not tensorrt_available():
+        assert len(notices) == 1 and "jetson-orin-agx artifact running on cpu" in notices[0], notices
+        with pytest.raises(InputError, match="device 'tensorrt' needs engines"):
+            load(out, device="tensorrt")
+        with pytest.raises(InputError, match="measured through its engines, on that device after `eec build-engines`"):
+            measure_artifact(out, repeats=1)
+    # The fp16 standard-ops graphs compute the model: teacher-forced against transformers' fp32 tokens.
+    hf = AutoModelForCausalLM.from_pretrained(llama_src / "hf").eval()
+    prompt = [3, 17, 42]
+    assert agreement(model, prompt, hf_greedy(hf, prompt, 24)) >= 0.8
     cpu_art = tmp_path / "cpu.eec"
     compile_model(llama_src / "hf", cpu_art, exits=[2], calibrate=False)
     with pytest.raises(InputError, match="no engines to build"):
@@ -238,6 +257,8 @@ def test_build_engines_on_device(llama_src, tmp_path):
     manifest = build_engines(out)
     assert manifest.engines and any((out / "engines").iterdir())
     assert load(out).generate([3, 17, 42], max_new_tokens=8, mode="full").tokens == cpu_tokens
+    table = measure_artifact(out, repeats=2)  # through the engines
+    assert table.target == "rtx-4090" and all(v > 0 for v in table.segments.values())
 
 
 def test_cli_exits_none_compiles_the_full_model_alone(llama_src, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -73,16 +74,34 @@ def tensorrt_available() -> bool:
     return session.get_providers()[0] == TRT
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """A notice on stderr, once per process: it concerns the machine, not each load."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
 def pick_device(device: str, manifest: "Manifest") -> str:
     """Where an artifact's sessions run: "cpu", "cuda" (onnxruntime's CUDA provider) or "tensorrt"
     (the engines `eec build-engines` cached in the artifact). ``device="auto"`` takes TensorRT where
     the engines are built and this onnxruntime has it, else CUDA for an fp16 artifact where this
-    onnxruntime has it (its GroupQueryAttention runs in half precision only), else the CPU."""
+    onnxruntime has it (its GroupQueryAttention runs in half precision only), else the CPU; a
+    TensorRT target's artifact run without TensorRT says so on stderr, once."""
     available = ort.get_available_providers()
     if device == "auto":
         if manifest.engines and tensorrt_available():
             return "tensorrt"
-        return "cuda" if manifest.precision == "fp16" and CUDA in available else "cpu"
+        picked = "cuda" if manifest.precision == "fp16" and CUDA in available else "cpu"
+        from eec.targets.profiles import TARGETS  # the registry: torch-free
+
+        if getattr(TARGETS.get(manifest.target), "builds_engines", False):
+            _say_once(f"eec: {manifest.target} artifact running on {picked} through onnxruntime, not TensorRT: "
+                      + ("its engines are not built here (`eec build-engines ARTIFACT`)" if tensorrt_available()
+                         else "this onnxruntime has no usable TensorRT provider") + "; expect it to be much slower")
+        return picked
     if device not in DEVICES:
         raise InputError(f"device must be one of auto, {', '.join(DEVICES)}; got {device!r}")
     if device == "cuda" and CUDA not in available:

@@ -99,10 +99,16 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     root = Path(path)
     manifest = read_manifest(root)
     target = get_target(manifest.target)
-    if not target.backend.startswith("onnxruntime"):
-        raise InputError(f"{root} targets {target.name} ({target.backend}); measure it on that device after "
-                         "`eec build-engines` (this eec measures onnxruntime artifacts only)")
-    device = pick_device(device or ("cuda" if target.backend == "onnxruntime-cuda" else "cpu"), manifest)
+    if target.builds_engines:  # timed where it will run: its engines, through onnxruntime's TensorRT provider
+        try:
+            if device not in (None, "tensorrt"):
+                raise InputError(device)
+            device = pick_device("tensorrt", manifest)
+        except InputError:
+            raise InputError(f"{root} targets {target.name} (TensorRT): it is measured through its engines, on "
+                             "that device after `eec build-engines`, with onnxruntime's TensorRT provider") from None
+    else:
+        device = pick_device(device or ("cuda" if target.backend == "onnxruntime-cuda" else "cpu"), manifest)
     m = manifest.model
     if m.intermediate_size == 0:
         raise InputError(f"{root} was compiled by an older eec without the model's MLP size; recompile it")
@@ -110,7 +116,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     rng = np.random.default_rng(0)
     graphs = open_graphs(root, manifest, ROLES, device=device)
     heads = {s.exit.layer: s.exit.file for s in manifest.segments[:-1] if s.exit and s.exit.file}
-    head_calls = {layer: HeadCall(s, device) for layer, s in zip(heads, open_sessions(root, list(heads.values()), device=device))}
+    head_calls = {layer: HeadCall(s, device) for layer, s in zip(heads, open_sessions(root, list(heads.values()), manifest=manifest, device=device))}
     total = SWEEPS * MAX_SEQ * (repeats + 1)
     done = 0
     table = LatencyTable(shape_of(manifest), manifest.precision, target.name, "measured", 0.0)
@@ -213,7 +219,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
                 table.verifies.setdefault((spec.start, spec.stop), []).append(best_verify[seq][j])
     table.heads = {layer: statistics.median(t) for layer, t in head_times.items()}
     table.fused = {(manifest.segments[j].start, manifest.segments[j].stop): t for j, t in fused_best.items()}
-    table.call_overhead = _overhead(m.hidden_size, repeats * 5, device)  # one artifact's cuts never overlap: no fit here
+    table.call_overhead = _overhead(m.hidden_size, repeats * 5, "cuda" if device == "tensorrt" else device)  # one artifact's cuts never overlap: no fit here
     progress("done", total, total)
     return table
 
