@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up, train self-supervised exit heads for SmolLM2-135M-Instruct at layers
 # 8, 16 and 24, compile and calibrate them, and generate a streamed answer with
-# early exits at accuracy level ε. Later runs reuse model.pt and smollm2.eec.
+# early exits at accuracy level ε, then measure what the exits buy against the
+# same artifact's full mode on this machine, and say what to run. Later runs
+# reuse model.pt and smollm2.eec.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,3 +16,4 @@ if [ ! -f smollm2.eec/manifest.json ]; then
 fi
 .venv/bin/eec inspect smollm2.eec
 .venv/bin/eec generate smollm2.eec "${1:-Explain photosynthesis in three sentences.}" --eps "${EEC_EPS:-0.8}" --max-new-tokens 96
+.venv/bin/eec profile smollm2.eec --eps "${EEC_EPS:-0.8},0.95" --tokens 48 --rounds 1

@@ -319,3 +319,27 @@ def test_speculative_weight_bytes_match_early_exit_where_they_read_the_same(llam
     draft_part = bytes_per_token(model, {first: 1}, {first: 0.5})  # segments up to the exit, and its head
     deep_part = bytes_per_token(model, {model.num_layers: 1}, None) - bytes_per_token(model, {first: 1}, None)
     assert speculative_bytes_per_token(model, first, {4: 5}, 10) == pytest.approx(2 * draft_part + 0.5 * deep_part)
+
+
+def _row(eps, tps, speedup, agreement=1.0, mode="early-exit"):
+    from eec.targets.profiling import ProfileRow
+
+    return ProfileRow(eps, tps, speedup, speedup, agreement, mode=mode)
+
+
+@pytest.mark.parametrize("rows, recommended", [
+    ([_row(None, 40.0, 1.0, mode="full"), _row(0.8, 31.0, 0.78, 0.93), _row(0.9, 36.0, 0.9, 0.97)],
+     "recommended: --mode full: no exit pays"),
+    ([_row(None, 40.0, 1.0, mode="full"), _row(0.8, 60.0, 1.5, 0.91), _row(0.9, 52.0, 1.3, 0.96)],
+     "recommended: --eps 0.8 (1.50x, 91.0% agreement)"),
+    ([_row(None, 40.0, 1.0, mode="full"), _row(0.8, 44.0, 1.1, 0.9), _row(0.5, 60.0, 1.5, mode="speculative")],
+     "recommended: --mode speculative, 1.50x"),
+    ([_row(None, 40.0, 1.0, mode="full"), _row(0.8, 41.6, 1.04, 0.99)], "recommended: --mode full"),  # within noise
+])
+def test_profile_verdict_says_what_pays(rows, recommended):
+    from eec.targets.profiling import verdict
+
+    lines = verdict(rows)
+    assert lines[0] == "full mode: 40.0 tok/s on this machine"
+    assert lines[-1].startswith(recommended), lines
+    assert sum(line.startswith("early exit at") for line in lines) == sum(r.mode == "early-exit" for r in rows)

@@ -465,6 +465,10 @@ def profile(
                       f"{r.gb_per_s:.1f}", f"{c['segments']:.3f} + {c['heads']:.3f} + {c['catch_up']:.3f}",
                       " ".join(f"{k}:{v}" for k, v in r.exits.items()))
     out.print(table)
+    from eec.targets.profiling import verdict
+
+    for line in verdict(rows):
+        out.print(line, highlight=False, soft_wrap=True)
     if json_out is not None:
         import json
 

@@ -190,3 +190,34 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
                                {k: v * 1e3 for k, v in parts.items()}, "full" if e is None else "early-exit"))
     return rows
 
+
+
+PAYS = 1.05  # a measured speedup below this is within run-to-run noise on a shared CPU: it does not pay
+
+
+def verdict(rows: Sequence[ProfileRow]) -> list[str]:
+    """What the measured rows say a user should run: the best early-exit level beside full mode, or,
+    where no exit pays, full mode and the commands that keep only exits that do."""
+    full = next((r for r in rows if r.mode == "full" or r.epsilon is None), None)
+    if full is None:
+        return []
+    lines = [f"full mode: {full.tokens_per_s:.1f} tok/s on this machine"]
+    levels = [r for r in rows if r.mode == "early-exit" and r.epsilon is not None]
+    for r in levels:
+        lines.append(f"early exit at ε = {r.epsilon}: {r.tokens_per_s:.1f} tok/s, {r.speedup:.2f}x full mode, "
+                     f"agreeing with it on {r.agreement:.1%} of tokens")
+    spec = next((r for r in rows if r.mode == "speculative"), None)
+    if spec is not None:
+        lines.append(f"speculative mode (full mode's tokens): {spec.tokens_per_s:.1f} tok/s, {spec.speedup:.2f}x full mode")
+    paying = [r for r in levels if r.speedup >= PAYS]
+    if spec is not None and spec.speedup >= PAYS and (not paying or spec.speedup >= max(r.speedup for r in paying)):
+        lines.append(f"recommended: --mode speculative, {spec.speedup:.2f}x with full mode's tokens")
+    elif paying:
+        best = max(paying, key=lambda r: r.speedup)
+        lines.append(f"recommended: --eps {best.epsilon} ({best.speedup:.2f}x, {best.agreement:.1%} agreement); "
+                     "a higher ε agrees more and saves less")
+    else:
+        lines.append(f"recommended: --mode full: no exit pays on this model and machine (the layers an exit skips "
+                     f"cost less than its head and catch-up). `eec compile MODEL --exits auto` keeps only exits that "
+                     f"pay, or none; `--precision int4` makes every mode faster on a CPU")
+    return lines
