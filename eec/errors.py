@@ -6,8 +6,13 @@ class EecError(Exception):
     """Base class of every error eec raises on purpose."""
 
 
-class InputError(EecError):
-    """A path, option or prompt the user gave is not usable."""
+class InputError(EecError, ValueError):
+    """A path, option or prompt the user gave is not usable. A ``ValueError`` too,
+    which is what Python callers expect of a bad argument."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An argument of the wrong type (bytes for a prompt, text for a threshold); also a ``TypeError``."""
 
 
 class UnsupportedModelError(EecError):

@@ -54,6 +54,8 @@ def read_prompt_lines(path: Path) -> list[str]:
         lines = prompt_lines(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise InputError(f"cannot read prompts file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"prompts file {path} is not UTF-8 text (byte {e.start})") from None
     if not lines:
         raise InputError(f"prompts file {path} has no prompts (one per line)")
     return lines

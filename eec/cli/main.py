@@ -124,9 +124,12 @@ def _torch_side() -> None:
 
 def _parse_ids(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.replace(" ", ",").split(",") if x.strip()]
+        ids = [int(x) for x in text.replace(" ", ",").split(",") if x.strip()]
     except ValueError:
         raise InputError(f"expected numbers separated by commas, got {text!r}") from None
+    if not ids:
+        raise InputError(f"expected numbers separated by commas, got {text!r}")
+    return ids
 
 
 @app.command("train")
@@ -250,6 +253,8 @@ def _parse_exits(text: str | None) -> list[int] | str | None:
     text = text.strip()
     if text in ("auto", "none"):
         return "auto" if text == "auto" else []
+    if not text.replace(",", "").strip():
+        raise InputError(f"--exits needs layer numbers (e.g. 8,16,24), 'auto' or 'none'; got {text!r}")
     return _parse_ids(text)
 
 

@@ -69,20 +69,48 @@ def load_checkpoint(path: Path) -> Checkpoint:
     base = raw.get("base")
     if not isinstance(base, dict) or not ("path" in base or {"config", "state_dict"} <= base.keys()):
         raise InputError(f"{path}: 'base' must hold either 'path' or both 'config' and 'state_dict'")
-    exits = []
-    for i, e in enumerate(raw.get("exits") or []):
-        try:
-            state = e["state_dict"]
-            head = HeadWeights(
-                layer=int(e["layer"]),
-                kind=str(e.get("kind", "norm+linear")),
-                norm_weight=state["norm.weight"],
-                proj_weight=state["proj.weight"],
-                proj_bias=state.get("proj.bias"),
-            )
-        except (KeyError, TypeError) as err:
-            raise InputError(f"{path}: exit head {i} is malformed (missing {err})") from None
-        if head.kind not in HEAD_KINDS:
-            raise InputError(f"{path}: exit head at layer {head.layer} has unknown kind {head.kind!r} (known: {', '.join(HEAD_KINDS)})")
-        exits.append(head)
-    return Checkpoint(base=base, exits=exits, tokenizer=raw.get("tokenizer"), metadata=raw.get("metadata") or {})
+    if "path" in base and not isinstance(base["path"], str):
+        raise InputError(f"{path}: base 'path' must be text, got {type(base['path']).__name__}")
+    if "path" not in base:
+        if not isinstance(base["config"], dict):
+            raise InputError(f"{path}: base 'config' must be a dict, got {type(base['config']).__name__}")
+        state = base["state_dict"]
+        if not (isinstance(state, dict) and all(isinstance(k, str) and _tensor(v) for k, v in state.items())):
+            raise InputError(f"{path}: base 'state_dict' must map parameter names to floating-point tensors")
+    raw_exits = raw.get("exits") or []
+    if not isinstance(raw_exits, list):
+        raise InputError(f"{path}: 'exits' must be a list of heads, got {type(raw_exits).__name__}")
+    exits = [_head(e, i, path) for i, e in enumerate(raw_exits)]
+    tokenizer = raw.get("tokenizer")
+    if tokenizer is not None and not (isinstance(tokenizer, dict) and isinstance(tokenizer.get("json"), str) and all(
+            tokenizer.get(k) is None or isinstance(tokenizer[k], str) for k in ("chat_template", "bos_token", "eos_token"))):
+        raise InputError(f"{path}: 'tokenizer' must be a dict with 'json' (and optional chat_template, bos_token, "
+                         "eos_token) as text")
+    metadata = raw.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: 'metadata' must be a dict, got {type(metadata).__name__}")
+    eos = metadata.get("eos_token_ids")
+    if eos is not None and not (isinstance(eos, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                              for t in eos)):
+        raise InputError(f"{path}: metadata 'eos_token_ids' must be a list of token ids, got {eos!r}")
+    return Checkpoint(base=base, exits=exits, tokenizer=tokenizer, metadata=metadata)
+
+
+def _tensor(value, dims: int | None = None) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and (dims is None or value.dim() == dims)
+
+
+def _head(e, i: int, path: Path) -> HeadWeights:
+    """Exit head ``i`` of the checkpoint, its fields typed (shapes are checked against the model later)."""
+    if not (isinstance(e, dict) and isinstance(e.get("state_dict"), dict)):
+        raise InputError(f"{path}: exit head {i} must be a dict with 'layer' and 'state_dict'")
+    layer, kind, state = e.get("layer"), e.get("kind", "norm+linear"), e["state_dict"]
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise InputError(f"{path}: exit head {i}'s layer must be a whole number, got {layer!r}")
+    if kind not in HEAD_KINDS:
+        raise InputError(f"{path}: exit head at layer {layer} has unknown kind {kind!r} (known: {', '.join(HEAD_KINDS)})")
+    for name, dims, required in (("norm.weight", 1, True), ("proj.weight", 2, True), ("proj.bias", 1, False)):
+        if (required or state.get(name) is not None) and not _tensor(state.get(name), dims):
+            raise InputError(f"{path}: exit head at layer {layer}: {name!r} must be a {dims}-D floating-point tensor, "
+                             f"got {type(state.get(name)).__name__}")
+    return HeadWeights(layer, kind, state["norm.weight"], state["proj.weight"], state.get("proj.bias"))

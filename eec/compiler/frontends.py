@@ -61,8 +61,15 @@ def load_source(path: str | os.PathLike) -> SourceModel:
     return _load_checkpoint(path)
 
 
+SIZES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+
+
 def _check_config(config, where: str) -> None:
     _check_model_type(getattr(config, "model_type", None), where)
+    for name in SIZES:
+        value = getattr(config, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"{where}: config {name} must be a whole number of at least 1, got {value!r}")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"{where}: activation {config.hidden_act!r} is not supported (only silu)")
 
@@ -112,8 +119,11 @@ def _load_tokenizer(directory: Path, gguf_file: str | None) -> TokenizerData | N
     try:
         tok = AutoTokenizer.from_pretrained(directory, **_hf_kwargs(gguf_file))
         backend = tok.backend_tokenizer
-    except Exception:
-        return None  # a model without a tokenizer compiles; its artifact takes token ids
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for unreadable tokenizer files
+        if gguf_file is not None:
+            return None  # a GGUF without tokenizer metadata compiles; its artifact takes token ids
+        raise InputError(f"{directory} has tokenizer files that cannot be read ({_first_line(e)}); mend or remove "
+                         "them (without them the artifact takes token ids)") from None
     return TokenizerData(
         json=backend.to_str(),
         chat_template=getattr(tok, "chat_template", None),
@@ -159,10 +169,18 @@ def _from_embedded(base: dict, where: str) -> SourceModel:
     model_type = cfg.pop("model_type", None)
     cfg.pop("quantization_config", None)  # embedded weights are plain tensors
     _check_model_type(model_type, where)
-    config = AutoConfig.for_model(model_type, **cfg)
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except Exception as e:  # noqa: BLE001 - transformers' strict config dataclasses raise their own types
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise InputError(f"{where}: the base model's config is not usable ({detail})") from None
     _check_config(config, where)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(base["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(base["state_dict"], strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape; torch's first line only names the class
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), _first_line(e))
+        raise InputError(f"{where}: base weights do not fit the config ({detail})") from None
     # Tied LM heads are legitimately absent from a saved state dict.
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from eec.calib.metrics import COSINE
 from eec.calib.traces import Traces, metric_index, thresholds_for
-from eec.errors import InputError
+from eec.errors import InputError, InputTypeError
 from eec.runtime.core import CATCH_UPS, Batch, Decoder
 from eec.runtime.engine import Engine, Event, Request
 from eec.runtime.kv import FILL, PLAIN, VERIFY, WITH_HEAD, HeadCall
@@ -205,18 +206,21 @@ class EarlyExitModel:
         exits = self.exits
         if thresholds is None:
             thresholds = DEFAULT_THRESHOLD
-        if isinstance(thresholds, (int, float)):
-            values = {e: float(thresholds) for e in exits}
+        if isinstance(thresholds, (str, bytes, bool)) or not isinstance(thresholds, (numbers.Real, Mapping, Iterable)):
+            raise InputTypeError(f"thresholds must be a number, a list of numbers (one per exit) or a {{layer: number}} "
+                             f"map, got {type(thresholds).__name__}")
+        if isinstance(thresholds, numbers.Real):
+            values = {e: _number(thresholds) for e in exits}
         elif isinstance(thresholds, Mapping):
-            unknown = sorted(set(int(k) for k in thresholds) - set(exits))
+            unknown = sorted(set(_layer(k) for k in thresholds) - set(exits))
             if unknown:
                 raise InputError(f"no exit at layers {unknown}; this artifact's exits are {exits}")
-            values = {int(k): float(v) for k, v in thresholds.items()}
+            values = {_layer(k): _number(v) for k, v in thresholds.items()}
         else:
             thresholds = list(thresholds)
             if len(thresholds) != len(exits):
                 raise InputError(f"{len(thresholds)} thresholds for {len(exits)} exits ({exits})")
-            values = {e: float(t) for e, t in zip(exits, thresholds)}
+            values = {e: _number(t) for e, t in zip(exits, thresholds)}
         if any(math.isnan(v) for v in values.values()):
             raise InputError("thresholds must be numbers, not NaN")
         return values, index
@@ -450,19 +454,32 @@ class EarlyExitModel:
             produced = step.tokens
 
 
+def _number(value) -> float:
+    """A threshold: a real number (±inf allowed), never text or a truth value read as one."""
+    if isinstance(value, (str, bytes, bool)) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"thresholds must be numbers, got {value!r}")
+    return float(value)
+
+
+def _layer(key) -> int:
+    if isinstance(key, bool) or not isinstance(key, (int, str)) or not str(key).strip().isdigit():
+        raise InputTypeError(f"threshold keys must be exit layers, got {key!r}")
+    return int(key)
+
+
 def token_ids(prompt) -> list[int]:
     """A prompt given as token ids, checked: whole numbers only (no floats truncated, no bytes read as ids)."""
     if isinstance(prompt, (bytes, bytearray, memoryview)):
-        raise InputError("a prompt is text (str) or a list of token ids, not bytes; decode the bytes first")
+        raise InputTypeError("a prompt is text (str) or a list of token ids, not bytes; decode the bytes first")
     if isinstance(prompt, np.ndarray):
         if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
-            raise InputError(f"token ids must be a 1-D array of integers, got {prompt.dtype} of shape {prompt.shape}")
+            raise InputTypeError(f"token ids must be a 1-D array of integers, got {prompt.dtype} of shape {prompt.shape}")
         return [int(t) for t in prompt]
     if not isinstance(prompt, (list, tuple)):
-        raise InputError(f"a prompt is text (str) or a list of token ids, not {type(prompt).__name__}")
+        raise InputTypeError(f"a prompt is text (str) or a list of token ids, not {type(prompt).__name__}")
     bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, (int, np.integer))), None)
     if bad is not None:
-        raise InputError(f"token ids must be whole numbers, got {bad!r} ({type(bad).__name__})")
+        raise InputTypeError(f"token ids must be whole numbers, got {bad!r} ({type(bad).__name__})")
     return [int(t) for t in prompt]
 
 
@@ -487,5 +504,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     """Open an artifact directory. ``verify`` checks every file's sha256 first; ``catch_up``
     ("exact" or "propagate") replaces the artifact's default for every generation; ``device``:
     "cpu", "cuda" or "tensorrt", or "auto" (`eec.runtime.sessions.pick_device`)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads must be a whole number of at least 1, got {threads!r}")
     root = Path(path)
     return EarlyExitModel(root, read_manifest(root, verify=verify), threads, catch_up, device)

@@ -107,8 +107,7 @@ def train(base: str | os.PathLike, out: str | os.PathLike, config: TrainConfig,
     """Generate data with the base model, train one head per exit (and in joint
     mode the backbone too), write ``model.pt``."""
     out = Path(out)
-    if not out.parent.exists():
-        raise InputError(f"output folder {out.parent} does not exist")
+    _check_writable(out)  # before minutes of training, not after
     torch.manual_seed(config.seed)
     src = load_source(base)
     model = src.model
@@ -148,13 +147,32 @@ def train(base: str | os.PathLike, out: str | os.PathLike, config: TrainConfig,
         "epochs_run": result.epochs_run,
         "undone_final_agreement": result.undone_final_agreement,
     })
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = _staging(out)
     try:
         save_checkpoint(ckpt, tmp)
         os.replace(tmp, out)
+    except OSError as e:  # the disk filled or the folder changed during training
+        raise InputError(f"cannot write {out}: {e.strerror}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return result
+
+
+def _staging(out: Path) -> Path:
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+
+
+def _check_writable(out: Path) -> None:
+    if not out.parent.is_dir():
+        raise InputError(f"output folder {out.parent} does not exist")
+    if out.is_dir():
+        raise InputError(f"{out} is a folder; name the checkpoint file to write, e.g. {out / 'model.pt'}")
+    tmp = _staging(out)
+    try:
+        tmp.touch()
+        tmp.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write {out}: {e.strerror}") from None
 
 
 def _train_heads(src, train_data, val_data, config, g, progress) -> tuple[TrainResult, Checkpoint]:
