@@ -39,3 +39,33 @@ def exit_tokens(hf, hidden_states, layer: int, norm_weight=None, proj_weight=Non
         proj_w = hf.lm_head.weight if proj_weight is None else proj_weight
         logits = rms_norm(h, norm_w, hf.config.rms_norm_eps) @ proj_w.T
     return logits.argmax(-1).tolist()
+
+
+def propagated_forward(hf, sequence: list[int], exited: dict[int, int]):
+    """transformers' forward with CALM's state propagation: a position that exited at layer ``e``
+    (``exited[position] = e``) enters every layer from ``e`` on with its hidden state at the exit,
+    so those layers' keys and values for it are projected from that state. Returns the logits
+    and each layer's input ([1, seq, hidden]), the exits' hidden states among them.
+
+    Built on transformers' own layers with input hooks, independently of eec's fill graphs."""
+    inputs: dict[int, torch.Tensor] = {}
+
+    def substitute(layer: int):
+        def hook(module, args, kwargs):
+            h = args[0].clone()
+            for position, e in exited.items():
+                if e < layer:
+                    h[:, position] = inputs[e][:, position]
+            inputs[layer] = h
+            return (h, *args[1:]), kwargs
+        return hook
+
+    handles = [block.register_forward_pre_hook(substitute(i), with_kwargs=True)
+               for i, block in enumerate(hf.model.layers)]
+    try:
+        with torch.no_grad():
+            logits = hf(torch.tensor([sequence])).logits[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, inputs

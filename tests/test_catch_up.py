@@ -12,6 +12,8 @@ from eec.compiler import compile_model
 from eec.errors import InputError
 from eec.runtime import load
 from tests.conftest import TINY_SHAPES, tiny_model
+from tests.reference import hf_greedy, propagated_forward, rms_norm
+from tests.test_early_exit import check_tokens_against_transformers, mixed_thresholds
 
 PROMPT = [7, 21, 3, 55, 11, 80, 2]
 EXITS = [2, 4]
@@ -91,15 +93,36 @@ def test_first_layer_after_the_exit_is_exact_and_deeper_ones_are_not(propagating
     assert not np.allclose(propagated.kv[2][:, :, exited], exact.kv[2][:, :, exited], atol=1e-3)  # layer 3 keys
 
 
-def test_generation_in_both_modes_from_one_artifact(propagating):
-    _, artifact = propagating
+def test_both_catch_ups_decode_what_transformers_computes_for_them(propagating):
+    """Thresholds at which some tokens exit and others go deep, from one artifact: with the exact
+    catch-up every token is what transformers computes for the sequence so far; with propagation,
+    what transformers computes when each exited position enters the layers it skipped with its
+    exit's hidden state (CALM). The deep tokens are the ones that read a caught-up KV."""
+    hf, artifact = propagating
     model = load(artifact)
+    n = hf.config.num_hidden_layers
+    thresholds = mixed_thresholds(model, PROMPT)
     full = model.generate(PROMPT, max_new_tokens=12, mode="full")
-    assert model.generate(PROMPT, max_new_tokens=12, mode="full", catch_up="exact").tokens == full.tokens
-    # Every token after the first leaves at the first exit: nothing catches up, so both modes agree.
-    left = [model.generate(PROMPT, max_new_tokens=12, thresholds=-math.inf, catch_up=c).tokens
-            for c in ("exact", "propagate")]
-    assert left[0] == left[1]
+    assert full.tokens == hf_greedy(hf, PROMPT, 12)
+    runs = {c: model.generate(PROMPT, max_new_tokens=24, thresholds=thresholds, catch_up=c)
+            for c in ("exact", "propagate")}
+    for catch_up, run in runs.items():
+        deep_after_exit = [i for i in range(1, len(run.exits)) if run.exits[i] == n and min(run.exits[1:i], default=n) < n]
+        assert deep_after_exit and set(run.exits[1:]) & set(EXITS), f"{catch_up}: {run.exits}"
+    exact = runs["exact"]
+    check_tokens_against_transformers(hf, PROMPT, exact.tokens, exact.exits)
+    run = runs["propagate"]
+    sequence = PROMPT + run.tokens[:-1]
+    exited = {len(PROMPT) - 1 + i: e for i, e in enumerate(run.exits) if e < n}
+    logits, inputs = propagated_forward(hf, sequence, exited)
+    for i, (token, layer) in enumerate(zip(run.tokens, run.exits)):
+        position = len(PROMPT) - 1 + i
+        if layer == n:
+            want = int(logits[position].argmax())
+        else:
+            h = inputs[layer][0, position]
+            want = int((rms_norm(h, hf.model.norm.weight, hf.config.rms_norm_eps) @ hf.lm_head.weight.T).argmax())
+        assert token == want, f"token {i} (exit at layer {layer})"
 
 
 def test_propagate_needs_fill_graphs(llama_compiled):
@@ -123,7 +146,15 @@ def test_measure_times_the_fill_graphs(propagating):
     assert LatencyTable.from_json(table.to_json()).fills == table.fills
 
 
-def test_propagated_catch_up_in_pieces_decodes_the_same(propagating):
+def test_propagated_catch_up_in_pieces_decodes_the_same(propagating, monkeypatch):
+    from eec.runtime.kv import FILL, SegmentKV
+
+    fills, pieces_run = [], []
+    call, call_one = SegmentKV.call, SegmentKV._call_one
+    monkeypatch.setattr(SegmentKV, "call", lambda self, role, slots, x, counts=None: (
+        role == FILL and fills.append((self.max_call, x.shape[1])), call(self, role, slots, x, counts))[1])
+    monkeypatch.setattr(SegmentKV, "_call_one", lambda self, graph, slot, x: (
+        pieces_run.append((self.max_call, x.shape[1])), call_one(self, graph, slot, x))[1])
     _, artifact = propagating
     whole, pieces = load(artifact), load(artifact)
     pieces.max_call = 2  # fills of more than 2 exited positions go in pieces
@@ -131,3 +162,6 @@ def test_propagated_catch_up_in_pieces_decodes_the_same(propagating):
         a = whole.generate(PROMPT, max_new_tokens=16, thresholds=threshold)
         b = pieces.generate(PROMPT, max_new_tokens=16, thresholds=threshold)
         assert (a.tokens, a.exits) == (b.tokens, b.exits)
+    assert max(n for limit, n in fills if limit is None) > 2, "no fill longer than a piece: nothing was split"
+    assert max(n for limit, n in fills if limit == 2) > 2
+    assert max(n for limit, n in pieces_run if limit == 2) <= 2
