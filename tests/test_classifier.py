@@ -38,19 +38,44 @@ def test_fused_score_equals_the_pytorch_classifier(llama_src, tmp_path):
 
 @pytest.fixture(scope="module")
 def classified(llama_src):
-    out = llama_src / "clf.eec"
-    manifest = compile_model(llama_src / "hf", out, exits=[2, 4], exit_classifier=True, calibration_tokens=16)
-    return out, manifest
+    """The artifact, its manifest, and what each traced run and the classifiers' training saw."""
+    import eec.calib.calibrate as calibrate
+    import eec.compiler.pipeline as pipeline
+
+    seen = {"calibration": [], "classifier": [], "trained_on": []}
+
+    def recording(where, collect):
+        def run(model, prompts, *args, **kwargs):
+            traces = collect(model, prompts, *args, **kwargs)
+            seen[where].append(([tuple(p) for p in prompts], traces))
+            return traces
+        return run
+
+    train = pipeline.train_classifiers
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(calibrate, "collect_traces", recording("calibration", calibrate.collect_traces))
+        mp.setattr(pipeline, "collect_traces", recording("classifier", pipeline.collect_traces))
+        mp.setattr(pipeline, "train_classifiers", lambda traces, *a, **k: (seen["trained_on"].append(traces),
+                                                                            train(traces, *a, **k))[1])
+        out = llama_src / "clf.eec"
+        manifest = compile_model(llama_src / "hf", out, exits=[2, 4], exit_classifier=True, calibration_tokens=16)
+    return out, manifest, seen
 
 
 def test_classifier_artifact_is_calibrated_on_its_own_scores(classified):
-    out, manifest = classified
+    out, manifest, seen = classified
     assert manifest.calibration.metric == "classifier"
     assert [s.scores_exit for s in manifest.segments] == [True, True, False]
     traces = Traces.load(out / manifest.calibration.file)
-    assert len(traces) and len(np.unique(traces.sequence)) == 32  # every calibration prompt: none trained it
     scores = traces.scores[:, :, 4]
     assert not np.isnan(scores).any() and ((0 <= scores) & (scores <= 1)).all() and scores.std() > 0
+    # The classifiers learn from traces of one prompt set and are calibrated on another: no
+    # calibration prompt (whose agreement the thresholds are fitted to) was in their training data.
+    (trained_prompts, trained_traces), = seen["classifier"]
+    assert seen["trained_on"] and all(t is trained_traces for t in seen["trained_on"])
+    calibration_prompts = {p for prompts, _ in seen["calibration"] for p in prompts}
+    assert calibration_prompts and not calibration_prompts & set(trained_prompts)
+    assert len(np.unique(traces.sequence)) == len(seen["calibration"][-1][0])  # the stored traces: every one
 
 
 class Counting:
@@ -71,7 +96,7 @@ class Counting:
 
 
 def test_head_runs_only_for_tokens_that_leave_and_gives_the_heads_token(classified):
-    out, _ = classified
+    out, _, _ = classified
     model = load(out)
     heads = {s.exit.file for s in model.manifest.segments if s.exit and s.exit.file}
     model.opened = {f: Counting(s) if f in heads else s for f, s in model.opened.items()}
