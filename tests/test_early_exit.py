@@ -86,12 +86,16 @@ def test_stats_count_exits(llama_compiled):
     assert model.stats.tokens_per_s > 0
 
 
-@pytest.mark.parametrize("bad", [[0.5], {"9": 0.1}, float("nan")])
-def test_bad_thresholds_are_refused(llama_compiled, bad):
+@pytest.mark.parametrize("bad, message", [
+    ([0.5], r"1 thresholds for 3 exits \(\[1, 3, 4\]\)"),
+    ({"9": 0.1}, r"no exit at layers \[9\]; this artifact's exits are \[1, 3, 4\]"),
+    (float("nan"), "thresholds must be numbers, not NaN"),
+])
+def test_bad_thresholds_are_refused(llama_compiled, bad, message):
     from eec.errors import InputError
 
     model = load(llama_compiled.artifact)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=message):
         model.generate(PROMPT, max_new_tokens=2, thresholds=bad)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from eec.cli.main import app
@@ -178,15 +179,49 @@ def test_profile_command(llama_compiled, tmp_path):
     assert full["cost_ms"]["heads"] == 0 and full["cost_ms"]["catch_up"] == 0 and full["cost_ms"]["segments"] > 0
     for r in rows[1:]:
         assert sum(r["exits"].values()) == 4 * 12  # 4 default prompts x 12 tokens, each counted once
-        assert 0.0 <= r["agreement"] <= 1.0 and r["ideal_speedup"] > 0 and r["gb_per_s"] > 0
+        assert r["ideal_speedup"] > 0 and r["gb_per_s"] > 0
+        want = teacher_forced_agreement(llama_compiled, r["epsilon"], 12)
+        assert r["agreement"] == pytest.approx(want, abs=1e-9), (r["epsilon"], want)
+    assert rows[1]["agreement"] < 1.0, "ε = 0.5 lets tokens leave that the full model would not emit"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def teacher_forced_agreement(compiled, eps: float, tokens: int) -> float:
+    """What the profile must report as agreement at ``eps``, computed with transformers: on the default
+    profile prompts, each of transformers' greedy tokens teacher-forced, the token of the first exit
+    whose top-1 minus top-2 probability reaches its threshold (the model's own head on transformers'
+    hidden state), else the final head's; the share equal to transformers' greedy token."""
+    from eec.calib.calibrate import default_prompts
+    from tests.reference import hf_forward, hf_greedy, rms_norm
+
+    hf, model = compiled.hf, load(compiled.artifact)
+    taus = model.thresholds_for(eps, "top2-margin")
+    hits = count = 0
+    for prompt in default_prompts(False, hf.config.vocab_size)[:4]:
+        reference = hf_greedy(hf, prompt, tokens)
+        out = hf_forward(hf, prompt + reference[:-1])
+        for i, want in enumerate(reference):
+            position = len(prompt) - 1 + i
+            token = int(out.logits[0, position].argmax())
+            for layer in (sorted(taus) if i > 0 else []):  # the prompt's pass runs every layer
+                h = out.hidden_states[layer][0, position]
+                p = torch.softmax(rms_norm(h, hf.model.norm.weight, hf.config.rms_norm_eps) @ hf.lm_head.weight.T, -1)
+                top = torch.topk(p, 2).values
+                if float(top[0] - top[1]) >= taus[layer]:
+                    token = int(p.argmax())
+                    break
+            hits += token == want
+            count += 1
+    return hits / count
+
+
 def test_profile_bad_input(llama_compiled, tmp_path):
-    bad = runner.invoke(app, ["profile", str(llama_compiled.artifact), "--eps", "1.5"])
-    assert bad.exit_code == 1
-    missing = runner.invoke(app, ["profile", str(llama_compiled.artifact), "--json", str(tmp_path / "no" / "x.json")])
-    assert missing.exit_code == 1
+    from tests.test_cli_errors import run_fails
+
+    run_fails(["profile", llama_compiled.artifact, "--eps", "1.5"], "--eps must be numbers between 0 and 1", "1.5")
+    run_fails(["profile", llama_compiled.artifact, "--json", tmp_path / "no" / "x.json"],
+              f"output folder {tmp_path / 'no'} does not exist")
+    run_fails(["profile", llama_compiled.artifact, "--tokens", "1"], "--tokens must be at least 2")
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'TensorrtExecutionProvider'")

@@ -1,5 +1,7 @@
 """Self-supervised exit-head training: the loss, the data, fitting, reproducibility, end to end."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -149,7 +151,6 @@ def test_layer_drop_skips_deep_layers_only_while_training():
 
 def test_joint_mode_fine_tunes_backbone_and_compiles(tmp_path):
     from eec.compiler import compile_model
-    from eec.compiler.frontends import load_source
     from eec.runtime import load
 
     src = tmp_path / "base"
@@ -158,12 +159,34 @@ def test_joint_mode_fine_tunes_backbone_and_compiles(tmp_path):
     config = TrainConfig(exits=[2, 4], prompts=PROMPTS[:20], max_new_tokens=10, epochs=3, lr=1e-3, backbone_lr=1e-3,
                          mode="joint", floor=0.0, layer_drop=0.5)
     result = train(src, tmp_path / "joint.pt", config)
-    assert 0.0 <= result.final_agreement <= 1.0 and [r.layer for r in result.heads] == [2, 4]
+    assert [r.layer for r in result.heads] == [2, 4]
     ckpt = load_checkpoint(tmp_path / "joint.pt")
     assert "state_dict" in ckpt.base and ckpt.metadata["final_agreement"] == result.final_agreement
-    tuned = load_source(tmp_path / "joint.pt").model
+    # The reference model is rebuilt with transformers from the checkpoint's config and weights, not
+    # through eec's front-end.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = dict(ckpt.base["config"])
+    tuned = AutoModelForCausalLM.from_config(AutoConfig.for_model(config_dict.pop("model_type"), **config_dict))
+    tuned.load_state_dict(ckpt.base["state_dict"], strict=False)
+    tuned.tie_weights()
+    tuned.eval()
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
     assert any("layers.0." in k for k in changed)  # the backbone itself moved
+    # final_agreement is the tuned final layer's agreement with the original's greedy tokens on the
+    # held-out prompts: the agreement on some 2 of the 20 prompts (validation 0.1), each prompt's
+    # 10 generated tokens teacher-forced through transformers.
+    per_prompt = []
+    for prompt in config.prompts:
+        generated = hf_greedy(original, prompt, config.max_new_tokens)
+        with torch.no_grad():
+            logits = tuned(torch.tensor([prompt + generated[:-1]])).logits[0, len(prompt) - 1:]
+        per_prompt.append((int((logits.argmax(-1) == torch.tensor(generated)).sum()), len(generated)))
+    possible = {sum(per_prompt[i][0] for i in pair) / sum(per_prompt[i][1] for i in pair)
+                for pair in itertools.combinations(range(len(per_prompt)), 2)}
+    assert any(abs(result.final_agreement - a) < 1e-9 for a in possible), (result.final_agreement, sorted(possible))
+    overall = sum(h for h, _ in per_prompt) / sum(n for _, n in per_prompt)
+    assert overall < 1.0, "the fine-tuned model agrees everywhere: the check above cannot tell models apart"
     compile_model(tmp_path / "joint.pt", tmp_path / "joint.eec", calibrate=False)
     prompt = [3, 9, 27]
     assert load(tmp_path / "joint.eec").generate(prompt, max_new_tokens=8, mode="full").tokens == hf_greedy(tuned, prompt, 8)
