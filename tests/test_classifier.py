@@ -108,4 +108,13 @@ def test_head_runs_only_for_tokens_that_leave_and_gives_the_heads_token(classifi
     by_head = model.generate(PROMPT, max_new_tokens=12, thresholds=-math.inf, metric="top2-margin")
     assert leave.tokens == by_head.tokens and leave.exits == by_head.exits == [6] + [2] * 11
     eps = model.generate(PROMPT, max_new_tokens=12, epsilon=0.8)  # the artifact's default metric: classifier
-    assert len(eps.tokens) == 12
+    fixed = model.generate(PROMPT, max_new_tokens=12, thresholds=model.thresholds_for(0.8, "classifier"),
+                           metric="classifier")
+    assert (eps.tokens, eps.exits) == (fixed.tokens, fixed.exits)
+    # Whichever exit each token left at, it is that head's token on transformers' hidden state.
+    from transformers import AutoModelForCausalLM
+    from tests.test_early_exit import check_tokens_against_transformers
+
+    hf = AutoModelForCausalLM.from_pretrained(out.parent / "hf").eval()
+    for run in (eps, leave, stay):
+        check_tokens_against_transformers(hf, PROMPT, run.tokens, run.exits)

@@ -76,7 +76,13 @@ def test_exits_auto_records_and_builds_the_chosen_set(llama_src, measured):
     assert speedups[1:] == sorted(speedups[1:], reverse=True)  # the chosen set first, then the others by speed
     assert speedups[0] >= max(speedups) / 1.02 - 1e-4  # the chosen set is within placement's tolerance
     model = load(out)
-    assert len(model.generate([3, 17, 42], max_new_tokens=8, epsilon=0.8).tokens) == 8
+    assert model.exits == placement["exits"]
+    result = model.generate([3, 17, 42], max_new_tokens=8, epsilon=0.8)
+    from transformers import AutoModelForCausalLM
+    from tests.test_early_exit import check_tokens_against_transformers
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_src / "hf").eval()
+    check_tokens_against_transformers(hf, [3, 17, 42], result.tokens, result.exits)
 
 
 @pytest.fixture(scope="module")
