@@ -199,6 +199,29 @@ def test_well_formed_thresholds_of_any_numeric_type_agree(llama_compiled):
         assert result.exits[1:] == [first] * 5, thresholds
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(thresholds=0.5, epsilon=0.9), "give thresholds or epsilon, not both"),
+    (dict(epsilon=0.9, rule="risk", delta=0.0), r"delta must be in \(0, 1\), got 0.0"),
+    (dict(epsilon=0.9, rule="risk", delta=1.5), r"delta must be in \(0, 1\), got 1.5"),
+    (dict(epsilon=0.9, rule="best"), "unknown threshold rule 'best'; choose from risk, valade"),
+    (dict(epsilon=1.5), r"epsilon must be in \[0, 1\], got 1.5"),
+    (dict(mode="speculative", metric="cosine"), "speculative decoding drafts on a head score"),
+])
+def test_options_that_contradict_or_fall_outside_their_range(llama_compiled, options, message):
+    with pytest.raises(InputError, match=message):
+        load(llama_compiled.artifact).generate([1, 2, 3], max_new_tokens=2, **options)
+
+
+def test_empty_prompts_and_speculative_without_exits(source, text_artifact, tmp_path):
+    model = load(text_artifact)
+    for empty in ("", [], np.zeros(0, dtype=np.int64)):
+        with pytest.raises(InputError, match="empty"):
+            model.generate(empty, max_new_tokens=2)
+    compile_model(source / "hf", tmp_path / "none.eec", exits=[], calibrate=False)
+    with pytest.raises(InputError, match="speculative"):
+        load(tmp_path / "none.eec").generate([1, 2, 3], max_new_tokens=2, mode="speculative")
+
+
 @pytest.mark.parametrize("threads", [0, -1, 1.5, "2", True])
 def test_threads_must_be_a_positive_whole_number(llama_compiled, threads):
     with pytest.raises(InputError, match="threads must be a whole number of at least 1"):
