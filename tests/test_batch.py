@@ -185,3 +185,40 @@ def test_bad_options_are_refused(llama_compiled, options, message):
     model = load(llama_compiled.artifact)
     with pytest.raises(InputError, match=message):
         model.generate([PROMPTS[0], PROMPTS[1]], **options)
+
+
+def test_kv_is_appended_in_place(llama_compiled):
+    """Shared KV: onnxruntime writes each step's keys and values straight into the cache buffers (the
+    present outputs' storage is the buffer's rows the call covers), the buffers are never replaced
+    while they have room, and what lands there is transformers' cache for each row's sequence."""
+    from eec.runtime.kv import PLAIN
+
+    model = load(llama_compiled.artifact)
+    batch = model.new_batch(rows=3, capacity=64, early_exit=False)
+    prompts = PROMPTS[:3]
+    results = batch.prefill([0, 1, 2], prompts)
+    buffers = [[(id(b), b.ctypes.data) for b in kv.buffers] for kv in batch.kv]
+    sequences = [list(p) for p in prompts]
+    for _ in range(6):
+        for seq, r in zip(sequences, results):
+            seq.append(r.token)
+        results = batch.step([0, 1, 2], [[r.token] for r in results])
+        for kv in batch.kv:
+            assert kv.shared and kv.generation == 0
+            graph = kv.graphs[PLAIN]
+            first, end, _ = graph.span
+            values = graph.outputs()
+            presents = [values[k] for k in range(graph.small, len(values))]
+            stride = kv.buffers[0].strides[0]
+            assert [p.data_ptr() for p in presents] == [b.ctypes.data + first * stride for b in kv.buffers]
+            assert end - first == 3
+    assert [[(id(b), b.ctypes.data) for b in kv.buffers] for kv in batch.kv] == buffers
+    for slot, seq in enumerate(sequences):
+        cache = hf_forward(llama_compiled.hf, seq).past_key_values
+        for kv in batch.kv:
+            assert kv.lengths[slot] == len(seq)
+            for i, layer in enumerate(range(kv.spec.start, kv.spec.stop)):
+                np.testing.assert_allclose(kv.buffers[2 * i][slot, :, : len(seq)], cache.layers[layer].keys[0].numpy(),
+                                           atol=2e-4, rtol=1e-4)
+                np.testing.assert_allclose(kv.buffers[2 * i + 1][slot, :, : len(seq)],
+                                           cache.layers[layer].values[0].numpy(), atol=2e-4, rtol=1e-4)
