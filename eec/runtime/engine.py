@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 from eec.errors import EecError, InputError
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from eec.runtime.core import StepResult
     from eec.runtime.model import EarlyExitModel, GenerationResult, Stats
     from eec.runtime.sampling import Sampling
+    from eec.runtime.text import PieceDecoder
 
 
 @dataclass
@@ -42,7 +43,8 @@ class Event:
     index: int  # the request's position in the list given to `generate`, or its submission number
     token: int
     exit_layer: int
-    text: str | None  # the new text this token completes ("" while a character waits for its other bytes)
+    text: str | None  # the new text this token completes ("" while a character waits for its other bytes,
+    # or while the text could be the start of a stop string)
     finish_reason: str | None = None  # set on a request's last event: "stop" or "length"
 
 
@@ -66,7 +68,9 @@ class Request:
     finish_reason: str | None = None
     stats: "Stats | None" = None
     error: BaseException | None = None
-    _piece: Callable[[int], str] | None = None
+    piece: str | None = None  # the text the last token streamed (`Event.text`)
+    _piece: "PieceDecoder | None" = None
+    _sent: int = 0  # characters of ``text`` streamed
     _done: threading.Event = field(default_factory=threading.Event)
     _events: "queue.SimpleQueue[Event | None] | None" = None
 
@@ -93,14 +97,29 @@ class Request:
         if self._piece is not None:
             piece = self._piece(token)
             self.text += piece
-        if token in self.eos or (self.stop and piece and self._stopped(len(piece))):
+        cut = False  # by a stop string: the text ends before it
+        if token in self.eos:
             self.finish_reason = "stop"
+        elif self.stop and piece and self._stopped(len(piece)):
+            self.finish_reason, cut = "stop", True
         elif len(self.tokens) >= self.max_new_tokens or not room:
             self.finish_reason = "length"
-        event = Event(self.index, token, layer, piece, self.finish_reason)
+        if self.finish_reason and piece is not None and not cut:
+            self.text += self._piece.rest(self.tokens, self.text)  # a split character's bytes still waiting
+        self.piece = self._emit() if piece is not None else None
+        event = Event(self.index, token, layer, self.piece, self.finish_reason)
         if self._events is not None:
             self._events.put(event)
         return event
+
+    def _emit(self) -> str:
+        """The text not streamed yet, less what could still begin a stop string (held back until the
+        next token says whether it does: a stream never shows a stop string, or part of one)."""
+        end = len(self.text)
+        if not self.finish_reason and self.stop:
+            end = max(self._sent, end - max(len(s) for s in self.stop) + 1)
+        piece, self._sent = self.text[self._sent: end], end
+        return piece
 
     def _stopped(self, new: int) -> bool:
         """Whether a stop string ends in the text the last piece completed; the text is cut before it."""

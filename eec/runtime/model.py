@@ -331,8 +331,7 @@ class EarlyExitModel:
             request = engine.submit(prompt, **options)
             steps = self._one(engine, request)
         if stream:
-            tokens = (token for token, _ in steps)
-            return self.codec.stream(tokens) if self.codec else tokens
+            return self._stream(request, steps)
         for _ in steps:
             pass
         return request.as_result()
@@ -374,6 +373,15 @@ class EarlyExitModel:
             for _, event in engine.step():
                 yield event.token, event.exit_layer
         self.stats = request.stats
+
+    def _stream(self, request: Request, steps: Iterator[tuple[int, int]]) -> Iterator[str | int]:
+        """One prompt's text pieces as its tokens come (the request's, so stop strings and a split
+        character at the end come out as in its result's text); token ids without a tokenizer."""
+        for token, _ in steps:
+            if self.codec is None:
+                yield token
+            elif request.piece:
+                yield request.piece
 
     def _events(self, engine: Engine) -> Iterator[Event]:
         finished = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
@@ -65,15 +64,23 @@ class TextCodec:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def piece_decoder(self) -> Callable[[int], str]:
-        """A function from each next token to the text it completes ("" while a character's bytes wait)."""
-        decoder = DecodeStream(skip_special_tokens=True)
-        return lambda token: decoder.step(self.tokenizer, token) or ""
+    def piece_decoder(self) -> "PieceDecoder":
+        return PieceDecoder(self)
 
-    def stream(self, ids: Iterable[int]) -> Iterator[str]:
-        """Text pieces as tokens arrive; bytes of a split character wait for the rest."""
-        decoder = DecodeStream(skip_special_tokens=True)
-        for token in ids:
-            piece = decoder.step(self.tokenizer, token)
-            if piece:
-                yield piece
+
+class PieceDecoder:
+    """Each next token's text ("" while a character's bytes wait for the rest), and, when a generation
+    ends, what still waits: the tokenizer renders an incomplete character as U+FFFD, so the text a
+    generation ends with is the tokenizer's decoding of its tokens, streamed or not."""
+
+    def __init__(self, codec: TextCodec):
+        self.codec, self.stream = codec, DecodeStream(skip_special_tokens=True)
+
+    def __call__(self, token: int) -> str:
+        return self.stream.step(self.codec.tokenizer, token) or ""
+
+    def rest(self, tokens: list[int], text: str) -> str:
+        """What decoding all of ``tokens`` adds to ``text``, the pieces given so far."""
+        whole = self.codec.decode(tokens)
+        return whole[len(text):] if whole.startswith(text) else ""
+
