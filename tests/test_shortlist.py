@@ -49,12 +49,14 @@ def test_compiled_shortlist_heads_only_emit_listed_tokens_and_match_rescoring(ll
     full_traces = Traces.load(llama_src / "full.eec" / full.calibration.file)
     short_traces = Traces.load(llama_src / "short.eec" / short.calibration.file)
     ids = shortlist_ids(full_traces.final, 16, 96)
-    # Same backbone, same prompts: the shortlist artifact's own traces are what rescoring predicts.
-    from eec.compiler.frontends import load_source
-    from eec.compiler.segments import exit_head_weights
+    # Same backbone, same prompts: the shortlist artifact's own traces are what rescoring predicts, with
+    # the heads taken from transformers' model (its final norm and LM head at both exits).
+    from transformers import AutoModelForCausalLM
 
-    heads = exit_head_weights(load_source(llama_src / "hf"), [2, 4])
-    predicted = rescore(full_traces, heads, ids)
+    hf = AutoModelForCausalLM.from_pretrained(llama_src / "hf").eval()
+    own = HeadWeights(hf.model.norm.weight.detach().numpy(), hf.config.rms_norm_eps,
+                      hf.lm_head.weight.detach().numpy(), None)
+    predicted = rescore(full_traces, {2: own, 4: own}, ids)
     np.testing.assert_array_equal(short_traces.final, full_traces.final)
     np.testing.assert_allclose(short_traces.scores[:, :, :3], predicted.scores[:, :, :3], atol=2e-3)
     assert (short_traces.agreed == predicted.agreed).mean() > 0.98
@@ -63,6 +65,16 @@ def test_compiled_shortlist_heads_only_emit_listed_tokens_and_match_rescoring(ll
     result = model.generate([3, 17, 42, 8], max_new_tokens=24, thresholds=-math.inf)
     exited = [t for t, e in zip(result.tokens, result.exits) if e < 6]
     assert len(exited) == 23 and set(exited) <= set(ids.tolist())
+    # Each is the best listed token of transformers' layer-2 hidden state through the final norm and LM head.
+    from tests.reference import hf_forward, rms_norm
+
+    prompt = [3, 17, 42, 8]
+    hidden = hf_forward(hf, prompt + result.tokens[:-1]).hidden_states[2][0]
+    with torch.no_grad():
+        logits = rms_norm(hidden, hf.model.norm.weight, hf.config.rms_norm_eps) @ hf.lm_head.weight.T
+    listed = torch.as_tensor(ids)
+    want = [int(listed[logits[len(prompt) - 1 + i, listed].argmax()]) for i in range(1, len(result.tokens))]
+    assert result.tokens[1:] == want
 
 
 def test_shortlist_auto_and_bad_input(llama_src, tmp_path):
