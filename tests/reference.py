@@ -69,3 +69,77 @@ def propagated_forward(hf, sequence: list[int], exited: dict[int, int]):
         for handle in handles:
             handle.remove()
     return logits, inputs
+
+
+def _blockwise(w_t: torch.Tensor, block: int, bits: int) -> torch.Tensor:
+    """MatMulNBits' symmetric weights, dequantized: blocks of ``block`` along the input dimension of
+    ``w_t`` ([in, out], zero-padded to whole blocks), the largest-magnitude weight of a block at the
+    most negative level (-8 of -8..7 for 4 bits)."""
+    low = -(2 ** (bits - 1))
+    k, n = w_t.shape
+    padded = torch.nn.functional.pad(w_t, (0, 0, 0, -k % block))
+    blocks = padded.T.reshape(n, -1, block)
+    scale = torch.gather(blocks, -1, blocks.abs().argmax(-1, keepdim=True)) / low
+    q = torch.clamp(torch.round(blocks / scale), low, -low - 1)
+    return (q * scale).reshape(n, -1)[:, :k].T
+
+
+def _activations_by_block(x: torch.Tensor, block: int) -> torch.Tensor:
+    """onnxruntime's int8 activations for MatMulNBits at accuracy level 4: each row's blocks of
+    ``block`` scaled symmetrically to -127..127 (max |x| / 127), rounded half to even."""
+    k = x.shape[-1]
+    padded = torch.nn.functional.pad(x, (0, -k % block))
+    blocks = padded.reshape(*x.shape[:-1], -1, block)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, torch.round(blocks / torch.where(scale > 0, scale, 1)), 0)
+    return (q * scale).reshape(*x.shape[:-1], -1)[..., :k]
+
+
+def _activations_per_tensor(x: torch.Tensor) -> torch.Tensor:
+    """DynamicQuantizeLinear: the whole call's input to uint8, range widened to hold 0, zero point rounded."""
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (high - low) / 255 or 1.0
+    zero = float(torch.clamp(torch.round(torch.tensor(-low / scale)), 0, 255))
+    q = torch.clamp(torch.round(x / scale) + zero, 0, 255)
+    return (q - zero) * scale
+
+
+def quantized_twin(hf, precision: str, block: int = 32, jitter: float = 0.0):
+    """A copy of a transformers model computing what an eec artifact at ``precision`` computes on the
+    CPU, written from onnxruntime's documented kernels rather than eec's passes: every linear layer's
+    weight dequantized (``int4``/``int8``: MatMulNBits' symmetric blocks; ``int8-dynamic``: per output
+    channel, max |w| / 127) and its input quantized as the kernel does (by block of each row at
+    accuracy level 4; per call for the dynamic MatMulInteger). The embedding and norms stay fp32.
+    ``jitter`` scales every quantized input by 1 + jitter first: a twin whose activations land on the
+    other side of a rounding step now and then, as two fp32 computations of one value may."""
+    import copy
+
+    twin = copy.deepcopy(hf)
+    for module in twin.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        with torch.no_grad():
+            w = module.weight  # [out, in]
+            if precision in ("int4", "int8"):
+                w.copy_(_blockwise(w.T, block, 4 if precision == "int4" else 8).T)
+                module.register_forward_pre_hook(lambda m, args: (_activations_by_block(args[0] * (1 + jitter), block),))
+            elif precision == "int8-dynamic":
+                scale = w.abs().amax(1, keepdim=True) / 127
+                w.copy_(torch.clamp(torch.round(w / scale), -127, 127) * scale)
+                module.register_forward_pre_hook(lambda m, args: (_activations_per_tensor(args[0] * (1 + jitter)),))
+            else:
+                raise ValueError(precision)
+    return twin
+
+
+def stepwise_logits(hf, prompt: list[int], reference: list[int]) -> torch.Tensor:
+    """transformers' last-position logits after the prompt (one call) and after each reference token
+    (one call each, through the cache), as eec's teacher-forced evaluation feeds them: [len(reference), vocab]."""
+    from transformers import DynamicCache
+
+    cache, feed, rows = DynamicCache(), list(prompt), []
+    with torch.no_grad():
+        for token in reference:
+            rows.append(hf(torch.tensor([feed]), past_key_values=cache, use_cache=True).logits[0, -1])
+            feed = [int(token)]
+    return torch.stack(rows)
