@@ -74,6 +74,7 @@ def test_streamed_text_equals_decoded_text(smollm2):
     assert sum(model.stats.exits.values()) == len(result.tokens)
 
 
+@pytest.mark.slow  # 97 s; the passes are checked exactly on tiny models (test_precision.py)
 def test_int4_full_mode_tracks_fp32(smollm2, tmp_path):
     """Weight-only int4 (block 32) stays close to fp32 on a real model, and int4-gguf, which keeps the
     GGUF's own Q4_1 blocks, closer.
