@@ -34,10 +34,11 @@ WORKER = r"""
 import json, sys, time
 import numpy as np
 kind, path, eps, tokens, batches, prompts = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]), json.loads(sys.argv[6])
+threads = int(sys.argv[7])
 out = {}
 if kind.startswith("eec"):
     from eec.runtime import load
-    model = load(path)
+    model = load(path, threads=threads)
     kwargs = {"mode": "full"} if kind == "eec-full" else {"epsilon": eps}
     model.generate(prompts[:2], max_new_tokens=8, ignore_eos=True, **kwargs)
     for b in batches:
@@ -52,7 +53,9 @@ if kind.startswith("eec"):
         out[b] = (sum(len(r.tokens) for r in results) / elapsed, exits)
 else:
     import onnxruntime_genai as og
-    model = og.Model(path)
+    config = og.Config(path)  # the same thread count as eec's: genai's own default ran at about half its speed here
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
     for b in [1] + list(batches):
         batch = np.asarray([prompts[i % len(prompts)] for i in range(b)], dtype=np.int32)
         params = og.GeneratorParams(model)
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--genai", type=Path)
     parser.add_argument("--genai-path", type=Path, help="folder holding the onnxruntime_genai package")
     parser.add_argument("--agreement-prompts", type=int, default=13)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime threads, every peer")
     args = parser.parse_args()
 
     from eec.calib.calibrate import read_prompts
@@ -109,7 +113,8 @@ def main() -> None:
             if peer == "genai" and args.genai_path:
                 env["PYTHONPATH"] = str(args.genai_path)
             done = subprocess.run([sys.executable, "-c", WORKER, peer, str(path), str(args.eps), str(args.tokens),
-                                   json.dumps(batches), json.dumps(prompts)], capture_output=True, text=True, env=env)
+                                   json.dumps(batches), json.dumps(prompts), str(args.threads)],
+                                  capture_output=True, text=True, env=env)
             if done.returncode:
                 raise SystemExit(f"{peer} failed:\n{done.stderr[-2000:]}")
             for b, (tps, ex) in json.loads(done.stdout.strip().splitlines()[-1]).items():
