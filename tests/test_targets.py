@@ -202,6 +202,7 @@ def test_profile_command(llama_compiled, tmp_path):
     rows = json.loads(json_out.read_text())
     assert [(r["mode"], r["epsilon"]) for r in rows] == [("full", None), ("early-exit", 0.5), ("early-exit", 0.9),
                                                         ("speculative", 0.95)]  # the artifact has a verify graph
+    assert all(r["gb_per_s"] > 0 for r in rows)  # weight bytes a token reads, over its time
     rows, speculative = rows[:-1], rows[-1]
     assert speculative["agreement"] == 1.0  # lossless: its tokens are full mode's
     assert speculative["exits"] == {"6": 4 * 12} and 0 <= speculative["drafts_kept"] <= 1
@@ -390,6 +391,28 @@ def test_speculative_weight_bytes_match_early_exit_where_they_read_the_same(llam
     draft_part = bytes_per_token(model, {first: 1}, {first: 0.5})  # segments up to the exit, and its head
     deep_part = bytes_per_token(model, {model.num_layers: 1}, None) - bytes_per_token(model, {first: 1}, None)
     assert speculative_bytes_per_token(model, first, {4: 5}, 10) == pytest.approx(2 * draft_part + 0.5 * deep_part)
+
+
+def test_weight_bytes_a_token_reads_are_the_models_weights(llama_compiled, tmp_path):
+    """The bandwidth figure's bytes, counted on transformers' model: a deep token reads every layer's
+    weights and the LM head (4 bytes each in fp32; norms aside, under 1%), an exited one the layers up
+    to its exit and the heads it passed. In int4 half a byte and a 4-byte scale per 32 weights."""
+    from eec.runtime import load
+    from eec.targets.profiling import bytes_per_token
+
+    hf = llama_compiled.hf
+    linear = {name: p.numel() for name, p in hf.named_parameters() if "norm" not in name and "embed" not in name}
+    per_layer = [sum(n for name, n in linear.items() if f"layers.{i}." in name) for i in range(hf.config.num_hidden_layers)]
+    head = linear["lm_head.weight"]
+    model = load(llama_compiled.artifact)
+    deep = bytes_per_token(model, {model.num_layers: 1}, None)
+    assert deep == pytest.approx(4 * (sum(per_layer) + head), rel=1e-9)
+    first = model.exits[0]  # the model's own head at every exit: the LM head's size
+    assert bytes_per_token(model, {first: 1}, {first: 0.5}) == pytest.approx(4 * (sum(per_layer[:first]) + head))
+    compile_model(llama_compiled.artifact.parent / "llama-hf", tmp_path / "int4.eec", exits=[], precision="int4",
+                  calibrate=False)
+    int4 = load(tmp_path / "int4.eec")
+    assert bytes_per_token(int4, {int4.num_layers: 1}, None) == pytest.approx((0.5 + 4 / 32) * (sum(per_layer) + head))
 
 
 def _row(eps, tps, speedup, agreement=1.0, mode="early-exit"):

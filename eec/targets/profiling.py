@@ -31,6 +31,7 @@ from pathlib import Path
 
 from eec.runtime.evaluate import teacher_forced
 from eec.runtime.model import EarlyExitModel
+from eec.targets.latency import BYTES_PER_WEIGHT, ModelShape
 from eec.targets.measure import measure_artifact
 from eec.targets.placement import cost_breakdown, speculative_breakdown
 
@@ -69,13 +70,24 @@ def _size(root: Path, file: str) -> int:
     return sum(p.stat().st_size for p in (root / file).parent.glob(Path(file).name + "*"))
 
 
-def _weight_bytes(model: EarlyExitModel) -> tuple[list[int], list[int]]:
-    """Bytes of weights a call of each segment reads, and of each segment's exit head (0: none)."""
-    root, segments, spec = model.root, model.manifest.segments, model.manifest.model
-    seg_bytes = [_size(root, s.file) for s in segments]
-    # The first segment holds the embedding table, of which a token reads one row.
-    seg_bytes[0] -= spec.vocab_size * spec.hidden_size * (2 if model.manifest.precision == "fp16" else 4)
-    return seg_bytes, [_size(root, s.exit.file) if s.exit and s.exit.file else 0 for s in segments]
+def _weight_bytes(model: EarlyExitModel) -> tuple[list[float], list[float]]:
+    """Bytes of weights a call of each segment reads (the last one's with the final head; a token
+    reads one row of the embedding, left out), and of each segment's exit head (0: none), from the
+    model's shape at the artifact's precision. Graph files no longer tell: every graph's weights
+    live in one shared file, each weight once."""
+    segments, spec = model.manifest.segments, model.manifest.model
+    if not spec.intermediate_size:  # artifacts before eec 0.2: each graph's weights in files of its own
+        seg_bytes = [float(_size(model.root, s.file)) for s in segments]
+        seg_bytes[0] -= spec.vocab_size * spec.hidden_size * (2 if model.manifest.precision == "fp16" else 4)
+        return seg_bytes, [float(_size(model.root, s.exit.file)) if s.exit and s.exit.file else 0.0 for s in segments]
+    shape = ModelShape(spec.family, spec.num_layers, spec.hidden_size, spec.intermediate_size, spec.num_heads,
+                       spec.num_kv_heads, spec.head_dim, spec.vocab_size)
+    per_weight = BYTES_PER_WEIGHT.get(model.manifest.precision, 4.0)
+    seg_bytes = [(s.stop - s.start) * shape.layer_params * per_weight for s in segments]
+    seg_bytes[-1] += shape.head_params * per_weight
+    heads = [(s.exit.shortlist or spec.vocab_size) * spec.hidden_size * per_weight
+             if s.exit and s.exit.kind != "final" else 0.0 for s in segments]
+    return seg_bytes, heads
 
 
 def bytes_per_token(model: EarlyExitModel, exits: dict[int, int], thresholds: dict[int, float] | None,
