@@ -71,17 +71,53 @@ def propagated_forward(hf, sequence: list[int], exited: dict[int, int]):
     return logits, inputs
 
 
+def _round_half_up(x: torch.Tensor) -> torch.Tensor:
+    """onnxruntime's int4 weight quantizer rounds halves up (2.5 -> 3, -4.5 -> -4). A GGUF's Q4_1 grid
+    puts weights on exact halves of the int4 steps (233 of layer 0's 553k query/key/value weights in
+    SmolLM2), where rounding halves to even, as torch.round does, lands elsewhere."""
+    return torch.floor(x + 0.5)
+
+
 def _blockwise(w_t: torch.Tensor, block: int, bits: int) -> torch.Tensor:
     """MatMulNBits' symmetric weights, dequantized: blocks of ``block`` along the input dimension of
     ``w_t`` ([in, out], zero-padded to whole blocks), the largest-magnitude weight of a block at the
-    most negative level (-8 of -8..7 for 4 bits)."""
+    most negative level (-8 of -8..7 for 4 bits), halves rounded up."""
     low = -(2 ** (bits - 1))
     k, n = w_t.shape
     padded = torch.nn.functional.pad(w_t, (0, 0, 0, -k % block))
     blocks = padded.T.reshape(n, -1, block)
-    scale = torch.gather(blocks, -1, blocks.abs().argmax(-1, keepdim=True)) / low
-    q = torch.clamp(torch.round(blocks / scale), low, -low - 1)
+    high, least = blocks.amax(-1, keepdim=True), blocks.amin(-1, keepdim=True)
+    scale = torch.where(-least >= high, least, high) / low  # a tie in magnitude goes to the negative end
+    q = torch.clamp(_round_half_up(blocks / scale), low, -low - 1)
     return (q * scale).reshape(n, -1)[:, :k].T
+
+
+def _asymmetric(w_t: torch.Tensor, block: int, bits: int = 4) -> torch.Tensor:
+    """MatMulNBits' asymmetric weights, dequantized: each block's range widened to hold 0, split in
+    2^bits - 1 steps, zero point rounded (onnxruntime's quantizer when a graph needs asymmetric blocks)."""
+    top = 2 ** bits - 1
+    k, n = w_t.shape
+    blocks = torch.nn.functional.pad(w_t, (0, 0, 0, -k % block)).T.reshape(n, -1, block)
+    low, high = blocks.amin(-1, keepdim=True).clamp(max=0), blocks.amax(-1, keepdim=True).clamp(min=0)
+    scale = (high - low) / top
+    zero = torch.clamp(_round_half_up(-low / scale), 0, top)
+    q = torch.clamp(_round_half_up(blocks / scale) + zero, 0, top)
+    return ((q - zero) * scale).reshape(n, -1)[:, :k].T
+
+
+def _q4_1_minima(w_t: torch.Tensor, block: int) -> torch.Tensor | None:
+    """Each block's minimum ([blocks, out]) where every block of ``w_t`` ([in, out]) is a Q4_1 block as a
+    GGUF stores it (16 levels m + d q, d = range / 15); None for any other weight."""
+    k, n = w_t.shape
+    if k % block:
+        return None
+    blocks = w_t.T.reshape(n, k // block, block)
+    low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    step = torch.where(high > low, (high - low) / 15, torch.ones_like(high))
+    levels = (blocks - low) / step
+    if not bool(((levels - torch.round(levels)).abs() <= 1e-3).all()):
+        return None
+    return low[..., 0].T
 
 
 def _activations_by_block(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -119,17 +155,36 @@ def quantized_twin(hf, precision: str, block: int = 32, jitter: float = 0.0):
         if not isinstance(module, torch.nn.Linear):
             continue
         with torch.no_grad():
-            w = module.weight  # [out, in]
+            w = module.weight.detach().clone()  # [out, in]; a new parameter unties a tied LM head from the embedding
+            by_block = lambda m, args: (_activations_by_block(args[0] * (1 + jitter), block),)  # noqa: E731
             if precision in ("int4", "int8"):
-                w.copy_(_blockwise(w.T, block, 4 if precision == "int4" else 8).T)
-                module.register_forward_pre_hook(lambda m, args: (_activations_by_block(args[0] * (1 + jitter), block),))
+                module.weight = torch.nn.Parameter(_blockwise(w.T, block, 4 if precision == "int4" else 8).T)
+                module.register_forward_pre_hook(by_block)
             elif precision == "int8-dynamic":
                 scale = w.abs().amax(1, keepdim=True) / 127
-                w.copy_(torch.clamp(torch.round(w / scale), -127, 127) * scale)
+                module.weight = torch.nn.Parameter(torch.clamp(torch.round(w / scale), -127, 127) * scale)
                 module.register_forward_pre_hook(lambda m, args: (_activations_per_tensor(args[0] * (1 + jitter)),))
+            elif precision == "int4-gguf":
+                minima = _q4_1_minima(w.T, block)
+                if minima is None:  # not a Q4_1 weight: asymmetric int4, as the whole graph is quantized
+                    module.weight = torch.nn.Parameter(_asymmetric(w.T, block).T)
+                    module.register_forward_pre_hook(by_block)
+                else:  # x @ (W - m), exactly int4, plus the fp32 product of each block's sum with its minimum
+                    shifted = w - minima.T.repeat_interleave(block, dim=1)
+                    module.register_forward_hook(_carried(shifted, minima, block, jitter))
             else:
                 raise ValueError(precision)
     return twin
+
+
+def _carried(shifted: torch.Tensor, minima: torch.Tensor, block: int, jitter: float):
+    def forward(module, args, output):
+        x = args[0]
+        sums = x.reshape(*x.shape[:-1], -1, block).sum(-1)
+        main = _activations_by_block(x * (1 + jitter), block) @ shifted.T
+        out = main + sums @ minima
+        return out if module.bias is None else out + module.bias
+    return forward
 
 
 def stepwise_logits(hf, prompt: list[int], reference: list[int]) -> torch.Tensor:

@@ -74,29 +74,35 @@ def test_streamed_text_equals_decoded_text(smollm2):
     assert sum(model.stats.exits.values()) == len(result.tokens)
 
 
-@pytest.mark.slow  # 97 s; the passes are checked exactly on tiny models (test_precision.py)
-def test_int4_full_mode_tracks_fp32(smollm2, tmp_path):
-    """Weight-only int4 (block 32) stays close to fp32 on a real model, and int4-gguf, which keeps the
-    GGUF's own Q4_1 blocks, closer.
+HALVES = ("not exact yet on a real GGUF: a Q4_1 grid puts many weights on exact halves of an int4 step, and "
+          "onnxruntime's quantizer resolves a few of them otherwise than the twin (2 of layer 0's 1.77M gate/up "
+          "weights; its other products match exactly), so the twin drifts 0.09% from the artifact at layer 1")
 
-    Measured: int4 0.71-0.75 teacher-forced agreement over 48 tokens (int8 weights: 0.94-0.96), the
-    same tokens onnxruntime-genai's int4 gives; int4-gguf 0.80-0.90; a broken quantization (wrong
-    layout, scales or minima) gives near 0."""
+
+@pytest.mark.slow  # a few minutes; the passes are checked exactly on tiny models (test_precision.py)
+@pytest.mark.xfail(reason=HALVES)
+@pytest.mark.parametrize("precision", ["int4", "int4-gguf"])
+def test_int4_artifacts_compute_their_quantized_twins(smollm2, tmp_path, precision):
+    """On a real GGUF (Q4_1 blocks, a Q8_0 tied embedding): int4 and int4-gguf predict what their
+    transformers twins predict (`tests.reference.quantized_twin`; int4-gguf's carries each Q4_1 block
+    over exactly and requantizes the rest), teacher-forced on fp32's greedy tokens, except where a
+    1e-6 nudge of the twin's activations changes its own token."""
     from eec.compiler import compile_model
-    from eec.runtime.evaluate import agreement
+    from eec.runtime.evaluate import teacher_forced
+    from tests.reference import quantized_twin, stepwise_logits
 
-    model, _, tok = smollm2
-    mean = {}
-    for precision in ("int4", "int4-gguf"):
-        out = compile_model(smollm2_gguf(), tmp_path / f"{precision}.eec", exits=[16], precision=precision,
-                            calibrate=False)
-        assert out.precision == precision
-        quantized = load(tmp_path / f"{precision}.eec")
-        scores = []
-        for text in ("Explain photosynthesis in two sentences.", "Write a haiku about the sea."):
-            prompt = chat_ids(tok, text)
-            reference = model.generate(prompt, max_new_tokens=48, mode="full", ignore_eos=True).tokens
-            scores.append(agreement(quantized, prompt, reference))
-        assert min(scores) >= 0.6, (precision, scores)
-        mean[precision] = sum(scores) / len(scores)
-    assert mean["int4-gguf"] >= mean["int4"] + 0.05, mean
+    model, hf, tok = smollm2
+    prompt = chat_ids(tok, "Explain photosynthesis in two sentences.")
+    reference = model.generate(prompt, max_new_tokens=48, mode="full", ignore_eos=True).tokens
+    out = compile_model(smollm2_gguf(), tmp_path / f"{precision}.eec", exits=[16], precision=precision,
+                        calibrate=False)
+    assert out.precision == precision
+    got, _ = teacher_forced(load(tmp_path / f"{precision}.eec"), prompt, reference)
+    want = stepwise_logits(quantized_twin(hf, precision), prompt, reference).argmax(-1).tolist()
+    fragile = set()
+    for jitter in (1e-6, -1e-6):
+        moved = stepwise_logits(quantized_twin(hf, precision, jitter=jitter), prompt, reference).argmax(-1)
+        fragile |= {i for i, (a, b) in enumerate(zip(moved.tolist(), want)) if a != b}
+    assert len(fragile) <= len(want) // 8, sorted(fragile)
+    differ = {i for i, (a, b) in enumerate(zip(got, want)) if a != b}
+    assert differ <= fragile, (sorted(differ), sorted(fragile))
