@@ -16,6 +16,12 @@ def hf_greedy(hf, prompt: list[int], max_new_tokens: int, stop_at_eos: bool = Fa
     return out[0, len(prompt):].tolist()
 
 
+def chat_ids(tok, text: str) -> list[int]:
+    """transformers' token ids of ``text`` as a user turn in the tokenizer's chat template."""
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def hf_forward(hf, sequence: list[int]):
     with torch.no_grad():
         return hf(torch.tensor([sequence]), output_hidden_states=True, use_cache=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from eec.runtime import load
-from tests.reference import hf_greedy
+from tests.reference import chat_ids, hf_greedy
 from tests.test_early_exit import check_tokens_against_transformers
 
 pytestmark = pytest.mark.smollm2
@@ -36,11 +36,6 @@ def smollm2(tmp_path_factory):
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return load(out), hf, tok
-
-
-def chat_ids(tok, text):
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def test_chat_template_and_tokenizer_match_transformers(smollm2):

@@ -9,7 +9,7 @@ import pytest
 from eec.compiler import compile_model
 from eec.runtime import load
 from tests.conftest import tiny_model
-from tests.reference import hf_greedy
+from tests.reference import chat_ids, hf_greedy
 
 TEXT = ("Le café près de la gare ouvre à sept heures. Über den Fluß führt eine Brücke. "
         "東京の駅はとても大きい。 Emoji 🙂 and 🚀 cost four bytes each. def parse(line): return line.split()")
@@ -38,11 +38,6 @@ def text_model(tmp_path_factory):
     hf.save_pretrained(root / "hf")
     compile_model(root / "hf", root / "t.eec", exits=[2, 4], calibrate=False)
     return load(root / "t.eec"), hf, AutoTokenizer.from_pretrained(root / "hf")
-
-
-def chat_ids(tok, text):
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def test_prompts_are_tokenized_as_transformers_does(text_model):
