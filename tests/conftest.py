@@ -83,3 +83,21 @@ def tiny_compiled(request, tmp_path_factory) -> Compiled:
 def llama_compiled(tmp_path_factory) -> Compiled:
     model_type, overrides = TINY_SHAPES["llama-gqa-untied"]
     return _compile(tmp_path_factory.mktemp("llama"), "llama", model_type, overrides, exits=[1, 3, 4])
+
+
+@pytest.fixture(scope="session")
+def exit_is_final(tmp_path_factory):
+    """A Llama whose layers after 2 add nothing to the residual stream (attention output and MLP down
+    projections zeroed): the shared head at layer 2 gives the final token, so every draft holds."""
+    from eec.compiler import compile_model
+
+    model_type, overrides = TINY_SHAPES["llama-gqa-untied"]
+    hf = tiny_model(model_type, **overrides)
+    with torch.no_grad():
+        for layer in hf.model.layers[2:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    root = tmp_path_factory.mktemp("exit-is-final")
+    hf.save_pretrained(root / "hf")
+    compile_model(root / "hf", root / "a.eec", exits=[2], calibrate=False)
+    return root / "a.eec"

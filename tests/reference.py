@@ -84,7 +84,7 @@ def _round_half_up(x: torch.Tensor) -> torch.Tensor:
     return torch.floor(x + 0.5)
 
 
-def _blockwise(w_t: torch.Tensor, block: int, bits: int) -> torch.Tensor:
+def blockwise_weights(w_t: torch.Tensor, block: int, bits: int) -> torch.Tensor:
     """MatMulNBits' symmetric weights, dequantized: blocks of ``block`` along the input dimension of
     ``w_t`` ([in, out], zero-padded to whole blocks), the largest-magnitude weight of a block at the
     most negative level (-8 of -8..7 for 4 bits), halves rounded up."""
@@ -164,7 +164,7 @@ def quantized_twin(hf, precision: str, block: int = 32, jitter: float = 0.0):
             w = module.weight.detach().clone()  # [out, in]; a new parameter unties a tied LM head from the embedding
             by_block = lambda m, args: (_activations_by_block(args[0] * (1 + jitter), block),)  # noqa: E731
             if precision in ("int4", "int8"):
-                module.weight = torch.nn.Parameter(_blockwise(w.T, block, 4 if precision == "int4" else 8).T)
+                module.weight = torch.nn.Parameter(blockwise_weights(w.T, block, 4 if precision == "int4" else 8).T)
                 module.register_forward_pre_hook(by_block)
             elif precision == "int8-dynamic":
                 scale = w.abs().amax(1, keepdim=True) / 127

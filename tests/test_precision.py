@@ -7,6 +7,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from eec.compiler import compile_model
@@ -16,6 +17,7 @@ from eec.errors import InputError
 from eec.runtime import load
 from eec.runtime.evaluate import agreement
 from eec.runtime.sessions import session_options
+from tests.reference import blockwise_weights
 
 K, N = 64, 48
 
@@ -55,19 +57,6 @@ def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
-def weight_only_reference(w: np.ndarray, block: int, bits: int) -> np.ndarray:
-    """Symmetric blocks along the input dimension, as MatMulNBits stores them, dequantized.
-
-    The block's largest-magnitude weight maps to the most negative level
-    (-8 of -8..7 for 4 bits), so the sign is chosen to use the longer side."""
-    low = -(2 ** (bits - 1))
-    blocks = w.T.reshape(N, K // block, block)  # [out, blocks, block]
-    idx = np.abs(blocks).argmax(-1)[..., None]
-    scale = np.take_along_axis(blocks, idx, -1) / low
-    q = np.clip(np.round(blocks / scale), low, -low - 1)
-    return (q * scale).reshape(N, K).T
-
-
 @pytest.fixture
 def weight_and_input():
     rng = np.random.default_rng(0)
@@ -81,7 +70,8 @@ def test_weight_only_matches_blockwise_reference(weight_and_input, bits, block):
     assert result.modified
     assert [n.op_type for n in result.model.graph] == ["MatMulNBits"]
     got = run(result.model, x)
-    np.testing.assert_allclose(got, x @ weight_only_reference(w, block, bits), rtol=1e-4, atol=1e-4)
+    want = x @ blockwise_weights(torch.from_numpy(w), block, bits).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert not np.allclose(got, x @ w, atol=1e-4)  # it did quantize
 
 

@@ -7,11 +7,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from eec.errors import InputError
 from eec.runtime import load
-from tests.conftest import TINY_SHAPES, tiny_model
 
 PROMPTS = ([5, 17, 3, 60, 2], [41, 8])
 
@@ -45,24 +43,6 @@ def test_thresholds_end_the_drafts(tiny_compiled):
                          max_draft=6)
     assert model.stats.drafted == 11
     assert got.tokens == _full(model, PROMPTS[0], 12)
-
-
-@pytest.fixture(scope="module")
-def exit_is_final(tmp_path_factory):
-    """A Llama whose layers after 2 add nothing to the residual stream (attention output and MLP down
-    projections zeroed): the shared head at layer 2 gives the final token, so every draft holds."""
-    from eec.compiler import compile_model
-
-    model_type, overrides = TINY_SHAPES["llama-gqa-untied"]
-    hf = tiny_model(model_type, **overrides)
-    with torch.no_grad():
-        for layer in hf.model.layers[2:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-    root = tmp_path_factory.mktemp("exit-is-final")
-    hf.save_pretrained(root / "hf")
-    compile_model(root / "hf", root / "a.eec", exits=[2], calibrate=False)
-    return root / "a.eec"
 
 
 def test_drafts_the_full_model_agrees_with_are_all_kept(exit_is_final):

@@ -10,7 +10,6 @@ import pytest
 
 from eec.runtime import load
 from tests.test_early_exit import PROMPT, mixed_thresholds
-from tests.test_speculative import exit_is_final  # noqa: F401 (a fixture)
 
 PROMPTS = [PROMPT, [41, 8, 19], [60]]
 

@@ -14,7 +14,7 @@ from eec.errors import InputError
 from eec.runtime import load
 from eec.compiler.frontends import load_source
 from eec.compiler.pipeline import model_shape
-from eec.targets.latency import LatencyTable, load_profile
+from eec.targets.latency import LatencyTable
 from eec.targets.placement import Candidate
 from eec.calib.traces import ALL_METRICS, thresholds_for
 from eec.targets.measure import measure_artifact, measure_artifacts

@@ -69,7 +69,7 @@ def _quiet():
             lg.setLevel(level)
 
 
-_REGISTRIES: dict = {}  # opset -> torch.onnx's registry of ATen translations, built once a process
+_REGISTRIES: dict = {}  # from_torchlib's arguments (the opset) -> its registry, built once a process
 
 
 @contextlib.contextmanager

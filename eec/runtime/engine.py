@@ -18,6 +18,7 @@ threads at once.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -69,7 +70,7 @@ class Request:
     stats: "Stats | None" = None
     error: BaseException | None = None
     piece: str | None = None  # the text the last token streamed (`Event.text`)
-    _piece: "PieceDecoder | None" = None
+    _decoder: "PieceDecoder | None" = None  # with a tokenizer: each token's text
     _sent: int = 0  # characters of ``text`` streamed
     _done: threading.Event = field(default_factory=threading.Event)
     _events: "queue.SimpleQueue[Event | None] | None" = None
@@ -94,8 +95,8 @@ class Request:
         stats.decode_s += elapsed
         stats.exits[layer] = stats.exits.get(layer, 0) + 1
         piece = None
-        if self._piece is not None:
-            piece = self._piece(token)
+        if self._decoder is not None:
+            piece = self._decoder(token)
             self.text += piece
         cut = False  # by a stop string: the text ends before it
         if token in self.eos:
@@ -105,25 +106,29 @@ class Request:
         elif len(self.tokens) >= self.max_new_tokens or not room:
             self.finish_reason = "length"
         if self.finish_reason and piece is not None and not cut:
-            self.text += self._piece.rest(self.tokens, self.text)  # a split character's bytes still waiting
+            self.text += self._decoder.rest(self.tokens, self.text)  # a split character's bytes still waiting
         self.piece = self._emit() if piece is not None else None
         event = Event(self.index, token, layer, self.piece, self.finish_reason)
         if self._events is not None:
             self._events.put(event)
         return event
 
+    @functools.cached_property
+    def _longest_stop(self) -> int:
+        return max(len(s) for s in self.stop)
+
     def _emit(self) -> str:
         """The text not streamed yet, less what could still begin a stop string (held back until the
         next token says whether it does: a stream never shows a stop string, or part of one)."""
         end = len(self.text)
         if not self.finish_reason and self.stop:
-            end = max(self._sent, end - max(len(s) for s in self.stop) + 1)
+            end = max(self._sent, end - self._longest_stop + 1)
         piece, self._sent = self.text[self._sent: end], end
         return piece
 
     def _stopped(self, new: int) -> bool:
         """Whether a stop string ends in the text the last piece completed; the text is cut before it."""
-        window = len(self.text) - new - max(len(s) for s in self.stop) + 1
+        window = len(self.text) - new - self._longest_stop + 1
         for stop in self.stop:
             at = self.text.find(stop, max(0, window))
             if at >= 0:
@@ -144,7 +149,7 @@ class Request:
         from eec.runtime.model import GenerationResult
 
         return GenerationResult(tokens=list(self.tokens), exits=list(self.exits),
-                                text=self.text if self._piece is not None else None,
+                                text=self.text if self._decoder is not None else None,
                                 finish_reason=self.finish_reason, stats=self.stats)
 
     def events(self) -> Iterator[Event]:

@@ -358,7 +358,7 @@ class EarlyExitModel:
                           eos=frozenset() if ignore_eos else frozenset(self.manifest.eos_token_ids), stop=stops,
                           stream=stream, sampling=sampling, rng=sampling.generator() if sampling else None)
         if self.codec is not None:
-            request._piece = self.codec.piece_decoder()
+            request._decoder = self.codec.piece_decoder()
         if stream:
             request._events = queue.SimpleQueue()
         return request

@@ -83,4 +83,3 @@ class PieceDecoder:
         """What decoding all of ``tokens`` adds to ``text``, the pieces given so far."""
         whole = self.codec.decode(tokens)
         return whole[len(text):] if whole.startswith(text) else ""
-

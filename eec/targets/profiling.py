@@ -27,12 +27,11 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from eec.runtime.evaluate import teacher_forced
 from eec.runtime.model import EarlyExitModel
-from eec.targets.latency import BYTES_PER_WEIGHT, ModelShape
-from eec.targets.measure import measure_artifact
+from eec.targets.latency import BYTES_PER_WEIGHT
+from eec.targets.measure import measure_artifact, shape_of
 from eec.targets.placement import cost_breakdown, speculative_breakdown
 
 SPECULATIVE = "speculative"
@@ -66,23 +65,14 @@ class ProfileRow:
         return d
 
 
-def _size(root: Path, file: str) -> int:
-    return sum(p.stat().st_size for p in (root / file).parent.glob(Path(file).name + "*"))
-
-
 def _weight_bytes(model: EarlyExitModel) -> tuple[list[float], list[float]]:
     """Bytes of weights a call of each segment reads (the last one's with the final head; a token
     reads one row of the embedding, left out), and of each segment's exit head (0: none), from the
-    model's shape at the artifact's precision. Graph files no longer tell: every graph's weights
-    live in one shared file, each weight once."""
-    segments, spec = model.manifest.segments, model.manifest.model
-    if not spec.intermediate_size:  # artifacts before eec 0.2: each graph's weights in files of its own
-        seg_bytes = [float(_size(model.root, s.file)) for s in segments]
-        seg_bytes[0] -= spec.vocab_size * spec.hidden_size * (2 if model.manifest.precision == "fp16" else 4)
-        return seg_bytes, [float(_size(model.root, s.exit.file)) if s.exit and s.exit.file else 0.0 for s in segments]
-    shape = ModelShape(spec.family, spec.num_layers, spec.hidden_size, spec.intermediate_size, spec.num_heads,
-                       spec.num_kv_heads, spec.head_dim, spec.vocab_size)
+    model's shape at the artifact's precision: graph files do not tell, every graph's weights live
+    in one shared file."""
+    shape, spec = shape_of(model.manifest), model.manifest.model
     per_weight = BYTES_PER_WEIGHT.get(model.manifest.precision, 4.0)
+    segments = model.manifest.segments
     seg_bytes = [(s.stop - s.start) * shape.layer_params * per_weight for s in segments]
     seg_bytes[-1] += shape.head_params * per_weight
     heads = [(s.exit.shortlist or spec.vocab_size) * spec.hidden_size * per_weight
