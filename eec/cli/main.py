@@ -191,7 +191,8 @@ def compile_cmd(
                                           "MODEL, named after it and the target, e.g. model-jetson-orin.eec)"),
     exits: Optional[str] = typer.Option(None, help="exit layers, e.g. 8,16,24; 'auto' to choose among the heads by predicted "
                                         "latency; 'none' (default: the checkpoint's heads, else quarter depths)"),
-    eps: float = typer.Option(0.9, help="accuracy level the --exits auto placement optimises for"),
+    eps: Optional[float] = typer.Option(None, help="accuracy level the --exits auto placement optimises for "
+                                        "(default 0.9; classifiers 0.99)"),
     candidates: Optional[str] = typer.Option(None, help="layers --exits auto chooses among, e.g. 2,4,6, or 'all' "
                                              "(default: the checkpoint's heads, else quarter depths)"),
     target: str = typer.Option("cpu", help="device target (`eec targets list`)"),
@@ -213,8 +214,27 @@ def compile_cmd(
                                    "when exiting: on, off, or auto (segments up to 64 MB, where it pays)"),
     speculative: str = typer.Option("auto", help="also write the last segment's verify graph for --mode speculative "
                                     "(lossless): on, off, or auto (where there are exits and it is up to 64 MB)"),
+    data: Optional[Path] = typer.Option(None, help="classifier networks: held-out inputs as an .npz with x (and "
+                                        "optionally labels y), for thresholds, static int8 and --exits auto"),
 ) -> None:
-    """Compile MODEL into per-segment ONNX graphs with exit heads, then calibrate them."""
+    """Compile MODEL into per-segment ONNX graphs with exit heads, then calibrate them.
+
+    MODEL is a decoder (Hugging Face directory, .gguf, or model.pt from `eec train`) or a branched
+    classifier network written by eec.compiler.save_early_exit."""
+    from eec.compiler.branched import is_branched_file
+
+    if is_branched_file(model):
+        decoder_only = {"--shortlist": shortlist != "0", "--exit-classifier": exit_classifier, "--prompts": prompts,
+                        "--candidates": candidates, "--catch-up": catch_up != "exact", "--profile": profile}
+        given = [name for name, set_ in decoder_only.items() if set_]
+        if given:
+            raise InputError(f"{', '.join(given)} applies to decoders; {model} is a classifier network")
+        _compile_classifier(model, output or default_output(model, target), exits, target, precision, data,
+                            metric, 0.99 if eps is None else eps, overwrite)
+        return
+    if data is not None:
+        raise InputError("--data is for classifier networks; decoders calibrate on --prompts")
+    eps = 0.9 if eps is None else eps
     _torch_side()
     from eec.compiler import compile_model
 
@@ -237,6 +257,23 @@ def compile_cmd(
     err.print(f"wrote {output}: {len(manifest.segments)} segments, exits at {manifest.exits or 'none'}, "
               f"{manifest.precision}, target {manifest.target}, catch-up {manifest.catch_up}, "
               + (f"calibrated on {cal.tokens} tokens (metric {cal.metric})" if cal else "not calibrated"))
+
+
+def _compile_classifier(model: Path, output: Path, exits: str | None, target: str, precision: str | None,
+                        data: Path | None, metric: str | None, eps: float, overwrite: bool) -> None:
+    from eec.compiler.branched_pipeline import compile_branched
+
+    stages = _parse_exits(exits)
+    with _progress() as update:
+        manifest = compile_branched(model, output, exits=stages, target=target, precision=precision, data=data,
+                                    metric=metric, placement_eps=eps, overwrite=overwrite, progress=update)
+    for line in (manifest.placement or {}).get("report", []):
+        err.print(line)
+    cal = manifest.calibration
+    err.print(f"wrote {output}: {len(manifest.segments)} segments, exits after stages {manifest.exits or 'none'}, "
+              f"{manifest.precision}, target {manifest.target}, "
+              + (f"calibrated on {cal.samples} {'labeled ' if cal.labeled else ''}samples (metric {cal.metric})"
+                 if cal else "not calibrated (pass --data calib.npz for --eps)"))
 
 
 def default_output(model: Path, target: str) -> Path:

@@ -236,28 +236,46 @@ def read_manifest(root: Path, verify: bool = True) -> Manifest:
     missing or unlisted: an artifact is used whole or not at all.
     """
     root = Path(root)
+    manifest = Manifest.from_json(manifest_text(root))
+    check_fields(manifest)
+    check_paths(root, manifest)
+    if verify:
+        verify_files(root, manifest.files)
+    return manifest
+
+
+def manifest_text(root: Path) -> str:
+    """The text of ``root``'s manifest.json, with a one-line error where there is none."""
     if not root.exists():
         raise ArtifactError(f"no artifact at {root}")
     if not root.is_dir() or not (root / MANIFEST).is_file():
         raise ArtifactError(f"{root} is not an eec artifact (no {MANIFEST}); compile one with `eec compile`")
     try:
-        text = (root / MANIFEST).read_text(encoding="utf-8")
+        return (root / MANIFEST).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ArtifactError(f"{root / MANIFEST} is not UTF-8 text") from None
-    manifest = Manifest.from_json(text)
-    check_fields(manifest)
-    check_paths(root, manifest)
-    if verify:
-        actual = hash_files(root)
-        for name, digest in manifest.files.items():
-            if name not in actual:
-                raise ArtifactError(f"artifact {root} is missing {name}")
-            if actual[name] != digest:
-                raise ArtifactError(f"artifact {root}: {name} does not match its sha256 in the manifest (modified or corrupt)")
-        extra = sorted(set(actual) - set(manifest.files))
-        if extra:
-            raise ArtifactError(f"artifact {root} holds files the manifest does not list: {', '.join(extra)}")
-    return manifest
+
+
+def artifact_schema(root: Path) -> str | None:
+    """The ``schema`` an artifact's manifest declares (which kind of artifact it is); None where unreadable."""
+    try:
+        raw = json.loads(manifest_text(Path(root)))
+    except (ArtifactError, json.JSONDecodeError, RecursionError):
+        return None
+    return raw.get("schema") if isinstance(raw, dict) and isinstance(raw.get("schema"), str) else None
+
+
+def verify_files(root: Path, files: dict[str, str]) -> None:
+    """Every listed file matches its sha256 and nothing unlisted lies in the artifact."""
+    actual = hash_files(root)
+    for name, digest in files.items():
+        if name not in actual:
+            raise ArtifactError(f"artifact {root} is missing {name}")
+        if actual[name] != digest:
+            raise ArtifactError(f"artifact {root}: {name} does not match its sha256 in the manifest (modified or corrupt)")
+    extra = sorted(set(actual) - set(files))
+    if extra:
+        raise ArtifactError(f"artifact {root} holds files the manifest does not list: {', '.join(extra)}")
 
 
 # Bounds on what a manifest may ask the runtime to allocate: far above any model eec compiles.
@@ -324,18 +342,22 @@ def named_files(manifest: Manifest) -> list[str]:
 
 
 def check_paths(root: Path, manifest: Manifest) -> None:
+    check_tree(root, named_files(manifest), manifest.files)
+
+
+def check_tree(root: Path, named: list[str], files: dict[str, str]) -> None:
     """Every path is relative, inside the artifact and listed with its sha256; no file is reached through
     a link (an artifact is untrusted input: nothing outside its folder may reach onnxruntime or the tokenizer)."""
-    for name in [*named_files(manifest), *manifest.files]:
+    for name in [*named, *files]:
         parts = PurePosixPath(name).parts
         if not name or name.startswith("/") or "\\" in name or ":" in name or ".." in parts or "." in parts \
                 or PurePosixPath(name).as_posix() != name:
             raise _bad(f"{name!r} is not a plain relative path inside the artifact")
-    unlisted = sorted(set(named_files(manifest)) - set(manifest.files))
+    unlisted = sorted(set(named) - set(files))
     if unlisted:
         raise _bad(f"{', '.join(unlisted)} named but not listed with a sha256 in files")
     inside = root.resolve()
-    for name in manifest.files:
+    for name in files:
         path = root
         for part in PurePosixPath(name).parts:
             path = path / part

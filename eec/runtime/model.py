@@ -1,4 +1,4 @@
-"""``load`` an artifact and ``generate`` from it, greedy, one sequence at a time."""
+"""``load`` an artifact and ``generate`` from it (a classifier artifact: ``classify``, `eec.runtime.classifier`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -19,11 +19,15 @@ from eec.errors import InputError, InputTypeError
 from eec.runtime.core import CATCH_UPS, Batch, Decoder
 from eec.runtime.engine import Engine, Event, Request
 from eec.runtime.kv import FILL, PLAIN, VERIFY, WITH_HEAD, HeadCall
-from eec.runtime.manifest import Manifest, read_manifest
+from eec.runtime.classifier_manifest import SCHEMA as CLASSIFIER_SCHEMA
+from eec.runtime.manifest import Manifest, artifact_schema, read_manifest
 from eec.runtime.sampling import Sampling
 from eec.runtime.sessions import MAX_CALL_TOKENS, open_graphs, open_sessions, pick_device
 from eec.runtime.speculative import DEFAULT_MAX_DRAFT, cycle
 from eec.runtime.text import TextCodec
+
+if TYPE_CHECKING:
+    from eec.runtime.classifier import EarlyExitClassifier
 
 MODES = ("early-exit", "full", "speculative")
 DEFAULT_THRESHOLD = 0.9  # top-1 minus top-2 probability, for artifacts without calibration
@@ -508,11 +512,18 @@ def stop_strings(stop) -> tuple[str, ...]:
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
-         catch_up: str | None = None, device: str = "auto") -> EarlyExitModel:
-    """Open an artifact directory. ``verify`` checks every file's sha256 first; ``catch_up``
+         catch_up: str | None = None, device: str = "auto") -> "EarlyExitModel | EarlyExitClassifier":
+    """Open an artifact directory: a decoder's (`EarlyExitModel`, ``generate``) or a classifier's
+    (`eec.runtime.classifier.EarlyExitClassifier`, ``classify``). ``verify`` checks every file's sha256 first; ``catch_up``
     ("exact" or "propagate") replaces the artifact's default for every generation; ``device``:
     "cpu", "cuda" or "tensorrt", or "auto" (`eec.runtime.sessions.pick_device`)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads must be a whole number of at least 1, got {threads!r}")
     root = Path(path)
+    if artifact_schema(root) == CLASSIFIER_SCHEMA:  # a branched classifier: `classify` in place of `generate`
+        if catch_up is not None:
+            raise InputError("catch_up applies to decoder artifacts; this one is a classifier")
+        from eec.runtime.classifier import load_classifier
+
+        return load_classifier(root, threads=threads, verify=verify, device=device)
     return EarlyExitModel(root, read_manifest(root, verify=verify), threads, catch_up, device)

@@ -1,7 +1,7 @@
 """Static int8 in Q/DQ form for TensorRT (onnxruntime's ``quantize_static``).
 
 Rules:
-1. Each ``MatMul`` with a constant weight gets QuantizeLinear/DequantizeLinear
+1. Each ``MatMul`` (or each node of ``op_types``: classifiers add ``Conv`` and ``Gemm``) with a constant weight gets QuantizeLinear/DequantizeLinear
    pairs on its activation input and its weight: int8, symmetric (zero point
    0, which TensorRT requires), weights per output channel.
 2. Activation scales come from min/max over ``feeds``: real inputs of this
@@ -29,11 +29,12 @@ from eec.compiler.passes.weight_only import quiet_logging
 
 
 class Int8StaticQDQ(FunctionalPass):
-    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+    def __init__(self, feeds: list[dict[str, np.ndarray]], op_types: tuple[str, ...] = ("MatMul",)):
         super().__init__()
         if not feeds:
             raise ValueError("static int8 needs at least one recorded input to calibrate activation scales")
         self.feeds = feeds
+        self.op_types = tuple(op_types)
 
     def call(self, model: ir.Model) -> PassResult:
         with tempfile.TemporaryDirectory() as tmp:
@@ -42,7 +43,7 @@ class Int8StaticQDQ(FunctionalPass):
             np.savez(feeds, **{f"{i}:{k}": v for i, f in enumerate(self.feeds) for k, v in f.items()})
             # The calibrator opens its own onnxruntime session with default options, which the
             # process-wide thread pool eec's runtime installs refuses: calibrate in a fresh process.
-            done = subprocess.run([sys.executable, "-m", __name__, str(src), str(dst), str(feeds)],
+            done = subprocess.run([sys.executable, "-m", __name__, str(src), str(dst), str(feeds), ",".join(self.op_types)],
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"static int8 quantization failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -51,7 +52,7 @@ class Int8StaticQDQ(FunctionalPass):
         return PassResult(new, modified=modified)
 
 
-def _quantize(src: str, dst: str, feeds_file: str) -> None:
+def _quantize(src: str, dst: str, feeds_file: str, op_types: str = "MatMul") -> None:
     with quiet_logging():  # importing the quantizers configures the root logger at INFO
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -71,11 +72,11 @@ def _quantize(src: str, dst: str, feeds_file: str) -> None:
 
     with quiet_logging():
         quantize_static(
-            src, dst, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+            src, dst, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types.split(","),
             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             use_external_data_format=True, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
 
 
 if __name__ == "__main__":
-    _quantize(*sys.argv[1:4])
+    _quantize(*sys.argv[1:5])

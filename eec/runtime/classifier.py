@@ -1,0 +1,317 @@
+"""Classify a batch with per-sample exits: numpy and onnxruntime, no torch.
+
+    from eec.runtime import load
+    model = load("digits.eec")
+    result = model.classify(images, epsilon=0.99)
+    result.labels, result.probs, result.exits, result.stats
+
+Every sample enters the first segment. After each exit segment the samples
+whose confidence reaches that exit's threshold leave with the exit's answer,
+and only the others go on: the batch shrinks, and no sample runs a segment
+past its exit. ``thresholds`` of +inf give full mode's answers; -inf gives
+every sample the first exit's.
+
+Confidence metrics (higher = more confident), computed on the host from the
+exit's class probabilities and, for the last two, from earlier exits' (kept
+per sample as a running state, so no history is stored):
+
+- ``max-prob``: the top class probability;
+- ``top2-margin``: top-1 minus top-2 probability;
+- ``neg-entropy``: minus the entropy of the probabilities (DeeBERT);
+- ``patience``: how many consecutive exits, ending at this one, name the
+  same class (PABEE: a threshold of t + 1 leaves after t unchanged answers);
+- ``ensemble``: the top probability of the normalised geometric mean of the
+  probabilities of every exit so far, which is also the answer a sample
+  leaves with (Zero Time Waste's cascading ensemble, with equal weights: the
+  learned weights need a second training stage, and equal weights are what
+  that paper starts them at).
+
+ε is the share of exited samples whose answer equals the final classifier's;
+thresholds for it come from the calibration set's stored probabilities by the
+Valade or risk-controlled rule, in cascade order (`eec.calib.thresholds`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from eec.calib.thresholds import cascade_thresholds, risk_controlled_threshold, valade_threshold
+from eec.errors import ArtifactError, InputError, InputTypeError
+from eec.runtime.classifier_manifest import (
+    HIDDEN,
+    INPUT,
+    LABEL,
+    PROBS,
+    ClassifierManifest,
+    read_classifier_manifest,
+)
+from eec.runtime.manifest import PLAIN, WITH_HEAD
+from eec.runtime.sessions import open_sessions
+
+METRICS = ("max-prob", "top2-margin", "neg-entropy", "patience", "ensemble")
+MODES = ("early-exit", "full")
+RULES = ("risk", "valade")
+DEFAULT_EPSILON = 0.95
+_TINY = 1e-30  # probabilities are clipped here before a log: a softmax in float32 underflows to 0
+
+
+class Confidence:
+    """One metric's running state over a batch as it passes exit after exit.
+
+    `step` takes the batch's probabilities at the next exit and returns each
+    sample's score and the probabilities it would leave with; `keep` drops the
+    samples that left. The same object replays the calibration set, so the
+    runtime and the thresholds see exactly the same scores.
+    """
+
+    def __init__(self, metric: str):
+        if metric not in METRICS:
+            raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        self.metric = metric
+        self.last: np.ndarray | None = None  # patience: each sample's previous answer
+        self.run: np.ndarray | None = None  # patience: how many exits in a row gave it
+        self.log_sum: np.ndarray | None = None  # ensemble: the sum of log probabilities so far
+        self.seen = 0  # ensemble: exits summed
+
+    def step(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p = probs.astype(np.float64, copy=False)
+        if self.metric == "max-prob":
+            return p.max(-1), probs
+        if self.metric == "top2-margin":
+            top = np.partition(p, -2, axis=-1)
+            return top[:, -1] - top[:, -2], probs
+        if self.metric == "neg-entropy":
+            return (p * np.log(np.clip(p, _TINY, None))).sum(-1), probs
+        if self.metric == "patience":
+            label = p.argmax(-1)
+            self.run = np.ones(len(p), np.int64) if self.last is None else np.where(label == self.last, self.run + 1, 1)
+            self.last = label
+            return self.run.astype(np.float64), probs
+        # ensemble
+        logs = np.log(np.clip(p, _TINY, None))
+        self.log_sum = logs if self.log_sum is None else self.log_sum + logs
+        self.seen += 1
+        mean = self.log_sum / self.seen
+        mixed = np.exp(mean - mean.max(-1, keepdims=True))
+        mixed /= mixed.sum(-1, keepdims=True)
+        return mixed.max(-1), mixed.astype(np.float32)
+
+    def keep(self, rows: np.ndarray) -> None:
+        for name in ("last", "run", "log_sum"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[rows])
+
+
+def replay(probs: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and answers at every exit for stored probabilities ``[samples, exits, classes]`` (the final
+    classifier last): what `classify` would compute for each sample had it gone on through every exit."""
+    conf = Confidence(metric)
+    scores, answers = [], []
+    for k in range(probs.shape[1]):
+        s, p = conf.step(probs[:, k])
+        scores.append(s)
+        answers.append(p.argmax(-1))
+    return np.stack(scores, 1), np.stack(answers, 1)
+
+
+@dataclass
+class ClassifyStats:
+    samples: int = 0
+    seconds: float = 0.0
+    exits: dict[int, int] = field(default_factory=dict)  # stage -> samples that left after it
+    segment_samples: list[int] = field(default_factory=list)  # samples each segment ran on
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        exits = ", ".join(f"{k}: {v}" for k, v in self.exits.items())
+        return f"{self.samples} samples, {self.samples_per_s:.1f} samples/s; left after stage {exits}"
+
+
+@dataclass
+class ClassifyResult:
+    labels: np.ndarray  # [batch] int64
+    probs: np.ndarray  # [batch, classes] float32: the probabilities each sample left with
+    exits: np.ndarray  # [batch] int64: the stage each sample left after
+    stats: ClassifyStats
+    class_names: list[str] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The class names of ``labels``, where the network has them."""
+        if self.class_names is None:
+            raise InputError("this network was saved without class names")
+        return [self.class_names[i] for i in self.labels]
+
+
+class EarlyExitClassifier:
+    def __init__(self, root: Path, manifest: ClassifierManifest, threads: int | None = None, device: str = "cpu"):
+        if device not in ("cpu", "cuda", "auto"):
+            raise InputError(f"a classifier artifact runs on device cpu or cuda, got {device!r}")
+        self.root, self.manifest = root, manifest
+        self.device = "cpu" if device == "auto" else device
+        self.sessions = [{role: open_sessions(root, [file], threads, device=self.device)[0]
+                          for role, file in seg.graphs.items()} for seg in manifest.segments]
+        self._probs: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+        self._thresholds: dict[tuple, list[float]] = {}
+
+    @property
+    def exits(self) -> list[int]:
+        return self.manifest.exits
+
+    @property
+    def num_stages(self) -> int:
+        return self.manifest.num_stages
+
+    # --- calibration ------------------------------------------------------------------------------------
+
+    def calibration(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The calibration set's stored probabilities ``[samples, exits + 1, classes]`` and labels (or None)."""
+        cal = self.manifest.calibration
+        if cal is None:
+            raise InputError("this artifact is not calibrated: give thresholds, or compile with --data calib.npz")
+        if self._probs is None:
+            try:
+                with np.load(self.root / cal.file, allow_pickle=False) as z:
+                    probs, labels = z["probs"], z["labels"]
+            except (OSError, KeyError, ValueError) as e:
+                raise ArtifactError(f"{self.root / cal.file} is not a readable calibration file ({e})") from None
+            want = (cal.samples, len(self.manifest.segments), self.manifest.num_classes)
+            if probs.shape != want or probs.dtype != np.float32 or labels.shape != (cal.samples,) \
+                    or labels.dtype != np.int64:
+                raise ArtifactError(f"{self.root / cal.file}: probs {probs.shape} {probs.dtype} and labels "
+                                    f"{labels.shape} {labels.dtype} do not fit the manifest ({want})")
+            self._probs, self._labels = probs, (labels if cal.labeled else None)
+        return self._probs, self._labels
+
+    def thresholds_for(self, epsilon: float, metric: str | None = None, rule: str = "risk",
+                       delta: float = 0.1) -> list[float]:
+        """τ for each exit at accuracy level ε (agreement with the final classifier), in cascade order."""
+        probs, _ = self.calibration()
+        metric = metric or self.manifest.calibration.metric
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon <= 1.0:
+            raise InputError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
+        if rule not in RULES:
+            raise InputError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
+        key = (float(epsilon), metric, rule, delta)
+        if key not in self._thresholds:
+            scores, answers = replay(probs, metric)
+            agreed = answers[:, :-1] == answers[:, -1:]
+
+            def fit(c, t, e):
+                return risk_controlled_threshold(c, t, e, delta) if rule == "risk" else valade_threshold(c, t, e)
+
+            self._thresholds[key] = cascade_thresholds(scores[:, :-1], agreed, float(epsilon), fit)
+        return self._thresholds[key]
+
+    def _resolve(self, thresholds, epsilon, metric, rule, delta) -> tuple[list[float], str]:
+        if thresholds is not None and epsilon is not None:
+            raise InputError("give thresholds or epsilon, not both")
+        cal = self.manifest.calibration
+        metric = metric or (cal.metric if cal else "max-prob")
+        if metric not in METRICS:
+            raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        if thresholds is None:
+            return self.thresholds_for(DEFAULT_EPSILON if epsilon is None else epsilon, metric, rule, delta), metric
+        if isinstance(thresholds, dict):
+            unknown = sorted(set(thresholds) - set(self.exits), key=str)
+            if unknown:
+                raise InputError(f"thresholds name stages {unknown} that have no exit; exits follow stages {self.exits}")
+            thresholds = [thresholds.get(k, math.inf) for k in self.exits]
+        if isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__len__"):
+            raise InputTypeError(f"thresholds must be numbers, one per exit, or a dict by stage; got {thresholds!r}")
+        if len(thresholds) != len(self.exits):
+            raise InputError(f"{len(thresholds)} thresholds for {len(self.exits)} exits (after stages {self.exits})")
+        try:
+            values = [float(t) for t in thresholds]
+        except (TypeError, ValueError):
+            raise InputTypeError(f"thresholds must be numbers, got {thresholds!r}") from None
+        if any(math.isnan(t) for t in values):
+            raise InputError("a threshold is NaN")
+        return values, metric
+
+    # --- running ----------------------------------------------------------------------------------------
+
+    def check_input(self, x) -> np.ndarray:
+        m = self.manifest
+        if not isinstance(x, np.ndarray):
+            raise InputTypeError(f"classify takes a numpy array [batch, {', '.join(map(str, m.input_shape))}], "
+                                 f"got {type(x).__name__}")
+        if x.dtype != np.dtype(m.input_dtype):
+            raise InputTypeError(f"inputs must be {m.input_dtype}, got {x.dtype} (convert with x.astype(np.{m.input_dtype}))")
+        if list(x.shape[1:]) != m.input_shape:
+            hint = " (one sample? add the batch axis: x[None])" if list(x.shape) == m.input_shape else ""
+            raise InputError(f"inputs must have shape [batch, {', '.join(map(str, m.input_shape))}], got "
+                             f"{list(x.shape)}{hint}")
+        if x.shape[0] == 0:
+            raise InputError("the batch is empty")
+        if not np.isfinite(x).all():
+            raise InputError("inputs hold NaN or infinite values")
+        return np.ascontiguousarray(x)
+
+    def classify(self, x, *, epsilon: float | None = None, thresholds=None, metric: str | None = None,
+                 mode: str = "early-exit", rule: str = "risk", delta: float = 0.1) -> ClassifyResult:
+        """Labels, probabilities and exits for a batch ``x`` of shape ``[batch, *input_shape]``.
+
+        ``mode="full"`` runs every sample to the final classifier. In early
+        exit the thresholds are ``thresholds`` (one per exit, or a dict by
+        stage) or the calibrated ones for ``epsilon`` (default 0.95) under
+        ``rule`` ("risk", holding with probability 1 - ``delta``, or "valade").
+        """
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        x = self.check_input(x)
+        taus, metric = ([], None) if mode == "full" else self._resolve(thresholds, epsilon, metric, rule, delta)
+        start = time.perf_counter()
+        n = x.shape[0]
+        labels = np.empty(n, np.int64)
+        probs = np.empty((n, self.manifest.num_classes), np.float32)
+        exits = np.empty(n, np.int64)
+        stats = ClassifyStats(samples=n)
+        rows = np.arange(n)  # which samples are still in the batch
+        conf = Confidence(metric) if metric else None
+        hidden = x
+        last = len(self.manifest.segments) - 1
+        for i, (seg, graphs) in enumerate(zip(self.manifest.segments, self.sessions)):
+            stats.segment_samples.append(len(rows))
+            if i == last:
+                p, = graphs[PLAIN].run([PROBS], {INPUT: hidden})
+                leave = np.ones(len(rows), bool)
+            elif conf is None:
+                hidden, = graphs[PLAIN].run([HIDDEN], {INPUT: hidden})
+                continue
+            else:
+                hidden, p = graphs[WITH_HEAD].run([HIDDEN, PROBS], {INPUT: hidden})
+                score, p = conf.step(p)
+                leave = score >= taus[i]
+            gone = rows[leave]
+            probs[gone] = p[leave]
+            labels[gone] = p[leave].argmax(-1)
+            exits[gone] = seg.exit
+            stats.exits[seg.exit] = int(leave.sum())
+            if leave.all():
+                break
+            if leave.any():
+                stay = ~leave
+                rows, hidden = rows[stay], np.ascontiguousarray(hidden[stay])
+                conf.keep(stay)
+        if conf is None:
+            stats.exits = {self.manifest.segments[-1].exit: n}
+        stats.seconds = time.perf_counter() - start
+        return ClassifyResult(labels, probs, exits, stats, self.manifest.class_names)
+
+
+def load_classifier(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
+                    device: str = "cpu") -> EarlyExitClassifier:
+    root = Path(path)
+    return EarlyExitClassifier(root, read_classifier_manifest(root, verify=verify), threads, device)

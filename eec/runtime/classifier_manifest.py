@@ -1,0 +1,150 @@
+"""A classifier artifact's manifest: schema and validation (standard library only).
+
+A classifier artifact holds a branched network (docs/format.md) cut into
+segments of stages, one per kept exit. Every graph takes ``x`` (the input, or
+the previous segment's ``hidden``); an exit segment has a plain graph
+returning ``hidden`` (full mode, which must not pay for heads) and a
+``with_head`` graph returning ``hidden``, ``probs`` and ``label`` (early
+exit); the last segment's plain graph ends in the final classifier and
+returns ``probs`` and ``label``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from eec.errors import ArtifactError
+from eec.runtime.manifest import MANIFEST, PLAIN, WITH_HEAD, _whole, check_tree, manifest_text, verify_files
+
+SCHEMA = "eec-classifier"
+SCHEMA_VERSION = 1
+ROLES = (PLAIN, WITH_HEAD)
+INPUT, HIDDEN, PROBS, LABEL = "x", "hidden", "probs", "label"
+INPUT_DTYPES = ("float32",)
+LIMITS = {"num_classes": 1 << 20, "num_stages": 4096, "input_dim": 1 << 20, "input_rank": 8}
+
+
+@dataclass(frozen=True)
+class ClassifierSegment:
+    graphs: dict[str, str]  # role -> file: "plain" always; "with_head" on every segment but the last
+    start: int  # first stage (inclusive)
+    stop: int  # last stage (exclusive); the segment's exit head follows stage stop - 1
+
+    @property
+    def exit(self) -> int:
+        """The stage after which this segment's head sits (a sample leaving here "left after" it)."""
+        return self.stop - 1
+
+
+@dataclass(frozen=True)
+class ClassifierCalibration:
+    file: str  # npz: `probs` [samples, segments, classes] (every exit's, the final last), `labels` [samples] or -1
+    samples: int
+    labeled: bool  # the calibration set came with labels (accuracy is reported beside agreement)
+    metric: str  # the default confidence metric (eec.runtime.classifier.METRICS)
+
+
+@dataclass(frozen=True)
+class ClassifierManifest:
+    input_shape: list[int]  # one sample's shape, without the batch
+    input_dtype: str
+    num_classes: int
+    num_stages: int
+    segments: list[ClassifierSegment]
+    precision: str
+    target: str
+    class_names: list[str] | None = None
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    eec_version: str = ""
+    source: str = ""
+    calibration: ClassifierCalibration | None = None
+    placement: dict | None = None  # `--exits auto`: ε, the chosen exits, the measured segment latencies
+
+    @property
+    def exits(self) -> list[int]:
+        """Stages after which an early exit sits (the final classifier is not one)."""
+        return [s.exit for s in self.segments[:-1]]
+
+    def to_json(self) -> str:
+        return json.dumps({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **asdict(self)}, indent=2) + "\n"
+
+    @staticmethod
+    def from_json(text: str) -> "ClassifierManifest":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"manifest.json is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except RecursionError:
+            raise ArtifactError("manifest.json is nested too deeply to be a manifest") from None
+        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+            raise ArtifactError("manifest.json is not an eec classifier manifest")
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise ArtifactError(f"classifier artifact schema version {raw.get('schema_version')!r} is not supported "
+                                f"(this eec reads version {SCHEMA_VERSION}); recompile it")
+        try:
+            raw.pop("schema"), raw.pop("schema_version")
+            raw["segments"] = [ClassifierSegment(**s) for s in raw["segments"]]
+            cal = raw.get("calibration")
+            raw["calibration"] = ClassifierCalibration(**cal) if cal else None
+            return ClassifierManifest(**raw)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ArtifactError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None
+
+
+def _bad(what: str) -> ArtifactError:
+    return ArtifactError(f"manifest.json: {what}")
+
+
+def check_fields(m: ClassifierManifest) -> None:
+    """Types and ranges of what the runtime allocates and loops over, before any of it is used."""
+    if not (isinstance(m.input_shape, list) and 1 <= len(m.input_shape) <= LIMITS["input_rank"]
+            and all(_whole(d, 1, LIMITS["input_dim"]) for d in m.input_shape)):
+        raise _bad(f"input_shape must be 1 to {LIMITS['input_rank']} whole numbers, got {m.input_shape!r}")
+    if m.input_dtype not in INPUT_DTYPES:
+        raise _bad(f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got {m.input_dtype!r}")
+    if not _whole(m.num_classes, 2, LIMITS["num_classes"]) or not _whole(m.num_stages, 1, LIMITS["num_stages"]):
+        raise _bad(f"num_classes and num_stages must be whole numbers in range, got {m.num_classes!r}, {m.num_stages!r}")
+    if m.class_names is not None and not (isinstance(m.class_names, list) and len(m.class_names) == m.num_classes
+                                          and all(isinstance(c, str) for c in m.class_names)):
+        raise _bad("class_names must be one name per class")
+    if not isinstance(m.segments, list) or not m.segments:
+        raise _bad("no segments")
+    start = 0
+    for i, s in enumerate(m.segments):
+        if not (_whole(s.start, 0, m.num_stages) and _whole(s.stop, 1, m.num_stages)) or s.start != start \
+                or s.stop <= s.start:
+            raise _bad(f"segments must cover stages 0..{m.num_stages} in order; got {s.start!r}..{s.stop!r}")
+        start = s.stop
+        roles = {PLAIN} if i == len(m.segments) - 1 else {PLAIN, WITH_HEAD}
+        if not (isinstance(s.graphs, dict) and set(s.graphs) == roles and all(isinstance(f, str) for f in s.graphs.values())):
+            raise _bad(f"stages {s.start}-{s.stop}: graphs must map {', '.join(sorted(roles))} to files, got {s.graphs!r}")
+    if start != m.num_stages:
+        raise _bad(f"segments cover stages 0..{start} of {m.num_stages}")
+    if not (isinstance(m.files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in m.files.items())):
+        raise _bad("files must map paths to sha256 digests")
+    if not isinstance(m.precision, str) or not isinstance(m.target, str):
+        raise _bad("precision and target must be names")
+    cal = m.calibration
+    if cal is not None and not (isinstance(cal.file, str) and isinstance(cal.metric, str)
+                                and _whole(cal.samples, 1, 1 << 40) and isinstance(cal.labeled, bool)):
+        raise _bad("calibration: file and metric must be text, samples a whole number, labeled true or false")
+
+
+def named_files(m: ClassifierManifest) -> list[str]:
+    return [f for s in m.segments for f in s.graphs.values()] + ([m.calibration.file] if m.calibration else [])
+
+
+def read_classifier_manifest(root: Path, verify: bool = True) -> ClassifierManifest:
+    """Read and validate a classifier artifact's manifest; with ``verify``, every file's sha256 too."""
+    root = Path(root)
+    manifest = ClassifierManifest.from_json(manifest_text(root))
+    check_fields(manifest)
+    check_tree(root, named_files(manifest), manifest.files)
+    if verify:
+        verify_files(root, manifest.files)
+    return manifest
+
+
+__all__ = ["ClassifierCalibration", "ClassifierManifest", "ClassifierSegment", "MANIFEST", "read_classifier_manifest"]
