@@ -21,6 +21,7 @@ after training; stage graphs chain into any grouping without the user's code.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from eec.errors import CompileError, InputError
 FORMAT = "eec-early-exit"
 VERSION = 1
 SPEC = "eec-early-exit.json"
+EXAMPLE = "example.npy"  # a few samples of the example input: the compiler checks its graphs on real inputs
+EXAMPLE_SAMPLES = 8
 STAGE_IN, STAGE_OUT = "x", "y"  # every stage graph's input and output
 HEAD_IN, HEAD_OUT = "h", "logits"  # every head graph's input and output
 INPUT_DTYPES = ("float32",)
@@ -49,6 +52,7 @@ class BranchedNetwork:
     num_classes: int
     stages: list  # onnx.ModelProto per stage, in order (x -> y)
     exits: dict[int, object]  # stage index -> onnx.ModelProto of the head after it (h -> logits)
+    example: np.ndarray  # [samples, *input_shape]: real inputs from the user's example batch
     class_names: list[str] | None = None
     metadata: dict = field(default_factory=dict)
 
@@ -123,11 +127,14 @@ def save_early_exit(model, example_input, path: str | Path, *, class_names: list
         model.train(was_training)
     from eec import __version__
 
+    buffer = io.BytesIO()
+    np.save(buffer, example_input.detach().cpu().numpy()[:EXAMPLE_SAMPLES], allow_pickle=False)
+    members[EXAMPLE] = buffer.getvalue()
     spec = {
         "format": FORMAT, "version": VERSION,
         "input": {"shape": list(x.shape[1:]), "dtype": str(x.dtype).removeprefix("torch.")},
         "num_classes": int(num_classes), "class_names": class_names,
-        "stages": spec_stages, "exits": spec_exits,
+        "stages": spec_stages, "exits": spec_exits, "example": {"file": EXAMPLE, "sha256": _sha(members[EXAMPLE])},
         "metadata": {"module": type(model).__name__, "torch": torch.__version__, "eec": __version__,
                      **(metadata or {})},
     }
@@ -240,12 +247,13 @@ def read_branched(path: str | Path) -> BranchedNetwork:
             if any(i.file_size > MAX_MEMBER_BYTES for i in infos.values()):
                 raise InputError(f"{path}: a member is larger than {MAX_MEMBER_BYTES >> 30} GiB")
             spec = _spec(path, z.read(SPEC))
-            named = [s["file"] for s in spec["stages"]] + [e["file"] for e in spec["exits"]]
+            entries = [*spec["stages"], *spec["exits"], spec["example"]]
+            named = [e["file"] for e in entries]
             missing = [n for n in named if n not in infos]
             if missing:
                 raise InputError(f"{path}: the spec names {', '.join(missing)}, which the file does not hold")
             graphs = {}
-            for entry in [*spec["stages"], *spec["exits"]]:
+            for entry in entries:
                 data = z.read(entry["file"])
                 if _sha(data) != entry["sha256"]:
                     raise InputError(f"{path}: {entry['file']} does not match its sha256 (modified or corrupt)")
@@ -267,8 +275,15 @@ def read_branched(path: str | Path) -> BranchedNetwork:
 
     stages = [graph(s["file"], STAGE_IN, STAGE_OUT) for s in spec["stages"]]
     exits = {e["stage"]: graph(e["file"], HEAD_IN, HEAD_OUT) for e in spec["exits"]}
+    try:
+        example = np.load(io.BytesIO(graphs[spec["example"]["file"]]), allow_pickle=False)
+    except (ValueError, OSError):
+        raise InputError(f"{path}: {spec['example']['file']} is not a numpy array file") from None
+    if example.dtype != np.dtype(spec["input"]["dtype"]) or list(example.shape[1:]) != spec["input"]["shape"] \
+            or not 1 <= len(example) <= EXAMPLE_SAMPLES:
+        raise InputError(f"{path}: the example input {list(example.shape)} {example.dtype} does not fit the spec's input")
     return BranchedNetwork(spec["input"]["shape"], spec["input"]["dtype"], spec["num_classes"], stages, exits,
-                           spec.get("class_names"), spec.get("metadata") or {})
+                           example, spec.get("class_names"), spec.get("metadata") or {})
 
 
 def _spec(path: Path, raw: bytes) -> dict:
@@ -296,7 +311,7 @@ def _spec(path: Path, raw: bytes) -> dict:
     stages, exits = spec.get("stages"), spec.get("exits")
     if not (isinstance(stages, list) and stages and isinstance(exits, list) and exits):
         raise bad("needs a list of stages and a list of exits")
-    for entry in [*stages, *exits]:
+    for entry in [*stages, *exits, spec.get("example")]:
         if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)
                 and _plain(entry["file"])):
             raise bad(f"entry {entry!r} needs a plain relative 'file' and its 'sha256'")

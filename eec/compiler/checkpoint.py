@@ -61,7 +61,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
         raise InputError(f"{path} is not a readable eec checkpoint ({type(e).__name__}); eec compiles a Hugging "
-                         "Face model directory, a .gguf file or a model.pt from `eec train`") from None
+                         "Face model directory, a .gguf file, a model.pt from `eec train`, or a branched classifier from "
+                         "eec.compiler.save_early_exit (docs/format.md)") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise InputError(f"{path} is not an eec checkpoint (expected a dict with format={FORMAT!r}; see docs/format.md)")
     if raw.get("version") != VERSION:

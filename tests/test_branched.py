@@ -1,0 +1,479 @@
+"""Branched classifiers: save_early_exit -> eec compile -> classify, against PyTorch run by hand.
+
+The references are the user's own PyTorch modules: every exit's probabilities
+come from running the stages and heads in torch, and the exit each sample
+should take is decided by hand from them (the first exit whose confidence
+reaches its threshold), independently of the runtime's shrinking batch.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from eec.compiler import save_early_exit
+from eec.compiler.branched_pipeline import compile_branched
+from eec.errors import ArtifactError, InputError
+from eec.runtime import load
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+def pool_head(c: int, classes: int) -> nn.Module:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
+
+
+class ResNetLike(nn.Module):
+    """Convolutions with batch norm and residual connections, pooling; heads after stages 0, 1 and the last."""
+
+    input_shape = (3, 8, 8)
+    scale = 1.6
+
+    def __init__(self, classes: int = 7):
+        super().__init__()
+        self.stages = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+            Residual(8),
+            nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()),
+            Residual(16),
+        ])
+        self.exits = nn.ModuleDict({"0": pool_head(8, classes), "1": pool_head(8, classes), "2": pool_head(16, classes),
+                                    "3": nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, classes))})
+
+
+class MLP(nn.Module):
+    input_shape = (12,)
+    scale = 3.0
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.stages = nn.ModuleList([nn.Sequential(nn.Linear(12, 32), nn.GELU()) for _ in range(1)]
+                                    + [nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(2)])
+        self.exits = nn.ModuleDict({"0": nn.Linear(32, classes), "2": nn.Linear(32, classes)})
+
+
+class Block(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class MeanHead(nn.Module):
+    def __init__(self, d: int, classes: int):
+        super().__init__()
+        self.proj = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.proj(x.mean(1))
+
+
+class Attention(nn.Module):
+    """A small attention block per stage over a sequence of 6 vectors."""
+
+    input_shape = (6, 16)
+    scale = 2.0
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.stages = nn.ModuleList([Block(16) for _ in range(3)])
+        self.exits = nn.ModuleDict({str(k): MeanHead(16, classes) for k in range(3)})
+
+
+NETWORKS = {"resnet": ResNetLike, "mlp": MLP, "attention": Attention}
+
+
+def make(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = NETWORKS[name]()
+    for m in net.modules():  # batch norm with running statistics other than 0 and 1, so that it is not a no-op
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    for p in net.parameters():  # wider weights: random heads then disagree with each other and are confident
+        p.data.mul_(net.scale)
+    return net.eval()
+
+
+def inputs(net: nn.Module, n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *net.input_shape)).astype(np.float32)
+
+
+def torch_probs(net: nn.Module, x: np.ndarray) -> dict[int, np.ndarray]:
+    """Every head's probabilities, run in PyTorch stage by stage."""
+    out, h = {}, torch.from_numpy(x)
+    with torch.no_grad():
+        for i, stage in enumerate(net.stages):
+            h = stage(h)
+            if str(i) in net.exits:
+                out[i] = torch.softmax(net.exits[str(i)](h).double(), -1).numpy()
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Each network saved and compiled with all its exits (calibrated on 200 random inputs)."""
+    root = tmp_path_factory.mktemp("branched")
+    made = {}
+    for name in NETWORKS:
+        net = make(name)
+        save_early_exit(net, torch.from_numpy(inputs(net, 4, seed=9)), root / f"{name}.pt")
+        np.savez(root / f"{name}.npz", x=inputs(net, 200, seed=2))
+        compile_branched(root / f"{name}.pt", root / f"{name}.eec", data=root / f"{name}.npz")
+        made[name] = (net, root / f"{name}.eec")
+    return made
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_full_mode_equals_pytorch(compiled, name):
+    net, art = compiled[name]
+    model = load(art)
+    final = len(net.stages) - 1
+    for batch in range(1, 10):
+        x = inputs(net, batch, seed=batch)
+        want = torch_probs(net, x)[final]
+        got = model.classify(x, mode="full")
+        np.testing.assert_allclose(got.probs, want, rtol=0, atol=2e-5)
+        assert (got.labels == want.argmax(-1)).all()
+        assert (got.exits == final).all()
+
+
+def middle_cut(confidence: np.ndarray, gap: float = 1e-4) -> float:
+    c = np.sort(confidence)
+    cuts = [(abs(i + 1 - len(c) / 2), (c[i] + c[i + 1]) / 2) for i in range(len(c) - 1) if c[i + 1] - c[i] > gap]
+    return float(min(cuts)[1])
+
+
+def hand_exits(probs: dict[int, np.ndarray], exits: list[int], taus: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Max-probability early exit decided sample by sample from PyTorch's probabilities."""
+    final = max(probs)
+    n = len(probs[final])
+    left, labels = np.full(n, final), probs[final].argmax(-1)
+    for i in range(n):
+        for k, tau in zip(exits, taus):
+            if probs[k][i].max() >= tau:
+                left[i], labels[i] = k, probs[k][i].argmax()
+                break
+    return left, labels
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_batched_early_exit_matches_pytorch_and_each_sample_alone(compiled, name):
+    net, art = compiled[name]
+    model = load(art)
+    x = inputs(net, 9, seed=5)
+    ref = torch_probs(net, x)
+    # thresholds near the median confidence of each exit on this batch (some samples leave at each exit), in
+    # a gap between samples wider than float32's error, so that the hand decision is not a coin toss
+    taus = [middle_cut(ref[k].max(-1)) for k in model.exits]
+    want_exits, want_labels = hand_exits(ref, model.exits, taus)
+    assert len(set(want_exits)) > 1, "the thresholds should send samples to different exits"
+    got = model.classify(x, thresholds=taus, metric="max-prob")
+    assert got.exits.tolist() == want_exits.tolist()
+    assert got.labels.tolist() == want_labels.tolist()
+    for i in range(len(x)):
+        np.testing.assert_allclose(got.probs[i], ref[int(got.exits[i])][i], rtol=0, atol=2e-5)
+        alone = model.classify(x[i:i + 1], thresholds=taus, metric="max-prob")
+        assert (alone.labels[0], alone.exits[0]) == (got.labels[i], got.exits[i])
+        np.testing.assert_allclose(alone.probs[0], got.probs[i], rtol=0, atol=1e-6)  # kernels differ by batch size
+    # the batch shrinks: each segment ran on exactly the samples that had not left before it
+    remaining = [int((want_exits >= seg.start).sum()) for seg in model.manifest.segments]
+    assert got.stats.segment_samples == [r for r in remaining if r]
+    assert sum(got.stats.exits.values()) == len(x)
+    assert all(count == int((want_exits == k).sum()) for k, count in got.stats.exits.items())
+
+
+def test_infinite_thresholds_give_full_mode_and_first_exit(compiled):
+    net, art = compiled["resnet"]
+    model = load(art)
+    x = inputs(net, 7, seed=3)
+    ref = torch_probs(net, x)
+    never = model.classify(x, thresholds=[math.inf] * len(model.exits))
+    full = model.classify(x, mode="full")
+    np.testing.assert_array_equal(never.labels, full.labels)
+    np.testing.assert_array_equal(never.probs, full.probs)
+    always = model.classify(x, thresholds=[-math.inf] * len(model.exits))
+    first = model.exits[0]
+    assert (always.exits == first).all()
+    assert always.labels.tolist() == ref[first].argmax(-1).tolist()
+    assert always.stats.segment_samples == [7]
+
+
+# --- metrics on hand-built cases ------------------------------------------------------------------------------
+
+
+class Known(nn.Module):
+    """Exits whose answers are given: input [batch, exits, classes] holds each exit's probabilities, the stages
+    pass it on, and head k returns the log of row k (so its softmax is that row)."""
+
+    class Pick(nn.Module):
+        def __init__(self, k: int):
+            super().__init__()
+            self.k = k
+
+        def forward(self, x):
+            return torch.log(x[:, self.k])
+
+    class Same(nn.Module):
+        def forward(self, x):
+            return x * 1.0
+
+    def __init__(self, exits: int):
+        super().__init__()
+        self.stages = nn.ModuleList([self.Same() for _ in range(exits)])
+        self.exits = nn.ModuleDict({str(k): self.Pick(k) for k in range(exits)})
+
+
+@pytest.fixture(scope="module")
+def known(tmp_path_factory):
+    root = tmp_path_factory.mktemp("known")
+    save_early_exit(Known(4), torch.full((2, 4, 3), 1 / 3), root / "known.pt")
+    compile_branched(root / "known.pt", root / "known.eec")
+    return load(root / "known.eec")
+
+
+def one_hot_ish(labels: list[int], classes: int = 3, top: float = 0.8) -> np.ndarray:
+    rows = np.full((len(labels), classes), (1 - top) / (classes - 1))
+    rows[np.arange(len(labels)), labels] = top
+    return rows
+
+
+def test_patience_leaves_when_the_last_exits_agree(known):
+    # each sample's answers at exits 0, 1, 2 and the final classifier
+    answers = {"a": [0, 0, 0, 1], "b": [0, 1, 1, 1], "c": [0, 1, 2, 1], "d": [2, 2, 2, 2]}
+    x = np.stack([one_hot_ish(a) for a in answers.values()]).astype(np.float32)
+    # PABEE with patience 1 (leave once an answer is unchanged at one more exit): a run of 2
+    got = known.classify(x, thresholds=[2, 2, 2], metric="patience")
+    assert got.exits.tolist() == [1, 2, 3, 1]
+    assert got.labels.tolist() == [0, 1, 1, 2]
+    # patience 2: a run of 3
+    got = known.classify(x, thresholds=[3, 3, 3], metric="patience")
+    assert got.exits.tolist() == [2, 3, 3, 2]
+    assert got.labels.tolist() == [0, 1, 1, 2]
+
+
+def test_ensemble_is_the_normalised_geometric_mean_of_the_exits_so_far(known):
+    p0 = np.array([0.6, 0.3, 0.1])
+    p1 = np.array([0.2, 0.7, 0.1])
+    p2 = np.array([0.1, 0.1, 0.8])
+    final = np.array([0.3, 0.4, 0.3])
+    x = np.stack([np.stack([p0, p1, p2, final])]).astype(np.float32)
+    # exit 0 alone: 0.6 < 0.61, stays; exits 0 and 1: sqrt of products, normalised
+    g = np.sqrt(p0 * p1)
+    g /= g.sum()
+    assert p0.max() < 0.61 and g.max() < 0.61
+    got = known.classify(x, thresholds=[0.61, g.max() - 1e-4, 2.0], metric="ensemble")
+    assert got.exits.tolist() == [1]
+    assert got.labels.tolist() == [1]
+    np.testing.assert_allclose(got.probs[0], g, atol=1e-6)
+    # not confident enough at exit 1 either: exit 2 sees the cube root of three products
+    c = np.cbrt(p0 * p1 * p2)
+    c /= c.sum()
+    got = known.classify(x, thresholds=[0.61, g.max() + 1e-4, c.max() - 1e-4], metric="ensemble")
+    assert got.exits.tolist() == [2]
+    np.testing.assert_allclose(got.probs[0], c, atol=1e-6)
+    assert got.labels.tolist() == [int(c.argmax())]
+    # the final classifier's answer is its own, not the ensemble's
+    got = known.classify(x, thresholds=[2.0, 2.0, 2.0], metric="ensemble")
+    np.testing.assert_allclose(got.probs[0], final, atol=1e-6)
+
+
+def test_margin_and_entropy_by_hand(known):
+    rows = np.array([[0.5, 0.45, 0.05], [0.5, 0.25, 0.25]])
+    x = np.stack([np.stack([r, r, r, r]) for r in rows]).astype(np.float32)
+    # top-2 margins 0.05 and 0.25: a threshold of 0.1 lets only the second leave at exit 0
+    got = known.classify(x, thresholds=[0.1, 0.1, 0.1], metric="top2-margin")
+    assert got.exits.tolist() == [3, 0]
+    neg_h = [float(np.sum(r * np.log(r))) for r in rows]  # -0.83 and -1.04: the first is less uncertain
+    got = known.classify(x, thresholds=[(neg_h[0] + neg_h[1]) / 2] * 3, metric="neg-entropy")
+    assert got.exits.tolist() == [0, 3]
+
+
+# --- trust and bad input ----------------------------------------------------------------------------------------
+
+
+class Evil:
+    """Unpickling this creates the marker file: proof that a pickle in a model file ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_in_a_model_file_never_runs(tmp_path, compiled):
+    from tests.test_cli_errors import run_fails
+
+    marker = tmp_path / "pwned"
+    torch.save({"format": "eec-checkpoint", "payload": Evil(marker)}, tmp_path / "evil.pt")
+    run_fails(["compile", tmp_path / "evil.pt", "-o", tmp_path / "a.eec"], "not a readable eec checkpoint")
+    assert not marker.exists() and not (tmp_path / "a.eec").exists()
+    # a branched network file with a pickle beside its graphs compiles, and the pickle is never read
+    net, _ = compiled["mlp"]
+    good = tmp_path / "net.pt"
+    save_early_exit(net, torch.from_numpy(inputs(net, 2)), good)
+    with zipfile.ZipFile(good, "a") as z:
+        z.writestr("archive/data.pkl", pickle.dumps(Evil(marker)))
+    compile_branched(good, tmp_path / "b.eec")
+    assert not marker.exists()
+
+
+def test_a_modified_graph_in_a_network_file_is_refused(tmp_path, compiled):
+    net, _ = compiled["mlp"]
+    good = tmp_path / "net.pt"
+    save_early_exit(net, torch.from_numpy(inputs(net, 2)), good)
+    bad = tmp_path / "bad.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            dst.writestr(item, data[:-1] + bytes([data[-1] ^ 1]) if item.filename == "stages/1.onnx" else data)
+    with pytest.raises(InputError, match="stages/1.onnx does not match its sha256"):
+        compile_branched(bad, tmp_path / "a.eec")
+    assert not (tmp_path / "a.eec").exists()
+
+
+def test_a_modified_classifier_artifact_is_refused(tmp_path, compiled):
+    import shutil
+
+    _, art = compiled["mlp"]
+    copy = tmp_path / "copy.eec"
+    shutil.copytree(art, copy)
+    graph = copy / "graphs" / "seg1.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        load(copy)
+
+
+@pytest.mark.parametrize("module, message", [
+    (nn.Sequential(nn.Linear(4, 4)), "needs `stages: nn.ModuleList` and `exits: nn.ModuleDict`"),
+    ("unknown stage", "exits key '7' names no stage"),
+    ("no final", "no head after the last stage"),
+])
+def test_modules_outside_the_contract_are_refused(tmp_path, module, message):
+    if isinstance(module, str):
+        net = MLP()
+        if module == "unknown stage":
+            net.exits["7"] = nn.Linear(32, 5)
+        else:
+            del net.exits["2"]
+        module = net
+    with pytest.raises(InputError, match=message):
+        save_early_exit(module, torch.zeros(2, 12), tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_classify_inputs_get_one_line_errors(compiled):
+    net, art = compiled["resnet"]
+    model = load(art)
+    x = inputs(net, 3)
+    cases = [
+        (x[0], "add the batch axis"),  # one sample without the batch axis
+        (x.astype(np.float64), "must be float32"),
+        (np.zeros((3, 1, 8, 8), np.float32), "shape [batch, 3, 8, 8]"),  # one channel, not three
+        (np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x).astype(np.float32), "NaN"),
+        (x[:0], "empty"),
+        (x.tolist(), "numpy array"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(InputError) as info:
+            model.classify(bad)
+        assert message in str(info.value) and "\n" not in str(info.value)
+    for eps in (-0.1, 1.5):
+        with pytest.raises(InputError, match=r"epsilon must be a number in \[0, 1\]"):
+            model.classify(x, epsilon=eps)
+    with pytest.raises(InputError, match="2 thresholds for 3 exits"):
+        model.classify(x, thresholds=[0.5, 0.5])
+    with pytest.raises(InputError, match="unknown metric"):
+        model.classify(x, metric="vibes")
+
+
+def test_bad_compile_inputs_from_the_command_line(tmp_path, compiled):
+    from tests.test_cli_errors import leftovers, run_fails
+
+    net, _ = compiled["mlp"]
+    save_early_exit(net, torch.from_numpy(inputs(net, 2)), tmp_path / "net.pt")
+    np.savez(tmp_path / "noX.npz", y=np.zeros(3, np.int64))
+    np.savez(tmp_path / "shape.npz", x=np.zeros((3, 11), np.float32))
+    np.savez(tmp_path / "labels.npz", x=inputs(net, 3), y=np.array([0, 1, 9]))
+    out = tmp_path / "a.eec"
+    run_fails(["compile", tmp_path / "net.pt", "-o", out, "--data", tmp_path / "noX.npz"], "has no array 'x'")
+    run_fails(["compile", tmp_path / "net.pt", "-o", out, "--data", tmp_path / "shape.npz"], "[samples, 12]")
+    run_fails(["compile", tmp_path / "net.pt", "-o", out, "--data", tmp_path / "labels.npz"], "labels in 0..4")
+    run_fails(["compile", tmp_path / "net.pt", "-o", out, "--exits", "1"], "no head follows that stage")
+    run_fails(["compile", tmp_path / "net.pt", "-o", out, "--precision", "int8"], "--data")
+    run_fails(["compile", tmp_path / "net.pt", "-o", out, "--shortlist", "8"], "applies to decoders")
+    assert leftovers(tmp_path) == ["labels.npz", "net.pt", "noX.npz", "shape.npz"]
+
+
+# --- calibration -----------------------------------------------------------------------------------------------
+
+
+def calibration_set(n: int, seed: int) -> np.ndarray:
+    """Inputs for `Known` whose exits are right (agree with the final classifier) about as often as they are
+    confident: exit k names the final class with probability equal to its top probability."""
+    rng = np.random.default_rng(seed)
+    final = rng.integers(0, 3, n)
+    x = np.empty((n, 4, 3), np.float32)
+    x[:, 3] = one_hot_ish(final.tolist(), top=0.9)
+    for k in range(3):
+        top = rng.uniform(0.34, 1.0, n)
+        right = rng.random(n) < top
+        label = np.where(right, final, (final + rng.integers(1, 3, n)) % 3)
+        for i in range(n):
+            x[i, k] = one_hot_ish([label[i]], top=top[i])[0]
+    return x
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibrated")
+    save_early_exit(Known(4), torch.full((2, 4, 3), 1 / 3), root / "known.pt")
+    x = calibration_set(1000, seed=0)
+    np.savez(root / "cal.npz", x=x, y=x[:, 3].argmax(-1))
+    compile_branched(root / "known.pt", root / "known.eec", data=root / "cal.npz")
+    return load(root / "known.eec"), x
+
+
+@pytest.mark.parametrize("rule", ["valade", "risk"])
+def test_epsilon_holds_on_the_calibration_set(calibrated, rule):
+    model, x = calibrated
+    full = x[:, 3].argmax(-1)
+    for eps in (0.8, 0.9, 0.95):
+        got = model.classify(x, epsilon=eps, rule=rule, metric="max-prob")
+        exited = got.exits < 3
+        assert exited.mean() > 0.1, f"at ε {eps} some samples should exit ({exited.mean():.2f})"
+        assert (got.labels == full)[exited].mean() >= eps
+
+
+def test_epsilon_carries_over_to_new_samples(calibrated):
+    model, _ = calibrated
+    x = calibration_set(4000, seed=1)
+    full = x[:, 3].argmax(-1)
+    for eps in (0.8, 0.9):
+        got = model.classify(x, epsilon=eps)  # the risk rule at δ 0.1, the artifact's default metric
+        exited = got.exits < 3
+        assert (got.labels == full)[exited].mean() >= eps - 0.02
