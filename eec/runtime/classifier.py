@@ -278,15 +278,15 @@ class EarlyExitClassifier:
         probs = np.empty((n, self.manifest.num_classes), np.float32)
         exits = np.empty(n, np.int64)
         stats = ClassifyStats(samples=n)
-        rows = np.arange(n)  # which samples are still in the batch
+        rows = None  # which samples are still in the batch; None: all of them (no gathering to do)
         conf = Confidence(metric) if metric else None
         hidden = x
         last = len(self.manifest.segments) - 1
         for i, (seg, graphs) in enumerate(zip(self.manifest.segments, self.sessions)):
-            stats.segment_samples.append(len(rows))
+            stats.segment_samples.append(n if rows is None else len(rows))
             if i == last:
                 p, = graphs[PLAIN].run([PROBS], {INPUT: hidden})
-                leave = np.ones(len(rows), bool)
+                leave = None
             elif conf is None:
                 hidden, = graphs[PLAIN].run([HIDDEN], {INPUT: hidden})
                 continue
@@ -294,19 +294,23 @@ class EarlyExitClassifier:
                 hidden, p = graphs[WITH_HEAD].run([HIDDEN, PROBS], {INPUT: hidden})
                 score, p = conf.step(p)
                 leave = score >= taus[i]
-            gone = rows[leave]
-            probs[gone] = p[leave]
-            labels[gone] = p[leave].argmax(-1)
-            exits[gone] = seg.exit
-            stats.exits[seg.exit] = int(leave.sum())
-            if leave.all():
+                if not leave.any():
+                    stats.exits[seg.exit] = 0
+                    continue
+            if leave is None or leave.all():  # everyone left: the rest of the batch, whole
+                at = slice(None) if rows is None else rows
+                probs[at], labels[at], exits[at] = p, p.argmax(-1), seg.exit
+                stats.exits[seg.exit] = len(p)
                 break
-            if leave.any():
-                stay = ~leave
-                rows, hidden = rows[stay], np.ascontiguousarray(hidden[stay])
-                conf.keep(stay)
-        if conf is None:
-            stats.exits = {self.manifest.segments[-1].exit: n}
+            gone = np.flatnonzero(leave) if rows is None else rows[leave]
+            probs[gone] = p[leave]
+            labels[gone] = probs[gone].argmax(-1)
+            exits[gone] = seg.exit
+            stats.exits[seg.exit] = len(gone)
+            stay = ~leave
+            rows = np.flatnonzero(stay) if rows is None else rows[stay]
+            hidden = np.ascontiguousarray(hidden[stay])
+            conf.keep(stay)
         stats.seconds = time.perf_counter() - start
         return ClassifyResult(labels, probs, exits, stats, self.manifest.class_names)
 
