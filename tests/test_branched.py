@@ -477,3 +477,83 @@ def test_epsilon_carries_over_to_new_samples(calibrated):
         got = model.classify(x, epsilon=eps)  # the risk rule at δ 0.1, the artifact's default metric
         exited = got.exits < 3
         assert (got.labels == full)[exited].mean() >= eps - 0.02
+
+
+# --- precisions ------------------------------------------------------------------------------------------------
+
+
+def test_int8_and_fp16_artifacts_stay_close_to_pytorch(tmp_path, compiled):
+    import onnx
+
+    net, art = compiled["resnet"]
+    source, data = art.with_suffix(".pt"), art.with_suffix(".npz")
+    compile_branched(source, tmp_path / "int8.eec", data=data, precision="int8")
+    compile_branched(source, tmp_path / "fp16.eec", target="rtx-4090")  # runs here on onnxruntime's CPU kernels
+    x = inputs(net, 64, seed=7)
+    ref = torch_probs(net, x)[len(net.stages) - 1]
+    top2 = np.sort(ref, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05  # samples whose label no rounding should change
+
+    fp16 = load(tmp_path / "fp16.eec").classify(x, mode="full")
+    np.testing.assert_allclose(fp16.probs, ref, atol=3e-3)
+    assert (fp16.labels == ref.argmax(-1))[clear].all()
+
+    int8 = load(tmp_path / "int8.eec")
+    assert int8.manifest.precision == "int8"
+    for seg in int8.manifest.segments:  # every convolution reads quantized weights and activations
+        graph = onnx.load(str(tmp_path / "int8.eec" / seg.graphs["plain"])).graph
+        producers = {o: n.op_type for n in graph.node for o in n.output}
+        convs = [n for n in graph.node if n.op_type == "Conv"]
+        assert convs and all(producers.get(n.input[0]) == producers.get(n.input[1]) == "DequantizeLinear" for n in convs)
+    got = int8.classify(x, mode="full")
+    assert np.abs(got.probs - ref).max() < 0.08
+    assert (got.labels == ref.argmax(-1))[clear].mean() >= 0.95
+
+
+# --- placement -------------------------------------------------------------------------------------------------
+
+
+def test_exits_auto_keeps_the_cheapest_set_on_hand_prices(tmp_path, monkeypatch):
+    import itertools
+
+    import eec.compiler.branched_pipeline as pipeline
+    from eec.calib.thresholds import risk_controlled_threshold
+
+    # hand prices (seconds a sample at batch 1): each segment between heads alone, and with its head
+    plain, head = [1.0, 4.0, 0.5], [3.0, 0.2, 0.2]
+    final = 10.0
+    monkeypatch.setattr(pipeline, "measure", lambda sessions, x, heads=True: (
+        [p + h for p, h in zip(plain, head)] + [final] if heads else list(plain)))
+    save_early_exit(Known(4), torch.full((2, 4, 3), 1 / 3), tmp_path / "known.pt")
+    x = calibration_set(600, seed=3)
+    np.savez(tmp_path / "cal.npz", x=x)
+    eps = 0.9
+    manifest = compile_branched(tmp_path / "known.pt", tmp_path / "auto.eec", exits="auto", data=tmp_path / "cal.npz",
+                                metric="max-prob", placement_eps=eps)
+
+    # by hand: every subset, its cascade thresholds on the exits it keeps, each sample's exit, its price
+    conf, answer = x.max(-1), x.argmax(-1)  # the exits' probabilities are the inputs themselves
+    agreed = answer[:, :3] == answer[:, 3:]
+
+    def price(kept: tuple[int, ...]) -> float:
+        remaining, taus = np.ones(len(x), bool), []
+        for k in kept:
+            taus.append(risk_controlled_threshold(conf[remaining, k], agreed[remaining, k], eps))
+            remaining &= ~(conf[:, k] >= taus[-1])
+        total = 0.0
+        for i in range(len(x)):
+            spent = 0.0
+            for stage in range(3):
+                spent += plain[stage] + (head[stage] if stage in kept else 0.0)
+                if stage in kept and conf[i, stage] >= taus[kept.index(stage)]:
+                    break
+            else:
+                spent += final
+            total += spent
+        return total / len(x)
+
+    prices = {kept: price(kept) for n in range(4) for kept in itertools.combinations(range(3), n)}
+    best = min(prices, key=prices.get)
+    assert manifest.exits == list(best), prices
+    assert manifest.placement["expected_s"] == pytest.approx(prices[best])
+    assert [s.stop for s in manifest.segments] == [k + 1 for k in best] + [4]

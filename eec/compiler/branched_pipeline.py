@@ -51,7 +51,8 @@ from eec.runtime.manifest import MANIFEST, PLAIN, WITH_HEAD, hash_files, replace
 from eec.runtime.staging import new_stage, output_lock
 from eec.targets.profiles import get_target
 
-PRECISIONS = {"onnxruntime-cpu": ("fp32", "int8"), "tensorrt": ("fp16", "fp32", "int8"),
+CPU = "onnxruntime-cpu"
+PRECISIONS = {CPU: ("fp32", "int8"), "tensorrt": ("fp16", "fp32", "int8"),
               "onnxruntime-cuda": ("fp16", "fp32")}
 CALIBRATION = "calibration.npz"
 CHECK_RTOL = 1e-4
@@ -77,7 +78,7 @@ def compile_branched(source: str | os.PathLike, out: str | os.PathLike, *, exits
     out = Path(out).absolute()
     tgt = get_target(target, placed=exits == "auto")
     allowed = PRECISIONS[tgt.backend]
-    precision = precision or ("fp32" if tgt.backend == "onnxruntime-cpu" else "fp16")
+    precision = precision or ("fp32" if tgt.backend == CPU else "fp16")
     if precision not in allowed:
         raise InputError(f"precision {precision!r} is not available for a classifier on target {tgt.name!r}; "
                          f"choose from {', '.join(allowed)}")
@@ -111,7 +112,8 @@ def compile_branched(source: str | os.PathLike, out: str | os.PathLike, *, exits
         try:
             placement = None
             if exits == "auto":
-                kept, placement = place_exits(net, heads, precision, x, placement_eps, metric, progress)
+                kept, placement = place_exits(net, heads, precision, x, placement_eps, metric, progress,
+                                              for_cpu=tgt.backend == CPU)
                 metric = metric or placement["metric"]
             manifest = _build(net, kept, tmp, tgt.name, precision, x, y, metric, progress, Path(source), placement)
             replace_dir(tmp, out)
@@ -244,8 +246,8 @@ def _check_graphs(net: BranchedNetwork, segments: list[ClassifierSegment], graph
         x = expected
 
 
-def build_graphs(net: BranchedNetwork, kept: list[int], precision: str, x, progress=no_progress
-                 ) -> tuple[list[ClassifierSegment], list[dict]]:
+def build_graphs(net: BranchedNetwork, kept: list[int], precision: str, x, progress=no_progress,
+                 for_cpu: bool = True) -> tuple[list[ClassifierSegment], list[dict]]:
     """The segments for the early exits after stages ``kept``, and each one's graphs by role, checked and
     in ``precision`` (in memory: written by `_build`, measured by `place_exits`)."""
     cuts = [*kept, net.final]
@@ -261,7 +263,7 @@ def build_graphs(net: BranchedNetwork, kept: list[int], precision: str, x, progr
     progress("checking graphs", 0, 1)
     _check_graphs(net, segments, graphs)
     if precision != "fp32":
-        graphs = _apply_precision(graphs, precision, x, progress)
+        graphs = _apply_precision(graphs, precision, x, progress, for_cpu=for_cpu)
     return segments, graphs
 
 
@@ -269,7 +271,7 @@ def _build(net: BranchedNetwork, kept: list[int], tmp: Path, target: str, precis
            progress, source: Path, placement: dict | None) -> ClassifierManifest:
     import onnx
 
-    segments, graphs = build_graphs(net, kept, precision, x, progress)
+    segments, graphs = build_graphs(net, kept, precision, x, progress, for_cpu=get_target(target).backend == CPU)
     (tmp / "graphs").mkdir()
     for seg, seg_graphs in zip(segments, graphs):
         for role, model in seg_graphs.items():
@@ -299,7 +301,7 @@ def _finish(tmp: Path, manifest: ClassifierManifest) -> ClassifierManifest:
 # --- precision -------------------------------------------------------------------------------------------------
 
 
-def _apply_precision(graphs: list[dict], precision: str, x, progress) -> list[dict]:
+def _apply_precision(graphs: list[dict], precision: str, x, progress, for_cpu: bool = True) -> list[dict]:
     import onnx_ir as ir
 
     if precision == "fp16":
@@ -316,7 +318,7 @@ def _apply_precision(graphs: list[dict], precision: str, x, progress) -> list[di
         batches = [{INPUT: feeds[i:i + 32]} for i in range(0, len(feeds), 32)]
         quantized = {}
         for role, model in roles.items():
-            result = Int8StaticQDQ(batches, op_types=("Conv", "MatMul", "Gemm"))(ir.serde.deserialize_model(model))
+            result = Int8StaticQDQ(batches, op_types=("Conv", "MatMul", "Gemm"), for_cpu=for_cpu)(ir.serde.deserialize_model(model))
             quantized[role] = ir.serde.serialize_model(result.model)
         out.append(quantized)
         if k < len(graphs) - 1:  # the next segment's inputs: this segment's fp32 hidden state
@@ -417,7 +419,7 @@ MAX_AUTO_HEADS = 12  # 4096 subsets, each replayed on the calibration set in wel
 
 
 def place_exits(net: BranchedNetwork, heads: list[int], precision: str, x, eps: float, metric: str | None,
-                progress=no_progress) -> tuple[list[int], dict]:
+                progress=no_progress, for_cpu: bool = True) -> tuple[list[int], dict]:
     """The early exits (a subset of ``heads``) with the lowest expected latency at ``eps`` on ``x``.
 
     Every head is built and each segment between consecutive heads is timed
@@ -431,7 +433,7 @@ def place_exits(net: BranchedNetwork, heads: list[int], precision: str, x, eps: 
     if len(heads) > MAX_AUTO_HEADS:
         raise InputError(f"--exits auto tries every subset of the heads; this network has {len(heads)} (at most "
                          f"{MAX_AUTO_HEADS}): name the exits with --exits")
-    segments, graphs = build_graphs(net, heads, precision, x, progress)
+    segments, graphs = build_graphs(net, heads, precision, x, progress, for_cpu=for_cpu)
     sessions = _sessions(graphs)
     progress("measuring segment latency", 0, 1)
     with_head = measure(sessions, x)
