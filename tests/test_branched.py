@@ -557,3 +557,58 @@ def test_exits_auto_keeps_the_cheapest_set_on_hand_prices(tmp_path, monkeypatch)
     assert manifest.exits == list(best), prices
     assert manifest.placement["expected_s"] == pytest.approx(prices[best])
     assert [s.stop for s in manifest.segments] == [k + 1 for k in best] + [4]
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+
+def test_profile_and_inspect_a_classifier(tmp_path, calibrated):
+    import json
+
+    from typer.testing import CliRunner
+
+    from eec.cli.main import app
+
+    model, _ = calibrated
+    x = calibration_set(300, seed=4)
+    y = np.random.default_rng(5).integers(0, 3, len(x))
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    result = CliRunner().invoke(app, ["profile", str(model.root), "--data", str(tmp_path / "test.npz"), "--eps",
+                                      "0.8,0.9", "--batch", "1,7", "--rounds", "1", "--metric", "max-prob",
+                                      "--json", str(tmp_path / "rows.json")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["epsilon"] for r in rows] == [None, 0.8, 0.9]
+    full = x[:, 3].argmax(-1)
+    for row in rows:
+        taus = [math.inf] * 3 if row["epsilon"] is None else model.thresholds_for(row["epsilon"], "max-prob")
+        exits, labels = np.full(len(x), 3), full.copy()
+        for i in range(len(x)):  # by hand: the first exit whose top probability reaches its threshold
+            for k in range(3):
+                if x[i, k].max() >= taus[k]:
+                    exits[i], labels[i] = k, x[i, k].argmax()
+                    break
+        assert row["agreement"] == pytest.approx((labels == full).mean())
+        assert row["accuracy"] == pytest.approx((labels == y).mean())
+        assert {int(k): v for k, v in row["exits"].items()} == {int(k): int((exits == k).sum()) for k in np.unique(exits)}
+        assert set(row["samples_per_s"]) == {"1", "7"} and all(v > 0 for v in row["samples_per_s"].values())
+    shown = CliRunner().invoke(app, ["inspect", str(model.root)])
+    assert shown.exit_code == 0 and "exits after stages: 0, 1, 2" in shown.output
+    assert "calibrated on 1000 labeled samples, metric" in shown.output
+    refused = CliRunner().invoke(app, ["generate", str(model.root), "hello"])
+    assert refused.exit_code == 1 and "is a classifier artifact" in refused.stderr
+
+
+def test_compile_on_the_command_line(tmp_path, compiled):
+    from typer.testing import CliRunner
+
+    from eec.cli.main import app
+
+    net, art = compiled["mlp"]
+    result = CliRunner().invoke(app, ["compile", str(art.with_suffix(".pt")), "-o", str(tmp_path / "m.eec"), "--data",
+                                      str(art.with_suffix(".npz")), "--exits", "0"])
+    assert result.exit_code == 0, result.output
+    assert "exits after stages [0]" in result.stderr and "calibrated on 200 samples" in result.stderr
+    model = load(tmp_path / "m.eec")
+    x = inputs(net, 5, seed=8)
+    np.testing.assert_allclose(model.classify(x, mode="full").probs, torch_probs(net, x)[2], atol=2e-5)

@@ -379,6 +379,9 @@ def generate(
         thresholds = values[0] if len(values) == 1 else values
     if (prompt is None) == (prompts is None):
         raise InputError("give one PROMPT or --prompts FILE")
+    if _is_classifier(artifact):
+        raise InputError(f"{artifact} is a classifier artifact: run it with load(...).classify(x) or profile it with "
+                         "`eec profile --data`")
     model = load(artifact, threads=threads, catch_up=catch_up, device=device)
     options = dict(max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=eps, metric=metric,
                    rule=rule, delta=delta, chat=chat, max_draft=max_draft, draft_layer=draft_layer, monitor=monitor,
@@ -410,6 +413,8 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
     """Show an artifact's model, segments, exits, sizes and precision."""
     from eec.runtime.manifest import read_manifest
 
+    if _is_classifier(artifact):
+        return _inspect_classifier(artifact)
     m = read_manifest(artifact)
     spec = m.model
     out.print(f"[bold]{artifact}[/]  {spec.architecture} ({spec.family}) from {spec.source}")
@@ -437,6 +442,101 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
     out.print(f"exits: {', '.join(map(str, m.exits)) or 'none'}; catch-up: {m.catch_up}")
 
 
+def _is_classifier(artifact: Path) -> bool:
+    from eec.runtime.classifier_manifest import SCHEMA
+    from eec.runtime.manifest import artifact_schema
+
+    return artifact_schema(artifact) == SCHEMA
+
+
+def _inspect_classifier(artifact: Path) -> None:
+    from eec.runtime.classifier_manifest import read_classifier_manifest
+
+    m = read_classifier_manifest(artifact)
+    shape = escape(f"[batch, {', '.join(map(str, m.input_shape))}]")
+    out.print(f"[bold]{escape(str(artifact))}[/]  classifier from {escape(m.source or 'a branched network')}: input "
+              f"{shape} {m.input_dtype}, {m.num_classes} classes, {m.num_stages} stages")
+    out.print(f"precision {m.precision}, target {m.target}")
+    table = Table("graph", "stages", "ends in", "size (MB)")
+    for k, s in enumerate(m.segments):
+        last = k == len(m.segments) - 1
+        for role, file in s.graphs.items():
+            ends = ("the final classifier" if last else f"exit after stage {s.exit}" if role == "with_head"
+                    else "the hidden state (full mode)")
+            table.add_row(file, f"{s.start}-{s.stop - 1}", ends, f"{(artifact / file).stat().st_size / 1e6:.2f}")
+    out.print(table)
+    cal = m.calibration
+    out.print(f"exits after stages: {', '.join(map(str, m.exits)) or 'none'}; "
+              + (f"calibrated on {cal.samples} {'labeled ' if cal.labeled else ''}samples, metric {cal.metric}"
+                 if cal else "not calibrated"))
+    for line in (m.placement or {}).get("report", []):
+        out.print(line, highlight=False, soft_wrap=True)
+
+
+def _read_inputs(path: Path) -> tuple:
+    """Inputs ``x`` and optional labels ``y`` from an .npz (`eec profile --data` on a classifier)."""
+    import numpy as np
+
+    if not path.is_file():
+        raise InputError(f"no data at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z.files:
+                raise InputError(f"{path} has no array 'x' (inputs); it holds {', '.join(z.files) or 'nothing'}")
+            x, y = z["x"], (z["y"] if "y" in z.files else None)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not a readable .npz of arrays ({str(e)[:120]})") from None
+    if y is not None and (y.shape != x.shape[:1] or not np.issubdtype(y.dtype, np.integer)):
+        raise InputError(f"{path}: y must hold one whole-number label per row of x")
+    return x, y
+
+
+def _profile_classifier(artifact: Path, eps: str, data: Optional[Path], batch: str, rounds: int,
+                        metric: Optional[str], json_out: Optional[Path], plot: Optional[Path],
+                        threads: Optional[int], device: str) -> None:
+    from eec.runtime import load
+    from eec.targets.classifier_profiling import profile_classifier
+    from eec.targets.measure import busy_warning
+
+    levels = _parse_floats(eps, "--eps")
+    if not levels or any(not 0 < e < 1 for e in levels):
+        raise InputError(f"--eps must be numbers between 0 and 1, got {eps!r}")
+    batches = _parse_ids(batch)
+    if any(b < 1 for b in batches) or rounds < 1:
+        raise InputError("--batch sizes and --rounds must be at least 1")
+    if data is None:
+        raise InputError("profiling a classifier needs inputs: --data test.npz (x, and labels y for accuracy)")
+    for path in (json_out, plot):
+        if path is not None and not path.parent.exists():
+            raise InputError(f"output folder {path.parent} does not exist")
+    if plot is not None:
+        _require_matplotlib()
+    model = load(artifact, threads=threads, device=device)
+    if model.exits and model.manifest.calibration is None:
+        raise InputError(f"{artifact} is not calibrated; compile it with --data calib.npz")
+    x, y = _read_inputs(data)
+    if y is not None and (y.min(initial=0) < 0 or y.max(initial=0) >= model.manifest.num_classes):
+        raise InputError(f"{data}: labels must lie in 0..{model.manifest.num_classes - 1}")
+    if warning := busy_warning():
+        err.print(f"warning: {warning}")
+    with _progress() as update:
+        rows = profile_classifier(model, x, y, levels, batches, rounds, metric, progress=update)
+    table = Table("ε", *[f"samples/s at {b}" for b in batches], *[f"speedup at {b}" for b in batches], "ideal",
+                  "agreement", "accuracy", "exits (stage: samples)")
+    for r in rows:
+        table.add_row("full" if r.epsilon is None else f"{r.epsilon}", *[f"{r.samples_per_s[b]:.0f}" for b in batches],
+                      *[f"{r.speedups[b]:.2f}x" for b in batches], f"{r.ideal_speedup:.2f}x", f"{r.agreement:.4f}",
+                      "-" if r.accuracy is None else f"{r.accuracy:.4f}",
+                      " ".join(f"{k}:{v}" for k, v in r.exits.items()))
+    out.print(table)
+    if json_out is not None:
+        import json
+
+        _write_atomic(json_out, json.dumps([r.to_dict() for r in rows], indent=2))
+    if plot is not None:
+        _plot_profile(rows, plot, artifact.name)
+
+
 @app.command()
 @_user_errors
 def profile(
@@ -444,7 +544,7 @@ def profile(
     eps: str = typer.Option("0.8,0.9,0.95,0.99", help="accuracy levels to profile, comma-separated"),
     prompts: Optional[Path] = typer.Option(None, help="prompts, one per line (default: eec's calibration set, first 4)"),
     tokens: int = typer.Option(128, help="new tokens per prompt"),
-    rounds: int = typer.Option(2, help="interleaved rounds over the prompts (medians are reported)"),
+    rounds: Optional[int] = typer.Option(None, help="interleaved rounds over the prompts, or the inputs (medians are reported; default 2, classifiers 5)"),
     metric: Optional[str] = typer.Option(None, help="confidence metric (default: the artifact's)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows as JSON here"),
     plot: Optional[Path] = typer.Option(None, help="also draw speedup and agreement against ε into this PNG"),
@@ -454,8 +554,23 @@ def profile(
     speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative", help="also time speculative "
                                                "mode (lossless; default: where the artifact has its verify graph)"),
     draft_layer: Optional[int] = typer.Option(None, help="speculative mode: the exit that drafts (default: the first)"),
+    data: Optional[Path] = typer.Option(None, help="classifier artifacts: inputs as an .npz with x (and labels y "
+                                        "for accuracy)"),
+    batch: str = typer.Option("1,64", help="classifier artifacts: batch sizes to time, comma-separated"),
 ) -> None:
-    """Measure tokens/s, speedup over full mode, agreement, exits and bandwidth at each ε on this device."""
+    """Measure tokens/s (samples/s for a classifier), speedup over full mode, agreement, exits and bandwidth at
+    each ε on this device."""
+    if _is_classifier(artifact):
+        decoder_only = {"--prompts": prompts, "--catch-up": catch_up, "--speculative": speculative,
+                        "--draft-layer": draft_layer is not None}
+        given = [name for name, set_ in decoder_only.items() if set_]
+        if given:
+            raise InputError(f"{', '.join(given)} applies to decoder artifacts; {artifact} is a classifier")
+        return _profile_classifier(artifact, eps, data, batch, 5 if rounds is None else rounds, metric, json_out, plot,
+                                   threads, device)
+    if data is not None:
+        raise InputError("--data is for classifier artifacts; decoders are profiled on --prompts")
+    rounds = 2 if rounds is None else rounds
     from eec.calib.calibrate import default_prompts, read_prompts
     from eec.runtime import load
     from eec.runtime.model import SPECULATIVE_EPSILON

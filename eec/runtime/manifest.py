@@ -148,6 +148,9 @@ class Manifest:
             raise ArtifactError(f"manifest.json is not valid JSON ({e.msg} at line {e.lineno})") from None
         except RecursionError:
             raise ArtifactError("manifest.json is nested too deeply to be a manifest") from None
+        if isinstance(raw, dict) and raw.get("schema") == "eec-classifier":
+            raise ArtifactError("this is a classifier artifact; this command works on decoder artifacts (a classifier "
+                                "runs with `classify`, and `eec inspect` and `eec profile --data` take it)")
         if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
             raise ArtifactError("manifest.json is not an eec artifact manifest")
         version = raw.get("schema_version")
