@@ -612,3 +612,45 @@ def test_compile_on_the_command_line(tmp_path, compiled):
     model = load(tmp_path / "m.eec")
     x = inputs(net, 5, seed=8)
     np.testing.assert_allclose(model.classify(x, mode="full").probs, torch_probs(net, x)[2], atol=2e-5)
+
+
+def test_classify_imports_no_torch(compiled):
+    import subprocess
+    import sys
+
+    from tests.test_runtime_isolation import FORBIDDEN
+
+    _, art = compiled["mlp"]
+    code = ("import sys, numpy as np; from eec.runtime import load; "
+            f"r = load({str(art)!r}).classify(np.zeros((3, 12), np.float32), epsilon=0.9); assert len(r.labels) == 3; "
+            f"print(' '.join(m for m in {FORBIDDEN!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"classify imported {out.stdout.strip()}"
+
+
+def test_recalibrate_on_new_inputs(tmp_path, calibrated):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from eec.calib.thresholds import risk_controlled_threshold
+    from eec.cli.main import app
+
+    model, _ = calibrated
+    art = tmp_path / "known.eec"
+    shutil.copytree(model.root, art)
+    x = calibration_set(700, seed=11)
+    np.savez(tmp_path / "new.npz", x=x)  # no labels this time
+    result = CliRunner().invoke(app, ["calibrate", str(art), "--data", str(tmp_path / "new.npz"), "--metric", "max-prob"])
+    assert result.exit_code == 0, result.output
+    assert "calibrated on 700 samples, metric max-prob" in result.stderr and "accuracy" not in result.stderr
+    again = load(art)
+    assert again.manifest.calibration.samples == 700 and not again.manifest.calibration.labeled
+    # the thresholds are the cascade over the new set, computed here from the inputs (each exit's probabilities)
+    conf, answer = x[:, :3].max(-1), x.argmax(-1)
+    remaining, want = np.ones(len(x), bool), []
+    for k in range(3):
+        want.append(risk_controlled_threshold(conf[remaining, k], (answer[:, k] == answer[:, 3])[remaining], 0.9))
+        remaining &= ~(conf[:, k] >= want[-1])
+    assert again.thresholds_for(0.9, "max-prob") == pytest.approx(want)
+    assert model.thresholds_for(0.9, "max-prob") != pytest.approx(want)  # the old set gave others

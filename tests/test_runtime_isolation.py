@@ -8,7 +8,8 @@ FORBIDDEN = ("torch", "transformers", "eec.compiler", "eec.train", "eec.cli", "o
 
 def test_runtime_imports_no_torch_or_compiler():
     code = (
-        "import sys, eec.runtime, eec.runtime.model, eec.runtime.core, eec.runtime.kv, eec.runtime.text; "
+        "import sys, eec.runtime, eec.runtime.model, eec.runtime.core, eec.runtime.kv, eec.runtime.text, "
+        "eec.runtime.classifier; "
         f"print(' '.join(m for m in {FORBIDDEN!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

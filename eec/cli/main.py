@@ -270,6 +270,8 @@ def _compile_classifier(model: Path, output: Path, exits: str | None, target: st
     for line in (manifest.placement or {}).get("report", []):
         err.print(line)
     cal = manifest.calibration
+    if cal is not None and manifest.exits:
+        _classifier_report(output)
     err.print(f"wrote {output}: {len(manifest.segments)} segments, exits after stages {manifest.exits or 'none'}, "
               f"{manifest.precision}, target {manifest.target}, "
               + (f"calibrated on {cal.samples} {'labeled ' if cal.labeled else ''}samples (metric {cal.metric})"
@@ -318,8 +320,23 @@ def calibrate_cmd(
     prompts: Optional[Path] = typer.Option(None, help="calibration prompts, one per line (default: eec's own set)"),
     max_new_tokens: int = typer.Option(48, help="tokens generated per prompt"),
     metric: Optional[str] = typer.Option(None, help="confidence metric (default: the one that exits most at ε = 0.9)"),
+    data: Optional[Path] = typer.Option(None, help="classifier artifacts: held-out inputs as an .npz with x (and "
+                                        "optionally labels y)"),
 ) -> None:
-    """Trace ARTIFACT on calibration prompts and store the traces, so that --eps works."""
+    """Trace ARTIFACT on calibration prompts (a classifier: on --data) and store the traces, so that --eps works."""
+    if _is_classifier(artifact):
+        if prompts is not None or max_new_tokens != 48:
+            raise InputError(f"{artifact} is a classifier: it calibrates on --data (held-out inputs), not prompts")
+        if data is None:
+            raise InputError("calibrating a classifier needs held-out inputs: --data calib.npz (x, optional labels y)")
+        from eec.calib.classifier_calibration import calibrate_classifier
+
+        x, y = _read_inputs(data)
+        with _progress() as update:
+            calibrate_classifier(artifact, x, y, metric, progress=update)
+        return _classifier_report(artifact)
+    if data is not None:
+        raise InputError("--data is for classifier artifacts; decoders calibrate on --prompts")
     from eec.calib.calibrate import calibrate
     from eec.calib.traces import simulate, thresholds_for
 
@@ -471,6 +488,25 @@ def _inspect_classifier(artifact: Path) -> None:
                  if cal else "not calibrated"))
     for line in (m.placement or {}).get("report", []):
         out.print(line, highlight=False, soft_wrap=True)
+
+
+def _classifier_report(artifact: Path) -> None:
+    """The calibration report of a classifier artifact: what early exit does on the calibration set at each ε."""
+    from eec.calib.classifier_calibration import report
+    from eec.runtime import load
+
+    model = load(artifact)
+    cal = model.manifest.calibration
+    rows = report(model)
+    table = Table("ε", *[f"τ after stage {k}" for k in model.exits], "exit early", "mean stages", "agreement",
+                  *(["accuracy"] if cal.labeled else []))
+    for r in rows:
+        accuracy = [f"{r['accuracy']:.4f} (final {r['final_accuracy']:.4f})"] if cal.labeled else []
+        table.add_row(f"{r['epsilon']}", *[f"{t:.3f}" for t in r["thresholds"]], f"{r['exit_rate']:.2f}",
+                      f"{r['mean_stages']:.2f} of {model.num_stages}", f"{r['agreement']:.4f}", *accuracy)
+    err.print(f"calibrated on {cal.samples} {'labeled ' if cal.labeled else ''}samples, metric {cal.metric}; on "
+              "the calibration set itself (risk rule, δ = 0.1):")
+    err.print(table)
 
 
 def _read_inputs(path: Path) -> tuple:

@@ -36,13 +36,13 @@ import numpy as np
 
 from eec import __version__
 from eec.compiler.branched import HEAD_IN, HEAD_OUT, STAGE_IN, STAGE_OUT, BranchedNetwork, read_branched
+from eec.calib.classifier_calibration import fit_thresholds, no_progress, simulate, trace_probs, write_calibration
 from eec.errors import CompileError, InputError
 from eec.runtime.classifier_manifest import (
     HIDDEN,
     INPUT,
     LABEL,
     PROBS,
-    ClassifierCalibration,
     ClassifierManifest,
     ClassifierSegment,
     check_fields,
@@ -54,13 +54,9 @@ from eec.targets.profiles import get_target
 CPU = "onnxruntime-cpu"
 PRECISIONS = {CPU: ("fp32", "int8"), "tensorrt": ("fp16", "fp32", "int8"),
               "onnxruntime-cuda": ("fp16", "fp32")}
-CALIBRATION = "calibration.npz"
 CHECK_RTOL = 1e-4
-METRIC_EPS = 0.99  # the default metric is chosen at this ε: the level a classifier is usually deployed at
 
 
-def no_progress(what: str, done: int, total: int, extra: str = "") -> None:
-    pass
 
 
 def compile_branched(source: str | os.PathLike, out: str | os.PathLike, *, exits: list[int] | str | None = None,
@@ -283,11 +279,7 @@ def _build(net: BranchedNetwork, kept: list[int], tmp: Path, target: str, precis
     )
     if x is not None:
         probs = trace_probs(_sessions(graphs), manifest.num_classes, x, progress)
-        labels = y if y is not None else np.full(len(x), -1, np.int64)
-        with open(tmp / CALIBRATION, "wb") as f:
-            np.savez(f, probs=probs, labels=labels)
-        metric = metric or choose_metric(probs, [s.stop for s in segments])
-        manifest = replace(manifest, calibration=ClassifierCalibration(CALIBRATION, len(x), y is not None, metric))
+        manifest = write_calibration(tmp, manifest, probs, y, metric)
     return _finish(tmp, manifest)
 
 
@@ -346,57 +338,6 @@ def session(model):
 def _sessions(graphs: list[dict]) -> list:
     """A session per segment: its with-head graph, the last segment's plain one."""
     return [session(roles.get(WITH_HEAD, roles[PLAIN])) for roles in graphs]
-
-
-def trace_probs(sessions: list, num_classes: int, x: np.ndarray, progress=no_progress, batch: int = 256) -> np.ndarray:
-    """Every exit's probabilities for every sample, ``[samples, segments, classes]`` (`_sessions`)."""
-    probs = np.empty((len(x), len(sessions), num_classes), np.float32)
-    for start in range(0, len(x), batch):
-        progress("tracing calibration inputs", start, len(x))
-        hidden = x[start:start + batch]
-        for k, session in enumerate(sessions):
-            if k < len(sessions) - 1:
-                hidden, p = session.run([HIDDEN, PROBS], {INPUT: hidden})
-            else:
-                p, = session.run([PROBS], {INPUT: hidden})
-            probs[start:start + batch, k] = p
-    return probs
-
-
-def simulate(probs: np.ndarray, thresholds: list[float], metric: str) -> dict:
-    """Replay early exit on stored probabilities ``[samples, exits + 1, classes]``: the segment each sample
-    leaves at, its answer, and the share of answers equal to the final classifier's."""
-    from eec.runtime.classifier import replay
-
-    scores, answers = replay(probs, metric)
-    n, segments = probs.shape[:2]
-    leave_at = np.full(n, segments - 1)
-    remaining = np.ones(n, bool)
-    for k, tau in enumerate(thresholds):
-        take = remaining & (scores[:, k] >= tau)
-        leave_at[take] = k
-        remaining &= ~take
-    answer = answers[np.arange(n), leave_at]
-    return {"segment": leave_at, "answer": answer, "agreement": float((answer == answers[:, -1]).mean())}
-
-
-def fit_thresholds(probs: np.ndarray, metric: str, eps: float) -> list[float]:
-    """The risk-controlled thresholds (δ = 0.1) at ε, in cascade order, as the runtime computes them."""
-    from eec.calib.thresholds import cascade_thresholds, risk_controlled_threshold
-    from eec.runtime.classifier import replay
-
-    scores, answers = replay(probs, metric)
-    return cascade_thresholds(scores[:, :-1], answers[:, :-1] == answers[:, -1:], eps, risk_controlled_threshold)
-
-
-def choose_metric(probs: np.ndarray, stops: list[int]) -> str:
-    """The metric whose thresholds at ε = `METRIC_EPS` leave the fewest stages run on the calibration set."""
-    from eec.runtime.classifier import METRICS
-
-    if len(stops) == 1:
-        return "max-prob"
-    cost = np.asarray(stops, np.float64)
-    return min(METRICS, key=lambda m: float(cost[simulate(probs, fit_thresholds(probs, m, METRIC_EPS), m)["segment"]].mean()))
 
 
 def measure(sessions: list, x: np.ndarray, heads: bool = True, rounds: int = 50) -> list[float]:

@@ -46,7 +46,6 @@ from eec.errors import ArtifactError, InputError, InputTypeError
 from eec.runtime.classifier_manifest import (
     HIDDEN,
     INPUT,
-    LABEL,
     PROBS,
     ClassifierManifest,
     read_classifier_manifest,

@@ -1,0 +1,147 @@
+"""Calibration of classifier artifacts: every exit's probabilities on held-out inputs; numpy and onnxruntime.
+
+The artifact stores the probabilities themselves (``calibration.npz``), so
+thresholds for any ε, rule and metric are computed at load time
+(`eec.runtime.classifier`), as the decoders' traces are. `calibrate_classifier`
+re-traces an existing artifact on new held-out inputs (``eec calibrate --data``),
+staged and swapped in whole like every other writer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from eec.errors import InputError
+from eec.runtime.classifier_manifest import HIDDEN, INPUT, PROBS
+
+CALIBRATION = "calibration.npz"
+METRIC_EPS = 0.99  # the default metric is chosen at this ε: the level a classifier is usually deployed at
+
+
+def no_progress(what: str, done: int, total: int, extra: str = "") -> None:
+    pass
+
+
+def trace_probs(sessions: list, num_classes: int, x: np.ndarray, progress=no_progress, batch: int = 256) -> np.ndarray:
+    """Every exit's probabilities for every sample, ``[samples, segments, classes]`` (`_sessions`)."""
+    probs = np.empty((len(x), len(sessions), num_classes), np.float32)
+    for start in range(0, len(x), batch):
+        progress("tracing calibration inputs", start, len(x))
+        hidden = x[start:start + batch]
+        for k, session in enumerate(sessions):
+            if k < len(sessions) - 1:
+                hidden, p = session.run([HIDDEN, PROBS], {INPUT: hidden})
+            else:
+                p, = session.run([PROBS], {INPUT: hidden})
+            probs[start:start + batch, k] = p
+    return probs
+
+
+def simulate(probs: np.ndarray, thresholds: list[float], metric: str) -> dict:
+    """Replay early exit on stored probabilities ``[samples, exits + 1, classes]``: the segment each sample
+    leaves at, its answer, and the share of answers equal to the final classifier's."""
+    from eec.runtime.classifier import replay
+
+    scores, answers = replay(probs, metric)
+    n, segments = probs.shape[:2]
+    leave_at = np.full(n, segments - 1)
+    remaining = np.ones(n, bool)
+    for k, tau in enumerate(thresholds):
+        take = remaining & (scores[:, k] >= tau)
+        leave_at[take] = k
+        remaining &= ~take
+    answer = answers[np.arange(n), leave_at]
+    return {"segment": leave_at, "answer": answer, "agreement": float((answer == answers[:, -1]).mean())}
+
+
+def fit_thresholds(probs: np.ndarray, metric: str, eps: float) -> list[float]:
+    """The risk-controlled thresholds (δ = 0.1) at ε, in cascade order, as the runtime computes them."""
+    from eec.calib.thresholds import cascade_thresholds, risk_controlled_threshold
+    from eec.runtime.classifier import replay
+
+    scores, answers = replay(probs, metric)
+    return cascade_thresholds(scores[:, :-1], answers[:, :-1] == answers[:, -1:], eps, risk_controlled_threshold)
+
+
+def choose_metric(probs: np.ndarray, stops: list[int]) -> str:
+    """The metric whose thresholds at ε = `METRIC_EPS` leave the fewest stages run on the calibration set."""
+    from eec.runtime.classifier import METRICS
+
+    if len(stops) == 1:
+        return "max-prob"
+    cost = np.asarray(stops, np.float64)
+    return min(METRICS, key=lambda m: float(cost[simulate(probs, fit_thresholds(probs, m, METRIC_EPS), m)["segment"]].mean()))
+
+
+def write_calibration(root: Path, manifest, probs: np.ndarray, labels: np.ndarray | None, metric: str | None):
+    """Store the probabilities in the artifact folder ``root`` (being built, or a staged copy); the manifest
+    with its calibration and files updated, not yet written."""
+    from eec.runtime.classifier_manifest import ClassifierCalibration
+    from eec.runtime.manifest import sha256_file
+
+    with open(root / CALIBRATION, "wb") as f:
+        np.savez(f, probs=probs, labels=labels if labels is not None else np.full(len(probs), -1, np.int64))
+    metric = metric or choose_metric(probs, [s.stop for s in manifest.segments])
+    return replace(manifest, calibration=ClassifierCalibration(CALIBRATION, len(probs), labels is not None, metric),
+                   files={**manifest.files, CALIBRATION: sha256_file(root / CALIBRATION)})
+
+
+def calibrate_classifier(artifact: str | os.PathLike, x: np.ndarray, y: np.ndarray | None, metric: str | None = None,
+                         progress=no_progress):
+    """Re-trace a classifier artifact on held-out inputs ``x`` (labels ``y`` optional); returns the new manifest."""
+    from eec.runtime.classifier import METRICS, load_classifier
+    from eec.runtime.manifest import WITH_HEAD, PLAIN, replace_dir, write_manifest
+    from eec.runtime.staging import new_stage, output_lock
+
+    root = Path(artifact).absolute()
+    model = load_classifier(root)  # refuse a tampered artifact before building on it
+    if metric is not None and metric not in METRICS:
+        raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    x = model.check_input(x)
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0 \
+                or y.max() >= model.manifest.num_classes:
+            raise InputError(f"labels must be {len(x)} whole numbers in 0..{model.manifest.num_classes - 1}")
+        y = y.astype(np.int64)
+    probs = trace_probs([g.get(WITH_HEAD, g[PLAIN]) for g in model.sessions], model.manifest.num_classes, x, progress)
+    with output_lock(root):
+        stage = new_stage(root, "calib")
+        try:
+            shutil.rmtree(stage)
+            shutil.copytree(root, stage, copy_function=os.link)
+            (stage / CALIBRATION).unlink(missing_ok=True)  # a link to the old file: never write through it
+            manifest = write_calibration(stage, model.manifest, probs, y, metric)
+            write_manifest(stage, manifest)
+            replace_dir(stage, root)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    return manifest
+
+
+REPORT_LEVELS = (0.9, 0.95, 0.99)
+
+
+def report(model, levels=REPORT_LEVELS, metric: str | None = None, rule: str = "risk") -> list[dict]:
+    """What early exit would do on the calibration set itself at each ε: the thresholds, the share of samples
+    that leave early, the mean stages run, agreement with the final classifier and, where the set was labeled,
+    accuracy (its own and the final classifier's)."""
+    probs, labels = model.calibration()
+    metric = metric or model.manifest.calibration.metric
+    stops = np.array([s.stop for s in model.manifest.segments], np.float64)
+    rows = []
+    for eps in levels:
+        taus = model.thresholds_for(eps, metric, rule)
+        sim = simulate(probs, taus, metric)
+        last = len(stops) - 1
+        rows.append({"epsilon": eps, "thresholds": taus, "exit_rate": float((sim["segment"] < last).mean()),
+                     "mean_stages": float(stops[sim["segment"]].mean()), "agreement": sim["agreement"],
+                     "accuracy": None if labels is None else float((sim["answer"] == labels).mean()),
+                     "final_accuracy": None if labels is None else float((probs[:, -1].argmax(-1) == labels).mean())})
+    return rows
