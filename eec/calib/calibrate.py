@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
-import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,8 +19,8 @@ import numpy as np
 
 from eec.calib.traces import Traces, choose_metric, metric_index
 from eec.errors import InputError
-from eec.runtime.staging import new_stage, output_lock
-from eec.runtime.manifest import CalibrationSpec, read_manifest, replace_dir, sha256_file, write_manifest
+from eec.runtime.staging import restaged
+from eec.runtime.manifest import CalibrationSpec, read_manifest, sha256_file, write_manifest
 
 CALIBRATION_FILE = "calibration.npz"
 Progress = Callable[[str, int, int], None]  # (what is happening, steps done, steps in all)
@@ -135,15 +134,6 @@ def calibrate(artifact: str | os.PathLike, prompts_file: Path | None = None, max
     read_manifest(root)  # refuse a tampered artifact before building on it
     if max_new_tokens < 2:
         raise InputError("--max-new-tokens must be at least 2 for calibration")
-    with output_lock(root):
-        stage = new_stage(root, "calib")
-        try:
-            shutil.rmtree(stage)
-            shutil.copytree(root, stage, copy_function=os.link)
-            (stage / CALIBRATION_FILE).unlink(missing_ok=True)  # a link to the old traces: never write through it
-            spec = calibrate_dir(stage, prompts_file, max_new_tokens, metric, progress)
-            replace_dir(stage, root)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
+    with restaged(root, replaced=(CALIBRATION_FILE,)) as stage:
+        spec = calibrate_dir(stage, prompts_file, max_new_tokens, metric, progress)
     return spec

@@ -10,7 +10,6 @@ staged and swapped in whole like every other writer.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +20,23 @@ from eec.runtime.classifier_manifest import HIDDEN, INPUT, PROBS
 
 CALIBRATION = "calibration.npz"
 METRIC_EPS = 0.99  # the default metric is chosen at this ε: the level a classifier is usually deployed at
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Inputs ``x`` and optional labels ``y`` (one whole number per row of ``x``) from an .npz, never unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no data at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z.files:
+                raise InputError(f"{path} has no array 'x' (inputs); it holds {', '.join(z.files) or 'nothing'}")
+            x, y = z["x"], (z["y"] if "y" in z.files else None)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not a readable .npz of arrays ({str(e)[:120]})") from None
+    if y is not None and (y.shape != x.shape[:1] or not np.issubdtype(y.dtype, np.integer)):
+        raise InputError(f"{path}: y must hold one whole-number label per row of x")
+    return x, (None if y is None else y.astype(np.int64))
 
 
 def no_progress(what: str, done: int, total: int, extra: str = "") -> None:
@@ -95,8 +111,8 @@ def calibrate_classifier(artifact: str | os.PathLike, x: np.ndarray, y: np.ndarr
                          progress=no_progress):
     """Re-trace a classifier artifact on held-out inputs ``x`` (labels ``y`` optional); returns the new manifest."""
     from eec.runtime.classifier import METRICS, load_classifier
-    from eec.runtime.manifest import WITH_HEAD, PLAIN, replace_dir, write_manifest
-    from eec.runtime.staging import new_stage, output_lock
+    from eec.runtime.manifest import PLAIN, WITH_HEAD, write_manifest
+    from eec.runtime.staging import restaged
 
     root = Path(artifact).absolute()
     model = load_classifier(root)  # refuse a tampered artifact before building on it
@@ -110,18 +126,9 @@ def calibrate_classifier(artifact: str | os.PathLike, x: np.ndarray, y: np.ndarr
             raise InputError(f"labels must be {len(x)} whole numbers in 0..{model.manifest.num_classes - 1}")
         y = y.astype(np.int64)
     probs = trace_probs([g.get(WITH_HEAD, g[PLAIN]) for g in model.sessions], model.manifest.num_classes, x, progress)
-    with output_lock(root):
-        stage = new_stage(root, "calib")
-        try:
-            shutil.rmtree(stage)
-            shutil.copytree(root, stage, copy_function=os.link)
-            (stage / CALIBRATION).unlink(missing_ok=True)  # a link to the old file: never write through it
-            manifest = write_calibration(stage, model.manifest, probs, y, metric)
-            write_manifest(stage, manifest)
-            replace_dir(stage, root)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
+    with restaged(root, replaced=(CALIBRATION,)) as stage:
+        manifest = write_calibration(stage, model.manifest, probs, y, metric)
+        write_manifest(stage, manifest)
     return manifest
 
 

@@ -329,9 +329,9 @@ def calibrate_cmd(
             raise InputError(f"{artifact} is a classifier: it calibrates on --data (held-out inputs), not prompts")
         if data is None:
             raise InputError("calibrating a classifier needs held-out inputs: --data calib.npz (x, optional labels y)")
-        from eec.calib.classifier_calibration import calibrate_classifier
+        from eec.calib.classifier_calibration import calibrate_classifier, read_npz
 
-        x, y = _read_inputs(data)
+        x, y = read_npz(data)
         with _progress() as update:
             calibrate_classifier(artifact, x, y, metric, progress=update)
         return _classifier_report(artifact)
@@ -509,24 +509,6 @@ def _classifier_report(artifact: Path) -> None:
     err.print(table)
 
 
-def _read_inputs(path: Path) -> tuple:
-    """Inputs ``x`` and optional labels ``y`` from an .npz (`eec profile --data` on a classifier)."""
-    import numpy as np
-
-    if not path.is_file():
-        raise InputError(f"no data at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "x" not in z.files:
-                raise InputError(f"{path} has no array 'x' (inputs); it holds {', '.join(z.files) or 'nothing'}")
-            x, y = z["x"], (z["y"] if "y" in z.files else None)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path} is not a readable .npz of arrays ({str(e)[:120]})") from None
-    if y is not None and (y.shape != x.shape[:1] or not np.issubdtype(y.dtype, np.integer)):
-        raise InputError(f"{path}: y must hold one whole-number label per row of x")
-    return x, y
-
-
 def _profile_classifier(artifact: Path, eps: str, data: Optional[Path], batch: str, rounds: int,
                         metric: Optional[str], json_out: Optional[Path], plot: Optional[Path],
                         threads: Optional[int], device: str) -> None:
@@ -550,7 +532,9 @@ def _profile_classifier(artifact: Path, eps: str, data: Optional[Path], batch: s
     model = load(artifact, threads=threads, device=device)
     if model.exits and model.manifest.calibration is None:
         raise InputError(f"{artifact} is not calibrated; compile it with --data calib.npz")
-    x, y = _read_inputs(data)
+    from eec.calib.classifier_calibration import read_npz
+
+    x, y = read_npz(data)
     if y is not None and (y.min(initial=0) < 0 or y.max(initial=0) >= model.manifest.num_classes):
         raise InputError(f"{data}: labels must lie in 0..{model.manifest.num_classes - 1}")
     if warning := busy_warning():

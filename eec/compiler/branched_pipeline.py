@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,7 +35,14 @@ import numpy as np
 
 from eec import __version__
 from eec.compiler.branched import HEAD_IN, HEAD_OUT, STAGE_IN, STAGE_OUT, BranchedNetwork, read_branched
-from eec.calib.classifier_calibration import fit_thresholds, no_progress, simulate, trace_probs, write_calibration
+from eec.calib.classifier_calibration import (
+    fit_thresholds,
+    no_progress,
+    read_npz,
+    simulate,
+    trace_probs,
+    write_calibration,
+)
 from eec.errors import CompileError, InputError
 from eec.runtime.classifier_manifest import (
     HIDDEN,
@@ -48,7 +54,8 @@ from eec.runtime.classifier_manifest import (
     check_fields,
 )
 from eec.runtime.manifest import MANIFEST, PLAIN, WITH_HEAD, hash_files, replace_dir
-from eec.runtime.staging import new_stage, output_lock
+from eec.runtime.staging import check_output, new_stage, output_lock
+from eec.targets.classifier_profiling import measure
 from eec.targets.profiles import get_target
 
 CPU = "onnxruntime-cpu"
@@ -78,7 +85,7 @@ def compile_branched(source: str | os.PathLike, out: str | os.PathLike, *, exits
     if precision not in allowed:
         raise InputError(f"precision {precision!r} is not available for a classifier on target {tgt.name!r}; "
                          f"choose from {', '.join(allowed)}")
-    _check_output(out, overwrite)
+    check_output(out, overwrite)
     if metric is not None:
         from eec.runtime.classifier import METRICS
 
@@ -103,7 +110,7 @@ def compile_branched(source: str | os.PathLike, out: str | os.PathLike, *, exits
     x, y = (None, None) if data is None else read_data(Path(data), net)
 
     with output_lock(out):
-        _check_output(out, overwrite)
+        check_output(out, overwrite)
         tmp = new_stage(out, "build")
         try:
             placement = None
@@ -119,27 +126,9 @@ def compile_branched(source: str | os.PathLike, out: str | os.PathLike, *, exits
     return manifest
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not (out / MANIFEST).is_file():
-        raise InputError(f"{out} exists and is not an eec artifact; refusing to replace it")
-    if not out.parent.exists():
-        raise InputError(f"output folder {out.parent} does not exist")
-
-
 def read_data(path: Path, net: BranchedNetwork) -> tuple[np.ndarray, np.ndarray | None]:
     """Held-out inputs ``x`` and optional labels ``y`` from an .npz, checked against the network."""
-    if not path.is_file():
-        raise InputError(f"no calibration data at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "x" not in z.files:
-                raise InputError(f"{path} has no array 'x' (held-out inputs); it holds {', '.join(z.files) or 'nothing'}")
-            x = z["x"]
-            y = z["y"] if "y" in z.files else None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path} is not a readable .npz of arrays ({str(e)[:120]})") from None
+    x, y = read_npz(path)
     if x.dtype != np.dtype(net.input_dtype):
         raise InputError(f"{path}: x is {x.dtype}; the network takes {net.input_dtype}")
     if list(x.shape[1:]) != net.input_shape or x.shape[0] < 1:
@@ -147,11 +136,8 @@ def read_data(path: Path, net: BranchedNetwork) -> tuple[np.ndarray, np.ndarray 
                          f"[samples, {', '.join(map(str, net.input_shape))}]")
     if not np.isfinite(x).all():
         raise InputError(f"{path}: x holds NaN or infinite values")
-    if y is not None:
-        if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer) \
-                or (y.size and (y.min() < 0 or y.max() >= net.num_classes)):
-            raise InputError(f"{path}: y must be {x.shape[0]} whole-number labels in 0..{net.num_classes - 1}")
-        y = y.astype(np.int64)
+    if y is not None and y.size and (y.min() < 0 or y.max() >= net.num_classes):
+        raise InputError(f"{path}: y must be {x.shape[0]} whole-number labels in 0..{net.num_classes - 1}")
     return x, y
 
 
@@ -338,22 +324,6 @@ def session(model):
 def _sessions(graphs: list[dict]) -> list:
     """A session per segment: its with-head graph, the last segment's plain one."""
     return [session(roles.get(WITH_HEAD, roles[PLAIN])) for roles in graphs]
-
-
-def measure(sessions: list, x: np.ndarray, heads: bool = True, rounds: int = 50) -> list[float]:
-    """Median seconds of each segment's call at batch 1, here, on a real input: with ``heads`` the
-    sessions of `_sessions`, else plain graphs (``x -> hidden``) of every segment but the last."""
-    times, hidden = [], x[:1]
-    for k, session in enumerate(sessions):
-        outputs = [HIDDEN] if not heads else [PROBS] if k == len(sessions) - 1 else [HIDDEN, PROBS]
-        samples = []
-        for _ in range(rounds + 5):
-            t = time.perf_counter()
-            result = session.run(outputs, {INPUT: hidden})
-            samples.append(time.perf_counter() - t)
-        times.append(float(np.median(samples[5:])))
-        hidden = result[0]
-    return times
 
 
 MAX_AUTO_HEADS = 12  # 4096 subsets, each replayed on the calibration set in well under a second

@@ -41,7 +41,7 @@ from eec.runtime.manifest import (
     write_manifest,
 )
 from eec.calib.traces import Traces, metric_index
-from eec.runtime.staging import new_stage, output_lock
+from eec.runtime.staging import check_output, new_stage, output_lock
 from eec.targets.latency import ModelShape, load_profile, model_table
 from eec.targets.placement import TOLERANCE, describe, evaluate, place_exits
 from eec.targets.profiles import Target, check_precision, get_target
@@ -78,15 +78,6 @@ def model_spec(src: SourceModel) -> ModelSpec:
         source=src.source,
         intermediate_size=c.intermediate_size,
     )
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not (out / MANIFEST).is_file():
-        raise InputError(f"{out} exists and is not an eec artifact; refusing to replace it")
-    if not out.parent.exists():
-        raise InputError(f"output folder {out.parent} does not exist")
 
 
 def compile_model(
@@ -158,7 +149,7 @@ def compile_model(
     out = Path(out).absolute()
     tgt = get_target(target, placed=exits == "auto")
     precision = check_precision(tgt, precision)
-    _check_output(out, overwrite)
+    check_output(out, overwrite)
     auto = _check_options(exits, block_size, calibrate, calibration_prompts, calibration_metric, placement_eps,
                           shortlist, exit_classifier)
     if catch_up not in CATCH_UPS:
@@ -173,7 +164,7 @@ def compile_model(
         raise InputError(f"--candidates must be layer numbers or 'all', got {candidates!r}")
 
     with output_lock(out):  # one writer per output; killed writers' staging folders removed
-        _check_output(out, overwrite)  # again under the lock: another writer may have finished meanwhile
+        check_output(out, overwrite)  # again under the lock: another writer may have finished meanwhile
         progress("loading model", 0, 1)
         src = load_source(model)
         shape = model_shape(src)

@@ -34,6 +34,7 @@ Valade or risk-controlled rule, in cascade order (`eec.calib.thresholds`).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -196,12 +197,12 @@ class EarlyExitClassifier:
     def thresholds_for(self, epsilon: float, metric: str | None = None, rule: str = "risk",
                        delta: float = 0.1) -> list[float]:
         """τ for each exit at accuracy level ε (agreement with the final classifier), in cascade order."""
-        probs, _ = self.calibration()
-        metric = metric or self.manifest.calibration.metric
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon <= 1.0:
             raise InputError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
         if rule not in RULES:
             raise InputError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
+        probs, _ = self.calibration()
+        metric = metric or self.manifest.calibration.metric
         key = (float(epsilon), metric, rule, delta)
         if key not in self._thresholds:
             scores, answers = replay(probs, metric)
@@ -220,15 +221,19 @@ class EarlyExitClassifier:
         metric = metric or (cal.metric if cal else "max-prob")
         if metric not in METRICS:
             raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        if not self.exits and epsilon is None:
+            return [], metric  # nothing to decide: early exit is full mode
         if thresholds is None:
             return self.thresholds_for(DEFAULT_EPSILON if epsilon is None else epsilon, metric, rule, delta), metric
+        if isinstance(thresholds, numbers.Real) and not isinstance(thresholds, bool):
+            thresholds = [thresholds] * len(self.exits)  # one threshold for every exit
         if isinstance(thresholds, dict):
             unknown = sorted(set(thresholds) - set(self.exits), key=str)
             if unknown:
                 raise InputError(f"thresholds name stages {unknown} that have no exit; exits follow stages {self.exits}")
             thresholds = [thresholds.get(k, math.inf) for k in self.exits]
         if isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__len__"):
-            raise InputTypeError(f"thresholds must be numbers, one per exit, or a dict by stage; got {thresholds!r}")
+            raise InputTypeError(f"thresholds must be a number, one per exit, or a dict by stage; got {thresholds!r}")
         if len(thresholds) != len(self.exits):
             raise InputError(f"{len(thresholds)} thresholds for {len(self.exits)} exits (after stages {self.exits})")
         try:
@@ -263,8 +268,8 @@ class EarlyExitClassifier:
         """Labels, probabilities and exits for a batch ``x`` of shape ``[batch, *input_shape]``.
 
         ``mode="full"`` runs every sample to the final classifier. In early
-        exit the thresholds are ``thresholds`` (one per exit, or a dict by
-        stage) or the calibrated ones for ``epsilon`` (default 0.95) under
+        exit the thresholds are ``thresholds`` (one number for every exit, one
+        per exit, or a dict by stage) or the calibrated ones for ``epsilon`` (default 0.95) under
         ``rule`` ("risk", holding with probability 1 - ``delta``, or "valade").
         """
         if mode not in MODES:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from eec.errors import ArtifactError
-from eec.runtime.manifest import MANIFEST, PLAIN, WITH_HEAD, _whole, check_tree, manifest_text, verify_files
+from eec.runtime.manifest import MANIFEST, PLAIN, WITH_HEAD, _whole, check_tree, manifest_text, parse_json, verify_files
 
 SCHEMA = "eec-classifier"
 SCHEMA_VERSION = 1
@@ -72,12 +72,7 @@ class ClassifierManifest:
 
     @staticmethod
     def from_json(text: str) -> "ClassifierManifest":
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"manifest.json is not valid JSON ({e.msg} at line {e.lineno})") from None
-        except RecursionError:
-            raise ArtifactError("manifest.json is nested too deeply to be a manifest") from None
+        raw = parse_json(text)
         if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
             raise ArtifactError("manifest.json is not an eec classifier manifest")
         if raw.get("schema_version") != SCHEMA_VERSION:

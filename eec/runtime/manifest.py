@@ -142,12 +142,7 @@ class Manifest:
 
     @staticmethod
     def from_json(text: str) -> "Manifest":
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"manifest.json is not valid JSON ({e.msg} at line {e.lineno})") from None
-        except RecursionError:
-            raise ArtifactError("manifest.json is nested too deeply to be a manifest") from None
+        raw = parse_json(text)
         if isinstance(raw, dict) and raw.get("schema") == "eec-classifier":
             raise ArtifactError("this is a classifier artifact; this command works on decoder artifacts (a classifier "
                                 "runs with `classify`, and `eec inspect` and `eec profile --data` take it)")
@@ -179,6 +174,16 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None
+
+
+def parse_json(text: str):
+    """A manifest's JSON, with a one-line error for text that is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"manifest.json is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise ArtifactError("manifest.json is nested too deeply to be a manifest") from None
 
 
 def _segment(raw: dict, version: int) -> SegmentSpec:

@@ -83,3 +83,36 @@ def new_stage(out: Path, kind: str) -> Path:
     """A fresh staging folder for ``out`` (rule 2's names); the caller holds `output_lock`."""
     assert kind in KINDS
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-", dir=out.parent))
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """``out`` may be written: absent, or an artifact to replace with ``overwrite``; its folder exists."""
+    from eec.runtime.manifest import MANIFEST
+
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise InputError(f"{out} exists and is not an eec artifact; refusing to replace it")
+    if not out.parent.exists():
+        raise InputError(f"output folder {out.parent} does not exist")
+
+
+@contextlib.contextmanager
+def restaged(root: Path, replaced: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A staged copy of the artifact ``root`` to change (hard links: no copy of the weights), swapped in whole
+    when the block ends, removed if it raises. ``replaced``: files the block rewrites, unlinked first so that
+    nothing is written through a link into the original."""
+    from eec.runtime.manifest import replace_dir
+
+    with output_lock(root):
+        stage = new_stage(root, "calib")
+        try:
+            shutil.rmtree(stage)
+            shutil.copytree(root, stage, copy_function=os.link)
+            for name in replaced:
+                (stage / name).unlink(missing_ok=True)
+            yield stage
+            replace_dir(stage, root)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise

@@ -41,21 +41,26 @@ class ClassifierRow:
         return self.speedup / self.ideal_speedup if self.ideal_speedup else 0.0
 
 
-def segment_seconds(model: EarlyExitClassifier, x: np.ndarray, rounds: int = 30) -> list[float]:
-    """Median seconds of each segment's early-exit call at batch 1 on the first input."""
+def measure(sessions: list, x: np.ndarray, heads: bool = True, rounds: int = 50) -> list[float]:
+    """Median seconds of each segment's call at batch 1 on the first input: with ``heads``, one session a
+    segment (its with-head graph, the last one's plain graph); else the plain graphs (``x -> hidden``) of
+    every segment but the last."""
     times, hidden = [], x[:1]
-    last = len(model.sessions) - 1
-    for k, graphs in enumerate(model.sessions):
-        session = graphs.get(WITH_HEAD, graphs[PLAIN])
-        outputs = [PROBS] if k == last else [HIDDEN, PROBS]
+    for k, session in enumerate(sessions):
+        outputs = [HIDDEN] if not heads else [PROBS] if k == len(sessions) - 1 else [HIDDEN, PROBS]
         samples = []
-        for _ in range(rounds + 3):
+        for _ in range(rounds + 5):  # the first calls allocate
             t = time.perf_counter()
             result = session.run(outputs, {INPUT: hidden})
             samples.append(time.perf_counter() - t)
-        times.append(float(np.median(samples[3:])))
+        times.append(float(np.median(samples[5:])))
         hidden = result[0]
     return times
+
+
+def segment_seconds(model: EarlyExitClassifier, x: np.ndarray, rounds: int = 30) -> list[float]:
+    """Median seconds of each segment's early-exit call at batch 1 on the first input."""
+    return measure([g.get(WITH_HEAD, g[PLAIN]) for g in model.sessions], x, rounds=rounds)
 
 
 def profile_classifier(model: EarlyExitClassifier, x: np.ndarray, y: np.ndarray | None, levels: list[float],

@@ -21,6 +21,15 @@ from torch import nn
 CLASSES = 10
 
 
+def every_exit(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every head's logits, in stage order (what training computes its loss over; eec never calls forward)."""
+    outs = []
+    for i, stage in enumerate(net.stages):
+        x = stage(x)
+        outs.append(net.exits[str(i)](x))
+    return outs
+
+
 def conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
@@ -44,11 +53,7 @@ class BranchyCNN(nn.Module):
         self.loss_weights = [1.0, 0.5, 1.0]  # BranchyNet weighs the final exit highest in its experiments
 
     def forward(self, x):
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            outs.append(self.exits[str(i)](x))
-        return outs
+        return every_exit(self, x)
 
 
 class Block(nn.Module):
@@ -96,11 +101,7 @@ class SDNResNet(nn.Module):
         self.ic_weights = [0.15, 0.3, 0.45, 0.6, 0.75]
 
     def forward(self, x):
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            outs.append(self.exits[str(i)](x))
-        return outs
+        return every_exit(self, x)
 
 
 NETS = {"branchy": BranchyCNN, "sdn": SDNResNet}
