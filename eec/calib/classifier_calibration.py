@@ -39,22 +39,92 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return x, (None if y is None else y.astype(np.int64))
 
 
+TEXT_SUFFIXES = (".jsonl", ".csv")
+
+
+def read_texts(path: Path, class_names: list[str] | None, num_classes: int) -> tuple[list[str], np.ndarray | None]:
+    """Texts and optional labels from a JSONL file (one object a line: ``text``, optional ``label``) or a CSV
+    file with a header (a ``text`` column, optional ``label``). A label is a class name (the model's own,
+    e.g. ``positive``) or a class index; either all rows have one or none does."""
+    import csv
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no data at {path}")
+    if path.suffix not in TEXT_SUFFIXES:
+        raise InputError(f"{path}: labeled text comes as {' or '.join(TEXT_SUFFIXES)}, got {path.suffix or 'no suffix'}")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.suffix == ".csv":
+                reader = csv.DictReader(f)
+                if "text" not in (reader.fieldnames or []):
+                    raise InputError(f"{path} has no 'text' column (its columns: {', '.join(reader.fieldnames or [])})")
+                rows = list(reader)
+            else:
+                rows = []
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise InputError(f"{path}:{number} is not a JSON object") from None
+                    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                        raise InputError(f"{path}:{number} has no 'text' (each line is an object with 'text' and "
+                                         "optionally 'label')")
+                    rows.append(row)
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text") from None
+    if not rows:
+        raise InputError(f"{path} holds no texts")
+    texts = [str(r["text"]) for r in rows]
+    raw = [r.get("label") for r in rows]
+    if all(v in (None, "") for v in raw):
+        return texts, None
+    if any(v in (None, "") for v in raw):
+        raise InputError(f"{path}: some rows have a label and others not; give every row one, or none")
+    index = {name: i for i, name in enumerate(class_names or [])}
+    labels = []
+    for number, value in enumerate(raw, 1):
+        key = str(value)
+        if key in index:
+            labels.append(index[key])
+        elif key.lstrip("-").isdigit() and 0 <= int(key) < num_classes:
+            labels.append(int(key))
+        else:
+            known = ", ".join(class_names) if class_names else f"0..{num_classes - 1}"
+            raise InputError(f"{path}: row {number} has the unknown label {value!r}; the model's labels are {known}")
+    return texts, np.array(labels, np.int64)
+
+
 def no_progress(what: str, done: int, total: int, extra: str = "") -> None:
     pass
 
 
 def trace_probs(sessions: list, num_classes: int, x: np.ndarray, progress=no_progress, batch: int = 256) -> np.ndarray:
-    """Every exit's probabilities for every sample, ``[samples, segments, classes]`` (`_sessions`)."""
-    probs = np.empty((len(x), len(sessions), num_classes), np.float32)
-    for start in range(0, len(x), batch):
-        progress("tracing calibration inputs", start, len(x))
-        hidden = x[start:start + batch]
+    """Every exit's probabilities for every input row of ``x``, ``[samples, segments, classes]``: ``sessions``
+    one a segment, its with-head graph (the last segment's plain graph), each taking ``x``."""
+    batches = [(np.arange(i, min(i + batch, len(x))), x[i:i + batch], {}) for i in range(0, len(x), batch)]
+    return trace_batches(sessions, [[INPUT]] * len(sessions), num_classes, batches, len(x), progress)
+
+
+def trace_batches(sessions: list, inputs: list[list[str]], num_classes: int, batches, n: int,
+                  progress=no_progress) -> np.ndarray:
+    """`trace_probs` over batches ``(rows, first input, {other inputs})`` (a text classifier's padded token ids
+    and their mask), each segment taking ``inputs[k]``; the rows say where each batch's samples go."""
+    probs = np.empty((n, len(sessions), num_classes), np.float32)
+    done = 0
+    for rows, main, side in batches:
+        progress("tracing calibration inputs", done, n)
         for k, session in enumerate(sessions):
+            feeds = {name: main if j == 0 else side[name] for j, name in enumerate(inputs[k])}
             if k < len(sessions) - 1:
-                hidden, p = session.run([HIDDEN, PROBS], {INPUT: hidden})
+                main, p = session.run([HIDDEN, PROBS], feeds)
             else:
-                p, = session.run([PROBS], {INPUT: hidden})
-            probs[start:start + batch, k] = p
+                p, = session.run([PROBS], feeds)
+            probs[rows, k] = p
+        done += len(rows)
     return probs
 
 

@@ -222,8 +222,9 @@ def compile_cmd(
     MODEL is a decoder (Hugging Face directory, .gguf, or model.pt from `eec train`) or a branched
     classifier network written by eec.compiler.save_early_exit."""
     from eec.compiler.branched import is_branched_file
+    from eec.compiler.encoders import is_encoder_dir
 
-    if is_branched_file(model):
+    if is_branched_file(model) or is_encoder_dir(model):
         decoder_only = {"--shortlist": shortlist != "0", "--exit-classifier": exit_classifier, "--prompts": prompts,
                         "--candidates": candidates, "--catch-up": catch_up != "exact", "--profile": profile}
         given = [name for name, set_ in decoder_only.items() if set_]
@@ -261,12 +262,20 @@ def compile_cmd(
 
 def _compile_classifier(model: Path, output: Path, exits: str | None, target: str, precision: str | None,
                         data: Path | None, metric: str | None, eps: float, overwrite: bool) -> None:
-    from eec.compiler.branched_pipeline import compile_branched
-
+    """A branched network file (`save_early_exit`) or a Hugging Face sequence classifier directory."""
     stages = _parse_exits(exits)
     with _progress() as update:
-        manifest = compile_branched(model, output, exits=stages, target=target, precision=precision, data=data,
-                                    metric=metric, placement_eps=eps, overwrite=overwrite, progress=update)
+        if Path(model).is_dir():
+            _torch_side()
+            from eec.compiler.encoder_pipeline import compile_encoder
+
+            manifest = compile_encoder(model, output, exits=stages, target=target, precision=precision, data=data,
+                                       metric=metric, overwrite=overwrite, progress=update)
+        else:
+            from eec.compiler.branched_pipeline import compile_branched
+
+            manifest = compile_branched(model, output, exits=stages, target=target, precision=precision, data=data,
+                                        metric=metric, placement_eps=eps, overwrite=overwrite, progress=update)
     for line in (manifest.placement or {}).get("report", []):
         err.print(line)
     cal = manifest.calibration

@@ -7,8 +7,9 @@ more than the matrix products (measured: docs/design-notes.md). Each op here
 has an eager PyTorch implementation, which is the reference the exported
 graph is checked against, and a translation to onnxruntime's contrib kernel:
 
-    eec::skip_rms_norm  -> com.microsoft.SkipSimplifiedLayerNormalization
-    eec::gqa            -> com.microsoft.GroupQueryAttention (rotary inside)
+    eec::skip_rms_norm      -> com.microsoft.SkipSimplifiedLayerNormalization
+    eec::gqa                -> com.microsoft.GroupQueryAttention (rotary inside)
+    eec::encoder_attention  -> com.microsoft.Attention (packed QKV, a padding mask; encoders)
 
 Only onnxruntime runs these kernels, so targets whose backend is TensorRT
 export the plain graph instead (`Target.fused_ops`).
@@ -50,6 +51,10 @@ _GQA = _schema(
     ["output", "present_key", "present_value"],
     {"num_heads": "int", "kv_num_heads": "int", "do_rotary": "int", "rotary_interleaved": "int", "scale": "float"},
 )
+
+_ATTENTION = _schema("Attention", ["input", "weights", "bias?", "mask_index?", "past?", "attention_bias?",
+                                   "past_sequence_length?"], ["output", "present?"], {"num_heads": "int",
+                                                                                      "scale": "float"})
 
 
 def _msft(schema: OpSchema) -> onnxscript.values.Op:
@@ -137,6 +142,38 @@ def _(qkv, past_k, past_v, attention_mask, cos_cache, sin_cache, num_heads, kv_h
     return qkv.new_empty(bsz, seq, num_heads * dim), present, torch.empty_like(present)
 
 
+@torch.library.custom_op("eec::encoder_attention", mutates_args=())
+def encoder_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, attention_mask: torch.Tensor,
+                      num_heads: int) -> torch.Tensor:
+    """Bidirectional multi-head self-attention over a padded batch, the Attention kernel's contract.
+
+    x [batch, seq, hidden]; weight [hidden, 3 * hidden] and bias [3 * hidden]: the query, key and value
+    projections packed (x @ weight + bias); attention_mask [batch, seq], 1 for a token and 0 for padding
+    (padded keys get no weight). Returns the heads' outputs [batch, seq, hidden], before the output
+    projection. Written out once, as BERT-family encoders compute it: onnxruntime's transformer
+    optimizer fuses attention only in TorchScript exports of whole models, and this is what its fusion
+    produces, for the segments the dynamo exporter writes.
+    """
+    bsz, seq, hidden = x.shape
+    dim = hidden // num_heads
+    q, k, v = (x @ weight + bias).view(bsz, seq, 3, num_heads, dim).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2)) * dim**-0.5
+    scores = scores + (1.0 - attention_mask[:, None, None, :].to(scores.dtype)) * torch.finfo(scores.dtype).min
+    return (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(bsz, seq, hidden)
+
+
+@encoder_attention.register_fake
+def _(x, weight, bias, attention_mask, num_heads):
+    return torch.empty_like(x)
+
+
+def _encoder_attention_onnx(x, weight, bias, attention_mask, num_heads: int):
+    # mask_index of shape [batch, seq] is the raw 0/1 padding mask, in int32
+    output, _ = _msft(_ATTENTION)(x, weight, bias, op.Cast(attention_mask, to=INT32), num_heads=num_heads,
+                                  _num_outputs=2)
+    return output
+
+
 def _skip_rms_norm_onnx(x, skip, weight, eps: float):
     normed, _, _, total = _msft(_SKIP_RMS_NORM)(x, skip, weight, epsilon=eps, _num_outputs=4)
     return normed, total
@@ -155,4 +192,5 @@ def _gqa_onnx(qkv, past_k, past_v, attention_mask, cos_cache, sin_cache, num_hea
 TRANSLATIONS = {
     torch.ops.eec.skip_rms_norm.default: _skip_rms_norm_onnx,
     torch.ops.eec.gqa.default: _gqa_onnx,
+    torch.ops.eec.encoder_attention.default: _encoder_attention_onnx,
 }

@@ -46,9 +46,10 @@ from eec.calib.thresholds import cascade_thresholds, risk_controlled_threshold, 
 from eec.errors import ArtifactError, InputError, InputTypeError
 from eec.runtime.classifier_manifest import (
     HIDDEN,
-    INPUT,
+    MASK,
     PROBS,
     ClassifierManifest,
+    TextSpec,
     read_classifier_manifest,
 )
 from eec.runtime.manifest import PLAIN, WITH_HEAD
@@ -144,6 +145,7 @@ class ClassifyResult:
     exits: np.ndarray  # [batch] int64: the stage each sample left after
     stats: ClassifyStats
     class_names: list[str] | None = None
+    truncated: np.ndarray | None = None  # text classifiers: [batch] bool, the texts cut to the model's length
 
     @property
     def names(self) -> list[str]:
@@ -151,6 +153,54 @@ class ClassifyResult:
         if self.class_names is None:
             raise InputError("this network was saved without class names")
         return [self.class_names[i] for i in self.labels]
+
+
+class TextInput:
+    """A text classifier's tokenizer, and batches of texts of similar length padded for its graphs."""
+
+    def __init__(self, root: Path, spec: TextSpec):
+        from tokenizers import Tokenizer
+
+        try:
+            self.tokenizer = Tokenizer.from_file(str(root / spec.tokenizer))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises its own exception type for a bad file
+            raise ArtifactError(f"{root / spec.tokenizer} is not a readable tokenizer ({str(e)[:120]})") from None
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(spec.max_length)
+        self.spec = spec
+
+    def encode(self, texts) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids of each text (special tokens added, cut at the model's length) and which were cut."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(texts, np.ndarray) or not isinstance(texts, (list, tuple)):
+            raise InputTypeError(f"a text classifier takes a text or a list of texts, got {type(texts).__name__}")
+        if not texts:
+            raise InputError("no texts to classify")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InputTypeError(f"text {i} is {type(t).__name__}, not text")
+            if not t.strip():
+                raise InputError(f"text {i} is empty")
+        encodings = self.tokenizer.encode_batch(list(texts))
+        return [e.ids for e in encodings], np.array([bool(e.overflowing) for e in encodings])
+
+    def batches(self, texts, batch_size: int) -> tuple[list, int, np.ndarray]:
+        """(rows, token ids, {mask}) per batch, the texts sorted by length so that a batch pads little."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+        ids, truncated = self.encode(texts)
+        order = np.argsort([len(i) for i in ids], kind="stable")
+        out = []
+        for start in range(0, len(ids), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(ids[r]) for r in rows)
+            tokens = np.full((len(rows), width), self.spec.pad_id, np.int64)
+            mask = np.zeros((len(rows), width), np.int64)
+            for k, r in enumerate(rows):
+                tokens[k, :len(ids[r])], mask[k, :len(ids[r])] = ids[r], 1
+            out.append((rows, tokens, {MASK: mask}))
+        return out, len(ids), truncated
 
 
 class EarlyExitClassifier:
@@ -161,6 +211,7 @@ class EarlyExitClassifier:
         self.device = "cpu" if device == "auto" else device
         self.sessions = [{role: open_sessions(root, [file], threads, device=self.device)[0]
                           for role, file in seg.graphs.items()} for seg in manifest.segments]
+        self.text = TextInput(root, manifest.text) if manifest.text else None
         self._probs: np.ndarray | None = None
         self._labels: np.ndarray | None = None
         self._thresholds: dict[tuple, list[float]] = {}
@@ -264,59 +315,82 @@ class EarlyExitClassifier:
         return np.ascontiguousarray(x)
 
     def classify(self, x, *, epsilon: float | None = None, thresholds=None, metric: str | None = None,
-                 mode: str = "early-exit", rule: str = "risk", delta: float = 0.1) -> ClassifyResult:
-        """Labels, probabilities and exits for a batch ``x`` of shape ``[batch, *input_shape]``.
+                 mode: str = "early-exit", rule: str = "risk", delta: float = 0.1,
+                 batch_size: int = 32) -> ClassifyResult:
+        """Labels, probabilities and exits for a batch ``x``: an array ``[batch, *input_shape]``, or for a text
+        classifier a list of texts (or one text).
 
         ``mode="full"`` runs every sample to the final classifier. In early
         exit the thresholds are ``thresholds`` (one number for every exit, one
         per exit, or a dict by stage) or the calibrated ones for ``epsilon`` (default 0.95) under
         ``rule`` ("risk", holding with probability 1 - ``delta``, or "valade").
+        Texts run in batches of up to ``batch_size`` texts of similar length (the list is sorted by length
+        first, so that little is padded); the results are in the order given.
         """
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        x = self.check_input(x)
+        if self.text is not None:
+            batches, n, truncated = self.text.batches(x, batch_size)
+        else:
+            x = self.check_input(x)
+            batches, n, truncated = [(None, x, {})], x.shape[0], None
         taus, metric = ([], None) if mode == "full" else self._resolve(thresholds, epsilon, metric, rule, delta)
         start = time.perf_counter()
-        n = x.shape[0]
-        labels = np.empty(n, np.int64)
-        probs = np.empty((n, self.manifest.num_classes), np.float32)
-        exits = np.empty(n, np.int64)
-        stats = ClassifyStats(samples=n)
-        rows = None  # which samples are still in the batch; None: all of them (no gathering to do)
+        result = ClassifyResult(np.empty(n, np.int64), np.empty((n, self.manifest.num_classes), np.float32),
+                                np.empty(n, np.int64), ClassifyStats(samples=n), self.manifest.class_names, truncated)
+        for rows, main, side in batches:
+            self._run(main, side, rows, taus, metric, result)
+        result.stats.seconds = time.perf_counter() - start
+        return result
+
+    def _run(self, main: np.ndarray, side: dict[str, np.ndarray], base: np.ndarray | None, taus: list[float],
+             metric: str | None, out: ClassifyResult) -> None:
+        """One batch through the segments, its samples leaving at their exits; written into ``out`` at the rows
+        ``base`` (None: all of them). ``main`` is the first segment's first input, then each segment's hidden
+        state; ``side`` the other inputs every segment takes (a padding mask), gathered with the samples."""
+        stats = out.stats
+        n = main.shape[0]
+        rows = None  # which of the batch's samples are still in it; None: all of them (no gathering to do)
         conf = Confidence(metric) if metric else None
-        hidden = x
         last = len(self.manifest.segments) - 1
         for i, (seg, graphs) in enumerate(zip(self.manifest.segments, self.sessions)):
             stats.segment_samples.append(n if rows is None else len(rows))
+            feeds = {name: main if k == 0 else side[name] for k, name in enumerate(seg.inputs)}
             if i == last:
-                p, = graphs[PLAIN].run([PROBS], {INPUT: hidden})
+                p, = graphs[PLAIN].run([PROBS], feeds)
                 leave = None
             elif conf is None:
-                hidden, = graphs[PLAIN].run([HIDDEN], {INPUT: hidden})
+                main, = graphs[PLAIN].run([HIDDEN], feeds)
                 continue
             else:
-                hidden, p = graphs[WITH_HEAD].run([HIDDEN, PROBS], {INPUT: hidden})
+                main, p = graphs[WITH_HEAD].run([HIDDEN, PROBS], feeds)
                 score, p = conf.step(p)
                 leave = score >= taus[i]
                 if not leave.any():
-                    stats.exits[seg.exit] = 0
+                    stats.exits[seg.exit] = stats.exits.get(seg.exit, 0)
                     continue
             if leave is None or leave.all():  # everyone left: the rest of the batch, whole
                 at = slice(None) if rows is None else rows
-                probs[at], labels[at], exits[at] = p, p.argmax(-1), seg.exit
-                stats.exits[seg.exit] = len(p)
+                at = at if base is None else base[at]
+                out.probs[at], out.labels[at], out.exits[at] = p, p.argmax(-1), seg.exit
+                stats.exits[seg.exit] = stats.exits.get(seg.exit, 0) + len(p)
                 break
             gone = np.flatnonzero(leave) if rows is None else rows[leave]
-            probs[gone] = p[leave]
-            labels[gone] = probs[gone].argmax(-1)
-            exits[gone] = seg.exit
-            stats.exits[seg.exit] = len(gone)
+            gone = gone if base is None else base[gone]
+            out.probs[gone] = p[leave]
+            out.labels[gone] = out.probs[gone].argmax(-1)
+            out.exits[gone] = seg.exit
+            stats.exits[seg.exit] = stats.exits.get(seg.exit, 0) + len(gone)
             stay = ~leave
             rows = np.flatnonzero(stay) if rows is None else rows[stay]
-            hidden = np.ascontiguousarray(hidden[stay])
+            main = main[stay]
+            side = {name: value[stay] for name, value in side.items()}
+            if MASK in side:  # the longest text left may be shorter: drop the padding no sample needs now
+                width = int(side[MASK].sum(1).max())
+                if width < side[MASK].shape[1]:
+                    side[MASK], main = side[MASK][:, :width], main[:, :width]
+            main = np.ascontiguousarray(main)
             conf.keep(stay)
-        stats.seconds = time.perf_counter() - start
-        return ClassifyResult(labels, probs, exits, stats, self.manifest.class_names)
 
 
 def load_classifier(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,

@@ -22,7 +22,9 @@ SCHEMA = "eec-classifier"
 SCHEMA_VERSION = 1
 ROLES = (PLAIN, WITH_HEAD)
 INPUT, HIDDEN, PROBS, LABEL = "x", "hidden", "probs", "label"
-INPUT_DTYPES = ("float32",)
+IDS, MASK = "input_ids", "attention_mask"  # a text classifier's inputs
+HIDDEN_IN = "hidden_in"  # a text classifier's later segments: the previous segment's hidden state
+INPUT_DTYPES = ("float32", "int64")  # int64: token ids
 LIMITS = {"num_classes": 1 << 20, "num_stages": 4096, "input_dim": 1 << 20, "input_rank": 8}
 
 
@@ -31,11 +33,23 @@ class ClassifierSegment:
     graphs: dict[str, str]  # role -> file: "plain" always; "with_head" on every segment but the last
     start: int  # first stage (inclusive)
     stop: int  # last stage (exclusive); the segment's exit head follows stage stop - 1
+    # The graphs' inputs: the first is the network's input (the first segment) or the previous segment's
+    # hidden state; the others (a text classifier's padding mask) are the batch's, passed to every segment.
+    inputs: list[str] = field(default_factory=lambda: [INPUT])
 
     @property
     def exit(self) -> int:
         """The stage after which this segment's head sits (a sample leaving here "left after" it)."""
         return self.stop - 1
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """A text classifier's input: its tokenizer and how token ids are laid out."""
+
+    tokenizer: str  # tokenizer.json in the artifact (Hugging Face tokenizers' format, special tokens included)
+    max_length: int  # the longest input in tokens, special tokens included; longer texts are truncated
+    pad_id: int  # the id that fills a batch's shorter rows (their mask is 0 there)
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,8 @@ class ClassifierManifest:
     source: str = ""
     calibration: ClassifierCalibration | None = None
     placement: dict | None = None  # `--exits auto`: ε, the chosen exits, the measured segment latencies
+    text: TextSpec | None = None  # a text classifier (input_shape [max_length], int64 token ids)
+    architecture: str = ""  # a text classifier's family (bert, roberta, distilbert); "" for a branched network
 
     @property
     def exits(self) -> list[int]:
@@ -83,6 +99,7 @@ class ClassifierManifest:
             raw["segments"] = [ClassifierSegment(**s) for s in raw["segments"]]
             cal = raw.get("calibration")
             raw["calibration"] = ClassifierCalibration(**cal) if cal else None
+            raw["text"] = TextSpec(**raw["text"]) if raw.get("text") else None
             return ClassifierManifest(**raw)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None
@@ -97,8 +114,12 @@ def check_fields(m: ClassifierManifest) -> None:
     if not (isinstance(m.input_shape, list) and 1 <= len(m.input_shape) <= LIMITS["input_rank"]
             and all(_whole(d, 1, LIMITS["input_dim"]) for d in m.input_shape)):
         raise _bad(f"input_shape must be 1 to {LIMITS['input_rank']} whole numbers, got {m.input_shape!r}")
-    if m.input_dtype not in INPUT_DTYPES:
-        raise _bad(f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got {m.input_dtype!r}")
+    if m.input_dtype != ("int64" if m.text else "float32"):
+        raise _bad(f"input_dtype must be {'int64 (token ids)' if m.text else 'float32'}, got {m.input_dtype!r}")
+    t = m.text
+    if t is not None and not (isinstance(t.tokenizer, str) and _whole(t.max_length, 2, LIMITS["input_dim"])
+                              and m.input_shape == [t.max_length] and _whole(t.pad_id, 0, 1 << 31)):
+        raise _bad("text: tokenizer must be a file, max_length a whole number equal to input_shape, pad_id an id")
     if not _whole(m.num_classes, 2, LIMITS["num_classes"]) or not _whole(m.num_stages, 1, LIMITS["num_stages"]):
         raise _bad(f"num_classes and num_stages must be whole numbers in range, got {m.num_classes!r}, {m.num_stages!r}")
     if m.class_names is not None and not (isinstance(m.class_names, list) and len(m.class_names) == m.num_classes
@@ -112,6 +133,9 @@ def check_fields(m: ClassifierManifest) -> None:
                 or s.stop <= s.start:
             raise _bad(f"segments must cover stages 0..{m.num_stages} in order; got {s.start!r}..{s.stop!r}")
         start = s.stop
+        inputs = [IDS if i == 0 else HIDDEN_IN, MASK] if m.text else [INPUT]
+        if s.inputs != inputs:
+            raise _bad(f"stages {s.start}-{s.stop}: inputs must be {inputs}, got {s.inputs!r}")
         roles = {PLAIN} if i == len(m.segments) - 1 else {PLAIN, WITH_HEAD}
         if not (isinstance(s.graphs, dict) and set(s.graphs) == roles and all(isinstance(f, str) for f in s.graphs.values())):
             raise _bad(f"stages {s.start}-{s.stop}: graphs must map {', '.join(sorted(roles))} to files, got {s.graphs!r}")
@@ -128,7 +152,8 @@ def check_fields(m: ClassifierManifest) -> None:
 
 
 def named_files(m: ClassifierManifest) -> list[str]:
-    return [f for s in m.segments for f in s.graphs.values()] + ([m.calibration.file] if m.calibration else [])
+    return ([f for s in m.segments for f in s.graphs.values()] + ([m.calibration.file] if m.calibration else [])
+            + ([m.text.tokenizer] if m.text else []))
 
 
 def read_classifier_manifest(root: Path, verify: bool = True) -> ClassifierManifest:

@@ -1,0 +1,192 @@
+"""``compile_encoder``: a BERT-family sequence classifier -> a text classifier artifact, all or nothing.
+
+Stages are the embeddings (stage 0) and the layers (stage k is layer k), so
+``exits=[2, 4]`` puts exits after 2 and 4 layers and a sample that leaves
+there reports stage 2 or 4, as the decoders' layers count. Each segment is a
+graph over (token ids or hidden state, padding mask) with a dynamic batch and
+sequence length, exported by `eec.compiler.encoders` and checked against
+PyTorch on another shape; exit segments get a second graph with the head
+inside, as for every classifier artifact (`eec.runtime.classifier_manifest`).
+Calibration (``data``: JSONL or CSV texts, labels optional) stores every
+exit's probabilities for every text, as for branched networks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from eec import __version__
+from eec.calib.classifier_calibration import no_progress, read_texts, trace_batches, write_calibration
+from eec.compiler.encoders import EncoderSegment, SharedHead, SourceEncoder, load_encoder
+from eec.errors import CompileError, InputError
+from eec.runtime.classifier_manifest import (
+    HIDDEN,
+    HIDDEN_IN,
+    IDS,
+    LABEL,
+    MASK,
+    PROBS,
+    ClassifierManifest,
+    ClassifierSegment,
+    TextSpec,
+    check_fields,
+)
+from eec.runtime.manifest import MANIFEST, PLAIN, WITH_HEAD, hash_files, replace_dir
+from eec.runtime.staging import check_output, new_stage, output_lock
+from eec.targets.profiles import get_target
+
+TOKENIZER = "tokenizer.json"
+PRECISIONS = ("fp32",)
+CHECK_RTOL = 1e-4
+OPSET = 20
+
+
+def default_exits(num_layers: int) -> list[int]:
+    """Quarter depths, as for decoders."""
+    return sorted({max(1, round(num_layers * q)) for q in (0.25, 0.5, 0.75)} - {num_layers})
+
+
+def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits: list[int] | str | None = None,
+                    target: str = "cpu", precision: str | None = None, data: str | os.PathLike | None = None,
+                    metric: str | None = None, overwrite: bool = False, progress=no_progress) -> ClassifierManifest:
+    """Compile the Hugging Face sequence classifier directory ``source`` into the artifact ``out``.
+
+    ``exits``: layer counts after which to exit (default quarter depths; ``[]`` none); ``data``: held-out
+    texts (JSONL or CSV, a ``text`` column and optionally ``label``) to calibrate on."""
+    out = Path(out).absolute()
+    tgt = get_target(target)
+    if tgt.backend != "onnxruntime-cpu":
+        raise InputError(f"text classifiers compile for the cpu target for now, not {tgt.name!r}")
+    precision = precision or "fp32"
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r} is not available for a text classifier yet; choose from "
+                         f"{', '.join(PRECISIONS)}")
+    if exits == "auto":
+        raise InputError("--exits auto places exits for decoders and branched networks; name a text classifier's "
+                         "exits, e.g. --exits 2,4")
+    if metric is not None:
+        from eec.runtime.classifier import METRICS
+
+        if metric not in METRICS:
+            raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    check_output(out, overwrite)
+    progress("loading model", 0, 1)
+    src = load_encoder(source)
+    layers = src.num_layers
+    kept = default_exits(layers) if exits is None else sorted(set(exits))
+    bad = [k for k in kept if not 1 <= k < layers]
+    if bad:
+        raise InputError(f"--exits {bad}: exits sit after 1..{layers - 1} layers (this model has {layers})")
+    texts, labels = (None, None) if data is None else read_texts(Path(data), src.class_names, src.num_labels)
+    with output_lock(out):
+        check_output(out, overwrite)
+        tmp = new_stage(out, "build")
+        try:
+            manifest = _build(src, kept, tmp, tgt.name, texts, labels, metric, progress)
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return manifest
+
+
+def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, labels, metric,
+           progress) -> ClassifierManifest:
+    (tmp / "graphs").mkdir()
+    (tmp / TOKENIZER).write_text(src.tokenizer_json, encoding="utf-8")
+    cuts = [*kept, src.num_layers]
+    segments, start = [], 0
+    for k, stop_layer in enumerate(cuts):
+        progress("exporting segments", k, len(cuts))
+        last = k == len(cuts) - 1
+        first_layer = max(start, 1) - 1
+        inputs = [IDS if start == 0 else HIDDEN_IN, MASK]
+        graphs = {}
+        if not last:
+            graphs[PLAIN] = _export(EncoderSegment(src, first_layer, stop_layer, None), inputs, [HIDDEN],
+                                    tmp, f"graphs/seg{k}.onnx", start == 0, src)
+            graphs[WITH_HEAD] = _export(EncoderSegment(src, first_layer, stop_layer, SharedHead(src)), inputs,
+                                        [HIDDEN, PROBS, LABEL], tmp, f"graphs/seg{k}_with_head.onnx", start == 0, src)
+        else:
+            graphs[PLAIN] = _export(EncoderSegment(src, first_layer, stop_layer, SharedHead(src), keep_hidden=False),
+                                    inputs, [PROBS, LABEL], tmp, f"graphs/seg{k}.onnx", start == 0, src)
+        segments.append(ClassifierSegment(graphs, start, stop_layer + 1, inputs))
+        start = stop_layer + 1
+    spec = TextSpec(TOKENIZER, src.max_length, src.pad_id)
+    manifest = ClassifierManifest(
+        input_shape=[src.max_length], input_dtype="int64", num_classes=src.num_labels, num_stages=src.num_layers + 1,
+        segments=segments, precision="fp32", target=target, class_names=src.class_names, eec_version=__version__,
+        source=Path(src.source).name, text=spec, architecture=src.family,
+    )
+    if texts is not None:
+        from eec.runtime.classifier import TextInput
+        from eec.runtime.sessions import open_sessions
+
+        batches, n, _ = TextInput(tmp, spec).batches(texts, 32)
+        sessions = [open_sessions(tmp, [s.graphs.get(WITH_HEAD, s.graphs[PLAIN])])[0] for s in segments]
+        probs = trace_batches(sessions, [s.inputs for s in segments], src.num_labels, batches, n, progress)
+        manifest = write_calibration(tmp, manifest, probs, labels, metric)
+    manifest = replace(manifest, files=hash_files(tmp))
+    check_fields(manifest)
+    (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+    return manifest
+
+
+def example_inputs(src: SourceEncoder, first: bool, batch: int, seq: int, seed: int):
+    """Token ids (or a hidden state) and a padding mask with every row a different length."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([max(1, seq - 2 * i) for i in range(batch)])
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).to(torch.int64)
+    if first:
+        low = min(5, src.config.vocab_size - 1)
+        ids = torch.randint(low, src.config.vocab_size, (batch, seq), generator=g)
+        return torch.where(mask.bool(), ids, torch.full_like(ids, src.pad_id)), mask
+    hidden = src.config.dim if src.family == "distilbert" else src.config.hidden_size
+    return torch.randn(batch, seq, hidden, generator=g), mask
+
+
+def _export(module, inputs: list[str], outputs: list[str], root: Path, file: str, first: bool,
+            src: SourceEncoder) -> str:
+    """Export ``module`` with a dynamic batch and length, then check it against PyTorch on another shape."""
+    import torch
+    from torch.export import Dim
+
+    from eec.compiler.export import _quiet, _registry_built_once
+    from eec.compiler.ops import TRANSLATIONS
+    from eec.runtime.sessions import open_sessions
+
+    module.eval()
+    what = f"{file} ({', '.join(outputs)})"
+    batch, seq = Dim("batch"), Dim("seq")
+    try:
+        with _quiet(), torch.no_grad(), _registry_built_once():
+            program = torch.onnx.export(module, example_inputs(src, first, 2, 5, 0), input_names=inputs,
+                                        output_names=outputs, dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+                                        opset_version=OPSET, dynamo=True, verbose=False,
+                                        custom_translation_table=TRANSLATIONS)
+            program.optimize()
+            program.save(str(root / file))
+    except Exception as e:
+        raise CompileError(f"exporting {what} to ONNX failed: {type(e).__name__}: {str(e)[:300]}") from e
+    check = example_inputs(src, first, 3, 7, 1)
+    with torch.no_grad():
+        expected = module(*check)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = open_sessions(root, [file])[0].run(outputs, {n: a.numpy() for n, a in zip(inputs, check)})
+    keep = check[1].bool().numpy()  # padded positions' hidden states are never read
+    for name, g, e in zip(outputs, got, expected):
+        if name == LABEL:
+            continue  # near-ties may swap; the probabilities are compared instead
+        e = e.numpy()
+        g, e = (g[keep], e[keep]) if name == HIDDEN else (g, e)
+        err = float(np.max(np.abs(g - e)) / (1.0 + np.max(np.abs(e))))
+        if not err <= CHECK_RTOL:
+            raise CompileError(f"the ONNX graph {what} disagrees with PyTorch on {name} (relative error {err:.2e})")
+    return file

@@ -1,0 +1,182 @@
+"""BERT-family sequence classifiers (BERT, RoBERTa, DistilBERT) as segments with exits.
+
+A Hugging Face ``*ForSequenceClassification`` directory is cut after the
+exit layers. Each segment takes the token ids (the first) or the previous
+segment's hidden state, and the padding mask; an exit's head reuses the
+model's own classifier on that layer's hidden state (BERT: the pooler and the
+classifier; RoBERTa: its classification head; DistilBERT: pre-classifier,
+ReLU, classifier), as decoders reuse their LM head, unless trained heads are
+given (`eec train` on a classifier).
+
+The layers are rebuilt from the model's weights with attention as one
+onnxruntime kernel (`eec.compiler.ops.encoder_attention`: packed QKV and the
+padding mask); the layer norms, GELU and linear layers are PyTorch's own,
+which onnxruntime fuses (SkipLayerNormalization, BiasGelu) when it opens the
+graph. Every segment is checked against the model itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eec.compiler.ops import encoder_attention
+from eec.errors import InputError, UnsupportedModelError
+
+FAMILIES = ("bert", "roberta", "distilbert")
+
+
+@dataclass
+class SourceEncoder:
+    model: nn.Module  # transformers' *ForSequenceClassification, eval mode
+    family: str
+    tokenizer_json: str  # the fast tokenizer's tokenizer.json
+    source: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        c = self.config
+        return c.n_layers if self.family == "distilbert" else c.num_hidden_layers
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
+    @property
+    def max_length(self) -> int:
+        """Longest input, special tokens included: RoBERTa's positions start after the padding index."""
+        c = self.config
+        return c.max_position_embeddings - (c.pad_token_id + 1 if self.family == "roberta" else 0)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.config.pad_token_id if self.config.pad_token_id is not None else 0)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        names = [self.config.id2label.get(i) for i in range(self.num_labels)]
+        default = [f"LABEL_{i}" for i in range(self.num_labels)]
+        return None if names == default or any(n is None for n in names) else [str(n) for n in names]
+
+    def backbone(self) -> nn.Module:
+        return getattr(self.model, {"bert": "bert", "roberta": "roberta", "distilbert": "distilbert"}[self.family])
+
+    def hf_layers(self) -> list[nn.Module]:
+        body = self.backbone()
+        return list(body.transformer.layer if self.family == "distilbert" else body.encoder.layer)
+
+
+def is_encoder_dir(path: str | Path) -> bool:
+    """A Hugging Face directory whose config names a sequence-classification architecture."""
+    path = Path(path)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return False
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
+def load_encoder(path: str | Path) -> SourceEncoder:
+    """A local ``*ForSequenceClassification`` directory with a fast tokenizer (tokenizer.json)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type not in FAMILIES:
+        raise UnsupportedModelError(f"classifier architecture {config.model_type!r} is not supported; eec compiles "
+                                    f"sequence classifiers of {', '.join(FAMILIES)}")
+    if not (path / "tokenizer.json").is_file():
+        raise InputError(f"{path} has no tokenizer.json: eec needs the model's fast tokenizer (save it with "
+                         "AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(...))")
+    model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    if getattr(model.config, "problem_type", None) == "regression" or model.config.num_labels < 2:
+        raise UnsupportedModelError("eec compiles classifiers with at least 2 labels; this model is a regression")
+    return SourceEncoder(model, config.model_type, (path / "tokenizer.json").read_text(encoding="utf-8"), str(path))
+
+
+class EncoderLayer(nn.Module):
+    """A post-norm transformer encoder layer on the model's own weights, attention as one kernel."""
+
+    def __init__(self, layer: nn.Module, family: str, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        if family == "distilbert":
+            a = layer.attention
+            q, k, v, self.out = a.q_lin, a.k_lin, a.v_lin, a.out_lin
+            self.norm1, self.norm2 = layer.sa_layer_norm, layer.output_layer_norm
+            self.up, self.act, self.down = layer.ffn.lin1, layer.ffn.activation, layer.ffn.lin2
+        else:
+            a = layer.attention
+            q, k, v = a.self.query, a.self.key, a.self.value
+            self.out, self.norm1 = a.output.dense, a.output.LayerNorm
+            self.up, self.act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
+            self.down, self.norm2 = layer.output.dense, layer.output.LayerNorm
+        self.register_buffer("qkv_weight", torch.cat([q.weight, k.weight, v.weight]).t().contiguous(), persistent=False)
+        self.register_buffer("qkv_bias", torch.cat([q.bias, k.bias, v.bias]), persistent=False)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        a = encoder_attention(h, self.qkv_weight, self.qkv_bias, attention_mask, self.num_heads)
+        h = self.norm1(h + self.out(a))
+        return self.norm2(h + self.down(self.act(self.up(h))))
+
+
+class SharedHead(nn.Module):
+    """The model's own classifier on a layer's hidden state: logits from the first token's state."""
+
+    def __init__(self, src: SourceEncoder):
+        super().__init__()
+        m = src.model
+        self.family = src.family
+        if src.family == "bert":
+            self.pooler, self.classifier = m.bert.pooler, m.classifier
+        elif src.family == "roberta":
+            self.classifier = m.classifier  # dense, tanh, out_proj on the first token
+        else:
+            self.pre, self.classifier = m.pre_classifier, m.classifier
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.family == "bert":
+            return self.classifier(self.pooler(h))
+        if self.family == "roberta":
+            return self.classifier(h)
+        return self.classifier(torch.relu(self.pre(h[:, 0])))
+
+
+class EncoderSegment(nn.Module):
+    """Layers ``start..stop-1`` (after the embeddings, for the first) and optionally a head at their end.
+
+    forward(x, attention_mask): x is the token ids [batch, seq] for the first segment, else the hidden
+    state [batch, seq, hidden]; returns the hidden state and, with a head, the class probabilities and label
+    (the last segment: probabilities and label only)."""
+
+    def __init__(self, src: SourceEncoder, start: int, stop: int, head: nn.Module | None, keep_hidden: bool = True):
+        super().__init__()
+        heads = src.config.n_heads if src.family == "distilbert" else src.config.num_attention_heads
+        self.family = src.family
+        self.embeddings = src.backbone().embeddings if start == 0 else None
+        self.layers = nn.ModuleList(EncoderLayer(l, src.family, heads) for l in src.hf_layers()[start:stop])
+        self.head, self.keep_hidden = head, keep_hidden
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor):
+        h = x
+        if self.embeddings is not None:
+            h = self.embeddings(x) if self.family == "distilbert" else self.embeddings(
+                input_ids=x, token_type_ids=torch.zeros_like(x))
+        for layer in self.layers:
+            h = layer(h, attention_mask)
+        if self.head is None:
+            return h
+        probs = torch.softmax(self.head(h), -1)
+        label = probs.argmax(-1)
+        return (h, probs, label) if self.keep_hidden else (probs, label)

@@ -1,0 +1,221 @@
+"""BERT-family text classifiers: eec compile on a Hugging Face directory -> classify(texts), against transformers.
+
+Tiny random BERT, RoBERTa and DistilBERT models with real tokenizers (a
+WordPiece and a byte-level BPE trained here); references are transformers'
+own forward passes on its own tokenizer's padded batches, and, for the exits,
+the model's own classifier on transformers' hidden states of that layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eec.compiler.encoder_pipeline import compile_encoder
+from eec.errors import InputError, UnsupportedModelError
+from eec.runtime import load
+
+CORPUS = ("the cat sat on the mat and looked at the dog . a dog ran after the ball in the park while "
+          "children played near the old tree . functions return values ; classes hold state and methods . "
+          "import os and sys , then read the file line by line until the end").split(" . ")
+TEXTS = ["the cat sat", "a dog ran after the ball in the park while children played near the old tree",
+         "functions return values", "import os", "classes hold state and methods ; the dog looked at the cat",
+         "read the file line by line until the end of the park", "the", "children played near the mat",
+         "a cat and a dog and a ball and a tree and a park and a file"]
+LAYERS = 4
+POSITIONS = 24  # the longest input, special tokens included
+
+
+def tokenizer(family: str):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if family == "roberta":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")))
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                       unk_token="<unk>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(CORPUS * 4, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]")))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def tiny_classifier(family: str, vocab: int, pad: int, labels: int = 3, positions: int = POSITIONS):
+    from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                              DistilBertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, num_labels=labels, pad_token_id=pad, initializer_range=0.4,
+                  id2label={i: f"class{i}" for i in range(labels)}, label2id={f"class{i}": i for i in range(labels)})
+    if family == "bert":
+        config = BertConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=positions, **common)
+        return BertForSequenceClassification(config).eval()
+    if family == "roberta":
+        config = RobertaConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64,
+                               max_position_embeddings=positions + pad + 1, **common)
+        return RobertaForSequenceClassification(config).eval()
+    config = DistilBertConfig(dim=32, n_layers=LAYERS, n_heads=4, hidden_dim=64, max_position_embeddings=positions,
+                              **common)
+    return DistilBertForSequenceClassification(config).eval()
+
+
+FAMILIES = ("bert", "roberta", "distilbert")
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """Each family saved as a Hugging Face directory and compiled with exits after 1 and 2 layers, calibrated."""
+    root = tmp_path_factory.mktemp("encoders")
+    made = {}
+    for family in FAMILIES:
+        tok = tokenizer(family)
+        model = tiny_classifier(family, len(tok), tok.pad_token_id)
+        model.save_pretrained(root / family)
+        tok.save_pretrained(root / family)
+        data = root / f"{family}.jsonl"
+        rng = np.random.default_rng(0)
+        words = " ".join(CORPUS).split()
+        with open(data, "w") as f:
+            for _ in range(120):
+                f.write(json.dumps({"text": " ".join(rng.choice(words, rng.integers(1, 14))),
+                                    "label": f"class{rng.integers(0, 3)}"}) + "\n")
+        compile_encoder(root / family, root / f"{family}.eec", exits=[1, 2], data=data)
+        made[family] = (model, tok, root / f"{family}.eec")
+    return made
+
+
+def reference(model, tok, texts: list[str]) -> dict[int, np.ndarray]:
+    """Probabilities at every layer from transformers on its own padded batch: the model's classifier on that
+    layer's hidden state (the last layer's is the model's logits)."""
+    batch = tok(texts, padding=True, truncation=True, max_length=POSITIONS, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+        probs = {LAYERS: torch.softmax(out.logits.double(), -1).numpy()}
+        family = model.config.model_type
+        for k in range(1, LAYERS):
+            h = out.hidden_states[k]
+            if family == "bert":
+                logits = model.classifier(model.bert.pooler(h))
+            elif family == "roberta":
+                logits = model.classifier(h)
+            else:
+                logits = model.classifier(torch.relu(model.pre_classifier(h[:, 0])))
+            probs[k] = torch.softmax(logits.double(), -1).numpy()
+    return probs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_mode_equals_transformers_on_padded_batches(encoders, family):
+    model, tok, art = encoders[family]
+    clf = load(art)
+    want = reference(model, tok, TEXTS)[LAYERS]
+    for batch_size in (1, 4, 9):
+        got = clf.classify(TEXTS, mode="full", batch_size=batch_size)
+        np.testing.assert_allclose(got.probs, want, rtol=0, atol=2e-5)
+        assert got.labels.tolist() == want.argmax(-1).tolist()
+        assert (got.exits == LAYERS).all()
+    assert clf.manifest.class_names == ["class0", "class1", "class2"]
+
+
+def middle_cut(confidence: np.ndarray, gap: float = 1e-4) -> float:
+    c = np.sort(confidence)
+    cuts = [(abs(i + 1 - len(c) / 2), (c[i] + c[i + 1]) / 2) for i in range(len(c) - 1) if c[i + 1] - c[i] > gap]
+    return float(min(cuts)[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_early_exit_matches_transformers_and_each_text_alone(encoders, family):
+    model, tok, art = encoders[family]
+    clf = load(art)
+    ref = reference(model, tok, TEXTS)
+    taus = [middle_cut(ref[k].max(-1)) for k in (1, 2)]
+    want_exits = np.full(len(TEXTS), LAYERS)
+    want_labels = ref[LAYERS].argmax(-1)
+    for i in range(len(TEXTS)):  # by hand: the first exit whose top probability reaches its threshold
+        for k, tau in zip((1, 2), taus):
+            if ref[k][i].max() >= tau:
+                want_exits[i], want_labels[i] = k, ref[k][i].argmax()
+                break
+    assert len(set(want_exits.tolist())) > 1
+    got = clf.classify(TEXTS, thresholds=taus, metric="max-prob", batch_size=9)
+    assert got.exits.tolist() == want_exits.tolist()
+    assert got.labels.tolist() == want_labels.tolist()
+    for i, text in enumerate(TEXTS):
+        np.testing.assert_allclose(got.probs[i], ref[int(got.exits[i])][i], rtol=0, atol=2e-5)
+        alone = clf.classify(text, thresholds=taus, metric="max-prob")
+        assert (alone.labels[0], alone.exits[0]) == (got.labels[i], got.exits[i])
+    never = clf.classify(TEXTS, thresholds=math.inf)
+    np.testing.assert_allclose(never.probs, ref[LAYERS], atol=2e-5)
+    first = clf.classify(TEXTS, thresholds=-math.inf)
+    assert (first.exits == 1).all() and first.labels.tolist() == ref[1].argmax(-1).tolist()
+
+
+def test_long_texts_are_truncated_and_said_so(encoders):
+    model, tok, art = encoders["bert"]
+    clf = load(art)
+    long = " ".join(["the cat sat on the mat"] * 20)
+    got = clf.classify([long, "the cat"], mode="full")
+    assert got.truncated.tolist() == [True, False]
+    want = reference(model, tok, [long, "the cat"])[LAYERS]  # transformers' tokenizer truncates at the same length
+    np.testing.assert_allclose(got.probs, want, atol=2e-5)
+
+
+def test_calibration_reads_labels_by_name(encoders):
+    _, _, art = encoders["distilbert"]
+    clf = load(art)
+    cal = clf.manifest.calibration
+    assert cal.samples == 120 and cal.labeled
+    _, labels = clf.calibration()
+    assert set(labels.tolist()) <= {0, 1, 2}
+    taus = clf.thresholds_for(0.5, "max-prob", rule="valade")
+    assert len(taus) == 2
+
+
+def test_bad_text_inputs(encoders):
+    _, _, art = encoders["roberta"]
+    clf = load(art)
+    for bad, message in [([], "no texts"), (["fine", "  "], "text 1 is empty"), ([b"bytes"], "not text"),
+                         (np.zeros((2, 3), np.int64), "takes a text or a list of texts")]:
+        with pytest.raises(InputError, match=message):
+            clf.classify(bad)
+    with pytest.raises(InputError, match="batch_size"):
+        clf.classify(["a"], batch_size=0)
+
+
+def test_bad_compile_inputs(tmp_path, encoders):
+    from tests.test_cli_errors import run_fails
+
+    _, _, art = encoders["bert"]
+    hf = art.parent / "bert"
+    (tmp_path / "nolabel.jsonl").write_text(json.dumps({"text": "the cat", "label": "class7"}) + "\n")
+    (tmp_path / "notext.csv").write_text("sentence,label\nthe cat,class0\n")
+    out = tmp_path / "a.eec"
+    run_fails(["compile", hf, "-o", out, "--data", tmp_path / "nolabel.jsonl"], "unknown label 'class7'",
+              "class0, class1, class2")
+    run_fails(["compile", hf, "-o", out, "--data", tmp_path / "notext.csv"], "no 'text' column")
+    run_fails(["compile", hf, "-o", out, "--exits", "4"], "exits sit after 1..3 layers")
+    config = json.loads((hf / "config.json").read_text())
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"],
+                                                   "n_layer": 2, "n_embd": 32, "n_head": 4}))
+    run_fails(["compile", other, "-o", out], "'gpt2' is not supported", "bert, roberta, distilbert")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "nolabel.jsonl", "notext.csv"]
+    assert config["model_type"] == "bert"
+    with pytest.raises(UnsupportedModelError):
+        compile_encoder(other, tmp_path / "b.eec")
