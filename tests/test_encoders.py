@@ -219,3 +219,31 @@ def test_bad_compile_inputs(tmp_path, encoders):
     assert config["model_type"] == "bert"
     with pytest.raises(UnsupportedModelError):
         compile_encoder(other, tmp_path / "b.eec")
+
+
+def test_profile_inspect_and_calibrate_on_the_command_line(tmp_path, encoders):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from eec.cli.main import app
+
+    model, tok, art = encoders["bert"]
+    copy = tmp_path / "bert.eec"
+    shutil.copytree(art, copy)
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, len(TEXTS))
+    with open(tmp_path / "test.csv", "w") as f:
+        f.write("text,label\n" + "".join(f'"{t}",class{y}\n' for t, y in zip(TEXTS, labels)))
+    result = CliRunner().invoke(app, ["profile", str(copy), "--data", str(tmp_path / "test.csv"), "--eps", "0.5",
+                                      "--batch", "1,4", "--rounds", "1", "--json", str(tmp_path / "rows.json")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    full = reference(model, tok, TEXTS)[LAYERS].argmax(-1)
+    assert rows[0]["epsilon"] is None and rows[0]["accuracy"] == pytest.approx((full == labels).mean())
+    assert all(sum(r["exits"].values()) == len(TEXTS) for r in rows)
+    shown = CliRunner().invoke(app, ["inspect", str(copy)])
+    assert shown.exit_code == 0 and "text classifier" in shown.output and "exits after layers: 1, 2" in shown.output
+    again = CliRunner().invoke(app, ["calibrate", str(copy), "--data", str(tmp_path / "test.csv")])
+    assert again.exit_code == 0, again.output
+    assert load(copy).manifest.calibration.samples == len(TEXTS)

@@ -98,6 +98,17 @@ def read_texts(path: Path, class_names: list[str] | None, num_classes: int) -> t
     return texts, np.array(labels, np.int64)
 
 
+def read_inputs(path: Path, manifest) -> tuple:
+    """What a classifier artifact classifies, from a file: texts and labels (JSONL or CSV) for a text
+    classifier, else an .npz of inputs ``x`` and labels ``y``; labels checked against the classes."""
+    if manifest.text is not None:
+        return read_texts(path, manifest.class_names, manifest.num_classes)
+    x, y = read_npz(path)
+    if y is not None and y.size and (y.min() < 0 or y.max() >= manifest.num_classes):
+        raise InputError(f"{path}: labels must lie in 0..{manifest.num_classes - 1}")
+    return x, y
+
+
 def no_progress(what: str, done: int, total: int, extra: str = "") -> None:
     pass
 
@@ -177,9 +188,10 @@ def write_calibration(root: Path, manifest, probs: np.ndarray, labels: np.ndarra
                    files={**manifest.files, CALIBRATION: sha256_file(root / CALIBRATION)})
 
 
-def calibrate_classifier(artifact: str | os.PathLike, x: np.ndarray, y: np.ndarray | None, metric: str | None = None,
+def calibrate_classifier(artifact: str | os.PathLike, x, y: np.ndarray | None, metric: str | None = None,
                          progress=no_progress):
-    """Re-trace a classifier artifact on held-out inputs ``x`` (labels ``y`` optional); returns the new manifest."""
+    """Re-trace a classifier artifact on held-out inputs ``x`` (an array, or a text classifier's texts; labels
+    ``y`` optional); returns the new manifest."""
     from eec.runtime.classifier import METRICS, load_classifier
     from eec.runtime.manifest import PLAIN, WITH_HEAD, write_manifest
     from eec.runtime.staging import restaged
@@ -188,14 +200,20 @@ def calibrate_classifier(artifact: str | os.PathLike, x: np.ndarray, y: np.ndarr
     model = load_classifier(root)  # refuse a tampered artifact before building on it
     if metric is not None and metric not in METRICS:
         raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    x = model.check_input(x)
+    if model.text is not None:
+        batches, n, _ = model.text.batches(x, 32)
+    else:
+        x = model.check_input(x)
+        batches, n = [(np.arange(i, min(i + 256, len(x))), x[i:i + 256], {}) for i in range(0, len(x), 256)], len(x)
     if y is not None:
         y = np.asarray(y)
-        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0 \
+        if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0 \
                 or y.max() >= model.manifest.num_classes:
-            raise InputError(f"labels must be {len(x)} whole numbers in 0..{model.manifest.num_classes - 1}")
+            raise InputError(f"labels must be {n} whole numbers in 0..{model.manifest.num_classes - 1}")
         y = y.astype(np.int64)
-    probs = trace_probs([g.get(WITH_HEAD, g[PLAIN]) for g in model.sessions], model.manifest.num_classes, x, progress)
+    sessions = [g.get(WITH_HEAD, g[PLAIN]) for g in model.sessions]
+    probs = trace_batches(sessions, [s.inputs for s in model.manifest.segments], model.manifest.num_classes, batches,
+                          n, progress)
     with restaged(root, replaced=(CALIBRATION,)) as stage:
         manifest = write_calibration(stage, model.manifest, probs, y, metric)
         write_manifest(stage, manifest)

@@ -330,7 +330,7 @@ def calibrate_cmd(
     max_new_tokens: int = typer.Option(48, help="tokens generated per prompt"),
     metric: Optional[str] = typer.Option(None, help="confidence metric (default: the one that exits most at ε = 0.9)"),
     data: Optional[Path] = typer.Option(None, help="classifier artifacts: held-out inputs as an .npz with x (and "
-                                        "optionally labels y)"),
+                                        "optionally labels y); text classifiers: JSONL or CSV with text (and label)"),
 ) -> None:
     """Trace ARTIFACT on calibration prompts (a classifier: on --data) and store the traces, so that --eps works."""
     if _is_classifier(artifact):
@@ -338,9 +338,10 @@ def calibrate_cmd(
             raise InputError(f"{artifact} is a classifier: it calibrates on --data (held-out inputs), not prompts")
         if data is None:
             raise InputError("calibrating a classifier needs held-out inputs: --data calib.npz (x, optional labels y)")
-        from eec.calib.classifier_calibration import calibrate_classifier, read_npz
+        from eec.calib.classifier_calibration import calibrate_classifier, read_inputs
+        from eec.runtime.classifier_manifest import read_classifier_manifest
 
-        x, y = read_npz(data)
+        x, y = read_inputs(data, read_classifier_manifest(artifact))
         with _progress() as update:
             calibrate_classifier(artifact, x, y, metric, progress=update)
         return _classifier_report(artifact)
@@ -479,20 +480,29 @@ def _inspect_classifier(artifact: Path) -> None:
     from eec.runtime.classifier_manifest import read_classifier_manifest
 
     m = read_classifier_manifest(artifact)
-    shape = escape(f"[batch, {', '.join(map(str, m.input_shape))}]")
-    out.print(f"[bold]{escape(str(artifact))}[/]  classifier from {escape(m.source or 'a branched network')}: input "
-              f"{shape} {m.input_dtype}, {m.num_classes} classes, {m.num_stages} stages")
+    if m.text:  # stage 0 is the embeddings, stage k layer k
+        what = (f"{m.architecture} text classifier from {escape(m.source)}: texts of up to {m.text.max_length} tokens, "
+                f"{m.num_classes} classes, {m.num_stages - 1} layers")
+        unit = "layers"
+    else:
+        shape = escape(f"[batch, {', '.join(map(str, m.input_shape))}]")
+        what = (f"classifier from {escape(m.source or 'a branched network')}: input {shape} {m.input_dtype}, "
+                f"{m.num_classes} classes, {m.num_stages} stages")
+        unit = "stages"
+    out.print(f"[bold]{escape(str(artifact))}[/]  {what}")
     out.print(f"precision {m.precision}, target {m.target}")
-    table = Table("graph", "stages", "ends in", "size (MB)")
+    table = Table("graph", unit, "ends in", "size (MB)")
     for k, s in enumerate(m.segments):
         last = k == len(m.segments) - 1
         for role, file in s.graphs.items():
-            ends = ("the final classifier" if last else f"exit after stage {s.exit}" if role == "with_head"
+            ends = ("the final classifier" if last else f"exit after {unit[:-1]} {s.exit}" if role == "with_head"
                     else "the hidden state (full mode)")
-            table.add_row(file, f"{s.start}-{s.stop - 1}", ends, f"{(artifact / file).stat().st_size / 1e6:.2f}")
+            span = f"{max(s.start, 1)}-{s.stop - 1}" + (" (after the embeddings)" if s.start == 0 else "") \
+                if m.text else f"{s.start}-{s.stop - 1}"
+            table.add_row(file, span, ends, f"{(artifact / file).stat().st_size / 1e6:.2f}")
     out.print(table)
     cal = m.calibration
-    out.print(f"exits after stages: {', '.join(map(str, m.exits)) or 'none'}; "
+    out.print(f"exits after {unit}: {', '.join(map(str, m.exits)) or 'none'}; "
               + (f"calibrated on {cal.samples} {'labeled ' if cal.labeled else ''}samples, metric {cal.metric}"
                  if cal else "not calibrated"))
     for line in (m.placement or {}).get("report", []):
@@ -541,11 +551,9 @@ def _profile_classifier(artifact: Path, eps: str, data: Optional[Path], batch: s
     model = load(artifact, threads=threads, device=device)
     if model.exits and model.manifest.calibration is None:
         raise InputError(f"{artifact} is not calibrated; compile it with --data calib.npz")
-    from eec.calib.classifier_calibration import read_npz
+    from eec.calib.classifier_calibration import read_inputs
 
-    x, y = read_npz(data)
-    if y is not None and (y.min(initial=0) < 0 or y.max(initial=0) >= model.manifest.num_classes):
-        raise InputError(f"{data}: labels must lie in 0..{model.manifest.num_classes - 1}")
+    x, y = read_inputs(data, model.manifest)
     if warning := busy_warning():
         err.print(f"warning: {warning}")
     with _progress() as update:
@@ -584,7 +592,7 @@ def profile(
                                                "mode (lossless; default: where the artifact has its verify graph)"),
     draft_layer: Optional[int] = typer.Option(None, help="speculative mode: the exit that drafts (default: the first)"),
     data: Optional[Path] = typer.Option(None, help="classifier artifacts: inputs as an .npz with x (and labels y "
-                                        "for accuracy)"),
+                                        "for accuracy); text classifiers: JSONL or CSV with text (and label)"),
     batch: str = typer.Option("1,64", help="classifier artifacts: batch sizes to time, comma-separated"),
 ) -> None:
     """Measure tokens/s (samples/s for a classifier), speedup over full mode, agreement, exits and bandwidth at

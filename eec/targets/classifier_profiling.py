@@ -41,31 +41,42 @@ class ClassifierRow:
         return self.speedup / self.ideal_speedup if self.ideal_speedup else 0.0
 
 
-def measure(sessions: list, x: np.ndarray, heads: bool = True, rounds: int = 50) -> list[float]:
+def measure(sessions: list, x, heads: bool = True, rounds: int = 50, inputs: list[list[str]] | None = None,
+            side: dict | None = None) -> list[float]:
     """Median seconds of each segment's call at batch 1 on the first input: with ``heads``, one session a
-    segment (its with-head graph, the last one's plain graph); else the plain graphs (``x -> hidden``) of
-    every segment but the last."""
-    times, hidden = [], x[:1]
+    segment (its with-head graph, the last one's plain graph); else the plain graphs (returning ``hidden``) of
+    every segment but the last. ``inputs``: each segment's input names (default ``x``); ``side``: the other
+    inputs of one sample (a text classifier's mask), for which ``x`` is that sample's token ids."""
+    inputs = inputs or [[INPUT]] * len(sessions)
+    side = side or {}
+    times, main = [], x[:1]
     for k, session in enumerate(sessions):
         outputs = [HIDDEN] if not heads else [PROBS] if k == len(sessions) - 1 else [HIDDEN, PROBS]
+        feeds = {name: main if j == 0 else side[name] for j, name in enumerate(inputs[k])}
         samples = []
         for _ in range(rounds + 5):  # the first calls allocate
             t = time.perf_counter()
-            result = session.run(outputs, {INPUT: hidden})
+            result = session.run(outputs, feeds)
             samples.append(time.perf_counter() - t)
         times.append(float(np.median(samples[5:])))
-        hidden = result[0]
+        main = result[0]
     return times
 
 
-def segment_seconds(model: EarlyExitClassifier, x: np.ndarray, rounds: int = 30) -> list[float]:
-    """Median seconds of each segment's early-exit call at batch 1 on the first input."""
-    return measure([g.get(WITH_HEAD, g[PLAIN]) for g in model.sessions], x, rounds=rounds)
+def segment_seconds(model: EarlyExitClassifier, x, rounds: int = 30) -> list[float]:
+    """Median seconds of each segment's early-exit call at batch 1 on the first input (or text)."""
+    sessions = [g.get(WITH_HEAD, g[PLAIN]) for g in model.sessions]
+    inputs = [s.inputs for s in model.manifest.segments]
+    if model.text is not None:
+        (_, ids, side), = model.text.batches(list(x[:1]), 1)[0]
+        return measure(sessions, ids, rounds=rounds, inputs=inputs, side=side)
+    return measure(sessions, x, rounds=rounds, inputs=inputs)
 
 
 def profile_classifier(model: EarlyExitClassifier, x: np.ndarray, y: np.ndarray | None, levels: list[float],
                        batches: list[int], rounds: int, metric: str | None = None, progress=None) -> list[ClassifierRow]:
-    x = model.check_input(x)
+    if model.text is None:
+        x = model.check_input(x)
     configs = [("full", None)] + [("early-exit", e) for e in levels]
     options = [{"mode": "full"} if mode == "full" else {"epsilon": eps, "metric": metric} for mode, eps in configs]
     results = [model.classify(x, **o) for o in options]  # also refuses a bad ε or metric before any timing
@@ -78,7 +89,7 @@ def profile_classifier(model: EarlyExitClassifier, x: np.ndarray, y: np.ndarray 
                     progress("timing", done, steps)
                 start = time.perf_counter()
                 for j in range(0, len(x), b):
-                    model.classify(x[j:j + b], **o)
+                    model.classify(x[j:j + b], batch_size=b, **o)
                 rates[b][i].append(len(x) / (time.perf_counter() - start))
                 done += 1
     seconds = np.array(segment_seconds(model, x))
