@@ -54,12 +54,14 @@ def tokenizer(family: str):
                                    sep_token="[SEP]", mask_token="[MASK]")
 
 
-def tiny_classifier(family: str, vocab: int, pad: int, labels: int = 3, positions: int = POSITIONS):
+def tiny_classifier(family: str, vocab: int, pad: int, labels: int = 3, positions: int = POSITIONS,
+                    init: float = 0.4):
     from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
                               DistilBertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
 
     torch.manual_seed(0)
-    common = dict(vocab_size=vocab, num_labels=labels, pad_token_id=pad, initializer_range=0.4,
+    # wide initial weights (0.4) make random exits confident and disagree; training starts from narrow ones
+    common = dict(vocab_size=vocab, num_labels=labels, pad_token_id=pad, initializer_range=init,
                   id2label={i: f"class{i}" for i in range(labels)}, label2id={f"class{i}": i for i in range(labels)})
     if family == "bert":
         config = BertConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64,

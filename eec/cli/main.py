@@ -151,8 +151,26 @@ def train_cmd(
     init: str = typer.Option("copy", help="copy (the final norm and LM head) or fresh"),
     mode: str = typer.Option("heads", help="heads (frozen backbone) or joint (fine-tune the backbone too)"),
     seed: int = typer.Option(0, help="random seed; the same seed gives the same heads"),
+    recipe: Optional[str] = typer.Option(None, help="text classifiers: deebert, pabee, fastbert or berxit "
+                                         "(default deebert)"),
+    data: Optional[Path] = typer.Option(None, help="text classifiers: training texts, JSONL or CSV with text and "
+                                        "label (fastbert: labels optional)"),
+    heldout: Optional[Path] = typer.Option(None, help="text classifiers: held-out texts for the accuracy report "
+                                           "(default: a tenth of --data)"),
+    batch_size: int = typer.Option(16, help="text classifiers: texts a step"),
 ) -> None:
-    """Train self-supervised exit heads (Valade) for BASE and write model.pt."""
+    """Train exit heads for BASE and write model.pt: self-supervised heads (Valade) for a decoder; for a
+    text classifier (a Hugging Face *ForSequenceClassification directory), heads by a recipe on --data."""
+    from eec.compiler.encoders import is_encoder_dir
+
+    if is_encoder_dir(base):
+        if prompts is not None:
+            raise InputError("--prompts is for decoders; a text classifier trains on --data")
+        return _train_classifier(base, exits, output, recipe or "deebert", data, heldout, epochs, backbone_lr, lr,
+                                 batch_size, seed)
+    if recipe is not None or data is not None or heldout is not None:
+        raise InputError("--recipe, --data and --heldout are for text classifiers; "
+                         f"{base} is not a *ForSequenceClassification directory")
     _torch_side()
     from eec.train import TrainConfig, train
     from eec.calib.calibrate import read_prompt_lines
@@ -180,6 +198,28 @@ def train_cmd(
         if result.undone_final_agreement is not None:
             err.print(f"epoch {result.epochs_run + 1} took it to {result.undone_final_agreement:.3f}, below the floor: "
                       "undone, training stopped there")
+    err.print(f"wrote {output}; compile it with `eec compile {output}`")
+
+
+def _train_classifier(base: Path, exits: str, output: Path, recipe: str, data: Optional[Path], heldout: Optional[Path],
+                      epochs: int, backbone_lr: float, lr: float, batch_size: int, seed: int) -> None:
+    _torch_side()
+    from eec.train.encoder import ClassifierTrainConfig, heldout_table, train_classifier
+
+    if data is None:
+        raise InputError("training a text classifier's exits needs texts: --data train.jsonl (text, label)")
+    config = ClassifierTrainConfig(recipe=recipe, exits=_parse_ids(exits), epochs=epochs, lr=backbone_lr,
+                                   head_lr=lr, batch_size=batch_size, seed=seed)
+    with _progress() as update:
+        result = train_classifier(base, data, output, config, heldout,
+                                  lambda what, done, total, figures: update(
+                                      what, done, total, " ".join(f"{k} {v:.3f}" for k, v in figures.items())))
+    if result.accuracy_after:
+        table = Table("layer", "held-out accuracy before (the model's own classifier)", "after")
+        for layer, before, after in heldout_table(result):
+            table.add_row(str(layer), "-" if before is None else f"{before:.3f}", "-" if after is None else f"{after:.3f}")
+        err.print(f"{recipe}: held-out accuracy on {result.heldout} texts, per exit and the final classifier:")
+        err.print(table)
     err.print(f"wrote {output}; compile it with `eec compile {output}`")
 
 
@@ -222,9 +262,9 @@ def compile_cmd(
     MODEL is a decoder (Hugging Face directory, .gguf, or model.pt from `eec train`) or a branched
     classifier network written by eec.compiler.save_early_exit."""
     from eec.compiler.branched import is_branched_file
-    from eec.compiler.encoders import is_encoder_dir
+    from eec.compiler.encoders import is_encoder_checkpoint, is_encoder_dir
 
-    if is_branched_file(model) or is_encoder_dir(model):
+    if is_branched_file(model) or is_encoder_dir(model) or is_encoder_checkpoint(model):
         decoder_only = {"--shortlist": shortlist != "0", "--exit-classifier": exit_classifier, "--prompts": prompts,
                         "--candidates": candidates, "--catch-up": catch_up != "exact", "--profile": profile}
         given = [name for name, set_ in decoder_only.items() if set_]
@@ -262,10 +302,13 @@ def compile_cmd(
 
 def _compile_classifier(model: Path, output: Path, exits: str | None, target: str, precision: str | None,
                         data: Path | None, metric: str | None, eps: float, overwrite: bool) -> None:
-    """A branched network file (`save_early_exit`) or a Hugging Face sequence classifier directory."""
+    """A branched network file (`save_early_exit`), or a Hugging Face sequence classifier directory or the
+    checkpoint `eec train` wrote for one."""
+    from eec.compiler.branched import is_branched_file
+
     stages = _parse_exits(exits)
     with _progress() as update:
-        if Path(model).is_dir():
+        if not is_branched_file(model):
             _torch_side()
             from eec.compiler.encoder_pipeline import compile_encoder
 

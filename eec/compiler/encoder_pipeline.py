@@ -22,7 +22,7 @@ import numpy as np
 
 from eec import __version__
 from eec.calib.classifier_calibration import no_progress, read_texts, trace_batches, write_calibration
-from eec.compiler.encoders import EncoderSegment, SharedHead, SourceEncoder, load_encoder
+from eec.compiler.encoders import EncoderSegment, SharedHead, SourceEncoder, load_encoder, load_encoder_checkpoint
 from eec.errors import CompileError, InputError
 from eec.runtime.classifier_manifest import (
     HIDDEN,
@@ -54,9 +54,11 @@ def default_exits(num_layers: int) -> list[int]:
 def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits: list[int] | str | None = None,
                     target: str = "cpu", precision: str | None = None, data: str | os.PathLike | None = None,
                     metric: str | None = None, overwrite: bool = False, progress=no_progress) -> ClassifierManifest:
-    """Compile the Hugging Face sequence classifier directory ``source`` into the artifact ``out``.
+    """Compile the Hugging Face sequence classifier directory ``source`` (or the checkpoint `eec train` wrote
+    for one, with its trained exit heads) into the artifact ``out``.
 
-    ``exits``: layer counts after which to exit (default quarter depths; ``[]`` none); ``data``: held-out
+    ``exits``: layer counts after which to exit (default the checkpoint's heads, else quarter depths; ``[]``
+    none); an exit without a trained head reuses the model's own classifier; ``data``: held-out
     texts (JSONL or CSV, a ``text`` column and optionally ``label``) to calibrate on."""
     out = Path(out).absolute()
     tgt = get_target(target)
@@ -76,9 +78,9 @@ def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits:
             raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     check_output(out, overwrite)
     progress("loading model", 0, 1)
-    src = load_encoder(source)
+    src = load_encoder(source) if Path(source).is_dir() else load_encoder_checkpoint(source)
     layers = src.num_layers
-    kept = default_exits(layers) if exits is None else sorted(set(exits))
+    kept = (sorted(src.heads) or default_exits(layers)) if exits is None else sorted(set(exits))
     bad = [k for k in kept if not 1 <= k < layers]
     if bad:
         raise InputError(f"--exits {bad}: exits sit after 1..{layers - 1} layers (this model has {layers})")
@@ -108,9 +110,10 @@ def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, l
         inputs = [IDS if start == 0 else HIDDEN_IN, MASK]
         graphs = {}
         if not last:
+            head = src.heads.get(stop_layer) or SharedHead(src)  # a trained head, else the model's own classifier
             graphs[PLAIN] = _export(EncoderSegment(src, first_layer, stop_layer, None), inputs, [HIDDEN],
                                     tmp, f"graphs/seg{k}.onnx", start == 0, src)
-            graphs[WITH_HEAD] = _export(EncoderSegment(src, first_layer, stop_layer, SharedHead(src)), inputs,
+            graphs[WITH_HEAD] = _export(EncoderSegment(src, first_layer, stop_layer, head), inputs,
                                         [HIDDEN, PROBS, LABEL], tmp, f"graphs/seg{k}_with_head.onnx", start == 0, src)
         else:
             graphs[PLAIN] = _export(EncoderSegment(src, first_layer, stop_layer, SharedHead(src), keep_hidden=False),

@@ -18,7 +18,7 @@ graph. Every segment is checked against the model itself.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ class SourceEncoder:
     family: str
     tokenizer_json: str  # the fast tokenizer's tokenizer.json
     source: str
+    heads: dict[int, nn.Module] = field(default_factory=dict)  # trained exit heads by layer (`eec train`)
 
     @property
     def config(self):
@@ -103,6 +104,62 @@ def load_encoder(path: str | Path) -> SourceEncoder:
     if getattr(model.config, "problem_type", None) == "regression" or model.config.num_labels < 2:
         raise UnsupportedModelError("eec compiles classifiers with at least 2 labels; this model is a regression")
     return SourceEncoder(model, config.model_type, (path / "tokenizer.json").read_text(encoding="utf-8"), str(path))
+
+
+def is_encoder_checkpoint(path: str | Path) -> bool:
+    """A file from `eec train` on a text classifier (`eec.train.encoder.save_checkpoint`)."""
+    from eec.train.encoder import CHECKPOINT_FORMAT
+
+    raw = _read_checkpoint(Path(path))
+    return isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT
+
+
+def _read_checkpoint(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint (or a pickle)
+        return None
+
+
+def load_encoder_checkpoint(path: str | Path) -> SourceEncoder:
+    """The fine-tuned model, tokenizer and trained exit heads `eec train` wrote, read without unpickling code."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from eec.train.encoder import CHECKPOINT_VERSION, HEAD_KIND, ExitHead
+
+    path = Path(path)
+    raw = _read_checkpoint(path)
+    if not isinstance(raw, dict) or raw.get("version") != CHECKPOINT_VERSION:
+        raise InputError(f"{path}: not a text classifier checkpoint of version {CHECKPOINT_VERSION}")
+    try:
+        config = dict(raw["base"]["config"])
+        family = config.get("model_type")
+        if family not in FAMILIES:
+            raise UnsupportedModelError(f"classifier architecture {family!r} is not supported; eec compiles sequence "
+                                        f"classifiers of {', '.join(FAMILIES)}")
+        config = AutoConfig.for_model(**config)
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+        model.load_state_dict(raw["base"]["state_dict"], strict=True)
+        tokenizer = raw["tokenizer"]["json"]
+        hidden = config.dim if family == "distilbert" else config.hidden_size
+        heads = {}
+        for entry in raw["exits"]:
+            if entry["kind"] != HEAD_KIND:
+                raise InputError(f"{path}: exit head kind {entry['kind']!r} is not one eec knows ({HEAD_KIND})")
+            head = ExitHead(hidden, config.num_labels)
+            head.load_state_dict(entry["state_dict"], strict=True)
+            heads[int(entry["layer"])] = head.eval()
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"{path}: a malformed text classifier checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(tokenizer, str):
+        raise InputError(f"{path}: the checkpoint's tokenizer must be tokenizer.json text")
+    src = SourceEncoder(model.eval(), family, tokenizer, str(path), heads)
+    bad = [k for k in heads if not 1 <= k < src.num_layers]
+    if bad:
+        raise InputError(f"{path}: exit heads at layers {bad}, outside 1..{src.num_layers - 1}")
+    return src
 
 
 class EncoderLayer(nn.Module):
