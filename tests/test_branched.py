@@ -654,3 +654,13 @@ def test_recalibrate_on_new_inputs(tmp_path, calibrated):
         remaining &= ~(conf[:, k] >= want[-1])
     assert again.thresholds_for(0.9, "max-prob") == pytest.approx(want)
     assert model.thresholds_for(0.9, "max-prob") != pytest.approx(want)  # the old set gave others
+
+
+def test_patience_confidence_needs_two_confident_exits_in_a_row(known):
+    # each sample's top probability at exits 0, 1, 2 (the final classifier last, unused)
+    tops = {"a": [0.9, 0.9, 0.5], "b": [0.9, 0.5, 0.9], "c": [0.5, 0.9, 0.9], "d": [0.95, 0.5, 0.5]}
+    x = np.stack([np.stack([one_hot_ish([0], top=t)[0] for t in [*row, 0.5]]) for row in tops.values()])
+    got = known.classify(x.astype(np.float32), thresholds=[0.8, 0.8, 0.8], metric="patience-confidence")
+    # a: confident at 0 and 1 -> leaves at 1; b: never twice in a row before the end; c: at 1 and 2 -> 2;
+    # d: once only, and never at the first exit however confident
+    assert got.exits.tolist() == [1, 3, 2, 3]

@@ -64,7 +64,7 @@ def compiled_matches_transformers(checkpoint, out, texts):
     model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**raw["base"]["config"]))
     model.load_state_dict(raw["base"]["state_dict"])
     model.eval()
-    compile_encoder(checkpoint, out)
+    compile_encoder(checkpoint, out, data=checkpoint.parent / "train.jsonl")
     clf = load(out)
     assert clf.exits == [e["layer"] for e in raw["exits"]]
     tok = AutoTokenizer.from_pretrained(checkpoint.parent / "hf")
@@ -81,6 +81,32 @@ def compiled_matches_transformers(checkpoint, out, texts):
     assert (got.exits == first["layer"]).all()
     np.testing.assert_allclose(got.probs, want, atol=2e-5)
     return raw
+
+
+def learned_exit_decides(raw, art, texts, toy):
+    """BERxiT's module runs in the segment: metric "learned" leaves at the first exit whose module score, computed
+    here by hand from transformers' hidden states, reaches the threshold."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from eec.train.encoder import LearnedExit
+
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**raw["base"]["config"]))
+    model.load_state_dict(raw["base"]["state_dict"])
+    model.eval()
+    module = LearnedExit(32)
+    module.load_state_dict(raw["learned_exit"]["state_dict"])
+    batch = AutoTokenizer.from_pretrained(toy / "hf")(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**batch, output_hidden_states=True).hidden_states
+        scores = {k: module(states[k]).numpy() for k in (1, 2)}
+    clf = load(art)
+    assert clf.manifest.learned_exit
+    tau = float(np.median(np.concatenate(list(scores.values()))))
+    want = [next((k for k in (1, 2) if scores[k][i] >= tau), 4) for i in range(len(texts))]
+    assert len(set(want)) > 1
+    got = clf.classify(texts, thresholds=tau, metric="learned")
+    assert got.exits.tolist() == want
+    assert len(clf.thresholds_for(0.5, "learned", rule="valade")) == 2  # calibrated on its own scores
 
 
 @pytest.mark.parametrize("recipe", ["deebert", "pabee", "fastbert", "berxit"])
@@ -103,6 +129,8 @@ def test_recipe_learns_and_compiles(toy, recipe, monkeypatch):
     # the exits learned the task: their held-out accuracy beats the model's own classifier reused there
     assert all(result.accuracy_after[k] > result.accuracy_before[k] for k in (1, 2)), result
     raw = compiled_matches_transformers(out, toy / f"{recipe}.eec", [t for t, _ in toy_texts(7, 5)])
+    if recipe == "berxit":
+        learned_exit_decides(raw, toy / f"{recipe}.eec", [t for t, _ in toy_texts(9, 8)], toy)
     if recipe == "deebert":  # stage two trains the exits alone: the backbone is stage one's, exactly
         frozen = snapshots["training the exits (backbone frozen)"]
         assert all(torch.equal(raw["base"]["state_dict"][k], v) for k, v in frozen.items())

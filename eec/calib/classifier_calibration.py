@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from eec.errors import InputError
-from eec.runtime.classifier_manifest import HIDDEN, INPUT, PROBS
+from eec.runtime.classifier_manifest import EXIT_SCORE, HIDDEN, INPUT, PROBS
 
 CALIBRATION = "calibration.npz"
 METRIC_EPS = 0.99  # the default metric is chosen at this ε: the level a classifier is usually deployed at
@@ -121,30 +121,35 @@ def trace_probs(sessions: list, num_classes: int, x: np.ndarray, progress=no_pro
 
 
 def trace_batches(sessions: list, inputs: list[list[str]], num_classes: int, batches, n: int,
-                  progress=no_progress) -> np.ndarray:
+                  progress=no_progress, learned: bool = False):
     """`trace_probs` over batches ``(rows, first input, {other inputs})`` (a text classifier's padded token ids
-    and their mask), each segment taking ``inputs[k]``; the rows say where each batch's samples go."""
+    and their mask), each segment taking ``inputs[k]``; the rows say where each batch's samples go. With
+    ``learned``, also each exit's learned score (``[samples, segments]``, NaN for the final classifier):
+    returns (probs, scores)."""
     probs = np.empty((n, len(sessions), num_classes), np.float32)
+    scores = np.full((n, len(sessions)), np.nan, np.float32)
     done = 0
     for rows, main, side in batches:
         progress("tracing calibration inputs", done, n)
         for k, session in enumerate(sessions):
             feeds = {name: main if j == 0 else side[name] for j, name in enumerate(inputs[k])}
-            if k < len(sessions) - 1:
-                main, p = session.run([HIDDEN, PROBS], feeds)
-            else:
+            if k == len(sessions) - 1:
                 p, = session.run([PROBS], feeds)
+            elif learned:
+                main, p, scores[rows, k] = session.run([HIDDEN, PROBS, EXIT_SCORE], feeds)
+            else:
+                main, p = session.run([HIDDEN, PROBS], feeds)
             probs[rows, k] = p
         done += len(rows)
-    return probs
+    return (probs, scores) if learned else probs
 
 
-def simulate(probs: np.ndarray, thresholds: list[float], metric: str) -> dict:
+def simulate(probs: np.ndarray, thresholds: list[float], metric: str, learned: np.ndarray | None = None) -> dict:
     """Replay early exit on stored probabilities ``[samples, exits + 1, classes]``: the segment each sample
     leaves at, its answer, and the share of answers equal to the final classifier's."""
     from eec.runtime.classifier import replay
 
-    scores, answers = replay(probs, metric)
+    scores, answers = replay(probs, metric, learned)
     n, segments = probs.shape[:2]
     leave_at = np.full(n, segments - 1)
     remaining = np.ones(n, bool)
@@ -156,34 +161,36 @@ def simulate(probs: np.ndarray, thresholds: list[float], metric: str) -> dict:
     return {"segment": leave_at, "answer": answer, "agreement": float((answer == answers[:, -1]).mean())}
 
 
-def fit_thresholds(probs: np.ndarray, metric: str, eps: float) -> list[float]:
+def fit_thresholds(probs: np.ndarray, metric: str, eps: float, learned: np.ndarray | None = None) -> list[float]:
     """The risk-controlled thresholds (δ = 0.1) at ε, in cascade order, as the runtime computes them."""
-    from eec.calib.thresholds import cascade_thresholds, risk_controlled_threshold
-    from eec.runtime.classifier import replay
+    from eec.runtime.classifier import fit_cascade
 
-    scores, answers = replay(probs, metric)
-    return cascade_thresholds(scores[:, :-1], answers[:, :-1] == answers[:, -1:], eps, risk_controlled_threshold)
+    return fit_cascade(probs, metric, eps, "risk", 0.1, learned)
 
 
-def choose_metric(probs: np.ndarray, stops: list[int]) -> str:
+def choose_metric(probs: np.ndarray, stops: list[int], learned: np.ndarray | None = None) -> str:
     """The metric whose thresholds at ε = `METRIC_EPS` leave the fewest stages run on the calibration set."""
     from eec.runtime.classifier import METRICS
 
     if len(stops) == 1:
         return "max-prob"
     cost = np.asarray(stops, np.float64)
-    return min(METRICS, key=lambda m: float(cost[simulate(probs, fit_thresholds(probs, m, METRIC_EPS), m)["segment"]].mean()))
+    metrics = [m for m in METRICS if m != "learned" or learned is not None]
+    return min(metrics, key=lambda m: float(cost[simulate(probs, fit_thresholds(probs, m, METRIC_EPS, learned), m,
+                                                          learned)["segment"]].mean()))
 
 
-def write_calibration(root: Path, manifest, probs: np.ndarray, labels: np.ndarray | None, metric: str | None):
-    """Store the probabilities in the artifact folder ``root`` (being built, or a staged copy); the manifest
-    with its calibration and files updated, not yet written."""
+def write_calibration(root: Path, manifest, probs: np.ndarray, labels: np.ndarray | None, metric: str | None,
+                      learned: np.ndarray | None = None):
+    """Store the probabilities (and learned exit scores) in the artifact folder ``root`` (being built, or a staged
+    copy); the manifest with its calibration and files updated, not yet written."""
     from eec.runtime.classifier_manifest import ClassifierCalibration
     from eec.runtime.manifest import sha256_file
 
+    extra = {} if learned is None else {"learned": learned.astype(np.float32)}
     with open(root / CALIBRATION, "wb") as f:
-        np.savez(f, probs=probs, labels=labels if labels is not None else np.full(len(probs), -1, np.int64))
-    metric = metric or choose_metric(probs, [s.stop for s in manifest.segments])
+        np.savez(f, probs=probs, labels=labels if labels is not None else np.full(len(probs), -1, np.int64), **extra)
+    metric = metric or choose_metric(probs, [s.stop for s in manifest.segments], learned)
     return replace(manifest, calibration=ClassifierCalibration(CALIBRATION, len(probs), labels is not None, metric),
                    files={**manifest.files, CALIBRATION: sha256_file(root / CALIBRATION)})
 
@@ -212,10 +219,11 @@ def calibrate_classifier(artifact: str | os.PathLike, x, y: np.ndarray | None, m
             raise InputError(f"labels must be {n} whole numbers in 0..{model.manifest.num_classes - 1}")
         y = y.astype(np.int64)
     sessions = [g.get(WITH_HEAD, g[PLAIN]) for g in model.sessions]
-    probs = trace_batches(sessions, [s.inputs for s in model.manifest.segments], model.manifest.num_classes, batches,
-                          n, progress)
+    traced = trace_batches(sessions, [s.inputs for s in model.manifest.segments], model.manifest.num_classes, batches,
+                           n, progress, learned=model.manifest.learned_exit)
+    probs, learned = traced if model.manifest.learned_exit else (traced, None)
     with restaged(root, replaced=(CALIBRATION,)) as stage:
-        manifest = write_calibration(stage, model.manifest, probs, y, metric)
+        manifest = write_calibration(stage, model.manifest, probs, y, metric, learned)
         write_manifest(stage, manifest)
     return manifest
 
@@ -233,7 +241,7 @@ def report(model, levels=REPORT_LEVELS, metric: str | None = None, rule: str = "
     rows = []
     for eps in levels:
         taus = model.thresholds_for(eps, metric, rule)
-        sim = simulate(probs, taus, metric)
+        sim = simulate(probs, taus, metric, model.learned_scores)
         last = len(stops) - 1
         rows.append({"epsilon": eps, "thresholds": taus, "exit_rate": float((sim["segment"] < last).mean()),
                      "mean_stages": float(stops[sim["segment"]].mean()), "agreement": sim["agreement"],

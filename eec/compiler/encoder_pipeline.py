@@ -25,6 +25,7 @@ from eec.calib.classifier_calibration import no_progress, read_texts, trace_batc
 from eec.compiler.encoders import EncoderSegment, SharedHead, SourceEncoder, load_encoder, load_encoder_checkpoint
 from eec.errors import CompileError, InputError
 from eec.runtime.classifier_manifest import (
+    EXIT_SCORE,
     HIDDEN,
     HIDDEN_IN,
     IDS,
@@ -113,8 +114,9 @@ def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, l
             head = src.heads.get(stop_layer) or SharedHead(src)  # a trained head, else the model's own classifier
             graphs[PLAIN] = _export(EncoderSegment(src, first_layer, stop_layer, None), inputs, [HIDDEN],
                                     tmp, f"graphs/seg{k}.onnx", start == 0, src)
-            graphs[WITH_HEAD] = _export(EncoderSegment(src, first_layer, stop_layer, head), inputs,
-                                        [HIDDEN, PROBS, LABEL], tmp, f"graphs/seg{k}_with_head.onnx", start == 0, src)
+            outputs = [HIDDEN, PROBS, LABEL] + ([EXIT_SCORE] if src.learned_exit is not None else [])
+            graphs[WITH_HEAD] = _export(EncoderSegment(src, first_layer, stop_layer, head, learned_exit=src.learned_exit),
+                                        inputs, outputs, tmp, f"graphs/seg{k}_with_head.onnx", start == 0, src)
         else:
             graphs[PLAIN] = _export(EncoderSegment(src, first_layer, stop_layer, SharedHead(src), keep_hidden=False),
                                     inputs, [PROBS, LABEL], tmp, f"graphs/seg{k}.onnx", start == 0, src)
@@ -125,6 +127,7 @@ def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, l
         input_shape=[src.max_length], input_dtype="int64", num_classes=src.num_labels, num_stages=src.num_layers + 1,
         segments=segments, precision="fp32", target=target, class_names=src.class_names, eec_version=__version__,
         source=Path(src.source).name, text=spec, architecture=src.family,
+        learned_exit=src.learned_exit is not None and bool(kept),
     )
     if texts is not None:
         from eec.runtime.classifier import TextInput
@@ -132,8 +135,10 @@ def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, l
 
         batches, n, _ = TextInput(tmp, spec).batches(texts, 32)
         sessions = [open_sessions(tmp, [s.graphs.get(WITH_HEAD, s.graphs[PLAIN])])[0] for s in segments]
-        probs = trace_batches(sessions, [s.inputs for s in segments], src.num_labels, batches, n, progress)
-        manifest = write_calibration(tmp, manifest, probs, labels, metric)
+        traced = trace_batches(sessions, [s.inputs for s in segments], src.num_labels, batches, n, progress,
+                               learned=manifest.learned_exit)
+        probs, learned = traced if manifest.learned_exit else (traced, None)
+        manifest = write_calibration(tmp, manifest, probs, labels, metric, learned)
     manifest = replace(manifest, files=hash_files(tmp))
     check_fields(manifest)
     (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")

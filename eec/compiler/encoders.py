@@ -37,6 +37,7 @@ class SourceEncoder:
     tokenizer_json: str  # the fast tokenizer's tokenizer.json
     source: str
     heads: dict[int, nn.Module] = field(default_factory=dict)  # trained exit heads by layer (`eec train`)
+    learned_exit: nn.Module | None = None  # BERxiT's learning-to-exit module, shared by every exit
 
     @property
     def config(self):
@@ -127,7 +128,7 @@ def load_encoder_checkpoint(path: str | Path) -> SourceEncoder:
     """The fine-tuned model, tokenizer and trained exit heads `eec train` wrote, read without unpickling code."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from eec.train.encoder import CHECKPOINT_VERSION, HEAD_KIND, ExitHead
+    from eec.train.encoder import CHECKPOINT_VERSION, HEAD_KIND, LEARNED_EXIT_KIND, ExitHead, LearnedExit
 
     path = Path(path)
     raw = _read_checkpoint(path)
@@ -151,11 +152,18 @@ def load_encoder_checkpoint(path: str | Path) -> SourceEncoder:
             head = ExitHead(hidden, config.num_labels)
             head.load_state_dict(entry["state_dict"], strict=True)
             heads[int(entry["layer"])] = head.eval()
+        learned = None
+        if raw.get("learned_exit") is not None:
+            if raw["learned_exit"]["kind"] != LEARNED_EXIT_KIND:
+                raise InputError(f"{path}: learned exit kind {raw['learned_exit']['kind']!r} is not one eec knows")
+            learned = LearnedExit(hidden)
+            learned.load_state_dict(raw["learned_exit"]["state_dict"], strict=True)
+            learned.eval()
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise InputError(f"{path}: a malformed text classifier checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(tokenizer, str):
         raise InputError(f"{path}: the checkpoint's tokenizer must be tokenizer.json text")
-    src = SourceEncoder(model.eval(), family, tokenizer, str(path), heads)
+    src = SourceEncoder(model.eval(), family, tokenizer, str(path), heads, learned)
     bad = [k for k in heads if not 1 <= k < src.num_layers]
     if bad:
         raise InputError(f"{path}: exit heads at layers {bad}, outside 1..{src.num_layers - 1}")
@@ -215,15 +223,16 @@ class EncoderSegment(nn.Module):
 
     forward(x, attention_mask): x is the token ids [batch, seq] for the first segment, else the hidden
     state [batch, seq, hidden]; returns the hidden state and, with a head, the class probabilities and label
-    (the last segment: probabilities and label only)."""
+    (the last segment: probabilities and label only), and with a learned exit its score."""
 
-    def __init__(self, src: SourceEncoder, start: int, stop: int, head: nn.Module | None, keep_hidden: bool = True):
+    def __init__(self, src: SourceEncoder, start: int, stop: int, head: nn.Module | None, keep_hidden: bool = True,
+                 learned_exit: nn.Module | None = None):
         super().__init__()
         heads = src.config.n_heads if src.family == "distilbert" else src.config.num_attention_heads
         self.family = src.family
         self.embeddings = src.backbone().embeddings if start == 0 else None
         self.layers = nn.ModuleList(EncoderLayer(l, src.family, heads) for l in src.hf_layers()[start:stop])
-        self.head, self.keep_hidden = head, keep_hidden
+        self.head, self.keep_hidden, self.learned_exit = head, keep_hidden, learned_exit
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor):
         h = x
@@ -236,4 +245,6 @@ class EncoderSegment(nn.Module):
             return h
         probs = torch.softmax(self.head(h), -1)
         label = probs.argmax(-1)
+        if self.learned_exit is not None:
+            return h, probs, label, self.learned_exit(h)
         return (h, probs, label) if self.keep_hidden else (probs, label)

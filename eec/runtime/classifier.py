@@ -20,6 +20,12 @@ per sample as a running state, so no history is stored):
 - ``neg-entropy``: minus the entropy of the probabilities (DeeBERT);
 - ``patience``: how many consecutive exits, ending at this one, name the
   same class (PABEE: a threshold of t + 1 leaves after t unchanged answers);
+- ``patience-confidence``: the lowest top probability among the last two
+  exits (PCEE-BERT: leave once the exits have been confident twice in a row;
+  never at the first exit);
+- ``learned``: a learned exit's estimate that the exit's answer is right,
+  computed in the segment (BERxiT's learning-to-exit module; artifacts
+  trained with ``eec train --recipe berxit`` only);
 - ``ensemble``: the top probability of the normalised geometric mean of the
   probabilities of every exit so far, which is also the answer a sample
   leaves with (Zero Time Waste's cascading ensemble, with equal weights: the
@@ -45,6 +51,7 @@ import numpy as np
 from eec.calib.thresholds import cascade_thresholds, risk_controlled_threshold, valade_threshold
 from eec.errors import ArtifactError, InputError, InputTypeError
 from eec.runtime.classifier_manifest import (
+    EXIT_SCORE,
     HIDDEN,
     MASK,
     PROBS,
@@ -55,7 +62,8 @@ from eec.runtime.classifier_manifest import (
 from eec.runtime.manifest import PLAIN, WITH_HEAD
 from eec.runtime.sessions import open_sessions
 
-METRICS = ("max-prob", "top2-margin", "neg-entropy", "patience", "ensemble")
+METRICS = ("max-prob", "top2-margin", "neg-entropy", "patience", "ensemble", "patience-confidence", "learned")
+PCEE_PATIENCE = 2  # patience-confidence: the exits in a row that must all be confident
 MODES = ("early-exit", "full")
 RULES = ("risk", "valade")
 DEFAULT_EPSILON = 0.95
@@ -79,9 +87,12 @@ class Confidence:
         self.run: np.ndarray | None = None  # patience: how many exits in a row gave it
         self.log_sum: np.ndarray | None = None  # ensemble: the sum of log probabilities so far
         self.seen = 0  # ensemble: exits summed
+        self.recent: np.ndarray | None = None  # patience-confidence: top probabilities of the last exits, [batch, k]
 
-    def step(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def step(self, probs: np.ndarray, learned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         p = probs.astype(np.float64, copy=False)
+        if self.metric == "learned":
+            return learned.astype(np.float64), probs
         if self.metric == "max-prob":
             return p.max(-1), probs
         if self.metric == "top2-margin":
@@ -89,6 +100,13 @@ class Confidence:
             return top[:, -1] - top[:, -2], probs
         if self.metric == "neg-entropy":
             return (p * np.log(np.clip(p, _TINY, None))).sum(-1), probs
+        if self.metric == "patience-confidence":
+            top = p.max(-1)[:, None]
+            self.recent = top if self.recent is None else np.concatenate([self.recent, top], 1)[:, -PCEE_PATIENCE:]
+            if self.recent.shape[1] < PCEE_PATIENCE:
+                # too few exits seen to have been confident long enough: NaN never reaches a threshold
+                return np.full(len(p), np.nan), probs
+            return self.recent.min(-1), probs
         if self.metric == "patience":
             label = p.argmax(-1)
             self.run = np.ones(len(p), np.int64) if self.last is None else np.where(label == self.last, self.run + 1, 1)
@@ -104,22 +122,40 @@ class Confidence:
         return mixed.max(-1), mixed.astype(np.float32)
 
     def keep(self, rows: np.ndarray) -> None:
-        for name in ("last", "run", "log_sum"):
+        for name in ("last", "run", "log_sum", "recent"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[rows])
 
 
-def replay(probs: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def replay(probs: np.ndarray, metric: str, learned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Scores and answers at every exit for stored probabilities ``[samples, exits, classes]`` (the final
-    classifier last): what `classify` would compute for each sample had it gone on through every exit."""
+    classifier last) and learned exit scores ``[samples, exits]`` where the artifact has them: what `classify`
+    would compute for each sample had it gone on through every exit."""
+    if metric == "learned" and learned is None:
+        raise InputError("this artifact has no learned exit (metric 'learned' needs exits trained with "
+                         "`eec train --recipe berxit`)")
     conf = Confidence(metric)
     scores, answers = [], []
     for k in range(probs.shape[1]):
-        s, p = conf.step(probs[:, k])
+        s, p = conf.step(probs[:, k], None if learned is None else learned[:, k])
         scores.append(s)
         answers.append(p.argmax(-1))
     return np.stack(scores, 1), np.stack(answers, 1)
+
+
+def fit_cascade(probs: np.ndarray, metric: str, eps: float, rule: str = "risk", delta: float = 0.1,
+                learned: np.ndarray | None = None) -> list[float]:
+    """τ for each exit at ε from stored probabilities ``[samples, exits + 1, classes]``, in cascade order: each
+    exit fitted on the samples the earlier ones keep, its answers judged against the final classifier's."""
+    scores, answers = replay(probs, metric, learned)
+    agreed = answers[:, :-1] == answers[:, -1:]
+
+    def fit(c, t, e):
+        c, t = c[~np.isnan(c)], t[~np.isnan(c)]  # undefined scores (NaN) never exit: left out of the fit
+        return risk_controlled_threshold(c, t, e, delta) if rule == "risk" else valade_threshold(c, t, e)
+
+    return cascade_thresholds(scores[:, :-1], agreed, eps, fit)
 
 
 @dataclass
@@ -214,6 +250,7 @@ class EarlyExitClassifier:
         self.text = TextInput(root, manifest.text) if manifest.text else None
         self._probs: np.ndarray | None = None
         self._labels: np.ndarray | None = None
+        self._learned: np.ndarray | None = None  # calibration: learned exit scores [samples, segments]
         self._thresholds: dict[tuple, list[float]] = {}
 
     @property
@@ -235,6 +272,7 @@ class EarlyExitClassifier:
             try:
                 with np.load(self.root / cal.file, allow_pickle=False) as z:
                     probs, labels = z["probs"], z["labels"]
+                    learned = z["learned"] if "learned" in z.files else None
             except (OSError, KeyError, ValueError) as e:
                 raise ArtifactError(f"{self.root / cal.file} is not a readable calibration file ({e})") from None
             want = (cal.samples, len(self.manifest.segments), self.manifest.num_classes)
@@ -242,8 +280,16 @@ class EarlyExitClassifier:
                     or labels.dtype != np.int64:
                 raise ArtifactError(f"{self.root / cal.file}: probs {probs.shape} {probs.dtype} and labels "
                                     f"{labels.shape} {labels.dtype} do not fit the manifest ({want})")
-            self._probs, self._labels = probs, (labels if cal.labeled else None)
+            if learned is not None and (learned.shape != want[:2] or learned.dtype != np.float32):
+                raise ArtifactError(f"{self.root / cal.file}: learned scores {learned.shape} do not fit {want[:2]}")
+            self._probs, self._labels, self._learned = probs, (labels if cal.labeled else None), learned
         return self._probs, self._labels
+
+    @property
+    def learned_scores(self) -> np.ndarray | None:
+        """The calibration set's learned exit scores ``[samples, exits + 1]``, where the artifact has a learned exit."""
+        self.calibration()
+        return self._learned
 
     def thresholds_for(self, epsilon: float, metric: str | None = None, rule: str = "risk",
                        delta: float = 0.1) -> list[float]:
@@ -256,13 +302,7 @@ class EarlyExitClassifier:
         metric = metric or self.manifest.calibration.metric
         key = (float(epsilon), metric, rule, delta)
         if key not in self._thresholds:
-            scores, answers = replay(probs, metric)
-            agreed = answers[:, :-1] == answers[:, -1:]
-
-            def fit(c, t, e):
-                return risk_controlled_threshold(c, t, e, delta) if rule == "risk" else valade_threshold(c, t, e)
-
-            self._thresholds[key] = cascade_thresholds(scores[:, :-1], agreed, float(epsilon), fit)
+            self._thresholds[key] = fit_cascade(probs, metric, float(epsilon), rule, delta, self._learned)
         return self._thresholds[key]
 
     def _resolve(self, thresholds, epsilon, metric, rule, delta) -> tuple[list[float], str]:
@@ -272,6 +312,9 @@ class EarlyExitClassifier:
         metric = metric or (cal.metric if cal else "max-prob")
         if metric not in METRICS:
             raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        if metric == "learned" and not self.manifest.learned_exit:
+            raise InputError("this artifact has no learned exit (metric 'learned' needs exits trained with "
+                             "`eec train --recipe berxit`)")
         if not self.exits and epsilon is None:
             return [], metric  # nothing to decide: early exit is full mode
         if thresholds is None:
@@ -363,8 +406,11 @@ class EarlyExitClassifier:
                 main, = graphs[PLAIN].run([HIDDEN], feeds)
                 continue
             else:
-                main, p = graphs[WITH_HEAD].run([HIDDEN, PROBS], feeds)
-                score, p = conf.step(p)
+                if conf.metric == "learned":
+                    main, p, learned = graphs[WITH_HEAD].run([HIDDEN, PROBS, EXIT_SCORE], feeds)
+                else:
+                    (main, p), learned = graphs[WITH_HEAD].run([HIDDEN, PROBS], feeds), None
+                score, p = conf.step(p, learned)
                 leave = score >= taus[i]
                 if not leave.any():
                     stats.exits[seg.exit] = stats.exits.get(seg.exit, 0)

@@ -24,6 +24,7 @@ ROLES = (PLAIN, WITH_HEAD)
 INPUT, HIDDEN, PROBS, LABEL = "x", "hidden", "probs", "label"
 IDS, MASK = "input_ids", "attention_mask"  # a text classifier's inputs
 HIDDEN_IN = "hidden_in"  # a text classifier's later segments: the previous segment's hidden state
+EXIT_SCORE = "exit_score"  # a learned exit's confidence that the segment's answer is right (BERxiT)
 INPUT_DTYPES = ("float32", "int64")  # int64: token ids
 LIMITS = {"num_classes": 1 << 20, "num_stages": 4096, "input_dim": 1 << 20, "input_rank": 8}
 
@@ -77,6 +78,8 @@ class ClassifierManifest:
     placement: dict | None = None  # `--exits auto`: ε, the chosen exits, the measured segment latencies
     text: TextSpec | None = None  # a text classifier (input_shape [max_length], int64 token ids)
     architecture: str = ""  # a text classifier's family (bert, roberta, distilbert); "" for a branched network
+    # Exit segments' with-head graphs also return `exit_score`, a learned exit's confidence (metric "learned")
+    learned_exit: bool = False
 
     @property
     def exits(self) -> list[int]:

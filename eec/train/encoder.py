@@ -16,7 +16,10 @@ each recipe trains them its own way (../shared/seeds/survey-early-exit-nlp.txt):
   classifier's distribution (KL divergence), so it needs no labels.
 - ``berxit`` (Xin et al. 2021): alternating steps, the final classifier's
   loss on even steps and the sum of every exit's on odd ones, both through
-  the backbone.
+  the backbone; on the odd steps its learning-to-exit module (`LearnedExit`)
+  also learns, from each exit's state, whether that exit's answer is right
+  (squared error against 1 or 0). The artifact's metric ``learned`` exits
+  on its estimate.
 
 `train_classifier` writes the checkpoint `eec compile` takes
 (`eec.compiler.encoders.load_encoder_checkpoint`: the fine-tuned model, its
@@ -42,6 +45,7 @@ RECIPES = ("deebert", "pabee", "fastbert", "berxit")
 CHECKPOINT_FORMAT = "eec-text-classifier"
 CHECKPOINT_VERSION = 1
 HEAD_KIND = "first-token-tanh-linear"
+LEARNED_EXIT_KIND = "first-token-sigmoid"
 
 
 class ExitHead(nn.Module):
@@ -53,6 +57,18 @@ class ExitHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.out(torch.tanh(self.dense(h[:, 0])))
+
+
+class LearnedExit(nn.Module):
+    """BERxiT's learning-to-exit module: one linear layer and a sigmoid on an exit's first-token state,
+    shared by every exit, estimating whether that exit's answer is right."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.proj(h[:, 0])).squeeze(-1)
 
 
 @dataclass
@@ -127,11 +143,12 @@ def train_classifier(base: str | Path, data: str | Path, out: str | Path, config
     model = src.model
     hidden = src.config.dim if src.family == "distilbert" else src.config.hidden_size
     heads = nn.ModuleDict({str(k): _init_head(src, hidden) for k in exits})
-    trainer = _Trainer(model, heads, tokenizer, src.max_length, config, rng, progress)
+    learned = LearnedExit(hidden) if config.recipe == "berxit" else None
+    trainer = _Trainer(model, heads, tokenizer, src.max_length, config, rng, progress, learned)
     before = trainer.accuracy(test_texts, test_labels, shared=src) if test_labels is not None else {}
     trainer.run(texts, labels)
     after = trainer.accuracy(test_texts, test_labels) if test_labels is not None else {}
-    save_checkpoint(out, src, heads, config)
+    save_checkpoint(out, src, heads, config, learned)
     return ClassifierTrainResult(exits, before, after, trainer.losses, len(test_texts))
 
 
@@ -146,8 +163,8 @@ def _init_head(src, hidden: int) -> ExitHead:
 
 
 class _Trainer:
-    def __init__(self, model, heads, tokenizer, max_length, config, rng, progress):
-        self.model, self.heads, self.tokenizer = model, heads, tokenizer
+    def __init__(self, model, heads, tokenizer, max_length, config, rng, progress, learned=None):
+        self.model, self.heads, self.tokenizer, self.learned = model, heads, tokenizer, learned
         self.max_length, self.config, self.rng, self.progress = max_length, config, rng, progress
         self.losses: dict[str, list[float]] = {}
 
@@ -162,8 +179,10 @@ class _Trainer:
             yield enc, None if labels is None else torch.from_numpy(labels[rows])
 
     def forward(self, enc):
-        """The final logits and each exit's logits."""
+        """The final logits and each exit's logits (and, with a learned exit, the exits' hidden states in
+        ``self.states``)."""
         out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+        self.states = {int(k): out.hidden_states[int(k)] for k in self.heads}
         return out.logits, {int(k): head(out.hidden_states[int(k)]) for k, head in self.heads.items()}
 
     def stage(self, name: str, texts, labels, loss_fn, params, lr, frozen: bool):
@@ -224,14 +243,19 @@ class _Trainer:
                             weighted)
         elif recipe == "berxit":
             def alternating(final, exits, y, step):
-                return ce(final, y) if step % 2 == 0 else sum(ce(e, y) for e in exits.values())
+                if step % 2 == 0:
+                    return ce(final, y)
+                right = {k: (e.argmax(-1) == y).float() for k, e in exits.items()}  # the module's targets
+                learned = sum(nn.functional.mse_loss(self.learned(self.states[k].detach()), right[k]) for k in exits)
+                return sum(ce(e, y) for e in exits.values()) + learned
 
             self._two_rates("alternating the final and the exits' losses", texts, labels, alternating)
 
     def _two_rates(self, name, texts, labels, loss_fn):
         """One stage through the backbone at its rate and the heads at theirs."""
         opt_params = [{"params": list(self.model.parameters()), "lr": self.config.lr},
-                      {"params": list(self.heads.parameters()), "lr": self.config.head_lr}]
+                      {"params": list(self.heads.parameters()) + (list(self.learned.parameters()) if self.learned
+                                                                  else []), "lr": self.config.head_lr}]
         opt = torch.optim.AdamW(opt_params)
         steps = self.config.epochs * math.ceil(len(texts) / self.config.batch_size)
         step = 0
@@ -273,7 +297,8 @@ class _Trainer:
         return {k: right[k] / len(texts) for k in sorted(right)}
 
 
-def save_checkpoint(out: Path, src, heads: nn.ModuleDict, config: ClassifierTrainConfig) -> None:
+def save_checkpoint(out: Path, src, heads: nn.ModuleDict, config: ClassifierTrainConfig,
+                    learned: LearnedExit | None = None) -> None:
     """The fine-tuned model, its tokenizer and the exit heads: a plain dict of tensors, numbers and text."""
     body = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
@@ -283,6 +308,8 @@ def save_checkpoint(out: Path, src, heads: nn.ModuleDict, config: ClassifierTrai
         "exits": [{"layer": int(k), "kind": HEAD_KIND,
                    "state_dict": {n: p.detach().clone() for n, p in head.state_dict().items()}}
                   for k, head in sorted(heads.items(), key=lambda kv: int(kv[0]))],
+        "learned_exit": None if learned is None else {
+            "kind": LEARNED_EXIT_KIND, "state_dict": {n: p.detach().clone() for n, p in learned.state_dict().items()}},
         "metadata": {"recipe": config.recipe, "epochs": config.epochs, "seed": config.seed},
     }
     tmp = out.with_name(f".{out.name}.tmp")

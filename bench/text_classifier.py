@@ -1,0 +1,172 @@
+"""Early-exit text classifiers against the optimized whole model: texts/s at batch 1 and 32, held-out accuracy.
+
+    .venv/bin/python examples/stdlib_bert/train.py -o stdlib-bert --minutes 18
+    for r in deebert pabee fastbert berxit; do
+        eec train stdlib-bert/hf --recipe $r --exits 1,2,3,4,5 --data stdlib-bert/train.jsonl --epochs 2 -o stdlib-bert/$r.pt
+    done
+    .venv/bin/python bench/text_classifier.py stdlib-bert --recipes deebert,pabee,fastbert,berxit
+
+Peers, each in its own process, one after another, every core, fp32, on the
+same held-out texts (``DIR/test.jsonl``), each tokenizing its own input:
+- eec early exit at ε = 0.95 and 0.99 (risk rule, δ 0.1) and eec full for each
+  recipe's checkpoint (``DIR/RECIPE.pt``, compiled with ``--data DIR/calib.jsonl``);
+- the base model (``DIR/hf``) exported whole with ``torch.onnx.export`` and
+  optimized by ``onnxruntime.transformers.optimizer`` (fused attention and
+  layer norms: the fastest path a user has today), fed by the same
+  ``tokenizers`` tokenizer;
+- PyTorch eager on the base model, with its transformers tokenizer.
+
+Throughput is the median of ``--rounds`` passes: at batch 1 over the first
+``--single`` texts one at a time, at batch 32 over the whole set in its
+order, 32 texts a call (each peer pads a call to its longest text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BATCHES = (1, 32)
+
+
+def texts_and_labels(folder: Path) -> tuple[list[str], np.ndarray, list[str]]:
+    config = json.loads((folder / "hf" / "config.json").read_text())
+    names = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    rows = [json.loads(line) for line in open(folder / "test.jsonl", encoding="utf-8")]
+    return [r["text"] for r in rows], np.array([names.index(r["label"]) for r in rows]), names
+
+
+def timed(run, texts: list[str], batch: int, rounds: int, single: int) -> tuple[float, np.ndarray]:
+    items = texts[:single] if batch == 1 else texts
+    rates = []
+    for _ in range(rounds + 1):  # the first pass warms up
+        labels = []
+        start = time.perf_counter()
+        for i in range(0, len(items), batch):
+            labels.append(run(items[i:i + batch]))
+        rates.append(len(items) / (time.perf_counter() - start))
+    return float(np.median(rates[1:])), np.concatenate(labels)
+
+
+def peer(args) -> None:
+    texts, _, _ = texts_and_labels(args.dir)
+    extra = {}
+    if args.peer.startswith("eec"):
+        from eec.runtime import load
+
+        _, recipe, setting = args.peer.split(":")
+        model = load(args.dir / f"{recipe}.eec")
+        options = {"mode": "full"} if setting == "full" else {"epsilon": float(setting)}
+
+        def run(batch):
+            return model.classify(batch, batch_size=len(batch), **options).labels
+
+        exits = model.classify(texts, **options).exits
+        extra["exits"] = {int(k): int((exits == k).sum()) for k in np.unique(exits)}
+    elif args.peer == "onnxruntime-optimized":
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(args.dir / "hf" / "tokenizer.json"))
+        tok.enable_truncation(128)
+        config = json.loads((args.dir / "hf" / "config.json").read_text())
+        tok.enable_padding(pad_id=config.get("pad_token_id") or 0)
+        session = ort.InferenceSession(str(args.dir / "whole-optimized.onnx"), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+
+        def run(batch):
+            enc = tok.encode_batch(batch)
+            feeds = {"input_ids": np.array([e.ids for e in enc], np.int64),
+                     "attention_mask": np.array([e.attention_mask for e in enc], np.int64)}
+            if "token_type_ids" in names:
+                feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+            return session.run(None, feeds)[0].argmax(-1)
+    else:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(args.dir / "hf").eval()
+        tok = AutoTokenizer.from_pretrained(args.dir / "hf")
+
+        def run(batch):
+            with torch.inference_mode():
+                return model(**tok(batch, padding=True, truncation=True, max_length=128,
+                                   return_tensors="pt")).logits.argmax(-1).numpy()
+
+    rates, labels = {}, None
+    for batch in BATCHES:
+        rates[batch], got = timed(run, texts, batch, args.rounds, args.single)
+        labels = got if batch != 1 else labels
+    print(json.dumps({"rates": rates, "labels": labels.tolist(), **extra}))
+
+
+def prepare(folder: Path, recipes: list[str]) -> None:
+    """Each recipe's artifact and the optimized whole model, unless they exist."""
+    for recipe in recipes:
+        if not (folder / f"{recipe}.eec").exists():
+            from eec.compiler.encoder_pipeline import compile_encoder
+
+            compile_encoder(folder / f"{recipe}.pt", folder / f"{recipe}.eec", data=folder / "calib.jsonl")
+    if not (folder / "whole-optimized.onnx").exists():
+        import torch
+        from onnxruntime.transformers.optimizer import optimize_model
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(folder / "hf", attn_implementation="eager").eval()
+        ids = torch.randint(5, 100, (2, 16))
+        mask = torch.ones_like(ids)
+        raw = folder / "whole.onnx"
+        with torch.no_grad():
+            # the TorchScript exporter: its graphs are the ones onnxruntime's optimizer fuses attention in
+            torch.onnx.export(model, (ids, mask), str(raw), input_names=["input_ids", "attention_mask"],
+                              output_names=["logits"], dynamo=False, opset_version=17,
+                              dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})
+        c = model.config
+        optimized = optimize_model(str(raw), model_type="bert", num_heads=c.num_attention_heads, hidden_size=c.hidden_size)
+        print("optimized whole model:", optimized.get_fused_operator_statistics())
+        optimized.save_model_to_file(str(folder / "whole-optimized.onnx"))
+        raw.unlink()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--recipes", default="deebert,pabee,fastbert,berxit")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--single", type=int, default=300, help="texts timed one at a time")
+    ap.add_argument("--peer", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peer:
+        return peer(args)
+    recipes = [r for r in args.recipes.split(",") if r]
+    prepare(args.dir, recipes)
+    _, y, _ = texts_and_labels(args.dir)
+    peers = ["onnxruntime-optimized", "pytorch"]
+    for r in recipes:
+        peers += [f"eec:{r}:full", f"eec:{r}:0.95", f"eec:{r}:0.99"]
+    results = {}
+    for name in peers:
+        done = subprocess.run([sys.executable, __file__, str(args.dir), "--rounds", str(args.rounds), "--single",
+                               str(args.single), "--peer", name], capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{name} failed: {done.stderr.strip()[-2000:]}")
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{name}: {results[name]['rates']}", file=sys.stderr, flush=True)
+    base = results["onnxruntime-optimized"]["rates"]
+    print(f"{len(y)} held-out functions; batch 1 over the first {args.single}; median of {args.rounds} passes")
+    print("| peer | batch 1 texts/s | batch 32 texts/s | vs onnxruntime optimized (1 / 32) | accuracy | exits (layer: texts) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        labels, rates = np.array(r["labels"]), r["rates"]
+        print(f"| {name} | {rates['1']:.0f} | {rates['32']:.0f} | {rates['1'] / base['1']:.2f}x / "
+              f"{rates['32'] / base['32']:.2f}x | {(labels == y).mean():.4f} | {r.get('exits', '')} |")
+
+
+if __name__ == "__main__":
+    main()
