@@ -107,12 +107,8 @@ def peer(args) -> None:
 
 
 def prepare(folder: Path, recipes: list[str]) -> None:
-    """Each recipe's artifact and the optimized whole model, unless they exist."""
-    for recipe in recipes:
-        if not (folder / f"{recipe}.eec").exists():
-            from eec.compiler.encoder_pipeline import compile_encoder
-
-            compile_encoder(folder / f"{recipe}.pt", folder / f"{recipe}.eec", data=folder / "calib.jsonl")
+    """The optimized whole model and each recipe's artifact, unless they exist. The whole model first: the
+    optimizer opens an onnxruntime session of its own, which eec's process-wide thread pool would refuse."""
     if not (folder / "whole-optimized.onnx").exists():
         import torch
         from onnxruntime.transformers.optimizer import optimize_model
@@ -132,6 +128,11 @@ def prepare(folder: Path, recipes: list[str]) -> None:
         print("optimized whole model:", optimized.get_fused_operator_statistics())
         optimized.save_model_to_file(str(folder / "whole-optimized.onnx"))
         raw.unlink()
+    for recipe in recipes:
+        if not (folder / f"{recipe}.eec").exists():
+            from eec.compiler.encoder_pipeline import compile_encoder
+
+            compile_encoder(folder / f"{recipe}.pt", folder / f"{recipe}.eec", data=folder / "calib.jsonl")
 
 
 def main() -> None:
