@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parents[1] / "examples" / "stdlib_bert" / "train.py"
 
 
+@pytest.mark.slow  # a minute (parsing the standard library); the recipes and compiling are tested on their own
 def test_tiny_run_writes_a_model_eec_trains_and_compiles(tmp_path):
     from eec.compiler.encoder_pipeline import compile_encoder
     from eec.runtime import load
