@@ -18,6 +18,7 @@ import torch
 from eec.compiler.encoder_pipeline import compile_encoder
 from eec.errors import InputError, UnsupportedModelError
 from eec.runtime import load
+from tests.test_branched import middle_cut
 
 CORPUS = ("the cat sat on the mat and looked at the dog . a dog ran after the ball in the park while "
           "children played near the old tree . functions return values ; classes hold state and methods . "
@@ -132,12 +133,6 @@ def test_full_mode_equals_transformers_on_padded_batches(encoders, family):
         assert got.labels.tolist() == want.argmax(-1).tolist()
         assert (got.exits == LAYERS).all()
     assert clf.manifest.class_names == ["class0", "class1", "class2"]
-
-
-def middle_cut(confidence: np.ndarray, gap: float = 1e-4) -> float:
-    c = np.sort(confidence)
-    cuts = [(abs(i + 1 - len(c) / 2), (c[i] + c[i + 1]) / 2) for i in range(len(c) - 1) if c[i + 1] - c[i] > gap]
-    return float(min(cuts)[1])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -178,15 +178,19 @@ class _Trainer:
                                  return_tensors="pt")
             yield enc, None if labels is None else torch.from_numpy(labels[rows])
 
-    def forward(self, enc):
-        """The final logits and each exit's logits (and, with a learned exit, the exits' hidden states in
-        ``self.states``)."""
-        out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+    def forward(self, enc, frozen: bool = False):
+        """The final logits and each exit's logits (the exits' hidden states kept in ``self.states`` for a learned
+        exit); ``frozen``: the backbone runs without gradients."""
+        with torch.set_grad_enabled(not frozen and torch.is_grad_enabled()):
+            out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             output_hidden_states=True)
         self.states = {int(k): out.hidden_states[int(k)] for k in self.heads}
-        return out.logits, {int(k): head(out.hidden_states[int(k)]) for k, head in self.heads.items()}
+        return out.logits, {k: self.heads[str(k)](h) for k, h in self.states.items()}
 
-    def stage(self, name: str, texts, labels, loss_fn, params, lr, frozen: bool):
-        opt = torch.optim.AdamW(params, lr=lr)
+    def stage(self, name: str, texts, labels, loss_fn, groups: list[dict], frozen: bool = False):
+        """Epochs of ``loss_fn(final, exits, labels, step)`` over the texts, updating the parameter ``groups``
+        (AdamW, each with its own rate); ``frozen``: the backbone is neither trained nor differentiated."""
+        opt = torch.optim.AdamW(groups)
         steps = self.config.epochs * math.ceil(len(texts) / self.config.batch_size)
         step = 0
         for epoch in range(self.config.epochs):
@@ -194,14 +198,7 @@ class _Trainer:
             self.model.train(not frozen)
             self.heads.train()
             for enc, y in self.batches(texts, labels):
-                if frozen:
-                    with torch.no_grad():
-                        out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                         output_hidden_states=True)
-                    final = out.logits
-                    exits = {int(k): head(out.hidden_states[int(k)]) for k, head in self.heads.items()}
-                else:
-                    final, exits = self.forward(enc)
+                final, exits = self.forward(enc, frozen)
                 loss = loss_fn(final, exits, y, step)
                 opt.zero_grad()
                 loss.backward()
@@ -214,23 +211,22 @@ class _Trainer:
 
     def run(self, texts, labels) -> None:
         recipe, ce = self.config.recipe, nn.functional.cross_entropy
-        backbone = list(self.model.parameters())
-        heads = list(self.heads.parameters())
+        backbone = {"params": list(self.model.parameters()), "lr": self.config.lr}
+        extra = list(self.learned.parameters()) if self.learned is not None else []
+        heads = {"params": list(self.heads.parameters()) + extra, "lr": self.config.head_lr}
         if recipe in ("deebert", "fastbert") and labels is not None:
             self.stage("fine-tuning the backbone and final classifier", texts, labels,
-                       lambda final, exits, y, step: ce(final, y), backbone, self.config.lr, frozen=False)
+                       lambda final, exits, y, step: ce(final, y), [backbone])
         if recipe == "deebert":
             self.stage("training the exits (backbone frozen)", texts, labels,
-                       lambda final, exits, y, step: sum(ce(e, y) for e in exits.values()), heads,
-                       self.config.head_lr, frozen=True)
+                       lambda final, exits, y, step: sum(ce(e, y) for e in exits.values()), [heads], frozen=True)
         elif recipe == "fastbert":
             def distil(final, exits, y, step):
                 teacher = torch.log_softmax(final.detach(), -1)
                 return sum(nn.functional.kl_div(torch.log_softmax(e, -1), teacher, log_target=True,
                                                 reduction="batchmean") for e in exits.values())
 
-            self.stage("self-distilling the exits (backbone frozen)", texts, None, distil, heads, self.config.head_lr,
-                       frozen=True)
+            self.stage("self-distilling the exits (backbone frozen)", texts, None, distil, [heads], frozen=True)
         elif recipe == "pabee":
             layers = self.model.config.num_hidden_layers if hasattr(self.model.config, "num_hidden_layers") \
                 else self.model.config.n_layers
@@ -239,8 +235,8 @@ class _Trainer:
                 total = sum(k * ce(e, y) for k, e in exits.items()) + layers * ce(final, y)
                 return total / (sum(exits) + layers)
 
-            self._two_rates("training every exit with the backbone (weights grow with depth)", texts, labels,
-                            weighted)
+            self.stage("training every exit with the backbone (weights grow with depth)", texts, labels, weighted,
+                       [backbone, heads])
         elif recipe == "berxit":
             def alternating(final, exits, y, step):
                 if step % 2 == 0:
@@ -249,31 +245,7 @@ class _Trainer:
                 learned = sum(nn.functional.mse_loss(self.learned(self.states[k].detach()), right[k]) for k in exits)
                 return sum(ce(e, y) for e in exits.values()) + learned
 
-            self._two_rates("alternating the final and the exits' losses", texts, labels, alternating)
-
-    def _two_rates(self, name, texts, labels, loss_fn):
-        """One stage through the backbone at its rate and the heads at theirs."""
-        opt_params = [{"params": list(self.model.parameters()), "lr": self.config.lr},
-                      {"params": list(self.heads.parameters()) + (list(self.learned.parameters()) if self.learned
-                                                                  else []), "lr": self.config.head_lr}]
-        opt = torch.optim.AdamW(opt_params)
-        steps = self.config.epochs * math.ceil(len(texts) / self.config.batch_size)
-        step = 0
-        for epoch in range(self.config.epochs):
-            total, count = 0.0, 0
-            self.model.train()
-            self.heads.train()
-            for enc, y in self.batches(texts, labels):
-                final, exits = self.forward(enc)
-                loss = loss_fn(final, exits, y, step)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total, count, step = total + loss.item(), count + 1, step + 1
-                self.progress(f"{name}, epoch {epoch + 1}/{self.config.epochs}", step, steps, {"loss": loss.item()})
-            self.losses.setdefault(name, []).append(total / max(count, 1))
-        self.model.eval()
-        self.heads.eval()
+            self.stage("alternating the final and the exits' losses", texts, labels, alternating, [backbone, heads])
 
     @torch.no_grad()
     def accuracy(self, texts, labels, shared=None) -> dict[int, float]:
