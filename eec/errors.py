@@ -25,3 +25,7 @@ class ArtifactError(EecError):
 
 class CompileError(EecError):
     """Compilation failed for a reason other than the user's input."""
+
+
+class Overloaded(EecError):
+    """A request was refused because the engine's queue is full; the caller should retry later."""

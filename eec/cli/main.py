@@ -479,6 +479,54 @@ def generate(
 
 @app.command()
 @_user_errors
+def serve(
+    artifact: Path = typer.Argument(..., help="compiled artifact directory (a text generator or a classifier)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    name: Optional[str] = typer.Option(None, help="the model's name in the API (default: the folder's name)"),
+    max_batch: int = typer.Option(8, help="sequences decoded at once"),
+    max_queue: int = typer.Option(256, help="requests that may wait for a row; past it new ones get 429"),
+    eps: Optional[float] = typer.Option(None, "--eps", help="accuracy level of requests that give no epsilon "
+                                        "(default: 0.9 for text generators, 0.95 for classifiers)"),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime threads (default: all cores)"),
+    monitor: Optional[bool] = typer.Option(None, "--monitor/--no-monitor", help="check exited tokens against the "
+                                           "final head live, reported in /metrics (default: where the artifact "
+                                           "has the verify graph)"),
+) -> None:
+    """Serve ARTIFACT over HTTP: OpenAI's /v1/completions and /v1/chat/completions (or /v1/classify), /health,
+    /metrics. Needs the serve extra: pip install 'eec\\[serve]'."""
+    from eec.serve import missing_extra
+
+    problem = missing_extra()
+    if problem:
+        raise InputError(problem)
+    if not 0 < port < 65536:
+        raise InputError(f"--port must be in 1..65535, got {port}")
+    if max_queue < 0:
+        raise InputError(f"--max-queue must be at least 0, got {max_queue}")
+    import socket
+
+    import uvicorn
+
+    from eec.serve.app import create_app
+
+    try:  # bound before the model loads: a taken port is a one-line error, not a log line after the load
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    application = create_app(artifact, name=name, max_batch=max_batch, max_queue=max_queue, threads=threads,
+                             epsilon=eps, monitor=monitor)
+    service = application.state.service
+    err.print(f"serving {service.name} ({service.kind}) on http://{host}:{port}  (Ctrl-C stops)", highlight=False)
+    server = uvicorn.Server(uvicorn.Config(application, log_level="warning", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+
+
+@app.command()
+@_user_errors
 def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directory")) -> None:
     """Show an artifact's model, segments, exits, sizes and precision."""
     from eec.runtime.manifest import read_manifest

@@ -10,6 +10,11 @@ are retired and their rows given to the next. Live rows are kept in the
 first slots, so one call covers them: a retired row's slot takes the last
 live row (`Batch.move`).
 
+A request can be cancelled from any thread (`Request.cancel`, a client gone):
+its row and KV are released before the next step. ``max_waiting`` bounds the
+queue: past it `submit` raises `eec.errors.Overloaded` rather than letting the
+queue (and every waiting request's latency) grow without bound.
+
 Requests come from any thread (`submit`); the engine runs in the caller's
 thread (`step`, `run`) or in one worker thread of its own (`start`). All
 onnxruntime calls happen in that one thread: an IO binding is not for two
@@ -26,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Mapping
 
-from eec.errors import EecError, InputError
+from eec.errors import EecError, InputError, Overloaded
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,10 +51,10 @@ class Event:
     exit_layer: int
     text: str | None  # the new text this token completes ("" while a character waits for its other bytes,
     # or while the text could be the start of a stop string)
-    finish_reason: str | None = None  # set on a request's last event: "stop" or "length"
+    finish_reason: str | None = None  # set on a request's last event: "stop", "length" or "cancelled"
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields: kept in sets by the server
 class Request:
     """A prompt and its options, and what decoding it has produced so far; `result` waits for the end."""
 
@@ -73,11 +78,17 @@ class Request:
     _decoder: "PieceDecoder | None" = None  # with a tokenizer: each token's text
     _sent: int = 0  # characters of ``text`` streamed
     _done: threading.Event = field(default_factory=threading.Event)
-    _events: "queue.SimpleQueue[Event | None] | None" = None
+    _events: "queue.SimpleQueue[Event | None] | None" = None  # or anything with put(): each event, then None
+    _cancelled: bool = False
 
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop decoding this request (from any thread): before the engine's next step it leaves the batch,
+        its KV rows are freed, and it finishes with ``finish_reason="cancelled"``."""
+        self._cancelled = True
 
     def choose(self, result: "StepResult") -> int:
         """The token of a step: the head's own, or drawn from its top tokens when sampling."""
@@ -170,13 +181,14 @@ class Engine:
 
     def __init__(self, model: "EarlyExitModel", *, max_batch: int = 8, kv_budget: int | None = None,
                  metric: str | None = None, catch_up: str | None = None, monitor: bool = False, capacity: int = 256,
-                 early_exit: bool = True):
+                 early_exit: bool = True, max_waiting: int | None = None):
         """``max_batch``: rows decoded at once; ``kv_budget``: positions (prompt plus new tokens) the
         running requests may reserve together, by default every row at the full context; ``metric``:
         the confidence metric every request's thresholds apply to (by default the calibration's);
         ``catch_up``, ``monitor``: as `EarlyExitModel.generate`; ``capacity``: positions each row's KV
         buffers start with (they grow by doubling); ``early_exit=False``: every request runs in full
-        mode, so the segments' graphs with their heads inside are never opened."""
+        mode, so the segments' graphs with their heads inside are never opened; ``max_waiting``: requests
+        that may wait for a row (None: no bound), past which `submit` raises `Overloaded`."""
         from eec.runtime.model import Stats
 
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
@@ -187,6 +199,9 @@ class Engine:
         self.kv_budget = max_batch * context if kv_budget is None else kv_budget
         if not isinstance(self.kv_budget, int) or self.kv_budget < 2:
             raise InputError(f"kv_budget must be a whole number of positions, got {kv_budget!r}")
+        if max_waiting is not None and (not isinstance(max_waiting, int) or max_waiting < 0):
+            raise InputError(f"max_waiting must be a whole number of requests, got {max_waiting!r}")
+        self.max_waiting = max_waiting
         self.batch = model.new_batch(max_batch, min(capacity, context), catch_up, early_exit=early_exit, monitor=monitor)
         self.monitor = monitor
         self._stats = Stats
@@ -203,8 +218,8 @@ class Engine:
     def submit(self, prompt, **options) -> Request:
         """Queue a prompt (text or token ids) with `EarlyExitModel.generate`'s options (``max_new_tokens``,
         ``mode`` "full" or "early-exit", ``thresholds`` or ``epsilon``, ``rule``, ``delta``, ``stop``,
-        ``chat``, ``ignore_eos``, ``stream``); returns its `Request`. Safe from any thread. Bad input
-        raises here, before anything is queued."""
+        ``chat``, ``ignore_eos``, ``stream``, ``sink``); returns its `Request`. Safe from any thread. Bad
+        input raises here, before anything is queued; a full queue raises `Overloaded`."""
         with self._lock:
             index = options.pop("index", self._submitted)
             self._submitted += 1
@@ -214,6 +229,8 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise EecError("this engine is closed")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise Overloaded(f"{len(self._waiting)} requests are waiting already; try again later")
             self._waiting.append(request)
             self._lock.notify_all()
         return request
@@ -222,12 +239,18 @@ class Engine:
     def busy(self) -> bool:
         return self.live > 0 or bool(self._waiting)
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a row."""
+        return len(self._waiting)
+
     # -- the loop --------------------------------------------------------------------------------
 
     def step(self) -> list[tuple[Request, Event]]:
         """Admit what fits, prefill it, decode one token for every running row, retire what finished.
         Returns the events produced, in row order. Runs in one thread at a time."""
         events: list[tuple[Request, Event]] = []
+        self._drop_cancelled()
         running = list(range(self.live))  # rows that had their prefill before this step
         admitted = self._admit()
         if admitted:
@@ -303,6 +326,20 @@ class Engine:
             self._finish(request)
 
     # -- rows ------------------------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        """Finish cancelled requests: waiting ones leave the queue, running ones their rows (`_retire`)."""
+        if any(r._cancelled for r in self._waiting):  # a reader's view of the deque; changed under the lock
+            with self._lock:
+                gone = [r for r in self._waiting if r._cancelled]
+                self._waiting = deque(r for r in self._waiting if not r._cancelled)
+            for request in gone:
+                request.finish_reason = "cancelled"
+                self._finish(request)
+        for request in self.slots[: self.live]:
+            if request._cancelled and request.finish_reason is None:
+                request.finish_reason = "cancelled"
+        self._retire()
 
     def _admit(self) -> list[int]:
         """Move waiting requests into the free rows after the live ones, while they fit."""

@@ -161,6 +161,12 @@ class EarlyExitModel:
         """`new_batch` for one sequence, stepped with [1, n] arrays of ids."""
         return Decoder(self.new_batch(1, capacity, catch_up, early_exit, speculative, monitor))
 
+    @property
+    def can_monitor(self) -> bool:
+        """Whether this artifact can check exited tokens live (``monitor=True``): it has the last segment's
+        verify graph and runs the exact catch-up."""
+        return self.catch_up == "exact" and any(s.graph(VERIFY) for s in self.manifest.segments)
+
     def encode(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
         """Token ids of a prompt given as text (in the chat template where the model has one, unless
         ``chat=False``) or as token ids; anything else, or ids this model cannot take, is refused."""
@@ -170,6 +176,23 @@ class EarlyExitModel:
             ids = self.codec.encode(self.codec.check(prompt), chat=chat if chat is not None else True)
         else:
             ids = token_ids(prompt)
+        return self._checked(ids)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a conversation (``[{"role": ..., "content": ...}, ...]``) in the model's chat
+        template, ready for the assistant's turn."""
+        if self.codec is None or not self.codec.spec.chat_template:
+            raise InputError("this model has no chat template; send a plain prompt instead")
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+            raise InputError("messages must be a non-empty list of {role, content} objects")
+        for m in messages:
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InputError("each message must have a role and a content, both text")
+            self.codec.check(m["content"])
+        text = self.codec.render_chat([{"role": m["role"], "content": m["content"]} for m in messages])
+        return self._checked(self.codec.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _checked(self, ids: list[int]) -> list[int]:
         if not ids:
             raise InputError("the prompt is empty")
         vocab = self.manifest.model.vocab_size
@@ -344,8 +367,11 @@ class EarlyExitModel:
                      mode: str = "early-exit", thresholds=None, epsilon: float | None = None, rule: str = "risk",
                      delta: float = 0.1, chat: bool | None = None, ignore_eos: bool = False,
                      stop: str | Sequence[str] | None = None, stream: bool = False, temperature: float | None = None,
-                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Request:
-        """A checked `eec.runtime.engine.Request`: prompt encoded, thresholds resolved (`generate`'s options)."""
+                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                     sink=None) -> Request:
+        """A checked `eec.runtime.engine.Request`: prompt encoded, thresholds resolved (`generate`'s options).
+        ``sink``: an object whose ``put`` takes each `Event` as it comes, then None (a streamed request's
+        queue by default); a server's event loop hands it on without a thread waiting on a queue."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
         if mode == "speculative" and thresholds is None and epsilon is None and self.manifest.calibration:
@@ -363,7 +389,9 @@ class EarlyExitModel:
                           stream=stream, sampling=sampling, rng=sampling.generator() if sampling else None)
         if self.codec is not None:
             request._decoder = self.codec.piece_decoder()
-        if stream:
+        if sink is not None:
+            request._events = sink
+        elif stream:
             request._events = queue.SimpleQueue()
         return request
 

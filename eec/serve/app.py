@@ -1,0 +1,424 @@
+"""The HTTP application: one artifact behind OpenAI's completions and chat completions, or ``/v1/classify``.
+
+A decoder artifact runs in one `eec.runtime.engine.Engine` (continuous
+batching, per-row exits) in a worker thread of its own; the event loop only
+parses requests, submits them and writes what the engine produces. Each
+request's events reach the loop through ``call_soon_threadsafe``: no thread
+waits on a queue per client, so 256 open streams cost 256 asyncio queues, not
+256 threads. A stream whose client goes away cancels its request: its row and
+KV are freed before the engine's next step.
+
+Overload is refused, not queued without bound: past ``max_queue`` waiting
+requests the answer is 429 with ``Retry-After``; a closing or failed engine
+answers 503. Bad requests are 400 with OpenAI's error object.
+
+Sampling follows OpenAI's defaults (temperature 1, top_p 1): send
+``temperature: 0`` for the greedy tokens `generate` gives by default. eec's own
+request fields: ``epsilon`` (accuracy level), ``mode`` ("early-exit" or
+"full"), ``top_k``; each choice answers with ``token_ids`` and ``exits`` (the
+layer each token left at), and streamed chunks carry the same per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import numpy as np
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from eec.errors import ArtifactError, EecError, InputError, Overloaded
+from eec.serve.metrics import Metrics
+from eec.serve.schemas import Chat, Classify, Completion, Generation
+
+RETRY_AFTER_S = 1  # what a refused client is told to wait; a step of a batch takes milliseconds
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", retry: bool = False):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.retry = status, message, kind, retry
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.retry else None
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": None, "code": None}},
+                            status_code=self.status, headers=headers)
+
+
+def http_error(e: BaseException) -> HTTPError:
+    """The HTTP answer to an error: the caller's (400), overload (429), the server's state (503), or ours (500)."""
+    if isinstance(e, HTTPError):
+        return e
+    if isinstance(e, InputError):
+        return HTTPError(400, str(e))
+    if isinstance(e, Overloaded):
+        return HTTPError(429, str(e), "overloaded", retry=True)
+    if isinstance(e, ArtifactError):
+        return HTTPError(500, str(e), "server_error")
+    if isinstance(e, EecError):
+        return HTTPError(503, str(e), "unavailable", retry=True)
+    return HTTPError(500, f"{type(e).__name__}: {str(e)[:300]}", "server_error")
+
+
+class _Sink:
+    """Hands one request's events from the engine's thread to the event loop, tagged with its choice."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, tag: int):
+        self.loop, self.queue, self.tag = loop, queue, tag
+
+    def put(self, item) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is left to read it
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.tag, item))
+
+
+class Decoding:
+    """A decoder artifact behind the completions endpoints."""
+
+    kind = "decoder"
+
+    def __init__(self, model, name: str, *, max_batch: int, max_queue: int, epsilon: float | None,
+                 monitor: bool | None):
+        from eec.runtime.engine import Engine
+
+        self.model, self.name, self.epsilon = model, name, epsilon
+        self.monitor = model.can_monitor if monitor is None else monitor
+        self.engine = Engine(model, max_batch=max_batch, max_waiting=max_queue, monitor=self.monitor)
+        self.metrics = Metrics(self.kind)
+        self.metrics.queue_depth.set_function(lambda: self.engine.waiting)
+        self.metrics.running.set_function(lambda: self.engine.live)
+        self.inflight: set = set()
+        self.context = model.manifest.model.context_length
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        for request in list(self.inflight):
+            request.cancel()
+        self.engine.close()
+
+    def healthy(self) -> bool:
+        return self.engine._worker is not None and self.engine._worker.is_alive()
+
+    def options(self, body: Generation, ids: list[int]) -> dict[str, Any]:
+        reason = body.unsupported()
+        if reason:
+            raise InputError(reason)
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if limit is None:  # as OpenAI's chat API: up to the context
+            limit = max(1, self.context - len(ids) - 1)
+        epsilon = body.epsilon if body.epsilon is not None else self.epsilon
+        return dict(max_new_tokens=limit, mode=body.mode, epsilon=epsilon if body.mode == "early-exit" else None,
+                    stop=body.stop, temperature=1.0 if body.temperature is None else body.temperature,
+                    top_p=body.top_p, top_k=body.top_k, seed=body.seed)
+
+    def submit(self, prompts: list[list[int]], bodies: Generation) -> tuple[list, asyncio.Queue]:
+        """Queue every prompt (all checked before any is queued: a bad one is a 400 for the whole request)."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        made = [self.options(bodies, ids) for ids in prompts]
+        requests = []
+        try:
+            for i, (ids, options) in enumerate(zip(prompts, made)):
+                requests.append(self.engine.submit(ids, sink=_Sink(loop, queue, i), **options))
+        except BaseException:
+            for r in requests:
+                r.cancel()
+            raise
+        self.inflight.update(requests)
+        for r in requests:
+            self.metrics.prompt_tokens.inc(len(r.ids))
+        return requests, queue
+
+    async def events(self, requests: list, queue: asyncio.Queue, started: float) -> AsyncIterator[tuple[int, Any]]:
+        """(choice, event) as they come; (choice, None) when a choice ends. Cancels what is left if the
+        reader stops early (a client gone)."""
+        left, first = len(requests), True
+        m = self.metrics
+        try:
+            while left:
+                i, event = await queue.get()
+                if event is None:
+                    left -= 1
+                    request = requests[i]
+                    self.inflight.discard(request)
+                    if request.error is not None:
+                        raise request.error
+                    if self.monitor and request.stats is not None:
+                        m.monitored(request.stats.checked, request.stats.agreed)
+                elif first:
+                    m.first_token.observe(time.perf_counter() - started)
+                    first = False
+                if event is not None:
+                    m.tokens.inc()
+                    m.throughput.add()
+                    m.exits.labels(str(event.exit_layer)).inc()
+                yield i, event
+        finally:
+            for r in requests:
+                if not r.done:
+                    r.cancel()
+                self.inflight.discard(r)
+
+
+class Classifying:
+    """A classifier artifact behind ``/v1/classify``. One worker thread runs the classifier (onnxruntime's
+    thread pool does the parallel work); at most ``max_queue`` requests wait for it."""
+
+    kind = "classifier"
+
+    def __init__(self, classifier, name: str, *, max_queue: int, epsilon: float | None):
+        self.classifier, self.name, self.epsilon, self.max_queue = classifier, name, epsilon, max_queue
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="eec-classify")
+        self.pending = 0
+        self.metrics = Metrics(self.kind)
+        self.metrics.queue_depth.set_function(lambda: max(0, self.pending - 1))
+        self.metrics.running.set_function(lambda: min(1, self.pending))
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def healthy(self) -> bool:
+        return True
+
+    def inputs(self, body: Classify):
+        if self.classifier.text is not None:
+            if isinstance(body.input, list) and not all(isinstance(t, str) for t in body.input):
+                raise InputError("input must be a text or a list of texts")
+            return body.input
+        try:
+            x = np.asarray(body.input, dtype=self.classifier.manifest.input_dtype)
+        except (ValueError, TypeError):
+            raise InputError("input must be an array of numbers (samples of the same shape)") from None
+        if list(x.shape) == self.classifier.manifest.input_shape:
+            x = x[None]  # one sample
+        return x
+
+    async def classify(self, body: Classify) -> dict:
+        x = self.inputs(body)
+        if self.pending >= self.max_queue + 1:
+            raise Overloaded(f"{self.pending} requests are waiting already; try again later")
+        epsilon = body.epsilon if body.epsilon is not None else self.epsilon
+        self.pending += 1
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.pool, lambda: self.classifier.classify(x, epsilon=epsilon if body.mode == "early-exit" else None,
+                                                            metric=body.metric, mode=body.mode))
+        finally:
+            self.pending -= 1
+        names = result.class_names
+        data = []
+        for i, (label, exit_, probs) in enumerate(zip(result.labels.tolist(), result.exits.tolist(), result.probs)):
+            item = {"index": i, "label": label, "label_name": names[label] if names else None, "exit": exit_,
+                    "probability": float(probs[label])}
+            if result.truncated is not None:
+                item["truncated"] = bool(result.truncated[i])
+            if body.return_probs:
+                item["probs"] = probs.tolist()
+            data.append(item)
+        m = self.metrics
+        m.samples.inc(len(data))
+        m.throughput.add(len(data))
+        for stage, count in result.stats.exits.items():
+            m.exits.labels(str(stage)).inc(count)
+        return {"object": "list", "model": self.name, "data": data,
+                "usage": {"samples": len(data), "seconds": result.stats.seconds}}
+
+
+def create_app(artifact, *, name: str | None = None, max_batch: int = 8, max_queue: int = 256,
+               threads: int | None = None, epsilon: float | None = None, monitor: bool | None = None) -> FastAPI:
+    """The ASGI application serving ``artifact`` (a path, or a model `eec.runtime.load` returned).
+
+    ``max_batch``: rows decoded together; ``max_queue``: requests that may
+    wait beyond them before new ones get 429; ``epsilon``: the accuracy
+    level of requests that give none (default: the artifact's calibration
+    default); ``monitor``: check exited tokens against the final head live
+    (``/metrics``' agreement; default: where the artifact has the graph it needs).
+    """
+    from eec.runtime import load
+
+    if isinstance(artifact, (str, os.PathLike)):
+        name = name or Path(artifact).name
+        artifact = load(artifact, threads=threads)
+    name = name or "eec"
+    if hasattr(artifact, "generate"):
+        service: Decoding | Classifying = Decoding(artifact, name, max_batch=max_batch, max_queue=max_queue,
+                                                   epsilon=epsilon, monitor=monitor)
+    else:
+        service = Classifying(artifact, name, max_queue=max_queue, epsilon=epsilon)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(title="eec", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = service
+    metrics = service.metrics
+
+    def answer(endpoint: str, status: int, started: float) -> None:
+        metrics.requests.labels(endpoint, str(status)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: HTTPRequest, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+        metrics.requests.labels(request.url.path, "400").inc()
+        return HTTPError(400, f"{where}: {first.get('msg', 'invalid request')}").response()
+
+    @app.get("/health")
+    async def health():
+        ok = service.healthy()
+        body = {"status": "ok" if ok else "unavailable", "model": name, "kind": service.kind}
+        if isinstance(service, Decoding):
+            body.update(running=service.engine.live, waiting=service.engine.waiting)
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "eec"}]}
+
+    def refuse(endpoint: str, e: BaseException, started: float) -> JSONResponse:
+        error = http_error(e)
+        answer(endpoint, error.status, started)
+        return error.response()
+
+    if isinstance(service, Classifying):
+        @app.post("/v1/classify")
+        async def classify(body: Classify):
+            started = time.perf_counter()
+            try:
+                out = await service.classify(body)
+            except Exception as e:  # noqa: BLE001 - every failure is an HTTP answer
+                return refuse("/v1/classify", e, started)
+            answer("/v1/classify", 200, started)
+            return out
+
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            app.post(path)(_wrong_kind("this server runs a classifier: POST /v1/classify"))
+        return app
+
+    app.post("/v1/classify")(_wrong_kind("this server runs a text generator: POST /v1/completions"))
+
+    @app.post("/v1/completions")
+    async def completions(body: Completion):
+        started = time.perf_counter()
+        try:
+            prompts = [service.model.encode(p, chat=False) for p in body.prompts()]
+            requests, queue = service.submit(prompts, body)
+        except Exception as e:  # noqa: BLE001
+            return refuse("/v1/completions", e, started)
+        return await _respond(service, "/v1/completions", "text_completion", body, requests, queue, started, answer)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: Chat):
+        started = time.perf_counter()
+        try:
+            reason = body.unsupported()
+            if reason:
+                raise InputError(reason)
+            ids = service.model.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+            requests, queue = service.submit([ids], body)
+        except Exception as e:  # noqa: BLE001
+            return refuse("/v1/chat/completions", e, started)
+        return await _respond(service, "/v1/chat/completions", "chat.completion", body, requests, queue, started,
+                              answer)
+
+    return app
+
+
+def _wrong_kind(message: str):
+    async def handler():
+        return HTTPError(404, message, "not_found").response()
+    return handler
+
+
+async def _respond(service: Decoding, endpoint: str, obj: str, body: Generation, requests: list, queue,
+                   started: float, answer):
+    rid = ("chatcmpl-" if obj == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    head = {"id": rid, "created": created, "model": service.name}
+    chat = obj == "chat.completion"
+    usage = lambda: {"prompt_tokens": sum(len(r.ids) for r in requests),  # noqa: E731
+                     "completion_tokens": sum(len(r.tokens) for r in requests),
+                     "total_tokens": sum(len(r.ids) + len(r.tokens) for r in requests)}
+    if not body.stream:
+        try:
+            async for _ in service.events(requests, queue, started):
+                pass
+        except Exception as e:  # noqa: BLE001 - the engine failed under this request
+            error = http_error(e)
+            answer(endpoint, error.status, started)
+            return error.response()
+        choices = []
+        for i, r in enumerate(requests):
+            text = r.text if r._decoder is not None else ""
+            choice = {"index": i, "finish_reason": r.finish_reason, "logprobs": None, "token_ids": list(r.tokens),
+                      "exits": list(r.exits)}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choices.append(choice)
+        answer(endpoint, 200, started)
+        return {**head, "object": obj, "choices": choices, "usage": usage()}
+
+    chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    def sse(payload: dict) -> str:
+        return f"data: {json.dumps({**head, 'object': chunk_obj, **payload}, ensure_ascii=False)}\n\n"
+
+    async def stream():
+        status = 499  # unless it ends: the client went away, and closing `events` cancelled its requests
+        try:
+            if chat:
+                yield sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None, "logprobs": None}]})
+            # aclosing: a stream closed while it waits on the client closes `events` at once (not when
+            # garbage-collected), so the request leaves the batch before the next step
+            async with contextlib.aclosing(service.events(requests, queue, started)) as events:
+                async for i, event in events:
+                    if event is None:
+                        continue
+                    piece = event.text or ""
+                    finish = event.finish_reason if event.finish_reason in ("stop", "length") else None
+                    choice = {"index": i, "finish_reason": finish, "logprobs": None, "token_ids": [event.token],
+                              "exits": [event.exit_layer]}
+                    if chat:
+                        choice["delta"] = {"content": piece}
+                    else:
+                        choice["text"] = piece
+                    yield sse({"choices": [choice]})
+            if include_usage:
+                yield sse({"choices": [], "usage": usage()})
+            yield "data: [DONE]\n\n"
+            status = 200
+        except Exception as e:  # noqa: BLE001 - the stream has begun: the error goes in it
+            error = http_error(e)
+            status = error.status
+            yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.kind}})}\n\n"
+        finally:
+            answer(endpoint, status, started)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
