@@ -103,6 +103,32 @@ def test_requests_submitted_while_others_decode(llama_compiled):
     assert same([r.result() for r in first + later], solo)
 
 
+def test_cancelled_requests_leave_and_the_others_are_untouched(llama_compiled):
+    """A running request cancelled mid-way and a waiting one cancelled before it starts both finish as
+    "cancelled", free their rows, and the rows that share the batch decode what they decode alone; a
+    full queue refuses the next request."""
+    from eec.errors import Overloaded
+
+    model = load(llama_compiled.artifact)
+    options = dict(thresholds=0.4, max_new_tokens=12)
+    solo = alone(model, PROMPTS, **options)
+    engine = Engine(model, max_batch=2, max_waiting=5)
+    requests = [engine.submit(p, **options) for p in PROMPTS[:5]]  # all waiting until the first step
+    with pytest.raises(Overloaded, match="waiting"):
+        engine.submit(PROMPTS[0], **options)
+    for _ in range(3):
+        engine.step()
+    requests[0].cancel()  # running
+    requests[3].cancel()  # waiting
+    engine.step()
+    assert engine.live == 2 and engine.waiting == 1  # prompt 2 took the freed row, prompt 4 waits
+    engine.run()
+    assert [r.finish_reason for r in (requests[0], requests[3])] == ["cancelled", "cancelled"]
+    assert len(requests[0].tokens) == 3 and requests[3].tokens == []
+    kept = [1, 2, 4]
+    assert same([requests[i].result() for i in kept], [solo[i] for i in kept])
+
+
 def test_eight_threads_two_hundred_requests(llama_compiled):
     model = load(llama_compiled.artifact)
     options = dict(thresholds=0.4, max_new_tokens=5)
