@@ -296,3 +296,38 @@ def test_a_classifier_serves_classify(tmp_path):
         assert httpx.post(s.url + "/v1/completions", json={"prompt": "x"}).status_code == 404
     finally:
         s.close()
+
+
+def test_two_replicas_on_ray_serve_answer_as_the_runtime(artifact, model):
+    """The scale-out deployment started locally: 2 replicas behind Ray Serve's proxy on loopback give
+    the runtime's tokens, streamed and not, and both replicas answer."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from eec.serve.ray_app import deployment
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(deployment(artifact, replicas=2, cpus=0.5, threads=1, max_batch=4), name="eec", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        pids = {httpx.get(url + "/health", timeout=30).json()["pid"] for _ in range(30)}
+        assert len(pids) == 2, f"one replica answered every time: {pids}"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        for i, prompt in enumerate(PROMPTS):
+            ref = model.generate(prompt, chat=False, max_new_tokens=10, temperature=0)
+            if i % 2:
+                chunks = list(client.completions.create(model="s.eec", prompt=prompt, max_tokens=10, temperature=0,
+                                                        stream=True))
+                tokens = [t for c in chunks for t in c.choices[0].model_extra["token_ids"]]
+                exits = [e for c in chunks for e in c.choices[0].model_extra["exits"]]
+            else:
+                out = client.completions.create(model="s.eec", prompt=prompt, max_tokens=10, temperature=0)
+                tokens, exits = out.choices[0].model_extra["token_ids"], out.choices[0].model_extra["exits"]
+            assert (tokens, exits) == (ref.tokens, ref.exits)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -492,6 +492,11 @@ def serve(
     monitor: Optional[bool] = typer.Option(None, "--monitor/--no-monitor", help="check exited tokens against the "
                                            "final head live, reported in /metrics (default: where the artifact "
                                            "has the verify graph)"),
+    replicas: Optional[str] = typer.Option(None, help="run N replicas (or auto: Ray's autoscaler, 1 to 8) on Ray "
+                                           "Serve behind its router; needs pip install 'eec\\[ray]'"),
+    ray_address: Optional[str] = typer.Option(None, help="with --replicas: the Ray cluster to join (auto: the one "
+                                              "`ray start` runs here; default: a new one on this machine)"),
+    replica_cpus: float = typer.Option(1.0, help="with --replicas: Ray CPUs each replica holds"),
 ) -> None:
     """Serve ARTIFACT over HTTP: OpenAI's /v1/completions and /v1/chat/completions (or /v1/classify), /health,
     /metrics. Needs the serve extra: pip install 'eec\\[serve]'."""
@@ -504,6 +509,12 @@ def serve(
         raise InputError(f"--port must be in 1..65535, got {port}")
     if max_queue < 0:
         raise InputError(f"--max-queue must be at least 0, got {max_queue}")
+    options = dict(name=name, max_batch=max_batch, max_queue=max_queue, threads=threads, epsilon=eps, monitor=monitor)
+    if replicas is not None:
+        _serve_on_ray(artifact, host, port, replicas, ray_address, replica_cpus, options)
+        return
+    if ray_address is not None:
+        raise InputError("--ray-address goes with --replicas")
     import socket
 
     import uvicorn
@@ -517,12 +528,40 @@ def serve(
         sock.bind((host, port))
     except OSError as e:
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    application = create_app(artifact, name=name, max_batch=max_batch, max_queue=max_queue, threads=threads,
-                             epsilon=eps, monitor=monitor)
+    application = create_app(artifact, **options)
     service = application.state.service
     err.print(f"serving {service.name} ({service.kind}) on http://{host}:{port}  (Ctrl-C stops)", highlight=False)
     server = uvicorn.Server(uvicorn.Config(application, log_level="warning", timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
+
+
+def _serve_on_ray(artifact: Path, host: str, port: int, replicas: str, address: Optional[str], cpus: float,
+                  options: dict) -> None:
+    """`eec serve --replicas`: the same application as a Ray Serve deployment (`eec.serve.ray_app`)."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise InputError("--replicas runs on Ray Serve, which is not installed: pip install 'eec[ray]'") from None
+    from eec.serve.ray_app import deployment
+
+    count: int | str = int(replicas) if replicas.isdigit() else replicas  # "auto", or refused by `deployment`
+    if cpus <= 0:
+        raise InputError(f"--replica-cpus must be more than 0, got {cpus}")
+    app_ = deployment(artifact, replicas=count, cpus=cpus, **options)  # checked before Ray starts
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    # Ray's core installs a SIGTERM handler that dies on the spot, leaving its agents behind: ours unwinds
+    # to the shutdowns below.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        err.print(f"serving {artifact.name} on http://{host}:{port} with {replicas} replicas on Ray Serve "
+                  "(Ctrl-C stops)", highlight=False)
+        serve.run(app_, name="eec", route_prefix="/", blocking=True)
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
 
 
 @app.command()

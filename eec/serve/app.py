@@ -285,7 +285,8 @@ def create_app(artifact, *, name: str | None = None, max_batch: int = 8, max_que
     @app.get("/health")
     async def health():
         ok = service.healthy()
-        body = {"status": "ok" if ok else "unavailable", "model": name, "kind": service.kind}
+        body = {"status": "ok" if ok else "unavailable", "model": name, "kind": service.kind,
+                "pid": os.getpid()}  # which replica answered, behind a router
         if isinstance(service, Decoding):
             body.update(running=service.engine.live, waiting=service.engine.waiting)
         return JSONResponse(body, status_code=200 if ok else 503)
