@@ -166,18 +166,21 @@ def main() -> None:
             if time.monotonic() > deadline:
                 sys.exit("the server did not come up")
             time.sleep(0.5)
-        for prompt in PROMPTS[:4]:  # warm: sessions' first calls, and the KV buffers at their working size
-            httpx.post(url + "/v1/completions", timeout=120,
-                       json={"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0})
+        # Warm: a full batch for a few seconds, so that onnxruntime's arena holds what a full batch
+        # needs (it keeps its peak) before the idle level is read; growth past it would be a leak.
+        warm = Phase("warm", args.max_batch, 10)
+        asyncio.run(run_phase(url, warm, server.pid, argparse.Namespace(**{**vars(args), "abandon": 0})))
+        time.sleep(2)
         idle = rss_mb(server.pid)
         phases = [Phase(f"{args.clients} clients", args.clients, args.seconds),
                   Phase(f"{args.overload} clients (overload)", args.overload, args.overload_seconds)]
+        settled = []
         for phase in phases:
             print(f"{phase.name} for {phase.seconds:g} s ...", file=sys.stderr, flush=True)
             asyncio.run(run_phase(url, phase, server.pid, args))
-        time.sleep(2)
+            time.sleep(2)
+            settled.append(rss_mb(server.pid))
         health = httpx.get(url + "/health", timeout=10).json()
-        after = rss_mb(server.pid)
         alive = server.poll() is None
     finally:
         server.terminate()
@@ -190,7 +193,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for phase in phases:
         print(phase.row())
-    print(f"\nRSS idle {idle:.0f} MB, after {after:.0f} MB; server alive: {alive}; after the load: "
+    print(f"\nRSS idle (after a full batch) {idle:.0f} MB; 2 s after each phase: "
+          f"{', '.join(f'{m:.0f}' for m in settled)} MB; server alive: {alive}; after the load: "
           f"{health.get('running')} running, {health.get('waiting')} waiting")
     for phase in phases:
         for error, count in phase.errors.items():

@@ -40,6 +40,7 @@ import onnxruntime as ort
 from eec.calib.metrics import CLASSIFIER, COSINE, GRAPH_METRICS, cosine
 from eec.runtime.kv import FILL, PLAIN, VERIFY, WITH_HEAD, HeadCall, SegmentKV
 from eec.runtime.manifest import SegmentSpec
+from eec.runtime.split import RemoteTail, TailBehind, TailUnavailable, new_session
 
 CATCH_UPS = ("exact", "propagate")
 
@@ -58,6 +59,7 @@ class StepResult:
     # (None from an artifact whose heads do not return them).
     top_ids: np.ndarray | None = None
     top_logits: np.ndarray | None = None
+    fallback: bool = False  # split: the server did not answer, the token is the device's last exit's
 
 
 class Batch:
@@ -66,13 +68,15 @@ class Batch:
     def __init__(self, specs: list[SegmentSpec], graphs: list[Mapping[str, ort.InferenceSession]],
                  heads: list[HeadCall | None], kv_heads: int, head_dim: int, context: int, rows: int = 1,
                  capacity: int = 256, catch_up: str = "exact", max_call: int | None = None, device: str = "cpu",
-                 monitor: bool = False):
+                 monitor: bool = False, tail: "RemoteTail | None" = None):
         """``graphs``: each segment's sessions by role (`eec.runtime.kv`); ``heads``: each segment's exit
         head call (None where the exit has no graph of its own); ``capacity``: positions the shared KV
         buffers start with; ``catch_up``: "exact" or "propagate"; ``max_call``: the most positions one
         graph call may carry (TensorRT's engines); ``device``: where the KV lives ("cuda" for sessions on
         onnxruntime's CUDA provider); ``monitor``: check exited tokens against the final head as the
-        exact catch-up brings them to the last segment (its verify graph): `checked`, `agreed`."""
+        exact catch-up brings them to the last segment (its verify graph): `checked`, `agreed`; ``tail``:
+        the layers after these segments run on a server (`eec.runtime.split`): the last segment here ends
+        at an exit, and a row that does not leave there sends its hidden states to the server."""
         if catch_up not in CATCH_UPS:
             raise ValueError(f"catch_up must be one of {CATCH_UPS}, got {catch_up!r}")
         self.specs, self.heads, self.rows = specs, heads, rows
@@ -84,6 +88,13 @@ class Batch:
         if monitor and (self.propagate or not self.kv[-1].has(VERIFY)):
             raise ValueError("monitoring exits needs the last segment's verify graph and the exact catch-up")
         self.monitor = monitor
+        self.tail = tail
+        if tail is not None and (self.propagate or monitor):
+            raise ValueError("a split decodes with the exact catch-up, without the monitor")
+        # Split: every position's hidden state at the split, per row, and how many of them the server has.
+        self.boundary: list[list[np.ndarray]] = [[] for _ in range(rows)]
+        self.sent = np.zeros(rows, dtype=np.int64)
+        self.sessions = [new_session() for _ in range(rows)]
         # Per row: tokens that left at an exit since the last segment last ran, in order; the exact
         # catch-up brings their positions to the last segment with the row's next deep token.
         self.unchecked: list[list[int]] = [[] for _ in range(rows)]
@@ -100,6 +111,7 @@ class Batch:
             kv.reset(slot)
         self.unchecked[slot] = []
         self.checked[slot] = self.agreed[slot] = 0
+        self.boundary[slot], self.sent[slot], self.sessions[slot] = [], 0, new_session()
 
     def move(self, src: int, dst: int) -> None:
         """Move a row to a free slot (`Engine` keeps live rows together: one call covers them)."""
@@ -108,6 +120,8 @@ class Batch:
         self.unchecked[dst], self.unchecked[src] = self.unchecked[src], []
         self.checked[dst], self.agreed[dst] = self.checked[src], self.agreed[src]
         self.checked[src] = self.agreed[src] = 0
+        self.boundary[dst], self.sent[dst], self.sessions[dst] = self.boundary[src], self.sent[src], self.sessions[src]
+        self.boundary[src], self.sent[src], self.sessions[src] = [], 0, new_session()
 
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
                 sample: bool | Sequence[bool] = False) -> list[StepResult]:
@@ -131,10 +145,12 @@ class Batch:
             outputs = kv.call(PLAIN, slots, x, counts)
             if spec.emits_hidden:
                 x = outputs[0]
-        for slot, n in zip(slots, lengths):
+        for r, (slot, n) in enumerate(zip(slots, lengths)):
             if n == 1:
                 for kv in self.kv:
                     kv.lengths[slot] = 0
+            elif self.tail is not None:  # the server gets them with the row's first deep token
+                self.boundary[slot].append(np.array(x[r, : n - 1]))
         return self.step(slots, [p[-1:] for p in prompts], sample=sample)
 
     def step(self, slots: Sequence[int], inputs: Sequence[Sequence[int] | np.ndarray],
@@ -156,7 +172,10 @@ class Batch:
         per_row = list(thresholds) if isinstance(thresholds, (list, tuple)) else [thresholds] * n
         sampled = list(sample) if isinstance(sample, (list, tuple)) else [sample] * n
         results = [StepResult(token=-1, exit_layer=-1) for _ in range(n)]
-        xs = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in inputs]  # ids, then [positions, hidden]
+        if self.specs[0].takes_ids:  # ids, then [positions, hidden]
+            xs = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in inputs]
+        else:  # a split's server: its first segment takes the device's hidden states
+            xs = [np.asarray(h, dtype=np.float32) for h in inputs]
         previous: list[np.ndarray | None] = [None] * n  # last position's hidden state at the previous exit
         going = list(range(n))
         last = len(self.kv) - 1
@@ -164,10 +183,11 @@ class Batch:
             for i in going:
                 self._catch_up(j, kv, slots[i], xs, i)
             layer = spec.exit.layer
-            asked = [i for i in going if per_row[i] is not None and layer in per_row[i]] if j < last else []
+            local_end = j == last and self.tail is None  # the final head ends this segment
+            asked = [i for i in going if per_row[i] is not None and layer in per_row[i]] if not local_end else []
             role = WITH_HEAD if asked and kv.has(WITH_HEAD) else PLAIN
             outputs = self._run(j, kv, role, slots, going, xs)
-            if j == last:
+            if local_end:
                 for i in going:
                     results[i].token, results[i].exit_layer = self._final(slots[i], outputs[i], spec, trace, results[i])
                     if sampled[i] and "top_ids" in outputs[i]:
@@ -177,11 +197,21 @@ class Batch:
             if spec.emits_hidden:
                 for i in going:
                     xs[i] = outputs[i]["hidden_out"][0]
-            if not asked:
+            if j == last:  # a split: what the device has is kept, and the rows that stay go to the server
+                for i in going:
+                    self.boundary[slots[i]].append(np.array(xs[i]))
+            leaving = []
+            if asked:
+                leaving = self._decide(j, role, asked, outputs, xs, previous, per_row, metric, trace, sampled,
+                                       results)
+            else:
                 for i in going:
                     previous[i] = xs[i][-1]
-                continue
-            leaving = self._decide(j, role, asked, outputs, xs, previous, per_row, metric, trace, sampled, results)
+            if j == last:
+                for i in going:
+                    if results[i].exit_layer < 0:
+                        self._remote(j, slots[i], xs[i], per_row[i], metric, sampled[i], results[i])
+                return results
             for i in leaving:
                 # Copied: a one-position call's outputs are overwritten by the next call.
                 self.kv[j + 1].add_pending(slots[i], np.array(xs[i]))
@@ -189,6 +219,36 @@ class Batch:
                     self.unchecked[slots[i]].append(results[i].token)
             going = [i for i in going if results[i].exit_layer < 0]
         raise AssertionError("unreachable: the last segment always returns")
+
+    def _remote(self, j: int, slot: int, x: np.ndarray, thresholds: Thresholds, metric: int, sample: bool,
+                result: StepResult) -> None:
+        """A row that did not leave on the device: the server runs the positions it lacks (the exited ones
+        since its last call, then this one) and answers with the token; if it lacks more than was sent (it
+        restarted), they are sent again from where it stands; if it does not answer, the device's own last
+        exit decides and the token is flagged."""
+        layer = self.specs[j].exit.layer
+        deeper = None if thresholds is None else {k: v for k, v in thresholds.items() if k > layer}
+        for _ in range(2):
+            start = int(self.sent[slot])
+            hidden = np.concatenate(self.boundary[slot])[start:]
+            try:
+                answer = self.tail.run(self.sessions[slot], start, hidden, deeper, metric, sample)
+            except TailBehind as behind:
+                if not 0 <= behind.length <= start:
+                    raise
+                self.sent[slot] = behind.length
+                continue
+            except TailUnavailable:
+                break
+            self.sent[slot] = start + len(hidden)
+            result.token, result.exit_layer = answer.token, answer.exit_layer
+            result.top_ids, result.top_logits = answer.top_ids, answer.top_logits
+            return
+        head = self.heads[j]
+        token, _ = head(x[-1:][None])
+        result.token, result.exit_layer, result.fallback = int(token), layer, True
+        if sample and head.k:
+            result.top_ids, result.top_logits = np.array(head.top_ids[0]), np.array(head.top_logits[0])
 
     def _catch_up(self, j: int, kv: SegmentKV, slot: int, xs: list[np.ndarray], i: int) -> None:
         pending = kv.pending[slot]

@@ -52,6 +52,7 @@ class Event:
     text: str | None  # the new text this token completes ("" while a character waits for its other bytes,
     # or while the text could be the start of a stop string)
     finish_reason: str | None = None  # set on a request's last event: "stop", "length" or "cancelled"
+    fallback: bool = False  # split: the server did not answer; the device's last exit decided this token
 
 
 @dataclass(eq=False)  # a request is itself, not its fields: kept in sets by the server
@@ -70,6 +71,7 @@ class Request:
     rng: "np.random.Generator | None" = None
     tokens: list[int] = field(default_factory=list)
     exits: list[int] = field(default_factory=list)
+    fallbacks: list[int] = field(default_factory=list)  # split: indices of tokens the device decided alone
     text: str = ""
     finish_reason: str | None = None
     stats: "Stats | None" = None
@@ -96,10 +98,13 @@ class Request:
             return result.token
         return self.sampling.draw(result.top_ids, result.top_logits, self.rng)
 
-    def accept(self, token: int, layer: int, elapsed: float, room: bool = True) -> Event:
+    def accept(self, token: int, layer: int, elapsed: float, room: bool = True, fallback: bool = False) -> Event:
         """Record a produced token (``elapsed``: the decode time it took; ``room``: whether the
-        context has room for another) and say whether the request is finished."""
+        context has room for another; ``fallback``: a split's server did not answer for it) and say
+        whether the request is finished."""
         stats = self.stats
+        if fallback:
+            self.fallbacks.append(len(self.tokens))
         self.tokens.append(token)
         self.exits.append(layer)
         stats.new_tokens += 1
@@ -119,7 +124,7 @@ class Request:
         if self.finish_reason and piece is not None and not cut:
             self.text += self._decoder.rest(self.tokens, self.text)  # a split character's bytes still waiting
         self.piece = self._emit() if piece is not None else None
-        event = Event(self.index, token, layer, self.piece, self.finish_reason)
+        event = Event(self.index, token, layer, self.piece, self.finish_reason, fallback)
         if self._events is not None:
             self._events.put(event)
         return event
@@ -161,7 +166,7 @@ class Request:
 
         return GenerationResult(tokens=list(self.tokens), exits=list(self.exits),
                                 text=self.text if self._decoder is not None else None,
-                                finish_reason=self.finish_reason, stats=self.stats)
+                                finish_reason=self.finish_reason, stats=self.stats, fallbacks=list(self.fallbacks))
 
     def events(self) -> Iterator[Event]:
         """The request's events as they come (submitted with ``stream=True``), from any thread."""
@@ -366,7 +371,7 @@ class Engine:
     def _emit(self, slot: int, request: Request, result: "StepResult", elapsed: float) -> tuple[Request, Event]:
         # A sequence (prompt and new tokens) holds at most the context, as transformers counts it.
         room = len(request.ids) + len(request.tokens) + 1 < self.model.manifest.model.context_length
-        return request, request.accept(request.choose(result), result.exit_layer, elapsed, room)
+        return request, request.accept(request.choose(result), result.exit_layer, elapsed, room, result.fallback)
 
     def _retire(self) -> None:
         slot = 0

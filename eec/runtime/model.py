@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -22,6 +23,7 @@ from eec.runtime.kv import FILL, PLAIN, VERIFY, WITH_HEAD, HeadCall
 from eec.runtime.classifier_manifest import SCHEMA as CLASSIFIER_SCHEMA
 from eec.runtime.manifest import Manifest, artifact_schema, read_manifest
 from eec.runtime.sampling import Sampling
+from eec.runtime.split import DEFAULT_TIMEOUT_S, RemoteTail, fingerprint, split_index
 from eec.runtime.sessions import MAX_CALL_TOKENS, open_graphs, open_sessions, pick_device
 from eec.runtime.speculative import DEFAULT_MAX_DRAFT, cycle
 from eec.runtime.text import TextCodec
@@ -75,18 +77,33 @@ class GenerationResult:
     text: str | None  # decoded new text, when the artifact has a tokenizer
     finish_reason: str | None = None  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens, context)
     stats: Stats = field(default_factory=Stats)
+    # A split (`eec.runtime.split`): the tokens (by index) the device's last exit decided because the
+    # server did not answer.
+    fallbacks: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Where a device's part ends (an exit's layer) and the server that runs the rest."""
+
+    at: int
+    server: str
+    timeout: float = DEFAULT_TIMEOUT_S
 
 
 class EarlyExitModel:
     def __init__(self, root: Path, manifest: Manifest, threads: int | None = None, catch_up: str | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", split: Split | None = None):
         self.root, self.manifest, self.threads = root, manifest, threads
         self.device = pick_device(device, manifest)
         self.opened: dict[str, object] = {}  # sessions by file, opened on first use (`session`)
+        self.split = split
+        # The segments this process runs: all of them, or a device's up to its split.
+        self.local = slice(None) if split is None else slice(0, split_index(self, split.at))
         # The segments and heads now; a segment's graph with its head inside, or its verify graph, when a
         # mode first needs it: each holds a second copy of its segment's weights.
-        self.graphs([PLAIN, FILL])
-        for spec in manifest.segments:
+        self.graphs([PLAIN, FILL], self.local)
+        for spec in manifest.segments[self.local]:
             if spec.exit and spec.exit.file:
                 self.session(spec.exit.file)
         # TensorRT engines are built for calls of 1..MAX_CALL_TOKENS positions: longer ones go in pieces.
@@ -103,9 +120,10 @@ class EarlyExitModel:
             self.opened[file] = open_sessions(self.root, [file], self.threads, self.manifest, self.device)[0]
         return self.opened[file]
 
-    def graphs(self, roles: Sequence[str]) -> list[dict[str, object]]:
+    def graphs(self, roles: Sequence[str], segments: slice = slice(None)) -> list[dict[str, object]]:
         """Each segment's sessions for ``roles`` (`eec.runtime.kv`), where the artifact has those graphs."""
-        return open_graphs(self.root, self.manifest, roles, self.threads, self.device, self.opened)
+        manifest = dataclasses.replace(self.manifest, segments=self.manifest.segments[segments])
+        return open_graphs(self.root, manifest, roles, self.threads, self.device, self.opened)
 
     @property
     def traces(self) -> Traces:
@@ -141,20 +159,25 @@ class EarlyExitModel:
         return catch_up
 
     def new_batch(self, rows: int = 1, capacity: int = 256, catch_up: str | None = None, early_exit: bool = True,
-                  speculative: bool = False, monitor: bool = False) -> Batch:
+                  speculative: bool = False, monitor: bool = False, segments: slice | None = None) -> Batch:
         """Decoding state for ``rows`` sequences (`eec.runtime.core`); ``capacity``: the positions each row
         expects (its KV buffers grow past it); ``catch_up``: "exact" or "propagate", by default the
         model's; ``early_exit``: it will be asked for exits, so it runs segments with their heads inside
         where the artifact has them (False for full mode, which never runs a head); ``speculative``: it
         will verify drafts, so the last segment's verify graph is opened too; ``monitor``: it checks
-        exited tokens against the final head when catching up, through that graph too."""
+        exited tokens against the final head when catching up, through that graph too; ``segments``: the
+        segments it runs (a split's server runs those after the split), by default this process's."""
         m = self.manifest.model
         catch_up = self.catch_up if catch_up is None else self.check_catch_up(catch_up)
         roles = [FILL] + [WITH_HEAD] * early_exit + [VERIFY] * (speculative or monitor)
-        heads = [HeadCall(self.session(s.exit.file), self.device) if s.exit and s.exit.file else None
-                 for s in self.manifest.segments]
-        return Batch(self.manifest.segments, self.graphs(roles), heads, m.num_kv_heads, m.head_dim, m.context_length,
-                     rows, capacity, catch_up, self.max_call, "cpu" if self.device == "cpu" else "cuda", monitor)
+        segments = self.local if segments is None else segments
+        specs = self.manifest.segments[segments]
+        heads = [HeadCall(self.session(s.exit.file), self.device) if s.exit and s.exit.file else None for s in specs]
+        tail = None
+        if self.split is not None and segments == self.local:
+            tail = RemoteTail(self.split.server, fingerprint(self), self.split.timeout)
+        return Batch(specs, self.graphs(roles, segments), heads, m.num_kv_heads, m.head_dim, m.context_length,
+                     rows, capacity, catch_up, self.max_call, "cpu" if self.device == "cpu" else "cuda", monitor, tail)
 
     def new_decoder(self, capacity: int = 256, catch_up: str | None = None, early_exit: bool = True,
                     speculative: bool = False, monitor: bool = False) -> Decoder:
@@ -165,7 +188,7 @@ class EarlyExitModel:
     def can_monitor(self) -> bool:
         """Whether this artifact can check exited tokens live (``monitor=True``): it has the last segment's
         verify graph and runs the exact catch-up."""
-        return self.catch_up == "exact" and any(s.graph(VERIFY) for s in self.manifest.segments)
+        return self.split is None and self.catch_up == "exact" and any(s.graph(VERIFY) for s in self.manifest.segments)
 
     def encode(self, prompt: str | Sequence[int], chat: bool | None = None) -> list[int]:
         """Token ids of a prompt given as text (in the chat template where the model has one, unless
@@ -427,6 +450,8 @@ class EarlyExitModel:
 
     def _require_verify(self, purpose: str, catch_up: str | None) -> None:
         """Speculative mode and the monitor run the last segment's verify graph through the exact catch-up."""
+        if self.split is not None:
+            raise InputError("a split model runs early exit and full mode; the verify graph is the server's")
         if not any(s.graph(VERIFY) for s in self.manifest.segments):
             raise InputError(f"this artifact has no verify graph {purpose}; compile it with --speculative on")
         if (catch_up or self.catch_up) != "exact":
@@ -540,11 +565,15 @@ def stop_strings(stop) -> tuple[str, ...]:
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
-         catch_up: str | None = None, device: str = "auto") -> "EarlyExitModel | EarlyExitClassifier":
+         catch_up: str | None = None, device: str = "auto", split: int | None = None, server: str | None = None,
+         timeout: float = DEFAULT_TIMEOUT_S) -> "EarlyExitModel | EarlyExitClassifier":
     """Open an artifact directory: a decoder's (`EarlyExitModel`, ``generate``) or a classifier's
     (`eec.runtime.classifier.EarlyExitClassifier`, ``classify``). ``verify`` checks every file's sha256 first; ``catch_up``
     ("exact" or "propagate") replaces the artifact's default for every generation; ``device``:
-    "cpu", "cuda" or "tensorrt", or "auto" (`eec.runtime.sessions.pick_device`)."""
+    "cpu", "cuda" or "tensorrt", or "auto" (`eec.runtime.sessions.pick_device`). ``split``, ``server``:
+    run the segments up to the exit at layer ``split`` here and the rest on the eec server at URL
+    ``server`` (`eec serve ARTIFACT --split N`), waiting at most ``timeout`` seconds for it before the
+    device's own exit decides (`eec.runtime.split`)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads must be a whole number of at least 1, got {threads!r}")
     root = Path(path)
@@ -554,4 +583,10 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
         from eec.runtime.classifier import load_classifier
 
         return load_classifier(root, threads=threads, verify=verify, device=device)
-    return EarlyExitModel(root, read_manifest(root, verify=verify), threads, catch_up, device)
+    if (split is None) != (server is None):
+        raise InputError("a split needs both the layer (split) and the server's URL (server)")
+    if split is not None and catch_up not in (None, "exact"):
+        raise InputError("a split decodes with the exact catch-up")
+    parts = None if split is None else Split(split, server, timeout)
+    return EarlyExitModel(root, read_manifest(root, verify=verify), threads, "exact" if parts else catch_up, device,
+                          parts)

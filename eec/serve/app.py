@@ -238,14 +238,17 @@ class Classifying:
 
 
 def create_app(artifact, *, name: str | None = None, max_batch: int = 8, max_queue: int = 256,
-               threads: int | None = None, epsilon: float | None = None, monitor: bool | None = None) -> FastAPI:
+               threads: int | None = None, epsilon: float | None = None, monitor: bool | None = None,
+               split: int | None = None, sessions: int = 64) -> FastAPI:
     """The ASGI application serving ``artifact`` (a path, or a model `eec.runtime.load` returned).
 
     ``max_batch``: rows decoded together; ``max_queue``: requests that may
     wait beyond them before new ones get 429; ``epsilon``: the accuracy
     level of requests that give none (default: the artifact's calibration
     default); ``monitor``: check exited tokens against the final head live
-    (``/metrics``' agreement; default: where the artifact has the graph it needs).
+    (``/metrics``' agreement; default: where the artifact has the graph it needs); ``split``: also serve
+    ``/v1/tail``, the layers after the exit at that layer for devices that run the rest
+    (`eec.runtime.split`), keeping the KV of up to ``sessions`` devices' sequences.
     """
     from eec.runtime import load
 
@@ -320,6 +323,8 @@ def create_app(artifact, *, name: str | None = None, max_batch: int = 8, max_que
         return app
 
     app.post("/v1/classify")(_wrong_kind("this server runs a text generator: POST /v1/completions"))
+    if split is not None:
+        _tail_route(app, service, split, sessions, max_queue)
 
     @app.post("/v1/completions")
     async def completions(body: Completion):
@@ -423,3 +428,43 @@ async def _respond(service: Decoding, endpoint: str, obj: str, body: Generation,
             answer(endpoint, status, started)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _tail_route(app: FastAPI, service: Decoding, at: int, sessions: int, max_queue: int) -> None:
+    """``POST /v1/tail``: a split's server part (`eec.runtime.split`). One worker thread runs every
+    session's steps (a `Batch` is one thread's); the engine's thread keeps serving completions."""
+    from eec.runtime.split import CONTENT_TYPE, TailBehind, TailHost, decode
+
+    host = TailHost(service.model, at, sessions)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="eec-tail")
+    pending = [0]
+    metrics = service.metrics
+    app.state.tail = host
+
+    @app.post("/v1/tail")
+    async def tail(request: HTTPRequest):
+        started = time.perf_counter()
+        try:
+            if request.headers.get("content-type") != CONTENT_TYPE:
+                raise InputError(f"a tail request's content type is {CONTENT_TYPE}")
+            if pending[0] > max_queue:
+                raise Overloaded(f"{pending[0]} tail requests are waiting already")
+            asked, hidden = decode(await request.body())
+            pending[0] += 1
+            try:
+                out = await asyncio.get_running_loop().run_in_executor(pool, host.answer, asked, hidden)
+            finally:
+                pending[0] -= 1
+        except TailBehind as behind:
+            metrics.requests.labels("/v1/tail", "409").inc()
+            return JSONResponse({"error": {"message": str(behind), "type": "session_behind", "param": None,
+                                           "code": None}, "length": behind.length}, status_code=409)
+        except Exception as e:  # noqa: BLE001
+            error = http_error(e)
+            metrics.requests.labels("/v1/tail", str(error.status)).inc()
+            return error.response()
+        metrics.requests.labels("/v1/tail", "200").inc()
+        metrics.latency.labels("/v1/tail").observe(time.perf_counter() - started)
+        metrics.tokens.inc()
+        metrics.exits.labels(str(out["exit_layer"])).inc()
+        return out

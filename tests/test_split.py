@@ -1,0 +1,146 @@
+"""The edge–cloud split: a device runs the segments up to an exit, an eec server the rest. The reference is
+the whole artifact in one process: the split must decode its tokens and exits, alone and in a batch,
+after the server loses its sessions, and fall back to the device's exit (flagged) when the server is
+gone or slow."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+
+from eec.errors import ArtifactError, InputError  # noqa: E402
+from eec.runtime import load  # noqa: E402
+from eec.runtime.engine import Engine  # noqa: E402
+from eec.runtime.split import CONTENT_TYPE, TailRequest, encode  # noqa: E402
+from eec.serve.app import create_app  # noqa: E402
+from tests.reference import hf_greedy  # noqa: E402
+from tests.test_batch import PROMPTS  # noqa: E402
+from tests.test_serve import Server  # noqa: E402
+
+OPTIONS = dict(thresholds=0.4, max_new_tokens=12)  # some tokens leave at 1 or 3, others go to the server
+
+
+@pytest.fixture(scope="module")
+def whole(llama_compiled):
+    return load(llama_compiled.artifact)
+
+
+@pytest.fixture(scope="module")
+def server(llama_compiled):
+    s = Server(create_app(llama_compiled.artifact, split=3, sessions=3))
+    yield s
+    s.close()
+
+
+def key(results):
+    return [(r.tokens, r.exits) for r in results]
+
+
+def test_the_split_decodes_what_the_whole_artifact_decodes(llama_compiled, whole, server):
+    device = load(llama_compiled.artifact, split=3, server=server.url)
+    want = [whole.generate(p, **OPTIONS) for p in PROMPTS]
+    alone = [device.generate(p, **OPTIONS) for p in PROMPTS]
+    assert key(alone) == key(want)
+    exits = {e for r in want for e in r.exits}
+    assert exits & {1, 3} and exits - {1, 3}, f"no token {'left on the device' if exits - {1, 3} else 'went on'}"
+    assert not any(r.fallbacks for r in alone)
+    # five sequences at once on three server sessions: the least recently used are evicted and resent
+    assert key(device.generate(PROMPTS, max_batch=5, **OPTIONS)) == key(want)
+    full = [whole.generate(p, mode="full", max_new_tokens=8) for p in PROMPTS[:2]]
+    assert key(device.generate(PROMPTS[:2], mode="full", max_new_tokens=8)) == key(full)
+    sampled = dict(OPTIONS, temperature=0.9, seed=4)
+    assert key([device.generate(PROMPTS[0], **sampled)]) == key([whole.generate(PROMPTS[0], **sampled)])
+
+
+def test_a_server_that_lost_its_sessions_gets_them_again(llama_compiled, whole, server):
+    """The server drops every session mid-generation (as a restart does): the device resends the
+    positions from the start, and the tokens are still the whole artifact's."""
+    device = load(llama_compiled.artifact, split=3, server=server.url)
+    host = server.app.state.tail
+    engine = Engine(device, max_batch=2)
+    requests = [engine.submit(p, **OPTIONS) for p in PROMPTS[:2]]
+    for _ in range(5):
+        engine.step()
+    assert set(engine.batch.sessions[:2]) <= set(host.slots), "the server has not seen both sequences yet"
+    for session, slot in list(host.slots.items()):  # a restart: the server knows nobody
+        host.batch.release(slot)
+        host.free.append(slot)
+        del host.slots[session]
+    before = _count(server, "409")
+    engine.run()
+    assert key([r.result() for r in requests]) == key([whole.generate(p, **OPTIONS) for p in PROMPTS[:2]])
+    assert _count(server, "409") > before, "the server never asked for its lost positions"
+
+
+def _count(server, code: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(f'eec_requests_total{{code="{code}",endpoint="/v1/tail"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_no_server_the_device_decides_and_flags_it(llama_compiled):
+    """Nothing listens at the server's address. With no exit confident, every token comes from the
+    device's last exit (layer 3, the model's own norm and head), flagged: transformers' greedy tokens
+    of the model cut after layer 3. Tokens an exit is confident about are not flagged."""
+    import copy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    device = load(llama_compiled.artifact, split=3, server=url, timeout=0.5)
+    start = time.perf_counter()
+    got = device.generate(PROMPTS[0], thresholds=np.inf, max_new_tokens=12)
+    assert time.perf_counter() - start < 5, "a dead server stalled the device"
+    cut = copy.deepcopy(llama_compiled.hf)
+    cut.model.layers = cut.model.layers[:3]
+    cut.config.num_hidden_layers = 3
+    assert got.tokens == hf_greedy(cut, PROMPTS[0], 12)
+    assert got.exits == [3] * 12 and got.fallbacks == list(range(12))
+    mixed = device.generate(PROMPTS[0], **OPTIONS)
+    assert 0 < len(mixed.fallbacks) < 12 and all(mixed.exits[i] == 3 for i in mixed.fallbacks)
+
+
+def test_a_slow_server_times_out_into_a_fallback(llama_compiled, server):
+    host = server.app.state.tail
+    answer = host.answer
+    host.answer = lambda *a: (time.sleep(1.0), answer(*a))[1]
+    try:
+        device = load(llama_compiled.artifact, split=3, server=server.url, timeout=0.3)
+        got = device.generate(PROMPTS[2], **OPTIONS)
+        assert got.fallbacks and all(got.exits[i] == 3 for i in got.fallbacks)
+    finally:
+        host.answer = answer
+
+
+def test_bad_splits_and_bad_tail_requests(llama_compiled, server, tmp_path):
+    with pytest.raises(InputError, match="exits are"):
+        load(llama_compiled.artifact, split=2, server=server.url)
+    with pytest.raises(InputError, match="both"):
+        load(llama_compiled.artifact, split=3)
+    with pytest.raises(InputError, match="http"):
+        load(llama_compiled.artifact, split=3, server="ftp://x").generate([1, 2], max_new_tokens=2)
+    with pytest.raises(InputError, match="speculative|split"):
+        load(llama_compiled.artifact, split=3, server=server.url).generate([1, 2], mode="speculative")
+    hidden = np.zeros((2, 32), np.float32)
+    for body, message in [(b"junk", "header"), (encode(TailRequest("s", 0, 2, 32, "not-this-artifact"), hidden),
+                                                 "another artifact"),
+                          (encode(TailRequest("s", 0, 3, 32, "x"), hidden), "payload")]:
+        r = httpx.post(server.url + "/v1/tail", content=body, headers={"content-type": CONTENT_TYPE})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    # A device holding another artifact is told so in one line rather than falling back silently.
+    import shutil
+
+    other = tmp_path / "other.eec"
+    shutil.copytree(llama_compiled.artifact, other)
+    manifest = other / "manifest.json"
+    manifest.write_text(manifest.read_text() + "\n")  # the same model, but not the server's manifest
+    device = load(other, split=3, server=server.url)
+    with pytest.raises(ArtifactError, match="another artifact"):
+        device.generate(PROMPTS[0], mode="full", max_new_tokens=3)
