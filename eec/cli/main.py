@@ -439,6 +439,11 @@ def generate(
     draft_layer: Optional[int] = typer.Option(None, help="speculative mode: the exit that drafts (default: the first)"),
     monitor: bool = typer.Option(False, "--monitor", help="early-exit mode: check exited tokens against the final "
                                  "head as they catch up, and report how many it agrees with (needs the verify graph)"),
+    split: Optional[int] = typer.Option(None, help="run the layers up to the exit at this layer here, the rest on "
+                                        "--server (eec serve ARTIFACT --split N)"),
+    server: Optional[str] = typer.Option(None, help="with --split: the eec server's URL, e.g. http://host:8000"),
+    timeout: float = typer.Option(2.0, help="with --split: seconds to wait for the server before this device's "
+                                  "last exit decides the token"),
 ) -> None:
     """Generate from ARTIFACT with early exits, streaming the text; or from every line of --prompts at once."""
     from eec.runtime import load
@@ -452,7 +457,8 @@ def generate(
     if _is_classifier(artifact):
         raise InputError(f"{artifact} is a classifier artifact: run it with load(...).classify(x) or profile it with "
                          "`eec profile --data`")
-    model = load(artifact, threads=threads, catch_up=catch_up, device=device)
+    model = load(artifact, threads=threads, catch_up=catch_up, device=device, split=split, server=server,
+                 timeout=timeout)
     options = dict(max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=eps, metric=metric,
                    rule=rule, delta=delta, chat=chat, max_draft=max_draft, draft_layer=draft_layer, monitor=monitor,
                    stop=stop or None, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -492,6 +498,10 @@ def serve(
     monitor: Optional[bool] = typer.Option(None, "--monitor/--no-monitor", help="check exited tokens against the "
                                            "final head live, reported in /metrics (default: where the artifact "
                                            "has the verify graph)"),
+    split: Optional[int] = typer.Option(None, help="also serve /v1/tail: the layers after the exit at this layer, "
+                                        "for devices that run the layers up to it (eec generate --split --server)"),
+    sessions: int = typer.Option(64, help="with --split: devices' sequences whose KV the server keeps (the least "
+                                 "recently used leaves; its device sends it again)"),
     replicas: Optional[str] = typer.Option(None, help="run N replicas (or auto: Ray's autoscaler, 1 to 8) on Ray "
                                            "Serve behind its router; needs pip install 'eec\\[ray]'"),
     ray_address: Optional[str] = typer.Option(None, help="with --replicas: the Ray cluster to join (auto: the one "
@@ -510,6 +520,12 @@ def serve(
     if max_queue < 0:
         raise InputError(f"--max-queue must be at least 0, got {max_queue}")
     options = dict(name=name, max_batch=max_batch, max_queue=max_queue, threads=threads, epsilon=eps, monitor=monitor)
+    if split is not None:
+        if replicas is not None:
+            raise InputError("--split keeps each device's KV in one server: it does not run with --replicas")
+        if sessions < 1:
+            raise InputError(f"--sessions must be at least 1, got {sessions}")
+        options.update(split=split, sessions=sessions)
     if replicas is not None:
         _serve_on_ray(artifact, host, port, replicas, ray_address, replica_cpus, options)
         return

@@ -105,6 +105,7 @@ class Request:
         stats = self.stats
         if fallback:
             self.fallbacks.append(len(self.tokens))
+            stats.fallbacks += 1
         self.tokens.append(token)
         self.exits.append(layer)
         stats.new_tokens += 1

@@ -53,6 +53,7 @@ class Stats:
     cycles: dict[int, int] = field(default_factory=dict)  # speculative mode: draft calls in a cycle -> cycles
     checked: int = 0  # monitored early exit: exited tokens the final head judged on catching up
     agreed: int = 0  # of them, the ones the final head would have emitted too
+    fallbacks: int = 0  # split: tokens the device decided because the server did not answer
 
     @property
     def tokens_per_s(self) -> float:
@@ -64,9 +65,11 @@ class Stats:
         drafts = f"; drafts accepted: {self.accepted} of {self.drafted}" if self.drafted else ""
         checked = (f"; exited tokens the final head agrees with: {self.agreed} of {self.checked}"
                    if self.checked else "")
+        fell = f"; decided on the device, the server silent: {self.fallbacks}" if self.fallbacks else ""
         return (
             f"{self.new_tokens} tokens, {self.tokens_per_s:.1f} tok/s decode, "
             f"prefill {self.prompt_tokens} tokens in {self.prefill_s * 1e3:.0f} ms; exits: {exits}{drafts}{checked}"
+            f"{fell}"
         )
 
 
