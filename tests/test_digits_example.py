@@ -15,6 +15,7 @@ pytest.importorskip("sklearn", reason="examples/digits reads scikit-learn's bund
 ROOT = Path(__file__).parents[1] / "examples" / "digits"
 
 
+@pytest.mark.slow  # 25 s of training; saving, compiling and classifying branched networks are tested on their own
 def test_both_recipes_learn_and_compile(tmp_path):
     from eec.compiler.branched_pipeline import compile_branched
     from eec.runtime import load
