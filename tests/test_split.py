@@ -144,3 +144,44 @@ def test_bad_splits_and_bad_tail_requests(llama_compiled, server, tmp_path):
     device = load(other, split=3, server=server.url)
     with pytest.raises(ArtifactError, match="another artifact"):
         device.generate(PROMPTS[0], mode="full", max_new_tokens=3)
+
+
+def test_parts_written_by_eec_split_hold_their_own_layers_and_decode_as_the_whole(llama_compiled, whole, server,
+                                                                                 tmp_path):
+    """`eec split` writes a device part with no server layer in it and a server part with no embedding;
+    served and loaded, they decode the whole artifact's tokens; the device part also works against a
+    server running the whole artifact with --split (the same fingerprint)."""
+    from typer.testing import CliRunner
+
+    from eec.cli.main import app
+    from eec.runtime.manifest import read_manifest
+
+    dev, srv = tmp_path / "d.eec", tmp_path / "s.eec"
+    out = CliRunner().invoke(app, ["split", str(llama_compiled.artifact), "--at", "3", "--device", str(dev),
+                                   "--server", str(srv)])
+    assert out.exit_code == 0, out.output
+    whole_manifest, device_manifest = read_manifest(llama_compiled.artifact), read_manifest(dev)
+    later = {f for s in whole_manifest.segments if s.start >= 3 for f in s.graphs.values()}
+    assert later and not later & set(device_manifest.files)
+    weights = "graphs/weights.data"
+    assert (dev / weights).stat().st_size < 0.6 * (llama_compiled.artifact / weights).stat().st_size
+    assert read_manifest(srv).tokenizer is None and not read_manifest(srv).segments[0].takes_ids
+
+    part_server = Server(create_app(srv, sessions=4))
+    try:
+        want = key([whole.generate(p, **OPTIONS) for p in PROMPTS])
+        assert key(load(dev, server=part_server.url).generate(PROMPTS, **OPTIONS)) == want
+        assert key(load(dev, server=server.url).generate(PROMPTS[:2], **OPTIONS)) == want[:2]
+        assert httpx.post(part_server.url + "/v1/completions", json={"prompt": [1]}).status_code == 404
+    finally:
+        part_server.close()
+    with pytest.raises(InputError, match="server's URL"):
+        load(dev)
+    with pytest.raises(InputError, match="server part"):
+        load(srv).generate([1, 2], max_new_tokens=2)
+    refused = CliRunner().invoke(app, ["split", str(llama_compiled.artifact), "--at", "2", "--device",
+                                       str(tmp_path / "x.eec"), "--server", str(tmp_path / "y.eec")])
+    assert refused.exit_code == 1 and "exits are [1, 3, 4]" in refused.output and "Traceback" not in refused.output
+    (dev / "graphs" / "seg0.onnx").write_bytes((dev / "graphs" / "seg0.onnx").read_bytes() + b"\0")
+    with pytest.raises(ArtifactError, match="sha256|modified|changed"):
+        load(dev, server=server.url)

@@ -580,6 +580,31 @@ def _serve_on_ray(artifact: Path, host: str, port: int, replicas: str, address: 
         ray.shutdown()
 
 
+@app.command("split")
+@_user_errors
+def split_cmd(
+    artifact: Path = typer.Argument(..., help="compiled artifact directory (a text generator)"),
+    at: int = typer.Option(..., "--at", help="the exit's layer where the device's part ends"),
+    device_out: Optional[Path] = typer.Option(None, "--device", help="the device part (default: ARTIFACT-device.eec)"),
+    server_out: Optional[Path] = typer.Option(None, "--server", help="the server part (default: ARTIFACT-server.eec)"),
+    overwrite: bool = typer.Option(False, help="replace existing parts"),
+) -> None:
+    """Cut ARTIFACT at an exit into a device part and a server part, each holding only its own weights:
+    `eec serve SERVER-PART` on the server, `eec generate DEVICE-PART --server URL` on the device."""
+    from eec.compiler.split import split_artifact
+
+    if _is_classifier(artifact):
+        raise InputError(f"{artifact} is a classifier artifact: only text generators split for now")
+    stem = artifact.name.removesuffix(".eec")
+    device_out = device_out or artifact.with_name(f"{stem}-device.eec")
+    server_out = server_out or artifact.with_name(f"{stem}-server.eec")
+    device, server = split_artifact(artifact, at, device_out, server_out, overwrite)
+    for path, part in ((device_out, device), (server_out, server)):
+        size = sum((path / f).stat().st_size for f in part.files) / 1e6
+        layers = f"{part.first_layer}-{part.last_layer}"
+        err.print(f"wrote {path}: {part.part.role} part, layers {layers}, {size:.1f} MB", highlight=False)
+
+
 @app.command()
 @_user_errors
 def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directory")) -> None:

@@ -117,6 +117,19 @@ class CalibrationSpec:
 
 
 @dataclass(frozen=True)
+class PartSpec:
+    """One side of an edge–cloud split written by `eec split` (`eec.compiler.split`)."""
+
+    role: str  # "device": layers 0..at, ending at the exit at ``at``; "server": layers at..num_layers
+    at: int
+    whole: str  # the whole artifact's fingerprint (its manifest's sha256), which both sides send and check
+    exits: list[int] = field(default_factory=list)  # the whole artifact's exits, the server's included
+
+
+PART_ROLES = ("device", "server")
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: ModelSpec
     segments: list[SegmentSpec]
@@ -130,11 +143,25 @@ class Manifest:
     placement: dict | None = None  # `eec compile --exits auto`: ε, the chosen exits, predicted speedups
     engines: dict | None = None  # `eec build-engines`: the TensorRT engine cache's folder and where it was built
     catch_up: str = "exact"  # how deeper layers get the KV of exited positions by default (eec.runtime.decode)
+    part: PartSpec | None = None  # a split's device or server part; None: the whole model
 
     @property
     def exits(self) -> list[int]:
-        """Layers of the early exits (the final head is not one)."""
+        """Layers of the early exits (the final head is not one); a device part's are the whole artifact's,
+        since a generation leaves at the server's exits too."""
+        if self.part is not None and self.part.role == "device":
+            return list(self.part.exits)
         return [s.exit.layer for s in self.segments[:-1] if s.exit is not None]
+
+    @property
+    def first_layer(self) -> int:
+        """The first layer the segments run: 0, or a server part's split."""
+        return self.part.at if self.part is not None and self.part.role == "server" else 0
+
+    @property
+    def last_layer(self) -> int:
+        """The layer the segments end at: the model's last, or a device part's split."""
+        return self.part.at if self.part is not None and self.part.role == "device" else self.model.num_layers
 
     def to_json(self) -> str:
         body = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **asdict(self)}
@@ -171,6 +198,7 @@ class Manifest:
                 placement=raw.get("placement"),
                 engines=raw.get("engines"),
                 catch_up=raw.get("catch_up", "exact"),
+                part=PartSpec(**raw["part"]) if raw.get("part") else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None
@@ -311,10 +339,19 @@ def check_fields(manifest: Manifest) -> None:
         raise _bad(f"model.num_heads ({m.num_heads}) is not a multiple of num_kv_heads ({m.num_kv_heads})")
     if not manifest.segments:
         raise _bad("no segments")
-    start = 0
+    part = manifest.part
+    if part is not None and not (part.role in PART_ROLES and _whole(part.at, 1, m.num_layers - 1)
+                                 and isinstance(part.whole, str) and isinstance(part.exits, list)
+                                 and all(_whole(e, 1, m.num_layers - 1) for e in part.exits)):
+        raise _bad(f"part must name a role ({', '.join(PART_ROLES)}), a layer and the whole artifact; got {part!r}")
+    if part is not None and part.role == "device" and (manifest.segments[-1].exit is None
+                                                       or manifest.segments[-1].exit.layer != part.at):
+        raise _bad(f"a device part's last segment must end at its exit at layer {part.at}")
+    start = manifest.first_layer
     for s in manifest.segments:
         if not (_whole(s.start, 0, m.num_layers) and _whole(s.stop, 1, m.num_layers)) or s.start != start or s.stop <= s.start:
-            raise _bad(f"segments must cover layers 0..{m.num_layers} in order; got layers {s.start!r}..{s.stop!r}")
+            raise _bad(f"segments must cover layers {manifest.first_layer}..{manifest.last_layer} in order; got layers "
+                       f"{s.start!r}..{s.stop!r}")
         start = s.stop
         if s.kv_cache not in KV_CACHES:
             raise _bad(f"a segment's kv_cache must be one of {', '.join(KV_CACHES)}, got {s.kv_cache!r}")
@@ -324,8 +361,10 @@ def check_fields(manifest: Manifest) -> None:
         if s.exit is not None and not (_whole(s.exit.layer, 1, m.num_layers) and (s.exit.file is None or isinstance(s.exit.file, str))
                                        and _whole(s.exit.shortlist, 0, m.vocab_size)):
             raise _bad(f"layers {s.start}-{s.stop}: a malformed exit {s.exit!r}")
-    if start != m.num_layers:
-        raise _bad(f"segments cover layers 0..{start} of {m.num_layers}")
+    if start != manifest.last_layer:
+        raise _bad(f"segments cover layers {manifest.first_layer}..{start}, not ..{manifest.last_layer}")
+    if (manifest.segments[0].takes_ids) != (manifest.first_layer == 0):
+        raise _bad("the first segment takes token ids exactly when it starts at layer 0")
     if not (isinstance(manifest.eos_token_ids, list) and all(_whole(t, 0, m.vocab_size - 1) for t in manifest.eos_token_ids)):
         raise _bad(f"eos_token_ids must be token ids below {m.vocab_size}, got {manifest.eos_token_ids!r}")
     if not (isinstance(manifest.files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in manifest.files.items())):

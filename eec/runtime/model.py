@@ -398,6 +398,9 @@ class EarlyExitModel:
         """A checked `eec.runtime.engine.Request`: prompt encoded, thresholds resolved (`generate`'s options).
         ``sink``: an object whose ``put`` takes each `Event` as it comes, then None (a streamed request's
         queue by default); a server's event loop hands it on without a thread waiting on a queue."""
+        if self.manifest.part is not None and self.manifest.part.role == "server":
+            raise InputError("this is the server part of a split: it runs behind `eec serve` for a device, which "
+                             "loads the device part")
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
         if mode == "speculative" and thresholds is None and epsilon is None and self.manifest.calibration:
@@ -586,10 +589,16 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
         from eec.runtime.classifier import load_classifier
 
         return load_classifier(root, threads=threads, verify=verify, device=device)
+    manifest = read_manifest(root, verify=verify)
+    if manifest.part is not None and manifest.part.role == "device":
+        if server is None:
+            raise InputError("this is the device part of a split: pass the server's URL (server=, --server)")
+        if split not in (None, manifest.part.at):
+            raise InputError(f"this device part ends at layer {manifest.part.at}, not {split}")
+        split = manifest.part.at
     if (split is None) != (server is None):
         raise InputError("a split needs both the layer (split) and the server's URL (server)")
     if split is not None and catch_up not in (None, "exact"):
         raise InputError("a split decodes with the exact catch-up")
     parts = None if split is None else Split(split, server, timeout)
-    return EarlyExitModel(root, read_manifest(root, verify=verify), threads, "exact" if parts else catch_up, device,
-                          parts)
+    return EarlyExitModel(root, manifest, threads, "exact" if parts else catch_up, device, parts)

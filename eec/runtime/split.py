@@ -61,14 +61,23 @@ RETRY_S = 5.0  # after a failure, the device decides alone this long before tryi
 
 
 def fingerprint(model: "EarlyExitModel") -> str:
-    """The artifact's identity on the wire: the sha256 of its manifest (which holds every file's sha256)."""
+    """The artifact's identity on the wire: the sha256 of its manifest (which holds every file's sha256);
+    a part written by `eec split` carries its whole artifact's."""
+    if model.manifest.part is not None:
+        return model.manifest.part.whole
     return hashlib.sha256((model.root / "manifest.json").read_bytes()).hexdigest()
 
 
 def split_index(model: "EarlyExitModel", at: int) -> int:
-    """How many segments run on the device for a split after layer ``at`` (an exit of the artifact)."""
+    """How many of the artifact's segments run on the device for a split after layer ``at`` (an exit):
+    the index of the server's first segment."""
     if isinstance(at, bool) or not isinstance(at, int):
         raise InputError(f"split must be an exit's layer, got {at!r}")
+    part = model.manifest.part
+    if part is not None:
+        if at != part.at:
+            raise InputError(f"this artifact is the {part.role} part of a split at layer {part.at}, not {at}")
+        return len(model.manifest.segments) if part.role == "device" else 0
     for k, spec in enumerate(model.manifest.segments[:-1]):
         if spec.exit is not None and spec.exit.layer == at:
             return k + 1

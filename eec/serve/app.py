@@ -256,6 +256,9 @@ def create_app(artifact, *, name: str | None = None, max_batch: int = 8, max_que
         name = name or Path(artifact).name
         artifact = load(artifact, threads=threads)
     name = name or "eec"
+    part = getattr(getattr(artifact, "manifest", None), "part", None)
+    if part is not None and part.role == "server":  # only the layers after the split: /v1/tail alone
+        return _server_part_app(artifact, name, split if split is not None else part.at, sessions, max_queue)
     if hasattr(artifact, "generate"):
         service: Decoding | Classifying = Decoding(artifact, name, max_batch=max_batch, max_queue=max_queue,
                                                    epsilon=epsilon, monitor=monitor)
@@ -430,7 +433,39 @@ async def _respond(service: Decoding, endpoint: str, obj: str, body: Generation,
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _tail_route(app: FastAPI, service: Decoding, at: int, sessions: int, max_queue: int) -> None:
+class Tailing:
+    """A split's server part: no embedding, no tokenizer; it answers devices on ``/v1/tail`` only."""
+
+    kind = "split server"
+
+    def __init__(self, model, name: str):
+        self.model, self.name, self.metrics = model, name, Metrics("decoder")
+
+    def healthy(self) -> bool:
+        return True
+
+
+def _server_part_app(model, name: str, at: int, sessions: int, max_queue: int) -> FastAPI:
+    service = Tailing(model, name)
+    app = FastAPI(title="eec", docs_url=None, redoc_url=None)
+    app.state.service = service
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "kind": service.kind, "pid": os.getpid(),
+                "sessions": app.state.tail.sessions}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/classify"):
+        app.post(path)(_wrong_kind("this server runs the layers after a split for devices: POST /v1/tail"))
+    _tail_route(app, service, at, sessions, max_queue)
+    return app
+
+
+def _tail_route(app: FastAPI, service: "Decoding | Tailing", at: int, sessions: int, max_queue: int) -> None:
     """``POST /v1/tail``: a split's server part (`eec.runtime.split`). One worker thread runs every
     session's steps (a `Batch` is one thread's); the engine's thread keeps serving completions."""
     from eec.runtime.split import CONTENT_TYPE, TailBehind, TailHost, decode
