@@ -331,3 +331,17 @@ def test_two_replicas_on_ray_serve_answer_as_the_runtime(artifact, model):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_the_throughput_window_forgets_old_marks(monkeypatch):
+    """A server nobody scrapes keeps only the last window's marks (each token adds one)."""
+    from eec.serve import metrics
+
+    now = [0.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
+    rate = metrics.Rate(window=10)
+    for _ in range(1000):
+        rate.add(2)
+        now[0] += 0.1
+    assert len(rate.marks) <= 101
+    assert rate() == pytest.approx(2 * 100 / 10, rel=0.02)

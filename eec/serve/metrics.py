@@ -26,15 +26,20 @@ class Rate:
         self.window, self.marks, self.lock = window, deque(), threading.Lock()
 
     def add(self, n: int = 1) -> None:
+        now = time.monotonic()
         with self.lock:
-            self.marks.append((time.monotonic(), n))
+            self.marks.append((now, n))
+            self._trim(now)  # here too: a server nobody scrapes must not keep every token's mark
 
     def __call__(self) -> float:
         now = time.monotonic()
         with self.lock:
-            while self.marks and self.marks[0][0] < now - self.window:
-                self.marks.popleft()
+            self._trim(now)
             return sum(n for _, n in self.marks) / self.window
+
+    def _trim(self, now: float) -> None:
+        while self.marks and self.marks[0][0] < now - self.window:
+            self.marks.popleft()
 
 
 class Metrics:
