@@ -244,3 +244,32 @@ def test_profile_inspect_and_calibrate_on_the_command_line(tmp_path, encoders):
     again = CliRunner().invoke(app, ["calibrate", str(copy), "--data", str(tmp_path / "test.csv")])
     assert again.exit_code == 0, again.output
     assert load(copy).manifest.calibration.samples == len(TEXTS)
+
+
+def test_a_text_classifier_split_answers_as_the_whole_model(encoders):
+    """The embeddings and layer 1 on a device, the rest on an eec server: texts of mixed lengths (the
+    padding mask crosses the wire with the hidden states) get the whole model's labels and exits."""
+    pytest.importorskip("fastapi")
+    from eec.serve.app import create_app
+    from tests.test_serve import Server
+
+    _, _, path = encoders["bert"]
+    whole = load(path)
+    words = " ".join(CORPUS).split()
+    texts = [" ".join(words[i: i + 2 + 3 * (i % 5)]) for i in range(24)]
+    taus = []
+    for k in range(len(whole.exits)):
+        only = [math.inf] * len(whole.exits)
+        only[k] = -math.inf
+        taus.append(float(np.median(whole.classify(texts, thresholds=only, metric="max-prob").probs.max(-1))))
+    s = Server(create_app(path, split=1))
+    try:
+        device = load(path, split=1, server=s.url)
+        want, got = whole.classify(texts, thresholds=taus, metric="max-prob"), device.classify(
+            texts, thresholds=taus, metric="max-prob", batch_size=8)
+        assert set(want.exits.tolist()) & {0, 1} and set(want.exits.tolist()) - {0, 1}, want.exits
+        assert got.labels.tolist() == want.labels.tolist() and got.exits.tolist() == want.exits.tolist()
+        np.testing.assert_allclose(got.probs, want.probs, rtol=1e-4, atol=1e-5)
+        assert not got.fallback.any()
+    finally:
+        s.close()

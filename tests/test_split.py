@@ -185,3 +185,59 @@ def test_parts_written_by_eec_split_hold_their_own_layers_and_decode_as_the_whol
     (dev / "graphs" / "seg0.onnx").write_bytes((dev / "graphs" / "seg0.onnx").read_bytes() + b"\0")
     with pytest.raises(ArtifactError, match="sha256|modified|changed"):
         load(dev, server=server.url)
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    """The branched test ResNet (heads after stages 0, 1, 2 and the last), compiled and calibrated."""
+    torch = pytest.importorskip("torch")
+    from eec.compiler import save_early_exit
+    from eec.compiler.branched_pipeline import compile_branched
+    from tests.test_branched import inputs, make
+
+    root = tmp_path_factory.mktemp("split-cnn")
+    net = make("resnet")
+    save_early_exit(net, torch.from_numpy(inputs(net, 4, seed=9)), root / "net.pt")
+    np.savez(root / "cal.npz", x=inputs(net, 200, seed=2))
+    compile_branched(root / "net.pt", root / "net.eec", data=root / "cal.npz")
+    return root / "net.eec", inputs(net, 64, seed=6)
+
+
+def test_a_classifier_split_answers_as_the_whole_network(cnn):
+    """Device: stages 0-1 and their exits; server: the rest. Samples that stay after exit 1 get the
+    server's answers, the ones the whole network gives; with no server, exit 1's, flagged."""
+    path, x = cnn
+    whole_clf = load(path)
+    # each exit's median top probability: about half the samples leave at each exit
+    taus = []
+    for k in range(3):
+        only = [np.inf] * 3
+        only[k] = -np.inf
+        taus.append(float(np.median(whole_clf.classify(x, thresholds=only, metric="max-prob").probs.max(-1))))
+    s = Server(create_app(path, split=1))
+    try:
+        device = load(path, split=1, server=s.url)
+        for options in (dict(thresholds=taus, metric="max-prob"), dict(thresholds=taus, metric="top2-margin"),
+                        dict(mode="full")):
+            want, got = whole_clf.classify(x, **options), device.classify(x, **options)
+            assert got.labels.tolist() == want.labels.tolist() and got.exits.tolist() == want.exits.tolist()
+            np.testing.assert_allclose(got.probs, want.probs, rtol=1e-5, atol=1e-6)
+            assert not got.fallback.any()
+        assert set(want.exits.tolist()) == {3}
+        mixed = whole_clf.classify(x, thresholds=taus, metric="max-prob").exits
+        assert (mixed <= 1).any() and (mixed == 2).any() and (mixed == 3).any(), mixed
+        with pytest.raises(InputError, match="carries state"):
+            device.classify(x, metric="patience", thresholds=[2, 2, 2])
+        bad = httpx.post(s.url + "/v1/classify/tail", content=b"\x05\x00\x00\x00{}{}{", headers={
+            "content-type": CONTENT_TYPE})
+        assert bad.status_code == 400
+    finally:
+        s.close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    alone = load(path, split=1, server=dead, timeout=0.5).classify(x, thresholds=taus, metric="max-prob")
+    exit1 = whole_clf.classify(x, thresholds=[taus[0], -np.inf, np.inf], metric="max-prob")
+    assert alone.labels.tolist() == exit1.labels.tolist() and alone.exits.tolist() == exit1.exits.tolist()
+    confident = whole_clf.classify(x, thresholds=[*taus[:2], np.inf], metric="max-prob").exits <= 1
+    assert alone.fallback.tolist() == (~confident).tolist() and alone.fallback.any()

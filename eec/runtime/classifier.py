@@ -61,8 +61,10 @@ from eec.runtime.classifier_manifest import (
 )
 from eec.runtime.manifest import PLAIN, WITH_HEAD
 from eec.runtime.sessions import open_sessions
+from eec.runtime.split import DEFAULT_TIMEOUT_S, RemoteClassifierTail, TailUnavailable, classifier_fingerprint
 
 METRICS = ("max-prob", "top2-margin", "neg-entropy", "patience", "ensemble", "patience-confidence", "learned")
+STATEFUL = ("patience", "ensemble", "patience-confidence")  # scores that carry state from exit to exit
 PCEE_PATIENCE = 2  # patience-confidence: the exits in a row that must all be confident
 MODES = ("early-exit", "full")
 RULES = ("risk", "valade")
@@ -182,6 +184,8 @@ class ClassifyResult:
     stats: ClassifyStats
     class_names: list[str] | None = None
     truncated: np.ndarray | None = None  # text classifiers: [batch] bool, the texts cut to the model's length
+    fallback: np.ndarray | None = None  # a split: [batch] bool, the samples the device's last exit decided
+    # because the server did not answer (`eec.runtime.split`)
 
     @property
     def names(self) -> list[str]:
@@ -240,13 +244,19 @@ class TextInput:
 
 
 class EarlyExitClassifier:
-    def __init__(self, root: Path, manifest: ClassifierManifest, threads: int | None = None, device: str = "cpu"):
+    def __init__(self, root: Path, manifest: ClassifierManifest, threads: int | None = None, device: str = "cpu",
+                 split: int | None = None, server: str | None = None, timeout: float = DEFAULT_TIMEOUT_S):
+        """``split``, ``server``: run the segments up to the exit after stage ``split`` here and send the
+        samples that do not leave there to the eec server at URL ``server`` (`eec.runtime.split`)."""
         if device not in ("cpu", "cuda", "auto"):
             raise InputError(f"a classifier artifact runs on device cpu or cuda, got {device!r}")
         self.root, self.manifest = root, manifest
         self.device = "cpu" if device == "auto" else device
+        # A split runs segments [0, local) here; `tail` sends the rest to the server.
+        self.local = len(manifest.segments) if split is None else self.split_index(split)
+        self.tail = None if split is None else RemoteClassifierTail(server, classifier_fingerprint(root), timeout)
         self.sessions = [{role: open_sessions(root, [file], threads, device=self.device)[0]
-                          for role, file in seg.graphs.items()} for seg in manifest.segments]
+                          for role, file in seg.graphs.items()} for seg in manifest.segments[: self.local]]
         self.text = TextInput(root, manifest.text) if manifest.text else None
         self._probs: np.ndarray | None = None
         self._labels: np.ndarray | None = None
@@ -256,6 +266,12 @@ class EarlyExitClassifier:
     @property
     def exits(self) -> list[int]:
         return self.manifest.exits
+
+    def split_index(self, stage: int) -> int:
+        """The segments a device runs for a split after the exit at ``stage``."""
+        if not isinstance(stage, int) or isinstance(stage, bool) or stage not in self.exits:
+            raise InputError(f"the split must be at an exit; this network's exits follow stages {self.exits}")
+        return next(k + 1 for k, seg in enumerate(self.manifest.segments) if seg.exit == stage)
 
     @property
     def num_stages(self) -> int:
@@ -378,41 +394,53 @@ class EarlyExitClassifier:
             x = self.check_input(x)
             batches, n, truncated = [(None, x, {})], x.shape[0], None
         taus, metric = ([], None) if mode == "full" else self._resolve(thresholds, epsilon, metric, rule, delta)
+        if self.tail is not None and metric in STATEFUL:
+            raise InputError(f"metric {metric!r} carries state from exit to exit; a split classifier decides with "
+                             f"{', '.join(m for m in METRICS if m not in STATEFUL)}")
         start = time.perf_counter()
         result = ClassifyResult(np.empty(n, np.int64), np.empty((n, self.manifest.num_classes), np.float32),
                                 np.empty(n, np.int64), ClassifyStats(samples=n), self.manifest.class_names, truncated)
+        if self.tail is not None:
+            result.fallback = np.zeros(n, bool)
         for rows, main, side in batches:
             self._run(main, side, rows, taus, metric, result)
         result.stats.seconds = time.perf_counter() - start
         return result
 
     def _run(self, main: np.ndarray, side: dict[str, np.ndarray], base: np.ndarray | None, taus: list[float],
-             metric: str | None, out: ClassifyResult) -> None:
+             metric: str | None, out: ClassifyResult, first: int = 0) -> None:
         """One batch through the segments, its samples leaving at their exits; written into ``out`` at the rows
         ``base`` (None: all of them). ``main`` is the first segment's first input, then each segment's hidden
-        state; ``side`` the other inputs every segment takes (a padding mask), gathered with the samples."""
+        state; ``side`` the other inputs every segment takes (a padding mask), gathered with the samples.
+        ``first``: the segment ``main`` enters (a split's server starts after the device's); a split's device
+        sends the samples that stay after its last segment to the server."""
         stats = out.stats
         n = main.shape[0]
         rows = None  # which of the batch's samples are still in it; None: all of them (no gathering to do)
         conf = Confidence(metric) if metric else None
         last = len(self.manifest.segments) - 1
-        for i, (seg, graphs) in enumerate(zip(self.manifest.segments, self.sessions)):
+        for i in range(first, self.local):
+            seg, graphs = self.manifest.segments[i], self.sessions[i]
             stats.segment_samples.append(n if rows is None else len(rows))
             feeds = {name: main if k == 0 else side[name] for k, name in enumerate(seg.inputs)}
+            handing_over = self.tail is not None and i == self.local - 1
             if i == last:
                 p, = graphs[PLAIN].run([PROBS], feeds)
                 leave = None
-            elif conf is None:
+            elif conf is None and not handing_over:
                 main, = graphs[PLAIN].run([HIDDEN], feeds)
                 continue
             else:
-                if conf.metric == "learned":
+                if conf is not None and conf.metric == "learned":
                     main, p, learned = graphs[WITH_HEAD].run([HIDDEN, PROBS, EXIT_SCORE], feeds)
                 else:
                     (main, p), learned = graphs[WITH_HEAD].run([HIDDEN, PROBS], feeds), None
-                score, p = conf.step(p, learned)
-                leave = score >= taus[i]
-                if not leave.any():
+                if conf is None:  # full mode: the head ran only in case the server does not answer
+                    leave = np.zeros(len(p), bool)
+                else:
+                    score, p = conf.step(p, learned)
+                    leave = score >= taus[i]
+                if not leave.any() and not handing_over:
                     stats.exits[seg.exit] = stats.exits.get(seg.exit, 0)
                     continue
             if leave is None or leave.all():  # everyone left: the rest of the batch, whole
@@ -436,10 +464,41 @@ class EarlyExitClassifier:
                 if width < side[MASK].shape[1]:
                     side[MASK], main = side[MASK][:, :width], main[:, :width]
             main = np.ascontiguousarray(main)
-            conf.keep(stay)
+            if conf is not None:
+                conf.keep(stay)
+            if handing_over:
+                self._remote(main, side, rows if base is None else base[rows], p[stay], taus, metric, seg.exit, out)
+
+    def _remote(self, hidden: np.ndarray, side: dict[str, np.ndarray], at: np.ndarray, own: np.ndarray,
+                taus: list[float], metric: str | None, stage: int, out: ClassifyResult) -> None:
+        """The samples that stayed after the device's last segment: the server's answers, or where it does
+        not answer, the device's last exit's (``own``), flagged."""
+        try:
+            probs, exits = self.tail.run(hidden, side, None if metric is None else taus[self.local:], metric)
+        except TailUnavailable:
+            probs, exits = own, np.full(len(own), stage)
+            out.fallback[at] = True
+        out.probs[at], out.labels[at], out.exits[at] = probs, probs.argmax(-1), exits
+        for e in np.unique(exits).tolist():
+            out.stats.exits[e] = out.stats.exits.get(e, 0) + int(np.sum(exits == e))
+
+    def run_tail(self, first: int, hidden: np.ndarray, side: dict[str, np.ndarray], taus: list[float] | None,
+                 metric: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """A split's server: samples that stayed on a device through segment ``first - 1`` run on from
+        segment ``first`` with the thresholds of the later exits; their probabilities and exits."""
+        n = hidden.shape[0]
+        out = ClassifyResult(np.empty(n, np.int64), np.empty((n, self.manifest.num_classes), np.float32),
+                             np.empty(n, np.int64), ClassifyStats(samples=n))
+        full = None if taus is None else [math.inf] * first + list(taus)
+        self._run(hidden, side, None, full or [], metric if taus is not None else None, out, first)
+        return out.probs, out.exits
 
 
 def load_classifier(path: str | os.PathLike, *, threads: int | None = None, verify: bool = True,
-                    device: str = "cpu") -> EarlyExitClassifier:
+                    device: str = "cpu", split: int | None = None, server: str | None = None,
+                    timeout: float = DEFAULT_TIMEOUT_S) -> EarlyExitClassifier:
     root = Path(path)
-    return EarlyExitClassifier(root, read_classifier_manifest(root, verify=verify), threads, device)
+    if (split is None) != (server is None):
+        raise InputError("a split needs both the exit's stage (split) and the server's URL (server)")
+    return EarlyExitClassifier(root, read_classifier_manifest(root, verify=verify), threads, device, split, server,
+                               timeout)

@@ -577,9 +577,9 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
     (`eec.runtime.classifier.EarlyExitClassifier`, ``classify``). ``verify`` checks every file's sha256 first; ``catch_up``
     ("exact" or "propagate") replaces the artifact's default for every generation; ``device``:
     "cpu", "cuda" or "tensorrt", or "auto" (`eec.runtime.sessions.pick_device`). ``split``, ``server``:
-    run the segments up to the exit at layer ``split`` here and the rest on the eec server at URL
-    ``server`` (`eec serve ARTIFACT --split N`), waiting at most ``timeout`` seconds for it before the
-    device's own exit decides (`eec.runtime.split`)."""
+    run the segments up to the exit at layer ``split`` (a classifier's: after stage ``split``) here and
+    the rest on the eec server at URL ``server`` (`eec serve ARTIFACT --split N`), waiting at most
+    ``timeout`` seconds for it before the device's own exit decides (`eec.runtime.split`)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads must be a whole number of at least 1, got {threads!r}")
     root = Path(path)
@@ -588,7 +588,8 @@ def load(path: str | os.PathLike, *, threads: int | None = None, verify: bool = 
             raise InputError("catch_up applies to decoder artifacts; this one is a classifier")
         from eec.runtime.classifier import load_classifier
 
-        return load_classifier(root, threads=threads, verify=verify, device=device)
+        return load_classifier(root, threads=threads, verify=verify, device=device, split=split, server=server,
+                               timeout=timeout)
     manifest = read_manifest(root, verify=verify)
     if manifest.part is not None and manifest.part.role == "device":
         if server is None:

@@ -180,7 +180,16 @@ class RemoteTail:
         request = TailRequest(session, start, hidden.shape[0], hidden.shape[1], self.fingerprint,
                               None if thresholds is None else {str(k): float(v) for k, v in thresholds.items()},
                               metric, top)
-        body = encode(request, hidden)
+        status, data = self._post(encode(request, hidden))
+        answer = json.loads(data)
+        out = TailAnswer(int(answer["token"]), int(answer["exit_layer"]))
+        if "top_ids" in answer:
+            out.top_ids = np.asarray(answer["top_ids"], dtype=np.int64)
+            out.top_logits = np.asarray(answer["top_logits"], dtype=np.float32)
+        return out
+
+    def _post(self, body: bytes) -> tuple[int, bytes]:
+        """The server's 200 answer; `TailBehind` (409), `ArtifactError` (400) or `TailUnavailable`."""
         with self._lock:
             try:
                 connection = self._connect()
@@ -198,12 +207,7 @@ class RemoteTail:
         if status != 200:
             self._drop()
             raise TailUnavailable(f"the server answered {status}")
-        answer = json.loads(data)
-        out = TailAnswer(int(answer["token"]), int(answer["exit_layer"]))
-        if "top_ids" in answer:
-            out.top_ids = np.asarray(answer["top_ids"], dtype=np.int64)
-            out.top_logits = np.asarray(answer["top_logits"], dtype=np.float32)
-        return out
+        return status, data
 
     def _drop(self) -> None:
         if self._connection is not None:
@@ -273,3 +277,82 @@ class TailHost:
     @property
     def sessions(self) -> int:
         return len(self.slots)
+
+
+# --- classifiers ----------------------------------------------------------------------------------------------
+#
+# A classifier's split has no sessions: a sample that does not leave on the device sends its hidden state
+# (and a text classifier's padding mask) and gets its answer. ``POST /v1/classify/tail``, the same framing:
+# a 4-byte length, a JSON header (`ClassifierTailRequest`), then the hidden states as float32 and each side
+# input (``side``, in the header's order) as int64, all little-endian. The answer is JSON ``{"probs":
+# [[...]], "exits": [...]}``: each sample's class probabilities and the stage it left after.
+
+
+def classifier_fingerprint(root) -> str:
+    from pathlib import Path
+
+    return hashlib.sha256((Path(root) / "manifest.json").read_bytes()).hexdigest()
+
+
+@dataclass
+class ClassifierTailRequest:
+    fingerprint: str
+    shape: list[int]  # the hidden states': [samples, ...]
+    side: dict[str, list[int]]  # name -> shape of each int64 side input (a text classifier's mask)
+    thresholds: list[float] | None = None  # the server's exits', in order; None: full mode
+    metric: str | None = None
+    version: int = WIRE_VERSION
+
+
+def encode_classifier(request: ClassifierTailRequest, hidden: np.ndarray, side: dict[str, np.ndarray]) -> bytes:
+    header = json.dumps(asdict(request)).encode()
+    parts = [struct.pack("<I", len(header)), header, np.ascontiguousarray(hidden, dtype="<f4").tobytes()]
+    parts += [np.ascontiguousarray(side[name], dtype="<i8").tobytes() for name in request.side]
+    return b"".join(parts)
+
+
+def decode_classifier(body: bytes) -> tuple[ClassifierTailRequest, np.ndarray, dict[str, np.ndarray]]:
+    if len(body) < 4:
+        raise InputError("the body is too short to be a tail request")
+    (size,) = struct.unpack("<I", body[:4])
+    if size > len(body) - 4 or size > 1 << 20:
+        raise InputError("the tail request's header length is wrong")
+    try:
+        request = ClassifierTailRequest(**json.loads(body[4: 4 + size]))
+        shapes = [request.shape, *request.side.values()]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 1 << 24 for s in shapes for d in s):
+            raise ValueError
+    except (ValueError, TypeError, AttributeError):
+        raise InputError("the tail request's header is not a version-1 classifier header") from None
+    if request.version != WIRE_VERSION:
+        raise InputError(f"wire version {request.version} is not supported (this server speaks {WIRE_VERSION})")
+    sizes = [int(np.prod(request.shape)) * 4] + [int(np.prod(s)) * 8 for s in request.side.values()]
+    payload = body[4 + size:]
+    if len(payload) != sum(sizes):
+        raise InputError(f"the payload holds {len(payload)} bytes, not the {sum(sizes)} its header describes")
+    hidden = np.frombuffer(payload[: sizes[0]], dtype="<f4").reshape(request.shape).astype(np.float32)
+    if not np.isfinite(hidden).all():
+        raise InputError("the hidden states hold NaN or infinite values")
+    side, at = {}, sizes[0]
+    for (name, shape), length in zip(request.side.items(), sizes[1:]):
+        side[name] = np.frombuffer(payload[at: at + length], dtype="<i8").reshape(shape).astype(np.int64)
+        at += length
+    return request, hidden, side
+
+
+class RemoteClassifierTail(RemoteTail):
+    """A classifier device's side: the samples that stay after its last exit, sent for their answers."""
+
+    def __init__(self, url: str, fingerprint: str, timeout: float = DEFAULT_TIMEOUT_S, retry_s: float = RETRY_S):
+        super().__init__(url, fingerprint, timeout, retry_s)
+        self.path = self.parts.path.rstrip("/") + "/v1/classify/tail"
+
+    def run(self, hidden: np.ndarray, side: dict[str, np.ndarray], thresholds: list[float] | None,
+            metric: str | None) -> tuple[np.ndarray, np.ndarray]:
+        if time.monotonic() < self._down_until:
+            raise TailUnavailable("the server failed recently; deciding on the device")
+        request = ClassifierTailRequest(self.fingerprint, list(hidden.shape), {k: list(v.shape) for k, v in side.items()},
+                                        thresholds, metric)
+        status, data = self._post(encode_classifier(request, hidden, side))
+        answer = json.loads(data)
+        return np.asarray(answer["probs"], dtype=np.float32), np.asarray(answer["exits"], dtype=np.int64)

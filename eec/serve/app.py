@@ -323,6 +323,8 @@ def create_app(artifact, *, name: str | None = None, max_batch: int = 8, max_que
 
         for path in ("/v1/completions", "/v1/chat/completions"):
             app.post(path)(_wrong_kind("this server runs a classifier: POST /v1/classify"))
+        if split is not None:
+            _classifier_tail_route(app, service, split)
         return app
 
     app.post("/v1/classify")(_wrong_kind("this server runs a text generator: POST /v1/completions"))
@@ -503,3 +505,45 @@ def _tail_route(app: FastAPI, service: "Decoding | Tailing", at: int, sessions: 
         metrics.tokens.inc()
         metrics.exits.labels(str(out["exit_layer"])).inc()
         return out
+
+
+def _classifier_tail_route(app: FastAPI, service: Classifying, at: int) -> None:
+    """``POST /v1/classify/tail``: a classifier split's server part (`eec.runtime.split`), on the classifier's
+    own worker thread."""
+    from eec.runtime.split import CONTENT_TYPE, classifier_fingerprint, decode_classifier
+
+    clf = service.classifier
+    first = clf.split_index(at)
+    fingerprint = classifier_fingerprint(clf.root)
+    metrics = service.metrics
+
+    def run(asked, hidden, side):
+        if asked.fingerprint != fingerprint:
+            raise InputError("the device runs another artifact than this server (fingerprints differ)")
+        later = len(clf.exits) - clf.exits.index(at) - 1
+        if asked.thresholds is not None and len(asked.thresholds) != later:
+            raise InputError(f"{len(asked.thresholds)} thresholds for the server's {later} exits")
+        try:
+            return clf.run_tail(first, hidden, side, asked.thresholds, asked.metric)
+        except Exception as e:  # onnxruntime's own errors: the shapes sent do not fit these segments
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise InputError(f"the hidden states do not fit the segments after stage {at}: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+
+    @app.post("/v1/classify/tail")
+    async def tail(request: HTTPRequest):
+        started = time.perf_counter()
+        try:
+            if request.headers.get("content-type") != CONTENT_TYPE:
+                raise InputError(f"a tail request's content type is {CONTENT_TYPE}")
+            asked, hidden, side = decode_classifier(await request.body())
+            probs, exits = await asyncio.get_running_loop().run_in_executor(service.pool, run, asked, hidden, side)
+        except Exception as e:  # noqa: BLE001
+            error = http_error(e)
+            metrics.requests.labels("/v1/classify/tail", str(error.status)).inc()
+            return error.response()
+        metrics.requests.labels("/v1/classify/tail", "200").inc()
+        metrics.latency.labels("/v1/classify/tail").observe(time.perf_counter() - started)
+        metrics.samples.inc(len(exits))
+        return {"probs": probs.tolist(), "exits": exits.tolist()}
