@@ -1,15 +1,17 @@
-"""eec.runtime must run where only numpy, onnxruntime and tokenizers are installed."""
+"""eec.runtime must run where only numpy, onnxruntime and tokenizers are installed: no torch, no compiler,
+and none of the server's stack (a device running a split talks to its server with the standard library)."""
 
 import subprocess
 import sys
 
-FORBIDDEN = ("torch", "transformers", "eec.compiler", "eec.train", "eec.cli", "onnx", "onnxscript")
+FORBIDDEN = ("torch", "transformers", "eec.compiler", "eec.train", "eec.cli", "onnx", "onnxscript", "eec.serve",
+             "fastapi", "starlette", "uvicorn", "prometheus_client", "ray", "httpx")
 
 
 def test_runtime_imports_no_torch_or_compiler():
     code = (
         "import sys, eec.runtime, eec.runtime.model, eec.runtime.core, eec.runtime.kv, eec.runtime.text, "
-        "eec.runtime.classifier; "
+        "eec.runtime.classifier, eec.runtime.split, eec.runtime.engine; "
         f"print(' '.join(m for m in {FORBIDDEN!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
