@@ -17,6 +17,7 @@ from tests.reference import hf_greedy
 SCRIPT = Path(__file__).parents[1] / "examples" / "code_lm" / "train.py"
 
 
+@pytest.mark.slow  # 30 s of training; the layer-weighted loss and compiling checkpoints are tested on their own
 def test_tiny_code_model_trains_and_compiles(tmp_path):
     out = tmp_path / "code-lm"
     run = subprocess.run([sys.executable, str(SCRIPT), "-o", str(out), "--tiny"], capture_output=True, text=True,

@@ -92,6 +92,7 @@ def test_a_second_writer_to_the_same_output_is_refused(hf_dir, tmp_path):
     compile_model(hf_dir, out, exits=[2], calibrate=False)  # and the next writer gets through
 
 
+@pytest.mark.slow  # 30 s; the lock that makes it so is checked by test_a_second_writer_to_the_same_output_is_refused
 def test_two_compiles_to_one_output_at_once_write_it_once(hf_dir, tmp_path):
     out = tmp_path / "a.eec"
     procs = [eec("compile", hf_dir, "-o", out, "--exits", "2", "--no-calibrate") for _ in range(2)]
