@@ -144,6 +144,8 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=0.9)
     p.add_argument("--abandon", type=float, default=0.1, help="share of requests whose client leaves mid-stream")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=1, help="run the first phase this many times (memory that keeps "
+                   "growing from one to the next is a leak; memory that settles is a working set)")
     args = p.parse_args()
 
     port = free_port()
@@ -172,8 +174,10 @@ def main() -> None:
         asyncio.run(run_phase(url, warm, server.pid, argparse.Namespace(**{**vars(args), "abandon": 0})))
         time.sleep(2)
         idle = rss_mb(server.pid)
-        phases = [Phase(f"{args.clients} clients", args.clients, args.seconds),
-                  Phase(f"{args.overload} clients (overload)", args.overload, args.overload_seconds)]
+        phases = [Phase(f"{args.clients} clients" + (f" ({k + 1})" if args.repeat > 1 else ""), args.clients,
+                        args.seconds) for k in range(args.repeat)]
+        if args.overload:
+            phases.append(Phase(f"{args.overload} clients (overload)", args.overload, args.overload_seconds))
         settled = []
         for phase in phases:
             print(f"{phase.name} for {phase.seconds:g} s ...", file=sys.stderr, flush=True)
