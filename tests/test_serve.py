@@ -19,8 +19,7 @@ openai = pytest.importorskip("openai")
 from eec.compiler import compile_model  # noqa: E402
 from eec.runtime import load  # noqa: E402
 from eec.serve.app import create_app  # noqa: E402
-from tests.conftest import tiny_model  # noqa: E402
-from tests.test_text import TEMPLATE, TEXT  # noqa: E402
+from tests.test_text import text_model_dir  # noqa: E402
 
 PROMPTS = ["Le café près de la gare", "Über den Fluß", "東京の駅は", "def parse(line):"]
 
@@ -53,22 +52,8 @@ class Server:
 def artifact(tmp_path_factory):
     """A tiny Llama with a byte-level BPE and a chat template, exits at 2 and 4, and the verify graph
     (so the server checks exits live), calibrated on a few prompts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("serve")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT] * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>")
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(root / "hf")
-    hf = tiny_model("llama", seed=7, vocab_size=tok.get_vocab_size(), num_attention_heads=4, num_key_value_heads=2,
-                    eos_token_id=fast.eos_token_id)
-    hf.save_pretrained(root / "hf")
+    text_model_dir(root / "hf", seed=7)
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS * 3))
     compile_model(root / "hf", root / "s.eec", exits=[2, 4], speculative="on", calibration_prompts=prompts,

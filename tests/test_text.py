@@ -18,12 +18,12 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content']
 QUESTION = "Où est la gare? 駅はどこ?"
 
 
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
+def text_model_dir(out, seed: int):
+    """A tiny Llama with a byte-level BPE trained on `TEXT` and a chat template with role markers, saved
+    as a Hugging Face directory ``out``; returns the transformers model."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    root = tmp_path_factory.mktemp("text")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -32,10 +32,19 @@ def text_model(tmp_path_factory):
     tok.train_from_iterator([TEXT] * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>")
     fast.chat_template = TEMPLATE
-    fast.save_pretrained(root / "hf")
-    hf = tiny_model("llama", seed=5, vocab_size=tok.get_vocab_size(), num_attention_heads=4, num_key_value_heads=2,
+    fast.save_pretrained(out)
+    hf = tiny_model("llama", seed=seed, vocab_size=tok.get_vocab_size(), num_attention_heads=4, num_key_value_heads=2,
                     eos_token_id=fast.eos_token_id)
-    hf.save_pretrained(root / "hf")
+    hf.save_pretrained(out)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("text")
+    hf = text_model_dir(root / "hf", seed=5)
     compile_model(root / "hf", root / "t.eec", exits=[2, 4], calibrate=False)
     return load(root / "t.eec"), hf, AutoTokenizer.from_pretrained(root / "hf")
 

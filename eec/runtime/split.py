@@ -102,27 +102,31 @@ def encode(request: TailRequest, hidden: np.ndarray) -> bytes:
     return struct.pack("<I", len(header)) + header + np.ascontiguousarray(hidden, dtype="<f4").tobytes()
 
 
-def decode(body: bytes) -> tuple[TailRequest, np.ndarray]:
-    """A request from the wire; anything malformed is an `InputError` (a 400)."""
+def _frame(body: bytes, kind: type):
+    """The header (as ``kind``) and payload of a framed request; a malformed one is an `InputError`."""
     if len(body) < 4:
         raise InputError("the body is too short to be a tail request")
     (size,) = struct.unpack("<I", body[:4])
     if size > len(body) - 4 or size > 1 << 20:
         raise InputError("the tail request's header length is wrong")
     try:
-        raw = json.loads(body[4: 4 + size])
-        request = TailRequest(**raw)
+        request = kind(**json.loads(body[4: 4 + size]))
     except (ValueError, TypeError):
         raise InputError("the tail request's header is not a version-1 header") from None
     if request.version != WIRE_VERSION:
         raise InputError(f"wire version {request.version} is not supported (this server speaks {WIRE_VERSION})")
+    return request, body[4 + size:]
+
+
+def decode(body: bytes) -> tuple[TailRequest, np.ndarray]:
+    """A request from the wire; anything malformed is an `InputError` (a 400)."""
+    request, payload = _frame(body, TailRequest)
     for name in ("start", "positions", "hidden", "metric"):
         value = getattr(request, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InputError(f"{name} must be a whole number, got {value!r}")
     if not isinstance(request.session, str) or not 0 < len(request.session) <= 128:
         raise InputError("session must be a short text")
-    payload = body[4 + size:]
     if request.positions < 1 or len(payload) != request.positions * request.hidden * 4:
         raise InputError(f"the payload holds {len(payload)} bytes, not {request.positions} x {request.hidden} float32")
     hidden = np.frombuffer(payload, dtype="<f4").reshape(request.positions, request.hidden)
@@ -312,22 +316,14 @@ def encode_classifier(request: ClassifierTailRequest, hidden: np.ndarray, side: 
 
 
 def decode_classifier(body: bytes) -> tuple[ClassifierTailRequest, np.ndarray, dict[str, np.ndarray]]:
-    if len(body) < 4:
-        raise InputError("the body is too short to be a tail request")
-    (size,) = struct.unpack("<I", body[:4])
-    if size > len(body) - 4 or size > 1 << 20:
-        raise InputError("the tail request's header length is wrong")
+    request, payload = _frame(body, ClassifierTailRequest)
     try:
-        request = ClassifierTailRequest(**json.loads(body[4: 4 + size]))
         shapes = [request.shape, *request.side.values()]
         if not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 1 << 24 for s in shapes for d in s):
             raise ValueError
     except (ValueError, TypeError, AttributeError):
-        raise InputError("the tail request's header is not a version-1 classifier header") from None
-    if request.version != WIRE_VERSION:
-        raise InputError(f"wire version {request.version} is not supported (this server speaks {WIRE_VERSION})")
+        raise InputError("the tail request's shapes are not lists of sizes") from None
     sizes = [int(np.prod(request.shape)) * 4] + [int(np.prod(s)) * 8 for s in request.side.values()]
-    payload = body[4 + size:]
     if len(payload) != sum(sizes):
         raise InputError(f"the payload holds {len(payload)} bytes, not the {sum(sizes)} its header describes")
     hidden = np.frombuffer(payload[: sizes[0]], dtype="<f4").reshape(request.shape).astype(np.float32)

@@ -467,6 +467,17 @@ def _server_part_app(model, name: str, at: int, sessions: int, max_queue: int) -
     return app
 
 
+def _check_type(request: HTTPRequest, content_type: str) -> None:
+    if request.headers.get("content-type") != content_type:
+        raise InputError(f"a tail request's content type is {content_type}")
+
+
+def _refused(metrics: Metrics, endpoint: str, e: BaseException) -> JSONResponse:
+    error = http_error(e)
+    metrics.requests.labels(endpoint, str(error.status)).inc()
+    return error.response()
+
+
 def _tail_route(app: FastAPI, service: "Decoding | Tailing", at: int, sessions: int, max_queue: int) -> None:
     """``POST /v1/tail``: a split's server part (`eec.runtime.split`). One worker thread runs every
     session's steps (a `Batch` is one thread's); the engine's thread keeps serving completions."""
@@ -482,8 +493,7 @@ def _tail_route(app: FastAPI, service: "Decoding | Tailing", at: int, sessions: 
     async def tail(request: HTTPRequest):
         started = time.perf_counter()
         try:
-            if request.headers.get("content-type") != CONTENT_TYPE:
-                raise InputError(f"a tail request's content type is {CONTENT_TYPE}")
+            _check_type(request, CONTENT_TYPE)
             if pending[0] > max_queue:
                 raise Overloaded(f"{pending[0]} tail requests are waiting already")
             asked, hidden = decode(await request.body())
@@ -497,9 +507,7 @@ def _tail_route(app: FastAPI, service: "Decoding | Tailing", at: int, sessions: 
             return JSONResponse({"error": {"message": str(behind), "type": "session_behind", "param": None,
                                            "code": None}, "length": behind.length}, status_code=409)
         except Exception as e:  # noqa: BLE001
-            error = http_error(e)
-            metrics.requests.labels("/v1/tail", str(error.status)).inc()
-            return error.response()
+            return _refused(metrics, "/v1/tail", e)
         metrics.requests.labels("/v1/tail", "200").inc()
         metrics.latency.labels("/v1/tail").observe(time.perf_counter() - started)
         metrics.tokens.inc()
@@ -535,14 +543,11 @@ def _classifier_tail_route(app: FastAPI, service: Classifying, at: int) -> None:
     async def tail(request: HTTPRequest):
         started = time.perf_counter()
         try:
-            if request.headers.get("content-type") != CONTENT_TYPE:
-                raise InputError(f"a tail request's content type is {CONTENT_TYPE}")
+            _check_type(request, CONTENT_TYPE)
             asked, hidden, side = decode_classifier(await request.body())
             probs, exits = await asyncio.get_running_loop().run_in_executor(service.pool, run, asked, hidden, side)
         except Exception as e:  # noqa: BLE001
-            error = http_error(e)
-            metrics.requests.labels("/v1/classify/tail", str(error.status)).inc()
-            return error.response()
+            return _refused(metrics, "/v1/classify/tail", e)
         metrics.requests.labels("/v1/classify/tail", "200").inc()
         metrics.latency.labels("/v1/classify/tail").observe(time.perf_counter() - started)
         metrics.samples.inc(len(exits))
