@@ -279,6 +279,44 @@ def test_a_classifier_serves_classify(tmp_path):
         bad = httpx.post(s.url + "/v1/classify", json={"input": [[1, 2], [3]]}, timeout=60)
         assert bad.status_code == 400 and "array" in bad.json()["error"]["message"]
         assert httpx.post(s.url + "/v1/completions", json={"prompt": "x"}).status_code == 404
+
+        # Requests that arrive while the classifier runs are classified together in its next call: each
+        # gets the answer it gets alone, and a bad one among them its own 400.
+        gate, calls, classify = threading.Event(), [], clf.classify
+        served = s.app.state.service.classifier
+
+        def held(x, **options):
+            calls.append(len(x))
+            gate.wait(30)
+            return classify(x, **options)
+
+        served.classify = held
+        answers = {}
+
+        def ask(i, body):
+            answers[i] = httpx.post(s.url + "/v1/classify", json=body, timeout=60)
+
+        first = threading.Thread(target=ask, args=(0, {"input": x[:2].tolist(), "epsilon": 0.9}))
+        first.start()
+        while not calls:
+            time.sleep(0.01)
+        bodies = {i: {"input": x[2 * i: 2 * i + 3].tolist(), "epsilon": 0.9} for i in range(1, 5)}
+        bodies[5] = {"input": [[1.0, 2.0]], "epsilon": 0.9}
+        others = [threading.Thread(target=ask, args=(i, b)) for i, b in bodies.items()]
+        for t in others:
+            t.start()
+        while len(s.app.state.service.waiting) < 4:
+            time.sleep(0.01)
+        gate.set()
+        for t in [first, *others]:
+            t.join(60)
+        assert calls == [2, 12], calls  # the four good requests waited and ran as one call
+        for i in range(1, 5):
+            ref = classify(x[2 * i: 2 * i + 3], epsilon=0.9)
+            got = answers[i].json()
+            assert [d["label"] for d in got["data"]] == ref.labels.tolist()
+            assert [d["exit"] for d in got["data"]] == ref.exits.tolist() and got["usage"]["batch"] == 12
+        assert answers[5].status_code == 400 and "shape" in answers[5].json()["error"]["message"]
     finally:
         s.close()
 

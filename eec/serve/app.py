@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -172,17 +173,23 @@ class Decoding:
 
 class Classifying:
     """A classifier artifact behind ``/v1/classify``. One worker thread runs the classifier (onnxruntime's
-    thread pool does the parallel work); at most ``max_queue`` requests wait for it."""
+    thread pool does the parallel work). Requests that arrive while it runs wait, and the next call takes
+    every waiting request with the same options together (up to ``max_samples`` samples): one call of
+    many samples costs far less than many of one (docs/benchmarks.md, the digits table: 14x at batch 64
+    against 4.5x at batch 1), and an idle server adds no delay to a lone request. At most ``max_queue``
+    requests wait."""
 
     kind = "classifier"
 
-    def __init__(self, classifier, name: str, *, max_queue: int, epsilon: float | None):
+    def __init__(self, classifier, name: str, *, max_queue: int, epsilon: float | None, max_samples: int = 256):
         self.classifier, self.name, self.epsilon, self.max_queue = classifier, name, epsilon, max_queue
+        self.max_samples = max_samples
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="eec-classify")
-        self.pending = 0
+        self.waiting: list[tuple[tuple, object, asyncio.Future]] = []  # (options, inputs, answer)
+        self.busy = False
         self.metrics = Metrics(self.kind)
-        self.metrics.queue_depth.set_function(lambda: max(0, self.pending - 1))
-        self.metrics.running.set_function(lambda: min(1, self.pending))
+        self.metrics.queue_depth.set_function(lambda: len(self.waiting))
+        self.metrics.running.set_function(lambda: int(self.busy))
 
     def start(self) -> None:
         pass
@@ -197,27 +204,26 @@ class Classifying:
         if self.classifier.text is not None:
             if isinstance(body.input, list) and not all(isinstance(t, str) for t in body.input):
                 raise InputError("input must be a text or a list of texts")
-            return body.input
+            return [body.input] if isinstance(body.input, str) else body.input
         try:
             x = np.asarray(body.input, dtype=self.classifier.manifest.input_dtype)
         except (ValueError, TypeError):
             raise InputError("input must be an array of numbers (samples of the same shape)") from None
         if list(x.shape) == self.classifier.manifest.input_shape:
             x = x[None]  # one sample
-        return x
+        return self.classifier.check_input(x)
 
     async def classify(self, body: Classify) -> dict:
         x = self.inputs(body)
-        if self.pending >= self.max_queue + 1:
-            raise Overloaded(f"{self.pending} requests are waiting already; try again later")
+        if len(self.waiting) >= self.max_queue:
+            raise Overloaded(f"{len(self.waiting)} requests are waiting already; try again later")
         epsilon = body.epsilon if body.epsilon is not None else self.epsilon
-        self.pending += 1
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self.pool, lambda: self.classifier.classify(x, epsilon=epsilon if body.mode == "early-exit" else None,
-                                                            metric=body.metric, mode=body.mode))
-        finally:
-            self.pending -= 1
+        options = (body.mode, epsilon if body.mode == "early-exit" else None, body.metric)
+        answer = asyncio.get_running_loop().create_future()
+        self.waiting.append((options, x, answer))
+        if not self.busy:
+            asyncio.get_running_loop().create_task(self._drain())
+        result, merged = await answer
         names = result.class_names
         data = []
         for i, (label, exit_, probs) in enumerate(zip(result.labels.tolist(), result.exits.tolist(), result.probs)):
@@ -231,10 +237,53 @@ class Classifying:
         m = self.metrics
         m.samples.inc(len(data))
         m.throughput.add(len(data))
-        for stage, count in result.stats.exits.items():
-            m.exits.labels(str(stage)).inc(count)
+        for stage, count in zip(*np.unique(result.exits, return_counts=True)):
+            m.exits.labels(str(int(stage))).inc(int(count))
         return {"object": "list", "model": self.name, "data": data,
-                "usage": {"samples": len(data), "seconds": result.stats.seconds}}
+                "usage": {"samples": len(data), "seconds": result.stats.seconds, "batch": merged}}
+
+    async def _drain(self) -> None:
+        """Run the waiting requests, those with the first one's options together, until none waits."""
+        self.busy = True
+        try:
+            while self.waiting:
+                options = self.waiting[0][0]
+                taken, rest, samples = [], [], 0
+                for item in self.waiting:
+                    if item[0] == options and (not taken or samples + len(item[1]) <= self.max_samples):
+                        taken.append(item)
+                        samples += len(item[1])
+                    else:
+                        rest.append(item)
+                self.waiting = rest
+                await self._run(options, taken)
+        finally:
+            self.busy = False
+
+    async def _run(self, options: tuple, taken: list) -> None:
+        mode, epsilon, metric = options
+        xs = [x for _, x, _ in taken]
+        merged = sum(len(x) for x in xs)
+        together = [t for x in xs for t in x] if self.classifier.text is not None else np.concatenate(xs)
+        run = lambda inputs: self.classifier.classify(inputs, epsilon=epsilon, metric=metric, mode=mode)  # noqa: E731
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self.pool, run, together)
+        except Exception as e:  # noqa: BLE001 - whose input was it? each request alone says
+            if len(taken) == 1:
+                taken[0][2].set_exception(e)
+                return
+            for item in taken:
+                await self._run(options, [item])
+            return
+        at = 0
+        for _, x, answer in taken:
+            part = slice(at, at + len(x))
+            at += len(x)
+            if not answer.done():
+                answer.set_result((dataclasses.replace(
+                    result, labels=result.labels[part], probs=result.probs[part], exits=result.exits[part],
+                    truncated=None if result.truncated is None else result.truncated[part]), merged))
 
 
 def create_app(artifact, *, name: str | None = None, max_batch: int = 8, max_queue: int = 256,
