@@ -498,6 +498,8 @@ def serve(
     monitor: Optional[bool] = typer.Option(None, "--monitor/--no-monitor", help="check exited tokens against the "
                                            "final head live, reported in /metrics (default: where the artifact "
                                            "has the verify graph)"),
+    max_samples: int = typer.Option(256, help="classifiers: requests waiting while one runs are classified "
+                                    "together, up to this many samples a call (1: one request a call)"),
     split: Optional[int] = typer.Option(None, help="also serve /v1/tail: the layers after the exit at this layer, "
                                         "for devices that run the layers up to it (eec generate --split --server)"),
     sessions: int = typer.Option(64, help="with --split: devices' sequences whose KV the server keeps (the least "
@@ -519,7 +521,8 @@ def serve(
         raise InputError(f"--port must be in 1..65535, got {port}")
     if max_queue < 0:
         raise InputError(f"--max-queue must be at least 0, got {max_queue}")
-    options = dict(name=name, max_batch=max_batch, max_queue=max_queue, threads=threads, epsilon=eps, monitor=monitor)
+    options = dict(name=name, max_batch=max_batch, max_queue=max_queue, threads=threads, epsilon=eps, monitor=monitor,
+                   max_samples=max_samples)
     if split is not None:
         if replicas is not None:
             raise InputError("--split keeps each device's KV in one server: it does not run with --replicas")

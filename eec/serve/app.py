@@ -288,7 +288,7 @@ class Classifying:
 
 def create_app(artifact, *, name: str | None = None, max_batch: int = 8, max_queue: int = 256,
                threads: int | None = None, epsilon: float | None = None, monitor: bool | None = None,
-               split: int | None = None, sessions: int = 64) -> FastAPI:
+               split: int | None = None, sessions: int = 64, max_samples: int = 256) -> FastAPI:
     """The ASGI application serving ``artifact`` (a path, or a model `eec.runtime.load` returned).
 
     ``max_batch``: rows decoded together; ``max_queue``: requests that may
@@ -297,7 +297,9 @@ def create_app(artifact, *, name: str | None = None, max_batch: int = 8, max_que
     default); ``monitor``: check exited tokens against the final head live
     (``/metrics``' agreement; default: where the artifact has the graph it needs); ``split``: also serve
     ``/v1/tail``, the layers after the exit at that layer for devices that run the rest
-    (`eec.runtime.split`), keeping the KV of up to ``sessions`` devices' sequences.
+    (`eec.runtime.split`), keeping the KV of up to ``sessions`` devices' sequences; ``max_samples``:
+    a classifier's waiting requests classified in one call hold up to this many samples (1: one request
+    a call).
     """
     from eec.runtime import load
 
@@ -312,7 +314,9 @@ def create_app(artifact, *, name: str | None = None, max_batch: int = 8, max_que
         service: Decoding | Classifying = Decoding(artifact, name, max_batch=max_batch, max_queue=max_queue,
                                                    epsilon=epsilon, monitor=monitor)
     else:
-        service = Classifying(artifact, name, max_queue=max_queue, epsilon=epsilon)
+        if not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples < 1:
+            raise InputError(f"max_samples must be a whole number of at least 1, got {max_samples!r}")
+        service = Classifying(artifact, name, max_queue=max_queue, epsilon=epsilon, max_samples=max_samples)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
