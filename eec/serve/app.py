@@ -123,10 +123,10 @@ class Decoding:
                     stop=body.stop, temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=body.top_p, top_k=body.top_k, seed=body.seed)
 
-    def submit(self, prompts: list[list[int]], bodies: Generation) -> tuple[list, asyncio.Queue]:
+    def submit(self, prompts: list[list[int]], body: Generation) -> tuple[list, asyncio.Queue]:
         """Queue every prompt (all checked before any is queued: a bad one is a 400 for the whole request)."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        made = [self.options(bodies, ids) for ids in prompts]
+        made = [self.options(body, ids) for ids in prompts]
         requests = []
         try:
             for i, (ids, options) in enumerate(zip(prompts, made)):
