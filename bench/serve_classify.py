@@ -1,9 +1,10 @@
-"""`/v1/classify` under many small requests: waiting requests classified together, or one call each.
+"""`/v1/classify` under many small requests: waiting requests classified together, or one call each (the default).
 
     .venv/bin/python bench/serve_classify.py digits/sdn.eec --data digits/test.npz --clients 32 --seconds 30
+    .venv/bin/python bench/serve_classify.py stdlib-bert/pabee.eec --data stdlib-bert/test.jsonl
 
-Each setting runs its own `eec serve` process (``--max-samples 256``, the default, and ``--max-samples
-1``: one request a call), one after the other; the clients are asyncio tasks in this process, each
+Each setting runs its own `eec serve` process (``--max-samples 256`` and ``--max-samples 1``, the
+default: one request a call), one after the other; the clients are asyncio tasks in this process, each
 sending one sample a request back to back (the way a service classifies what its users send).
 Reported: samples/s, request latency p50 / p99, and how many samples the server's calls held on
 average (from ``usage.batch``).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import subprocess
 import sys
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import ROOT, free_port  # noqa: E402
 
 
-async def load(url: str, samples: np.ndarray, clients: int, seconds: float, eps: float) -> dict:
+async def load(url: str, samples, clients: int, seconds: float, eps: float) -> dict:
     latency, batches, done = [], [], [0]
     stop_at = time.monotonic() + seconds
 
@@ -34,7 +36,9 @@ async def load(url: str, samples: np.ndarray, clients: int, seconds: float, eps:
         i = k
         while time.monotonic() < stop_at:
             start = time.monotonic()
-            r = await http.post(url + "/v1/classify", json={"input": samples[i % len(samples)].tolist(), "epsilon": eps})
+            sample = samples[i % len(samples)]
+            body = {"input": sample if isinstance(sample, str) else sample.tolist(), "epsilon": eps}
+            r = await http.post(url + "/v1/classify", json=body)
             r.raise_for_status()
             latency.append(time.monotonic() - start)
             batches.append(r.json()["usage"]["batch"])
@@ -53,12 +57,15 @@ async def load(url: str, samples: np.ndarray, clients: int, seconds: float, eps:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", type=Path)
-    p.add_argument("--data", type=Path, required=True, help="an npz whose x holds samples")
+    p.add_argument("--data", type=Path, required=True, help="an npz whose x holds samples, or a JSONL file of texts")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--eps", type=float, default=0.99)
     args = p.parse_args()
-    samples = np.load(args.data)["x"].astype(np.float32)
+    if args.data.suffix == ".jsonl":  # a text classifier: the texts of a labelled file
+        samples = [json.loads(line)["text"] for line in open(args.data, encoding="utf-8")]
+    else:
+        samples = np.load(args.data)["x"].astype(np.float32)
     rows = []
     for max_samples in (256, 1):
         port = free_port()

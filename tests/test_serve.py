@@ -264,7 +264,7 @@ def test_a_classifier_serves_classify(tmp_path):
     art = tmp_path / "mlp.eec"
     x = inputs(net, 16, seed=5)
     clf = load(art)
-    s = Server(create_app(art, name="cnn"))
+    s = Server(create_app(art, name="cnn", max_samples=256))
     try:
         r = httpx.post(s.url + "/v1/classify", json={"input": x.tolist(), "epsilon": 0.9}, timeout=60)
         assert r.status_code == 200, r.text

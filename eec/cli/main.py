@@ -498,8 +498,9 @@ def serve(
     monitor: Optional[bool] = typer.Option(None, "--monitor/--no-monitor", help="check exited tokens against the "
                                            "final head live, reported in /metrics (default: where the artifact "
                                            "has the verify graph)"),
-    max_samples: int = typer.Option(256, help="classifiers: requests waiting while one runs are classified "
-                                    "together, up to this many samples a call (1: one request a call)"),
+    max_samples: int = typer.Option(1, help="classifiers: requests waiting while one runs are classified "
+                                    "together, up to this many samples a call (1: one request a call; more pays "
+                                    "where the model gains from batches, as on a GPU)"),
     split: Optional[int] = typer.Option(None, help="also serve /v1/tail: the layers after the exit at this layer, "
                                         "for devices that run the layers up to it (eec generate --split --server)"),
     sessions: int = typer.Option(64, help="with --split: devices' sequences whose KV the server keeps (the least "

@@ -173,15 +173,16 @@ class Decoding:
 
 class Classifying:
     """A classifier artifact behind ``/v1/classify``. One worker thread runs the classifier (onnxruntime's
-    thread pool does the parallel work). Requests that arrive while it runs wait, and the next call takes
-    every waiting request with the same options together (up to ``max_samples`` samples): one call of
-    many samples costs far less than many of one (docs/benchmarks.md, the digits table: 14x at batch 64
-    against 4.5x at batch 1), and an idle server adds no delay to a lone request. At most ``max_queue``
-    requests wait."""
+    thread pool does the parallel work); at most ``max_queue`` requests wait for it. With ``max_samples``
+    above 1, the next call takes every waiting request with the same options together, up to that many
+    samples (an idle server adds no delay to a lone request). Off by default: on 2 CPU cores it lost
+    (docs/benchmarks.md: the stdlib BERT pads a merged call to its longest text, 0.74x; the digits CNN
+    is so fast that the HTTP work per request leaves little to merge, 0.96x); it is for models whose
+    calls gain from batches, as on a GPU."""
 
     kind = "classifier"
 
-    def __init__(self, classifier, name: str, *, max_queue: int, epsilon: float | None, max_samples: int = 256):
+    def __init__(self, classifier, name: str, *, max_queue: int, epsilon: float | None, max_samples: int = 1):
         self.classifier, self.name, self.epsilon, self.max_queue = classifier, name, epsilon, max_queue
         self.max_samples = max_samples
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="eec-classify")
@@ -288,7 +289,7 @@ class Classifying:
 
 def create_app(artifact, *, name: str | None = None, max_batch: int = 8, max_queue: int = 256,
                threads: int | None = None, epsilon: float | None = None, monitor: bool | None = None,
-               split: int | None = None, sessions: int = 64, max_samples: int = 256) -> FastAPI:
+               split: int | None = None, sessions: int = 64, max_samples: int = 1) -> FastAPI:
     """The ASGI application serving ``artifact`` (a path, or a model `eec.runtime.load` returned).
 
     ``max_batch``: rows decoded together; ``max_queue``: requests that may
@@ -298,8 +299,8 @@ def create_app(artifact, *, name: str | None = None, max_batch: int = 8, max_que
     (``/metrics``' agreement; default: where the artifact has the graph it needs); ``split``: also serve
     ``/v1/tail``, the layers after the exit at that layer for devices that run the rest
     (`eec.runtime.split`), keeping the KV of up to ``sessions`` devices' sequences; ``max_samples``:
-    a classifier's waiting requests classified in one call hold up to this many samples (1: one request
-    a call).
+    a classifier's waiting requests classified in one call hold up to this many samples (1, the default:
+    one request a call).
     """
     from eec.runtime import load
 
