@@ -109,14 +109,14 @@ def test_no_server_the_device_decides_and_flags_it(llama_compiled):
 
 def test_a_slow_server_times_out_into_a_fallback(llama_compiled, server):
     host = server.app.state.tail
-    answer = host.answer
-    host.answer = lambda *a: (time.sleep(1.0), answer(*a))[1]
+    answer = host.answer_many
+    host.answer_many = lambda *a: (time.sleep(1.0), answer(*a))[1]
     try:
         device = load(llama_compiled.artifact, split=3, server=server.url, timeout=0.3)
         got = device.generate(PROMPTS[2], **OPTIONS)
         assert got.fallbacks and all(got.exits[i] == 3 for i in got.fallbacks)
     finally:
-        host.answer = answer
+        host.answer_many = answer
 
 
 def test_bad_splits_and_bad_tail_requests(llama_compiled, server, tmp_path):
@@ -241,3 +241,35 @@ def test_a_classifier_split_answers_as_the_whole_network(cnn):
     assert alone.labels.tolist() == exit1.labels.tolist() and alone.exits.tolist() == exit1.exits.tolist()
     confident = whole_clf.classify(x, thresholds=[*taus[:2], np.inf], metric="max-prob").exits <= 1
     assert alone.fallback.tolist() == (~confident).tolist() and alone.fallback.any()
+
+
+def test_devices_asking_at_once_share_the_servers_steps(llama_compiled, whole, server):
+    """Four devices decoding at the same time: requests that wait while a step runs go together in the
+    next one (rows of one position share a call), and each device still gets the whole artifact's tokens."""
+    import threading
+
+    host = server.app.state.tail
+    gate, answer = threading.Event(), host.answer_many
+
+    def held(asked):
+        gate.wait(30)
+        return answer(asked)
+
+    host.answer_many = held
+    steps, rows = host.steps, host.rows
+    devices = [load(llama_compiled.artifact, split=3, server=server.url, timeout=30) for _ in range(4)]
+    got: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda k: got.__setitem__(k, devices[k].generate(PROMPTS[k], **OPTIONS)),
+                                args=(k,)) for k in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # the first request holds the worker; the others wait for the next step
+        gate.set()
+        for t in threads:
+            t.join(60)
+    finally:
+        host.answer_many = answer
+        gate.set()
+    assert key([got[k] for k in range(4)]) == key([whole.generate(p, **OPTIONS) for p in PROMPTS[:4]])
+    assert host.rows - rows > host.steps - steps, "no step held two devices' rows"

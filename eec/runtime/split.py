@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from eec.errors import ArtifactError, EecError, InputError
+from eec.errors import ArtifactError, EecError, InputError, Overloaded
 
 if TYPE_CHECKING:
     from eec.runtime.core import Batch
@@ -233,8 +233,10 @@ class TailHost:
     """The server's side: the segments after the split for many sessions, one `Batch` row each.
 
     Sessions beyond ``sessions`` evict the least recently used one (its
-    device resends from position 0 when it comes back: 409). Calls come from
-    one thread at a time (the server's worker)."""
+    device resends from position 0 when it comes back: 409). Requests of
+    several devices run as one step (`answer_many`): rows that add one
+    position share a call per segment, as in the batched engine. Calls come
+    from one thread at a time (the server's worker)."""
 
     def __init__(self, model: "EarlyExitModel", at: int, sessions: int = 64, capacity: int = 256):
         self.model, self.at = model, at
@@ -244,9 +246,52 @@ class TailHost:
         self.hidden = model.manifest.model.hidden_size
         self.slots: OrderedDict[str, int] = OrderedDict()  # session -> row, least recently used first
         self.free = list(range(sessions))[::-1]
+        self.steps = self.rows = 0  # steps run, and the rows they held (rows / steps: the batching achieved)
 
     def answer(self, request: TailRequest, hidden: np.ndarray) -> dict:
         """The token for the session's last position sent; `TailBehind` when positions are missing."""
+        out = self.answer_many([(request, hidden)])[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def answer_many(self, asked: list[tuple[TailRequest, np.ndarray]]) -> list:
+        """Each request's answer (or the error that is its alone), the valid ones run as one step per
+        metric; a session asked twice answers its second request in the next round."""
+        out: list = [None] * len(asked)
+        rounds: list[list[int]] = [[]]
+        for i, (request, _) in enumerate(asked):
+            for members in rounds:
+                if all(asked[j][0].session != request.session for j in members):
+                    members.append(i)
+                    break
+            else:
+                rounds.append([i])
+        for members in rounds:
+            held: set[int] = set()  # rows of this round: never evicted to admit another
+            go: dict[int, list[tuple[int, int, dict | None]]] = {}  # metric -> (request, row, thresholds)
+            for i in members:
+                request, hidden = asked[i]
+                try:
+                    slot, thresholds = self._check(request, held)
+                except (InputError, TailBehind, EecError) as e:
+                    out[i] = e
+                    continue
+                held.add(slot)
+                go.setdefault(request.metric, []).append((i, slot, thresholds))
+            for metric, rows in go.items():
+                self.steps, self.rows = self.steps + 1, self.rows + len(rows)
+                results = self.batch.step([slot for _, slot, _ in rows], [asked[i][1] for i, _, _ in rows],
+                                          [t for _, _, t in rows], metric, sample=[asked[i][0].top for i, _, _ in rows])
+                for (i, slot, _), result in zip(rows, results):
+                    answer = {"token": result.token, "exit_layer": result.exit_layer, "length": self.batch.length(slot)}
+                    if asked[i][0].top and result.top_ids is not None:
+                        answer["top_ids"], answer["top_logits"] = result.top_ids.tolist(), result.top_logits.tolist()
+                    out[i] = answer
+        return out
+
+    def _check(self, request: TailRequest, held: set[int]) -> tuple[int, dict[int, float] | None]:
+        """The request's row (admitted if new) and thresholds, or the error that is its answer."""
         if request.fingerprint != self.fingerprint:
             raise InputError("the device runs another artifact than this server (fingerprints differ)")
         if request.hidden != self.hidden:
@@ -255,25 +300,23 @@ class TailHost:
         length = 0 if slot is None else self.batch.length(slot)
         if request.start != length:
             raise TailBehind(length)
-        if slot is None:
-            slot = self._admit(request.session)
-        self.slots.move_to_end(request.session)
-        thresholds = None
-        if request.thresholds is not None:
-            thresholds = {int(k): float(v) for k, v in request.thresholds.items()}
         if length + request.positions >= self.model.manifest.model.context_length:
             raise InputError("the session is longer than the model's context")
-        result = self.batch.step([slot], [hidden], thresholds, request.metric, sample=request.top)[0]
-        out = {"token": result.token, "exit_layer": result.exit_layer, "length": self.batch.length(slot)}
-        if request.top and result.top_ids is not None:
-            out["top_ids"], out["top_logits"] = result.top_ids.tolist(), result.top_logits.tolist()
-        return out
+        if slot is None:
+            slot = self._admit(request.session, held)
+        self.slots.move_to_end(request.session)
+        if request.thresholds is None:
+            return slot, None
+        return slot, {int(k): float(v) for k, v in request.thresholds.items()}
 
-    def _admit(self, session: str) -> int:
+    def _admit(self, session: str, held: set[int]) -> int:
         if not self.free:
-            _, slot = self.slots.popitem(last=False)
-            self.batch.release(slot)
-            self.free.append(slot)
+            victim = next((s for s, row in self.slots.items() if row not in held), None)
+            if victim is None:
+                raise Overloaded("every session's row is in this step; try again")
+            row = self.slots.pop(victim)
+            self.batch.release(row)
+            self.free.append(row)
         slot = self.free.pop()
         self.slots[session] = slot
         return slot

@@ -534,28 +534,52 @@ def _refused(metrics: Metrics, endpoint: str, e: BaseException) -> JSONResponse:
 
 def _tail_route(app: FastAPI, service: "Decoding | Tailing", at: int, sessions: int, max_queue: int) -> None:
     """``POST /v1/tail``: a split's server part (`eec.runtime.split`). One worker thread runs every
-    session's steps (a `Batch` is one thread's); the engine's thread keeps serving completions."""
+    session's steps (a `Batch` is one thread's); the engine's thread keeps serving completions. Devices'
+    requests that wait while a step runs are answered together by the next."""
     from eec.runtime.split import CONTENT_TYPE, TailBehind, TailHost, decode
 
     host = TailHost(service.model, at, sessions)
     pool = ThreadPoolExecutor(1, thread_name_prefix="eec-tail")
-    pending = [0]
+    waiting: list[tuple] = []  # (request, hidden states, answer) waiting for the next step
+    busy = [False]
     metrics = service.metrics
     app.state.tail = host
+
+    async def drain() -> None:
+        """Requests that arrived while a step ran go together in the next (`TailHost.answer_many`)."""
+        busy[0] = True
+        try:
+            while waiting:
+                taken = waiting[:sessions]
+                del waiting[: len(taken)]
+                try:
+                    outs = await asyncio.get_running_loop().run_in_executor(
+                        pool, host.answer_many, [(asked, hidden) for asked, hidden, _ in taken])
+                except Exception as e:  # noqa: BLE001 - the step itself failed: every request in it learns why
+                    outs = [e] * len(taken)
+                for (_, _, answer), out in zip(taken, outs):
+                    if answer.done():
+                        continue
+                    if isinstance(out, BaseException):
+                        answer.set_exception(out)
+                    else:
+                        answer.set_result(out)
+        finally:
+            busy[0] = False
 
     @app.post("/v1/tail")
     async def tail(request: HTTPRequest):
         started = time.perf_counter()
         try:
             _check_type(request, CONTENT_TYPE)
-            if pending[0] > max_queue:
-                raise Overloaded(f"{pending[0]} tail requests are waiting already")
+            if len(waiting) >= max_queue:
+                raise Overloaded(f"{len(waiting)} tail requests are waiting already")
             asked, hidden = decode(await request.body())
-            pending[0] += 1
-            try:
-                out = await asyncio.get_running_loop().run_in_executor(pool, host.answer, asked, hidden)
-            finally:
-                pending[0] -= 1
+            answer = asyncio.get_running_loop().create_future()
+            waiting.append((asked, hidden, answer))
+            if not busy[0]:
+                asyncio.get_running_loop().create_task(drain())
+            out = await answer
         except TailBehind as behind:
             metrics.requests.labels("/v1/tail", "409").inc()
             return JSONResponse({"error": {"message": str(behind), "type": "session_behind", "param": None,
