@@ -501,8 +501,9 @@ def serve(
     max_samples: int = typer.Option(1, help="classifiers: requests waiting while one runs are classified "
                                     "together, up to this many samples a call (1: one request a call; more pays "
                                     "where the model gains from batches, as on a GPU)"),
-    split: Optional[int] = typer.Option(None, help="also serve /v1/tail: the layers after the exit at this layer, "
-                                        "for devices that run the layers up to it (eec generate --split --server)"),
+    split: Optional[int] = typer.Option(None, help="also serve /v1/tail: the layers after the exit at this layer "
+                                        "(a classifier's: stage), for devices that run the rest (load(..., split=N, "
+                                        "server=URL), eec generate --split --server)"),
     sessions: int = typer.Option(64, help="with --split: devices' sequences whose KV the server keeps (the least "
                                  "recently used leaves; its device sends it again)"),
     replicas: Optional[str] = typer.Option(None, help="run N replicas (or auto: Ray's autoscaler, 1 to 8) on Ray "
