@@ -82,6 +82,7 @@ class Request:
     _done: threading.Event = field(default_factory=threading.Event)
     _events: "queue.SimpleQueue[Event | None] | None" = None  # or anything with put(): each event, then None
     _cancelled: bool = False
+    _engine: "Engine | None" = None  # the engine that queued it, told of a cancel
 
     @property
     def done(self) -> bool:
@@ -91,6 +92,8 @@ class Request:
         """Stop decoding this request (from any thread): before the engine's next step it leaves the batch,
         its KV rows are freed, and it finishes with ``finish_reason="cancelled"``."""
         self._cancelled = True
+        if self._engine is not None:
+            self._engine._cancels = True
 
     def choose(self, result: "StepResult") -> int:
         """The token of a step: the head's own, or drawn from its top tokens when sampling."""
@@ -218,6 +221,7 @@ class Engine:
         self._submitted = 0
         self._worker: threading.Thread | None = None
         self._closing = False
+        self._cancels = False  # a request was cancelled since the last step looked (`_drop_cancelled`)
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -237,6 +241,7 @@ class Engine:
                 raise EecError("this engine is closed")
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
                 raise Overloaded(f"{len(self._waiting)} requests are waiting already; try again later")
+            request._engine = self
             self._waiting.append(request)
             self._lock.notify_all()
         return request
@@ -334,14 +339,18 @@ class Engine:
     # -- rows ------------------------------------------------------------------------------------
 
     def _drop_cancelled(self) -> None:
-        """Finish cancelled requests: waiting ones leave the queue, running ones their rows (`_retire`)."""
-        if any(r._cancelled for r in self._waiting):  # a reader's view of the deque; changed under the lock
-            with self._lock:
-                gone = [r for r in self._waiting if r._cancelled]
+        """Finish cancelled requests: waiting ones leave the queue, running ones their rows (`_retire`).
+        Nothing to scan, per step, unless a request was cancelled since the last look."""
+        if not self._cancels:
+            return
+        with self._lock:
+            self._cancels = False
+            gone = [r for r in self._waiting if r._cancelled]
+            if gone:
                 self._waiting = deque(r for r in self._waiting if not r._cancelled)
-            for request in gone:
-                request.finish_reason = "cancelled"
-                self._finish(request)
+        for request in gone:
+            request.finish_reason = "cancelled"
+            self._finish(request)
         for request in self.slots[: self.live]:
             if request._cancelled and request.finish_reason is None:
                 request.finish_reason = "cancelled"
