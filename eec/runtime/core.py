@@ -62,6 +62,26 @@ class StepResult:
     fallback: bool = False  # split: the server did not answer, the token is the device's last exit's
 
 
+class Positions:
+    """A row's hidden states, one per position, in a buffer that doubles when full: adding and reading
+    the latest ones cost what they hold, not the whole history (a split sends the new ones per token)."""
+
+    def __init__(self, hidden: int, capacity: int = 64):
+        self.data, self.length = np.empty((capacity, hidden), np.float32), 0
+
+    def add(self, rows: np.ndarray) -> None:
+        end = self.length + len(rows)
+        if end > len(self.data):
+            grown = np.empty((max(end, 2 * len(self.data)), self.data.shape[1]), np.float32)
+            grown[: self.length] = self.data[: self.length]
+            self.data = grown
+        self.data[self.length: end] = rows
+        self.length = end
+
+    def since(self, start: int) -> np.ndarray:
+        return self.data[start: self.length]
+
+
 class Batch:
     """Segments, exit heads and KV for up to ``rows`` sequences, each in a slot of its own."""
 
@@ -91,10 +111,12 @@ class Batch:
         self.tail = tail
         if tail is not None and (self.propagate or monitor):
             raise ValueError("a split decodes with the exact catch-up, without the monitor")
-        # Split: every position's hidden state at the split, per row, and how many of them the server has.
-        self.boundary: list[list[np.ndarray]] = [[] for _ in range(rows)]
+        # Split: every position's hidden state at the split, per row (a resend after a server restart
+        # needs them all), how many of them the server has, and the row's session id (given at its first
+        # request).
+        self.boundary: list[Positions | None] = [None] * rows
         self.sent = np.zeros(rows, dtype=np.int64)
-        self.sessions = [new_session() for _ in range(rows)]
+        self.sessions = [""] * rows
         # Per row: tokens that left at an exit since the last segment last ran, in order; the exact
         # catch-up brings their positions to the last segment with the row's next deep token.
         self.unchecked: list[list[int]] = [[] for _ in range(rows)]
@@ -111,7 +133,7 @@ class Batch:
             kv.reset(slot)
         self.unchecked[slot] = []
         self.checked[slot] = self.agreed[slot] = 0
-        self.boundary[slot], self.sent[slot], self.sessions[slot] = [], 0, new_session()
+        self.boundary[slot], self.sent[slot], self.sessions[slot] = None, 0, ""
 
     def move(self, src: int, dst: int) -> None:
         """Move a row to a free slot (`Engine` keeps live rows together: one call covers them)."""
@@ -121,7 +143,7 @@ class Batch:
         self.checked[dst], self.agreed[dst] = self.checked[src], self.agreed[src]
         self.checked[src] = self.agreed[src] = 0
         self.boundary[dst], self.sent[dst], self.sessions[dst] = self.boundary[src], self.sent[src], self.sessions[src]
-        self.boundary[src], self.sent[src], self.sessions[src] = [], 0, new_session()
+        self.boundary[src], self.sent[src], self.sessions[src] = None, 0, ""
 
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
                 sample: bool | Sequence[bool] = False) -> list[StepResult]:
@@ -150,7 +172,7 @@ class Batch:
                 for kv in self.kv:
                     kv.lengths[slot] = 0
             elif self.tail is not None:  # the server gets them with the row's first deep token
-                self.boundary[slot].append(np.array(x[r, : n - 1]))
+                self._keep(slot, x[r, : n - 1])
         return self.step(slots, [p[-1:] for p in prompts], sample=sample)
 
     def step(self, slots: Sequence[int], inputs: Sequence[Sequence[int] | np.ndarray],
@@ -199,7 +221,7 @@ class Batch:
                     xs[i] = outputs[i]["hidden_out"][0]
             if j == last:  # a split: what the device has is kept, and the rows that stay go to the server
                 for i in going:
-                    self.boundary[slots[i]].append(np.array(xs[i]))
+                    self._keep(slots[i], xs[i])
             leaving = []
             if asked:
                 leaving = self._decide(j, role, asked, outputs, xs, previous, per_row, metric, trace, sampled,
@@ -228,9 +250,11 @@ class Batch:
         exit decides and the token is flagged."""
         layer = self.specs[j].exit.layer
         deeper = None if thresholds is None else {k: v for k, v in thresholds.items() if k > layer}
+        if not self.sessions[slot]:
+            self.sessions[slot] = new_session()
         for _ in range(2):
             start = int(self.sent[slot])
-            hidden = np.concatenate(self.boundary[slot])[start:]
+            hidden = self.boundary[slot].since(start)
             try:
                 answer = self.tail.run(self.sessions[slot], start, hidden, deeper, metric, sample)
             except TailBehind as behind:
@@ -249,6 +273,11 @@ class Batch:
         result.token, result.exit_layer, result.fallback = int(token), layer, True
         if sample and head.k:
             result.top_ids, result.top_logits = np.array(head.top_ids[0]), np.array(head.top_logits[0])
+
+    def _keep(self, slot: int, hidden: np.ndarray) -> None:
+        if self.boundary[slot] is None:
+            self.boundary[slot] = Positions(hidden.shape[-1])
+        self.boundary[slot].add(hidden)
 
     def _catch_up(self, j: int, kv: SegmentKV, slot: int, xs: list[np.ndarray], i: int) -> None:
         pending = kv.pending[slot]
