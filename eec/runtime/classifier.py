@@ -61,7 +61,7 @@ from eec.runtime.classifier_manifest import (
 )
 from eec.runtime.manifest import PLAIN, WITH_HEAD
 from eec.runtime.sessions import open_sessions
-from eec.runtime.split import DEFAULT_TIMEOUT_S, RemoteClassifierTail, TailUnavailable, classifier_fingerprint
+from eec.runtime.split import DEFAULT_TIMEOUT_S, RemoteClassifierTail, TailUnavailable, manifest_fingerprint
 
 METRICS = ("max-prob", "top2-margin", "neg-entropy", "patience", "ensemble", "patience-confidence", "learned")
 STATEFUL = ("patience", "ensemble", "patience-confidence")  # scores that carry state from exit to exit
@@ -254,7 +254,7 @@ class EarlyExitClassifier:
         self.device = "cpu" if device == "auto" else device
         # A split runs segments [0, local) here; `tail` sends the rest to the server.
         self.local = len(manifest.segments) if split is None else self.split_index(split)
-        self.tail = None if split is None else RemoteClassifierTail(server, classifier_fingerprint(root), timeout)
+        self.tail = None if split is None else RemoteClassifierTail(server, manifest_fingerprint(root), timeout)
         self.sessions = [{role: open_sessions(root, [file], threads, device=self.device)[0]
                           for role, file in seg.graphs.items()} for seg in manifest.segments[: self.local]]
         self.text = TextInput(root, manifest.text) if manifest.text else None

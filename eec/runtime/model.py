@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import os
@@ -178,7 +179,7 @@ class EarlyExitModel:
         heads = [HeadCall(self.session(s.exit.file), self.device) if s.exit and s.exit.file else None for s in specs]
         tail = None
         if self.split is not None and segments == self.local:
-            tail = RemoteTail(self.split.server, fingerprint(self), self.split.timeout)
+            tail = RemoteTail(self.split.server, self.fingerprint, self.split.timeout)
         return Batch(specs, self.graphs(roles, segments), heads, m.num_kv_heads, m.head_dim, m.context_length,
                      rows, capacity, catch_up, self.max_call, "cpu" if self.device == "cpu" else "cuda", monitor, tail)
 
@@ -186,6 +187,11 @@ class EarlyExitModel:
                     speculative: bool = False, monitor: bool = False) -> Decoder:
         """`new_batch` for one sequence, stepped with [1, n] arrays of ids."""
         return Decoder(self.new_batch(1, capacity, catch_up, early_exit, speculative, monitor))
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The artifact's identity on a split's wire (`eec.runtime.split.fingerprint`), read once."""
+        return fingerprint(self)
 
     @property
     def can_monitor(self) -> bool:

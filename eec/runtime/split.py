@@ -43,6 +43,7 @@ import time
 import urllib.parse
 import uuid
 from collections import OrderedDict
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Mapping
 
@@ -60,12 +61,15 @@ DEFAULT_TIMEOUT_S = 2.0
 RETRY_S = 5.0  # after a failure, the device decides alone this long before trying the server again
 
 
+def manifest_fingerprint(root) -> str:
+    """An artifact's identity on the wire: the sha256 of its manifest (which holds every file's sha256)."""
+    return hashlib.sha256((Path(root) / "manifest.json").read_bytes()).hexdigest()
+
+
 def fingerprint(model: "EarlyExitModel") -> str:
-    """The artifact's identity on the wire: the sha256 of its manifest (which holds every file's sha256);
-    a part written by `eec split` carries its whole artifact's."""
-    if model.manifest.part is not None:
-        return model.manifest.part.whole
-    return hashlib.sha256((model.root / "manifest.json").read_bytes()).hexdigest()
+    """A decoder's identity on the wire; a part written by `eec split` carries its whole artifact's."""
+    part = model.manifest.part
+    return part.whole if part is not None else manifest_fingerprint(model.root)
 
 
 def split_index(model: "EarlyExitModel", at: int) -> int:
@@ -179,8 +183,6 @@ class RemoteTail:
     def run(self, session: str, start: int, hidden: np.ndarray, thresholds: Mapping[int, float] | None,
             metric: int, top: bool) -> TailAnswer:
         """The server's token for the last of ``hidden``'s positions (which begin at ``start``)."""
-        if time.monotonic() < self._down_until:
-            raise TailUnavailable("the server failed recently; deciding on the device")
         request = TailRequest(session, start, hidden.shape[0], hidden.shape[1], self.fingerprint,
                               None if thresholds is None else {str(k): float(v) for k, v in thresholds.items()},
                               metric, top)
@@ -194,6 +196,8 @@ class RemoteTail:
 
     def _post(self, body: bytes) -> tuple[int, bytes]:
         """The server's 200 answer; `TailBehind` (409), `ArtifactError` (400) or `TailUnavailable`."""
+        if time.monotonic() < self._down_until:
+            raise TailUnavailable("the server failed recently; deciding on the device")
         with self._lock:
             try:
                 connection = self._connect()
@@ -241,7 +245,7 @@ class TailHost:
     def __init__(self, model: "EarlyExitModel", at: int, sessions: int = 64, capacity: int = 256):
         self.model, self.at = model, at
         self.first = split_index(model, at)
-        self.fingerprint = fingerprint(model)
+        self.fingerprint = model.fingerprint
         self.batch: "Batch" = model.new_batch(sessions, capacity, segments=slice(self.first, None))
         self.hidden = model.manifest.model.hidden_size
         self.slots: OrderedDict[str, int] = OrderedDict()  # session -> row, least recently used first
@@ -335,12 +339,6 @@ class TailHost:
 # [[...]], "exits": [...]}``: each sample's class probabilities and the stage it left after.
 
 
-def classifier_fingerprint(root) -> str:
-    from pathlib import Path
-
-    return hashlib.sha256((Path(root) / "manifest.json").read_bytes()).hexdigest()
-
-
 @dataclass
 class ClassifierTailRequest:
     fingerprint: str
@@ -388,8 +386,6 @@ class RemoteClassifierTail(RemoteTail):
 
     def run(self, hidden: np.ndarray, side: dict[str, np.ndarray], thresholds: list[float] | None,
             metric: str | None) -> tuple[np.ndarray, np.ndarray]:
-        if time.monotonic() < self._down_until:
-            raise TailUnavailable("the server failed recently; deciding on the device")
         request = ClassifierTailRequest(self.fingerprint, list(hidden.shape), {k: list(v.shape) for k, v in side.items()},
                                         thresholds, metric)
         status, data = self._post(encode_classifier(request, hidden, side))

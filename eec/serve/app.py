@@ -596,11 +596,11 @@ def _tail_route(app: FastAPI, service: "Decoding | Tailing", at: int, sessions: 
 def _classifier_tail_route(app: FastAPI, service: Classifying, at: int) -> None:
     """``POST /v1/classify/tail``: a classifier split's server part (`eec.runtime.split`), on the classifier's
     own worker thread."""
-    from eec.runtime.split import CONTENT_TYPE, classifier_fingerprint, decode_classifier
+    from eec.runtime.split import CONTENT_TYPE, manifest_fingerprint, decode_classifier
 
     clf = service.classifier
     first = clf.split_index(at)
-    fingerprint = classifier_fingerprint(clf.root)
+    fingerprint = manifest_fingerprint(clf.root)
     metrics = service.metrics
 
     def run(asked, hidden, side):
