@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import ROOT, free_port  # noqa: E402
+from serve_load import start_server  # noqa: E402
 
 
 async def load(url: str, samples, clients: int, seconds: float, eps: float) -> dict:
@@ -68,19 +67,8 @@ def main() -> None:
         samples = np.load(args.data)["x"].astype(np.float32)
     rows = []
     for max_samples in (256, 1):
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([str(ROOT / ".venv/bin/eec"), "serve", str(args.artifact), "--port", str(port),
-                                   "--max-samples", str(max_samples)], stderr=subprocess.PIPE, text=True)
+        server, url = start_server(args.artifact, ["--max-samples", str(max_samples)])
         try:
-            while True:
-                if server.poll() is not None:
-                    sys.exit(f"the server exited: {server.stderr.read()}")
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.3)
             asyncio.run(load(url, samples, args.clients, 3, args.eps))  # warm
             rows.append((max_samples, asyncio.run(load(url, samples, args.clients, args.seconds, args.eps))))
         finally:

@@ -65,6 +65,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(artifact: Path, options: list[str]) -> tuple[subprocess.Popen, str]:
+    """`eec serve ARTIFACT` with ``options`` on a free loopback port, once its /health answers."""
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [str(ROOT / ".venv/bin/eec"), "serve", str(artifact), "--port", url.rsplit(":", 1)[1], *options]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while True:
+        if server.poll() is not None:
+            sys.exit(f"the server exited: {server.stderr.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.terminate()
+            sys.exit("the server did not come up")
+        time.sleep(0.5)
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -148,26 +168,11 @@ def main() -> None:
                    "growing from one to the next is a leak; memory that settles is a working set)")
     args = p.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [str(ROOT / ".venv/bin/eec"), "serve", str(args.artifact), "--port", str(port),
-               "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
+    options = ["--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
     if args.threads:
-        command += ["--threads", str(args.threads)]
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        options += ["--threads", str(args.threads)]
+    server, url = start_server(args.artifact, options)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                sys.exit(f"the server exited: {server.stderr.read()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                sys.exit("the server did not come up")
-            time.sleep(0.5)
         # Warm: a full batch for a few seconds, so that onnxruntime's arena holds what a full batch
         # needs (it keeps its peak) before the idle level is read; growth past it would be a leak.
         warm = Phase("warm", args.max_batch, 10)
