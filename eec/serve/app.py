@@ -360,9 +360,7 @@ def create_app(artifact, *, name: str | None = None, max_batch: int = 8, max_que
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "eec"}]}
 
     def refuse(endpoint: str, e: BaseException, started: float) -> JSONResponse:
-        error = http_error(e)
-        answer(endpoint, error.status, started)
-        return error.response()
+        return _refused(metrics, endpoint, e, started)
 
     if isinstance(service, Classifying):
         @app.post("/v1/classify")
@@ -432,9 +430,7 @@ async def _respond(service: Decoding, endpoint: str, obj: str, body: Generation,
             async for _ in service.events(requests, queue, started):
                 pass
         except Exception as e:  # noqa: BLE001 - the engine failed under this request
-            error = http_error(e)
-            answer(endpoint, error.status, started)
-            return error.response()
+            return _refused(service.metrics, endpoint, e, started)
         choices = []
         for i, r in enumerate(requests):
             text = r.text if r._decoder is not None else ""
@@ -526,9 +522,12 @@ def _check_type(request: HTTPRequest, content_type: str) -> None:
         raise InputError(f"a tail request's content type is {content_type}")
 
 
-def _refused(metrics: Metrics, endpoint: str, e: BaseException) -> JSONResponse:
+def _refused(metrics: Metrics, endpoint: str, e: BaseException, started: float | None = None) -> JSONResponse:
+    """The error answer to ``e``, counted (and timed from ``started``) in the metrics."""
     error = http_error(e)
     metrics.requests.labels(endpoint, str(error.status)).inc()
+    if started is not None:
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
     return error.response()
 
 
