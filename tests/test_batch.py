@@ -76,17 +76,50 @@ def test_rows_kv_after_exits_is_the_full_models(llama_compiled):
             deep[i] += r.exit_layer == hf.config.num_hidden_layers
     assert all(v >= 2 for v in deep.values()), deep  # every row caught up at least once
     for i, sequence in enumerate(sequences):
-        cache = hf_forward(hf, sequence).past_key_values
-        covered = len(sequence)  # a segment holds or has pending what the one before it holds
-        for spec, kv in zip(batch.specs, batch.kv):
-            pending = 0 if kv.pending[i] is None else len(kv.pending[i])
-            assert kv.lengths[i] + pending == covered, (i, spec.start)
-            covered = kv.lengths[i]
-            for j, layer in enumerate(range(spec.start, spec.stop)):
-                np.testing.assert_allclose(kv.kv_of(i)[2 * j], cache.layers[layer].keys[:, :, : kv.lengths[i]].numpy(),
-                                           atol=2e-4, rtol=1e-4)
-                np.testing.assert_allclose(kv.kv_of(i)[2 * j + 1],
-                                           cache.layers[layer].values[:, :, : kv.lengths[i]].numpy(), atol=2e-4, rtol=1e-4)
+        assert_kv_is_transformers(hf, batch, i, sequence)
+
+
+def assert_kv_is_transformers(hf, batch, slot, sequence):
+    """Every segment's KV of row ``slot`` against transformers' cache for ``sequence`` (positions still
+    pending excepted; a segment holds or has pending what the one before it holds)."""
+    cache = hf_forward(hf, sequence).past_key_values
+    covered = len(sequence)
+    for spec, kv in zip(batch.specs, batch.kv):
+        pending = 0 if kv.pending[slot] is None else len(kv.pending[slot])
+        assert kv.lengths[slot] + pending == covered, (slot, spec.start)
+        covered = kv.lengths[slot]
+        for j, layer in enumerate(range(spec.start, spec.stop)):
+            np.testing.assert_allclose(kv.kv_of(slot)[2 * j], cache.layers[layer].keys[:, :, :covered].numpy(),
+                                       atol=2e-4, rtol=1e-4)
+            np.testing.assert_allclose(kv.kv_of(slot)[2 * j + 1], cache.layers[layer].values[:, :, :covered].numpy(),
+                                       atol=2e-4, rtol=1e-4)
+
+
+def test_exited_rows_ride_the_deeper_rows_calls(llama_compiled):
+    """Row 0 always leaves at the first exit while row 1 runs every layer: row 0's position rides row
+    1's call at every deeper segment, so after each step it owes no segment anything, its KV is
+    transformers' at every layer, and the monitor judges each of its exited tokens on the spot
+    (against transformers' own prediction at that position)."""
+    hf, model = llama_compiled.hf, load(llama_compiled.artifact)
+    n, first = hf.config.num_hidden_layers, llama_compiled.exits[0]
+    prompts = [PROMPTS[0], PROMPTS[3]]
+    batch = model.new_batch(rows=2, capacity=8, monitor=True)
+    results = batch.prefill([0, 1], prompts)
+    sequences = [list(p) for p in prompts]
+    steps, exited = 10, []
+    for _ in range(steps):
+        for sequence, r in zip(sequences, results):
+            sequence.append(r.token)
+        results = batch.step([0, 1], [s[-1:] for s in sequences], [{first: -math.inf}, None])
+        assert [r.exit_layer for r in results] == [first, n]
+        assert all(kv.pending[0] is None for kv in batch.kv)
+        exited.append(results[0].token)
+    for i in (0, 1):
+        assert_kv_is_transformers(hf, batch, i, sequences[i])
+    full = hf_forward(hf, sequences[0]).logits[0].argmax(-1).tolist()  # the full model's token at each position
+    start = len(prompts[0])  # the first step fed the prompt's next position
+    assert int(batch.checked[0]) == steps
+    assert int(batch.agreed[0]) == sum(full[start + k] == t for k, t in enumerate(exited))
 
 
 def test_requests_submitted_while_others_decode(llama_compiled):
