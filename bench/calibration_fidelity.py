@@ -1,4 +1,4 @@
-"""Held-out fidelity of ε-calibrated early exit on SmolLM2-135M-Instruct (issue 3).
+"""Held-out fidelity of ε-calibrated early exit on SmolLM2-135M-Instruct.
 
 For each artifact given (compiled and calibrated on eec's calibration prompts),
 decodes the held-out prompts (bench/heldout_prompts.txt) with early exit at each

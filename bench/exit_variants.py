@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.9)
     parser.add_argument("--prompts", type=Path, default=Path(__file__).parent / "heldout_prompts.txt")
     parser.add_argument("--count", type=int, default=6)
-    parser.add_argument("--tokens", type=int, default=128, help="new tokens a prompt (issue 5's benchmark: 128)")
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens a prompt (the code model's goal: 128)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--genai", type=Path, help="an onnxruntime-genai model folder built from the same weights")
     args = parser.parse_args()
@@ -79,7 +79,7 @@ def main() -> None:
                 for layer, n in m.stats.exits.items():
                     exits[name][layer] = exits[name].get(layer, 0) + n
     references = [full.generate(ids, max_new_tokens=args.tokens, mode="full", ignore_eos=True).tokens
-                  for ids in prompts]  # as long as the timed generations (64 before session 8)
+                  for ids in prompts]  # as long as the timed generations (64 in earlier runs)
     print(f"{len(prompts)} held-out prompts x {args.tokens} tokens x {args.rounds} rounds, ε = {args.eps}; "
           f"full {statistics.median(speed['full']):.1f} tok/s decode")
     if genai is not None:

@@ -1,6 +1,6 @@
 """One decode step of an eec segment graph against onnxruntime-genai's graph for the same weights, graph
 only (no runtime loop), interleaved, through IO binding with each past/present KV pair sharing one buffer
-(``--concat``: fresh presents, numpy pasts through ``run()``, eec's path before session 3). Usage:
+(``--concat``: fresh presents, numpy pasts through ``run()``, eec's path before the shared KV buffers). Usage:
 
     .venv/bin/python bench/graph_ab.py EEC.eec/segments/seg0.onnx GENAI_DIR/model.onnx [--past 150] [--threads 1]
 

@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--prompts", type=Path, default=Path(__file__).parent / "heldout_prompts.txt")
     parser.add_argument("--count", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=128, help="new tokens a prompt (issue 5's benchmark: 128)")
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens a prompt (the code model's goal: 128)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--genai", type=Path, help="an onnxruntime-genai model folder built from the same weights")
     parser.add_argument("--no-busy", dest="busy", action="store_false", help="the quiet half only")

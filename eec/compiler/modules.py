@@ -234,7 +234,7 @@ class FinalHead(nn.Module):
 
     Every token that reaches it takes its token, so no confidence is needed, and
     the softmax, top-2 and entropy over the whole vocabulary took about 2% of a
-    SmolLM2 step in onnxruntime's profiler (docs/benchmarks.md, session 6).
+    SmolLM2 step in onnxruntime's profiler (docs/benchmarks.md, int4 parity).
 
     ``every_position``: the token at every position ([batch, seq]) instead of the
     last one's ([batch]): the verify graph of speculative decoding, which checks

@@ -36,7 +36,7 @@ MODES = ("early-exit", "full", "speculative")
 DEFAULT_THRESHOLD = 0.9  # top-1 minus top-2 probability, for artifacts without calibration
 DEFAULT_EPSILON = 0.9  # for calibrated artifacts
 # Speculative mode's draft threshold: the code model kept 82% of drafts at 0.95 against 71% at 0.9, and
-# decoded 1.22-1.26x full mode against 1.10-1.15x (docs/benchmarks.md, session 8).
+# decoded 1.22-1.26x full mode against 1.10-1.15x (docs/benchmarks.md, speculative mode on the code model).
 SPECULATIVE_EPSILON = 0.95
 
 

@@ -30,7 +30,7 @@ those last-bit differences into whole quantization steps now and then and
 flips close calls: on SmolLM2 int4, full mode's own prefill of a prefix and
 its token-by-token decode disagree at 2 of 32 positions (int8: 1; fp32: 0),
 so speculative and full generations part after a few tokens there, each a
-faithful run of the quantized model (docs/benchmarks.md, session 8).
+faithful run of the quantized model (docs/benchmarks.md, speculative mode on SmolLM2).
 """
 
 from __future__ import annotations

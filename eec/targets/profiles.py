@@ -83,7 +83,7 @@ TARGETS: dict[str, Target] = {
             "cuda", "onnxruntime-cuda", ("fp16",), "fp16",
             "this machine's NVIDIA GPU through onnxruntime's CUDA execution provider (onnxruntime-gpu), "
             "the KV cache kept on the GPU",
-            # A graph call's fixed cost from the H100 (docs/benchmarks.md, session 7): a pass-through call
+            # A graph call's fixed cost from the H100 (docs/benchmarks.md, the H100 runs): a pass-through call
             # 33-66 µs, a segment call's fitted fixed cost 62-277 µs; with 150, SmolLM2's 8-layer segments
             # come within 5% of what was measured there, its heads equal, the whole model 15% high.
             # Other figures are rough defaults.

@@ -14,7 +14,7 @@ layer's, detached), so the exits learn the token the full model will emit.
 Together, in the same 815 steps, they gave a better last layer (held-out loss
 3.09 against 3.12) and much better exits (agreement with the last layer at
 layer 2: 0.83 against 0.72; layer 3: 0.88 against 0.82), which took early
-exit past 2x its full mode at 128 tokens (docs/benchmarks.md, session 8).
+exit past 2x its full mode at 128 tokens (docs/benchmarks.md).
 
     .venv/bin/python examples/code_lm/train.py -o code-lm --minutes 55
 

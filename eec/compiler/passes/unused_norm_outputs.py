@@ -4,7 +4,7 @@ The exporter names every output of ``com.microsoft.SkipSimplifiedLayerNormalizat
 (the custom translation has to return all four), and onnxruntime's kernel then
 writes the per-row mean and inverse standard deviation that no node reads. On
 SmolLM2 int4 (59 such nodes) dropping them took one decode step from 0.985-0.989x
-onnxruntime-genai's graph to 0.99-1.035x (docs/benchmarks.md, session 6).
+onnxruntime-genai's graph to 0.99-1.035x (docs/benchmarks.md, int4 parity).
 
 Rules:
 1. In each ``SkipSimplifiedLayerNormalization`` node (domain ``com.microsoft``),
