@@ -352,7 +352,8 @@ class EarlyExitModel:
         ``stats.agreed`` of ``stats.checked`` exited tokens equal what the full
         model would have emitted after the same prefix: the agreement ε
         promises, measured live on this traffic (tokens after the last deep one
-        stay unchecked).
+        stay unchecked; in a batch, an exited token whose position rides the
+        deeper rows' call to the last segment is checked on the spot).
         """
         options = dict(max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=epsilon,
                        rule=rule, delta=delta, chat=chat, ignore_eos=ignore_eos, stop=stop,
