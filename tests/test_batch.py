@@ -120,6 +120,11 @@ def test_exited_rows_ride_the_deeper_rows_calls(llama_compiled):
     start = len(prompts[0])  # the first step fed the prompt's next position
     assert int(batch.checked[0]) == steps
     assert int(batch.agreed[0]) == sum(full[start + k] == t for k, t in enumerate(exited))
+    # When no row goes deeper, nothing rides: the deeper segments do not run and the positions wait.
+    fed = [batch.length(0), batch.length(1)]
+    for k in range(1, 4):
+        results = batch.step([0, 1], [[r.token] for r in results], [{first: -math.inf}, {first: -math.inf}])
+        assert [batch.kv[1].lengths[i] for i in (0, 1)] == fed and all(len(batch.kv[1].pending[i]) == k for i in (0, 1))
 
 
 def test_requests_submitted_while_others_decode(llama_compiled):

@@ -216,7 +216,7 @@ class Batch:
             local_end = j == last and self.tail is None  # the final head ends this segment
             asked = [i for i in going if per_row[i] is not None and layer in per_row[i]] if not local_end else []
             role = WITH_HEAD if asked and kv.has(WITH_HEAD) else PLAIN
-            riders = self._riders(kv, slots, results) if j > 0 and self.ride else []
+            riders = self._riders(kv, slots, results) if going and j > 0 and self.ride else []
             if riders:
                 calls = list(xs)
                 for i in riders:
