@@ -83,7 +83,10 @@ def test_bad_exit_layers(tiny_hf_dir, tmp_path, exits, message):
     "args, message",
     [(["--exits", "2,4", "--candidates", "1,2"], "use them with --exits auto"),
      (["--exits", "auto", "--candidates", "1,x"], "comma"),
-     (["--exits", "auto", "--candidates", "1,9"], "out of range")],
+     (["--exits", "auto", "--candidates", "1,9"], "out of range"),
+     (["--exits", "2,4", "--batch", "8"], "use it with --exits auto"),
+     (["--exits", "auto", "--batch", "0"], "at least 1"),
+     (["--exits", "auto", "--batch", "8", "--catch-up", "propagate"], "exact catch-up")],
 )
 def test_bad_candidates(tiny_hf_dir, tmp_path, args, message):
     run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", *args], message)

@@ -9,7 +9,8 @@ from eec.calib.metrics import ALL_METRICS
 from eec.calib.traces import Traces
 from eec.errors import InputError
 from eec.targets.latency import LatencyTable, ModelShape, load_profile, model_table
-from eec.targets.placement import TOLERANCE, cost_breakdown, expected_cost, place_exits, speculative_breakdown
+from eec.targets.placement import (TOLERANCE, cost_breakdown, describe, expected_cost, place_exits,
+                                  speculative_breakdown)
 from eec.targets.profiles import get_target
 
 SHAPE = ModelShape("llama", 12, 64, 128, 4, 2, 16, 1000)
@@ -200,6 +201,46 @@ def test_the_best_set_is_the_hand_priced_brute_force_optimum_on_random_instances
         near = [e for e, cost in priced.items() if cost <= cheapest * (1 + TOLERANCE)]
         want = min(near, key=lambda e: (len(e), priced[e]))
         assert p.best.exits == want and p.best.speedup == pytest.approx(12 / priced[want])
+
+
+def test_a_batch_is_priced_as_its_steps_simulated():
+    """Rule 6 against steps of 8 rows drawn at random and priced one by one: a range runs at a step when
+    some row reaches it, for all 8 rows (riders included), at the table's 8-position call (1 + 0.5 * 7
+    a layer), its exit head scaled as that call is (2 * 4.5); a row whose position a step skipped
+    pays the range's slope per layer (0.5) later, in a deep token's catch-up."""
+    t = table(layer_s=1.0, head_s=2.0, marginal=0.5)
+    exits, counts, rows = (3, 6), {3: 60, 6: 25, 12: 15}, 8
+    rng = np.random.default_rng(0)
+    layers = np.array([3] * 60 + [6] * 25 + [12] * 15)
+    steps, total = 20000, 0.0
+    for _ in range(steps):
+        exit_at = rng.choice(layers, rows)
+        for a, b in ((0, 3), (3, 6), (6, 12)):
+            reaching = int(np.sum(exit_at > a))
+            if reaching:
+                total += (b - a) * 4.5 + (2.0 * 4.5 if b in exits else 0.0)
+            else:
+                total += rows * (b - a) * 0.5
+    simulated = total / (steps * rows)
+    assert expected_cost(t, exits, counts, batch=rows) == pytest.approx(simulated, rel=0.02)
+    # One row is rule 3 (the hand-computed test above), whichever way it is written.
+    from eec.targets.placement import _batch_breakdown
+
+    assert _batch_breakdown(t, exits, counts, None, False, 1) == pytest.approx(cost_breakdown(t, exits, counts))
+
+
+def test_an_exit_that_pays_alone_is_dropped_for_a_batch():
+    """Exit 3 lets 58% of tokens leave: alone it pays, but at 8 rows some row passes it at 99% of
+    steps, so layers 3-6 run anyway and the exit only adds its head; exit 6 alone stays."""
+    t = table(1.0, 0.3, overhead=1.0, marginal=0.3)
+    tr = traces({3: 0.58, 6: 0.95})
+    alone = place_exits(tr, t, eps=0.9, metric=METRIC, rule="valade")
+    batched = place_exits(tr, t, eps=0.9, metric=METRIC, rule="valade", batch=8)
+    assert alone.best.exits == (3, 6) and batched.best.exits == (6,)
+    assert batched.batch == 8 and "8 sequences at once" in describe(batched)[0]
+    assert batched.full_s == pytest.approx(t.rows_cost(0, 12, 8) / 8)
+    with pytest.raises(InputError, match="exact catch-up"):
+        cost_breakdown(t, (3,), {3: 1}, propagate=True, batch=8)
 
 
 def test_model_table_is_a_roofline():

@@ -67,9 +67,10 @@ def test_exits_auto_records_and_builds_the_chosen_set(llama_src, measured):
     _, profile, _ = measured
     out = llama_src / "auto.eec"
     manifest = compile_model(llama_src / "hf", out, exits="auto", placement_eps=0.8, profile=profile, calibration_tokens=8,
-                             candidates="all")
+                             candidates="all", placement_batch=4)
     placement = manifest.placement
     assert manifest.exits == placement["exits"]
+    assert placement["batch"] == 4 and "4 sequences at once" in placement["report"][0]  # priced for a batch of 4
     assert placement["candidates"] == [1, 2, 3, 4, 5]  # every layer, not the quarter depths
     assert set(placement["exits"]) <= set(placement["candidates"])
     assert placement["ranked"][0]["exits"] == placement["exits"]

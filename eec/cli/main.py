@@ -235,6 +235,8 @@ def compile_cmd(
                                         "(default 0.9; classifiers 0.99)"),
     candidates: Optional[str] = typer.Option(None, help="layers --exits auto chooses among, e.g. 2,4,6, or 'all' "
                                              "(default: the checkpoint's heads, else quarter depths)"),
+    batch: int = typer.Option(1, help="--exits auto: price the exits for this many sequences decoded at once "
+                              "(a server's --max-batch; an exit most rows pass now and then saves nothing there)"),
     target: str = typer.Option("cpu", help="device target (`eec targets list`)"),
     profile: Optional[Path] = typer.Option(None, help="latency profile from `eec targets measure` (default: the target's model)"),
     shortlist: str = typer.Option("0", help="restrict exit heads to the K most emitted tokens; 0: whole vocabulary; "
@@ -266,7 +268,8 @@ def compile_cmd(
 
     if is_branched_file(model) or is_encoder_dir(model) or is_encoder_checkpoint(model):
         decoder_only = {"--shortlist": shortlist != "0", "--exit-classifier": exit_classifier, "--prompts": prompts,
-                        "--candidates": candidates, "--catch-up": catch_up != "exact", "--profile": profile}
+                        "--candidates": candidates, "--catch-up": catch_up != "exact", "--profile": profile,
+                        "--batch": batch != 1}
         given = [name for name, set_ in decoder_only.items() if set_]
         if given:
             raise InputError(f"{', '.join(given)} applies to decoders; {model} is a classifier network")
@@ -285,7 +288,8 @@ def compile_cmd(
         manifest = compile_model(model, output, exits=layers, target=target, precision=precision, block_size=block_size,
                                  overwrite=overwrite, calibrate=calibrate, calibration_prompts=prompts,
                                  calibration_tokens=calibration_tokens, calibration_metric=metric,
-                                 placement_eps=eps, profile=profile, shortlist=_parse_shortlist(shortlist),
+                                 placement_eps=eps, placement_batch=batch, profile=profile,
+                                 shortlist=_parse_shortlist(shortlist),
                                  exit_classifier=exit_classifier, candidates=_parse_candidates(candidates),
                                  catch_up=catch_up, fuse_heads=fuse_heads, speculative=speculative,
                                  progress=update)

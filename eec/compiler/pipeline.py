@@ -94,6 +94,7 @@ def compile_model(
     calibration_tokens: int = 48,
     calibration_metric: str | None = None,
     placement_eps: float = 0.9,
+    placement_batch: int = 1,
     profile: Path | None = None,
     shortlist: int | str = 0,
     exit_classifier: bool = False,
@@ -116,7 +117,9 @@ def compile_model(
     exit set with the lowest expected latency at ``placement_eps`` on the
     target (`eec.targets.placement`), from the measured ``profile`` when
     given, else the target's latency model; the choice is in
-    ``manifest.placement``.
+    ``manifest.placement``. ``placement_batch``: price it for that many
+    sequences decoded at once (a server's batch; `eec.targets.placement`
+    rule 6), where an exit most rows pass now and then saves nothing.
 
     ``shortlist=K`` restricts every exit head to the K tokens the model
     emits most in the calibration generations (`eec.calib.shortlist`);
@@ -152,6 +155,13 @@ def compile_model(
     check_output(out, overwrite)
     auto = _check_options(exits, block_size, calibrate, calibration_prompts, calibration_metric, placement_eps,
                           shortlist, exit_classifier)
+    if not isinstance(placement_batch, int) or isinstance(placement_batch, bool) or placement_batch < 1:
+        raise InputError(f"--batch must be a whole number of at least 1, got {placement_batch!r}")
+    if placement_batch > 1 and not auto:
+        raise InputError("--batch prices the --exits auto placement for a batch: use it with --exits auto")
+    if placement_batch > 1 and catch_up == "propagate":
+        raise InputError("--batch prices the exact catch-up (exited rows ride deeper rows' calls); "
+                         "with --catch-up propagate place for one sequence")
     if catch_up not in CATCH_UPS:
         raise InputError(f"--catch-up must be one of {', '.join(CATCH_UPS)}, got {catch_up!r}")
     if fuse_heads not in FUSE_HEADS:
@@ -178,7 +188,7 @@ def compile_model(
         layers = (candidates or default_exits(src)) if auto else default_exits(src) if exits is None else exits
         build = _Build(src, tgt, precision, block_size, calibrate, calibration_prompts, calibration_tokens,
                        calibration_metric, progress, placed=auto, catch_up=catch_up, fuse_heads=fuse_heads,
-                       speculative=speculative)
+                       speculative=speculative, batch=placement_batch)
         tmp = build.run(layers, out)
         try:
             manifest = read_manifest(tmp, verify=False)
@@ -284,7 +294,7 @@ def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], t
         if auto:
             judged = scored.subset(~fit) if split else scored
             placement = place_exits(judged, table.with_head_fraction(k / vocab if k else 1.0), eps, metric,
-                                    propagate=build.catch_up == "propagate")
+                                    propagate=build.catch_up == "propagate", batch=build.batch)
         options[k] = (placement, classifiers, ids)
     if auto:  # placement's rule 5 across list sizes too: near the cheapest, the fewest exits
         cheapest = min(options[size][0].best.expected_s for size in options)
@@ -302,6 +312,7 @@ def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], t
         ranked = [(k, placement.best), *sorted(others, key=lambda sc: sc[1].expected_s)]  # the chosen set first
         record = {
             "epsilon": eps,
+            "batch": build.batch,
             "exits": exits,
             "candidates": list(traces.exits),
             "shortlist": k,
@@ -339,7 +350,7 @@ def _check_built(build: "_Build", tmp: Path, record: dict, table, eps: float, ou
     manifest = read_manifest(tmp, verify=False)
     exits = tuple(record["exits"])
     built = evaluate(Traces.load(tmp / manifest.calibration.file), table, exits, eps, manifest.calibration.metric,
-                     "risk", 0.1, propagate=build.catch_up == "propagate")
+                     "risk", 0.1, propagate=build.catch_up == "propagate", batch=build.batch)
     record["search_predicted_speedup"] = record["predicted_speedup"]
     record["predicted_speedup"] = round(built.speedup, 4)
     record["report"].append(f"built: on its own traces, exits {','.join(map(str, exits))} predict {built.speedup:.2f}x, "
@@ -378,6 +389,7 @@ class _Build:
     progress: Progress
     placed: bool  # --exits auto: the exit set may leave trained heads out
     catch_up: str = "exact"
+    batch: int = 1  # sequences decoded together that --exits auto prices (placement rule 6)
     fuse_heads: str = "auto"
     speculative: str = "auto"
 

@@ -92,6 +92,17 @@ class LatencyTable:
         saved = self.segment_overhead or self.call_overhead
         return sum(self.segments[p][seq - 1] for p in parts) - (len(parts) - 1) * saved
 
+    def rows_cost(self, start: int, stop: int, rows: int) -> float:
+        """One call running layers [start, stop) for ``rows`` sequences at one position each (a batch's
+        decode step), priced as one sequence's call over as many positions: the matrix products are
+        the same (``rows`` rows of activations against each weight), and attention over a few hundred
+        cached positions is a small part of a layer. Past `MAX_SEQ` the slope from 2 to 8 extends it."""
+        if rows <= MAX_SEQ:
+            return self.range_cost(start, stop, rows)
+        top = self.range_cost(start, stop, MAX_SEQ)
+        slope = max((top - self.range_cost(start, stop, 2)) / (MAX_SEQ - 2), 0.0)
+        return top + (rows - MAX_SEQ) * slope
+
     def fill_costs(self, start: int, stop: int) -> tuple[float, float] | None:
         """(fixed, per position) seconds of filling layers [start, stop)'s KV for exited positions in
         one call, from the measured fill graphs; None where they do not cover the range."""

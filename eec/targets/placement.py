@@ -28,6 +28,17 @@ Rules:
    fewest exits wins: every exit adds host work the table does not hold (the
    decoder's checks, pending positions), so measured speedups fall further
    below predictions as sets grow (docs/benchmarks.md).
+6. ``batch`` B > 1 prices a decode step of B sequences (a server's batch),
+   per token. A segment runs at a step when any of the B rows reaches it:
+   with a share q of tokens reaching it, with probability 1 - (1 - q)^B,
+   and then for all B rows (the rows that left earlier ride its call,
+   `eec.runtime.core`), at `LatencyTable.rows_cost`; its exit head likewise,
+   scaled as the segment's call scales with rows. A row's position misses a
+   segment only at a step no row ran it, B (1 - q)^B positions a step, which
+   a deep token later catches up at the slope of rule 3. At B = 1 this is
+   rule 3. The code model's exits 1 and 4, the best set alone, ran 1.13x full
+   mode at batch 8 where exit 3 alone ran 1.81x (docs/benchmarks.md): at
+   B = 8 some row passes an exit that 42% of tokens pass at 99% of steps.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import itertools
 from dataclasses import dataclass
 
 from eec.calib.traces import Traces, simulate, thresholds_for
+from eec.errors import InputError
 from eec.targets.latency import LatencyTable
 
 MAX_EXHAUSTIVE = 12
@@ -58,6 +70,7 @@ class Placement:
     ranked: list[Candidate]  # best first
     full_s: float
     epsilon: float
+    batch: int = 1  # sequences decoded together that the costs are for (rule 6)
 
     @property
     def runners_up(self) -> list[Candidate]:
@@ -65,19 +78,20 @@ class Placement:
 
 
 def expected_cost(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict[int, int],
-                  splits: tuple[int, ...] | None = None, gated: bool = False, propagate: bool = False) -> float:
-    """Mean per-token seconds for ``exits`` given how many tokens leave at each (rule 3).
+                  splits: tuple[int, ...] | None = None, gated: bool = False, propagate: bool = False,
+                  batch: int = 1) -> float:
+    """Mean per-token seconds for ``exits`` given how many tokens leave at each (rules 3 and 6).
 
     ``splits`` are the segment boundaries when they are not the exits themselves
     (an artifact whose exits are not all active); heads run only at ``exits``,
-    and with ``gated`` only at the exit a token leaves by.
+    and with ``gated`` only at the exit a token leaves by; ``batch``: sequences decoded together.
     """
-    return sum(cost_breakdown(table, exits, exit_counts, splits, gated, propagate).values())
+    return sum(cost_breakdown(table, exits, exit_counts, splits, gated, propagate, batch).values())
 
 
 def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict[int, int],
                    splits: tuple[int, ...] | None = None, gated: bool = False,
-                   propagate: bool = False) -> dict[str, float]:
+                   propagate: bool = False, batch: int = 1) -> dict[str, float]:
     """`expected_cost` in its parts, mean seconds per token: ``segments`` (the layers a token runs,
     one position), ``heads`` (exit heads; the final head is inside the last segment) and
     ``catch_up`` (later segments re-running an exited position with the next deep token).
@@ -85,7 +99,13 @@ def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dic
     With ``propagate`` and fill graphs in the table that cover a later range, an exited position
     costs that range's fill per position instead, and every token that goes through a range after
     an exit that some tokens take pays one fill call's fixed part there (`--catch-up propagate`);
-    ranges the fills do not cover are costed as the exact catch-up."""
+    ranges the fills do not cover are costed as the exact catch-up. ``batch`` > 1: rule 6 (the exact
+    catch-up only: propagation keeps its positions for the fill, nothing rides)."""
+    if batch > 1:
+        if propagate:
+            raise InputError("placement prices a batch for the exact catch-up; with --catch-up propagate "
+                             "nothing rides: place for one sequence")
+        return _batch_breakdown(table, exits, exit_counts, splits, gated, batch)
     n_layers = table.shape.num_layers
     bounds = [0, *sorted(set(exits) | set(splits or ())), n_layers]
     ranges = list(zip(bounds[:-1], bounds[1:]))
@@ -115,6 +135,36 @@ def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dic
     return {name: value / (total_tokens or 1) for name, value in parts.items()}
 
 
+def _batch_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict[int, int],
+                     splits: tuple[int, ...] | None, gated: bool, rows: int) -> dict[str, float]:
+    """Rule 6: `cost_breakdown`'s parts for a step of ``rows`` sequences, per token."""
+    n_layers = table.shape.num_layers
+    bounds = [0, *sorted(set(exits) | set(splits or ())), n_layers]
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    one = [table.range_cost(a, b, 1) for a, b in ranges]
+    seg = [table.rows_cost(a, b, rows) for a, b in ranges]
+    marginal = [max((table.range_cost(a, b, 8) - table.range_cost(a, b, 2)) / 6, 0.0) for a, b in ranges]
+    step = [max(table.range_cost(a, b, 2) - c - m, 0.0) for (a, b), c, m in zip(ranges, one, marginal)]
+    heads = [(table.head_cost(b) if gated else table.exit_cost(a, b)) if b in exits else 0.0 for a, b in ranges]
+    total = sum(exit_counts.values())
+    counts = [exit_counts.get(stop, 0) if total else int(stop == n_layers) for _, stop in ranges]
+    total = total or 1
+    parts = {"segments": 0.0, "heads": 0.0, "catch_up": 0.0}
+    for k in range(len(ranges)):
+        reach = sum(counts[k:]) / total  # the share of tokens that reach range k
+        runs = 1.0 - (1.0 - reach) ** rows  # some row of the step does
+        behind = rows * (1.0 - reach) ** rows  # positions that miss it: no row ran it at their step
+        parts["segments"] += runs * seg[k]
+        if gated:  # a classifier keeps the head to the rows that leave, each its own
+            parts["heads"] += rows * counts[k] / total * heads[k]
+        else:
+            parts["heads"] += runs * heads[k] * (seg[k] / one[k] if one[k] > 0 else 1.0)
+        parts["catch_up"] += behind * marginal[k]
+        if k and any(counts[:k]):
+            parts["catch_up"] += min(behind, rows * reach) * step[k]  # deep calls carrying missed positions
+    return {name: value / rows for name, value in parts.items()}
+
+
 def speculative_breakdown(table: LatencyTable, draft: int, cycles: dict[int, int], tokens: int,
                           splits: tuple[int, ...] | None = None, gated: bool = False) -> dict[str, float]:
     """Speculative mode's cost in `cost_breakdown`'s parts, mean seconds per emitted token, for
@@ -142,43 +192,43 @@ def speculative_breakdown(table: LatencyTable, draft: int, cycles: dict[int, int
 
 
 def evaluate(traces: Traces, table: LatencyTable, exits: tuple[int, ...], eps: float, metric: str, rule: str,
-             delta: float, propagate: bool = False) -> Candidate:
+             delta: float, propagate: bool = False, batch: int = 1) -> Candidate:
     gated = metric == "classifier"
     n_layers = table.shape.num_layers
-    full = table.range_cost(0, n_layers, 1)
+    full = table.rows_cost(0, n_layers, batch) / batch
     if exits:
         sub = traces.columns(list(exits))
         sim = simulate(sub, thresholds_for(sub, eps, metric, rule, delta), metric, n_layers)
         counts, rate, agree = sim.exits, sim.exit_rate, sim.agreement
     else:
         counts, rate, agree = {n_layers: len(traces)}, 0.0, 1.0
-    cost = expected_cost(table, exits, counts, gated=gated, propagate=propagate)
+    cost = expected_cost(table, exits, counts, gated=gated, propagate=propagate, batch=batch)
     return Candidate(exits, cost, full / cost, rate, agree, counts)
 
 
 def place_exits(traces: Traces, table: LatencyTable, eps: float, metric: str, rule: str = "risk",
-                delta: float = 0.1, propagate: bool = False) -> Placement:
+                delta: float = 0.1, propagate: bool = False, batch: int = 1) -> Placement:
     layers = tuple(sorted(traces.exits))
     if len(layers) <= MAX_EXHAUSTIVE:
         sets = [s for r in range(len(layers) + 1) for s in itertools.combinations(layers, r)]
-        ranked = [evaluate(traces, table, s, eps, metric, rule, delta, propagate) for s in sets]
+        ranked = [evaluate(traces, table, s, eps, metric, rule, delta, propagate, batch) for s in sets]
     else:
-        ranked = _greedy(traces, table, layers, eps, metric, rule, delta, propagate)
+        ranked = _greedy(traces, table, layers, eps, metric, rule, delta, propagate, batch)
     ranked.sort(key=lambda c: (c.expected_s, len(c.exits)))
     near = [c for c in ranked if c.expected_s <= ranked[0].expected_s * (1 + TOLERANCE)]
     best = min(near, key=lambda c: (len(c.exits), c.expected_s))
     ranked.remove(best)
-    full = table.range_cost(0, table.shape.num_layers, 1)
-    return Placement(best, [best, *ranked], full, eps)
+    full = table.rows_cost(0, table.shape.num_layers, batch) / batch
+    return Placement(best, [best, *ranked], full, eps, batch)
 
 
-def _greedy(traces, table, layers, eps, metric, rule, delta, propagate) -> list[Candidate]:
+def _greedy(traces, table, layers, eps, metric, rule, delta, propagate, batch) -> list[Candidate]:
     """Drop, one at a time, the exit whose removal lowers the expected cost most."""
-    current = evaluate(traces, table, layers, eps, metric, rule, delta, propagate)
-    seen = [current, evaluate(traces, table, (), eps, metric, rule, delta, propagate)]
+    current = evaluate(traces, table, layers, eps, metric, rule, delta, propagate, batch)
+    seen = [current, evaluate(traces, table, (), eps, metric, rule, delta, propagate, batch)]
     while current.exits:
         options = [evaluate(traces, table, tuple(e for e in current.exits if e != drop), eps, metric, rule, delta,
-                            propagate) for drop in current.exits]
+                            propagate, batch) for drop in current.exits]
         seen += options
         best = min(options, key=lambda c: c.expected_s)
         if best.expected_s >= current.expected_s:
@@ -194,7 +244,8 @@ def describe(p: Placement) -> list[str]:
         return (f"exits {where}: predicted {c.speedup:.2f}x, {c.expected_s * 1e3:.2f} ms/token, "
                 f"{c.exit_rate:.0%} of tokens exit, agreement {c.agreement:.3f}")
 
-    lines = [f"placement at ε = {p.epsilon}: full model {p.full_s * 1e3:.2f} ms/token", "chosen  " + line(p.best)]
+    batch = f", {p.batch} sequences at once" if p.batch > 1 else ""
+    lines = [f"placement at ε = {p.epsilon}{batch}: full model {p.full_s * 1e3:.2f} ms/token", "chosen  " + line(p.best)]
     lines += ["runner-up " + line(c) for c in p.runners_up]
     if not p.best.exits:
         lines.append("no exit pays here: every exit set is predicted slower than the full model")
