@@ -223,10 +223,10 @@ def test_a_batch_is_priced_as_its_steps_simulated():
                 total += rows * (b - a) * 0.5
     simulated = total / (steps * rows)
     assert expected_cost(t, exits, counts, batch=rows) == pytest.approx(simulated, rel=0.02)
-    # One row is rule 3 (the hand-computed test above), whichever way it is written.
-    from eec.targets.placement import _batch_breakdown
-
-    assert _batch_breakdown(t, exits, counts, None, False, 1) == pytest.approx(cost_breakdown(t, exits, counts))
+    # One row is rule 3, written out by hand: a token leaving at e runs e layers and the heads up to e,
+    # and each later layer once more at the slope (0.5); one reaching 12 runs everything.
+    by_hand = (60 * (3 + 2.0 + 9 * 0.5) + 25 * (6 + 2 * 2.0 + 6 * 0.5) + 15 * (12 + 2 * 2.0)) / 100
+    assert expected_cost(t, exits, counts, batch=1) == pytest.approx(by_hand)
 
 
 def test_an_exit_that_pays_alone_is_dropped_for_a_batch():

@@ -99,19 +99,19 @@ def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dic
     With ``propagate`` and fill graphs in the table that cover a later range, an exited position
     costs that range's fill per position instead, and every token that goes through a range after
     an exit that some tokens take pays one fill call's fixed part there (`--catch-up propagate`);
-    ranges the fills do not cover are costed as the exact catch-up. ``batch`` > 1: rule 6 (the exact
-    catch-up only: propagation keeps its positions for the fill, nothing rides)."""
-    if batch > 1:
-        if propagate:
-            raise InputError("placement prices a batch for the exact catch-up; with --catch-up propagate "
-                             "nothing rides: place for one sequence")
-        return _batch_breakdown(table, exits, exit_counts, splits, gated, batch)
+    ranges the fills do not cover are costed as the exact catch-up. ``batch``: rule 6, of which one
+    row is rule 3 (the exact catch-up only: propagation keeps its positions for the fill, nothing rides)."""
+    if batch > 1 and propagate:
+        raise InputError("placement prices a batch for the exact catch-up; with --catch-up propagate "
+                         "nothing rides: place for one sequence")
+    rows = batch
     n_layers = table.shape.num_layers
     bounds = [0, *sorted(set(exits) | set(splits or ())), n_layers]
     ranges = list(zip(bounds[:-1], bounds[1:]))
-    seg = [table.range_cost(a, b, 1) for a, b in ranges]
+    one = [table.range_cost(a, b, 1) for a, b in ranges]
+    seg = [table.rows_cost(a, b, rows) for a, b in ranges]  # a step's call: one position for each row
     marginal = [max((table.range_cost(a, b, 8) - table.range_cost(a, b, 2)) / 6, 0.0) for a, b in ranges]
-    step = [max(table.range_cost(a, b, 2) - c - m, 0.0) for (a, b), c, m in zip(ranges, seg, marginal)]
+    step = [max(table.range_cost(a, b, 2) - c - m, 0.0) for (a, b), c, m in zip(ranges, one, marginal)]
     fixed = [0.0] * len(ranges)  # per token that reaches the range after an exit: a fill call's fixed part
     if propagate:
         for k, (a, b) in enumerate(ranges):
@@ -119,49 +119,24 @@ def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dic
             if fill is not None:
                 fixed[k], marginal[k], step[k] = *fill, 0.0
     # With a classifier the head runs apart, only for tokens that leave; otherwise a segment measured
-    # with its head inside prices the head as what fusing it adds to the segment's call.
-    heads = [(table.head_cost(b) if gated else table.exit_cost(a, b)) if b in exits else 0.0 for a, b in ranges]
-    total_tokens = sum(exit_counts.values())
-    counts = [exit_counts.get(stop, 0) if total_tokens else int(stop == n_layers) for _, stop in ranges]
-    parts = {"segments": 0.0, "heads": 0.0, "catch_up": 0.0}
-    for k, count in enumerate(counts):
-        if count:
-            parts["segments"] += count * sum(seg[: k + 1])
-            parts["heads"] += count * (heads[k] if gated else sum(heads[: k + 1]))
-            parts["catch_up"] += count * sum(marginal[k + 1:])
-        if k and any(counts[:k]):  # a fill call before range k's own run, for the tokens that reach it
-            parts["catch_up"] += sum(counts[k:]) * fixed[k]
-            parts["catch_up"] += min(sum(counts[:k]), sum(counts[k:])) * step[k]  # calls carrying exited positions
-    return {name: value / (total_tokens or 1) for name, value in parts.items()}
-
-
-def _batch_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict[int, int],
-                     splits: tuple[int, ...] | None, gated: bool, rows: int) -> dict[str, float]:
-    """Rule 6: `cost_breakdown`'s parts for a step of ``rows`` sequences, per token."""
-    n_layers = table.shape.num_layers
-    bounds = [0, *sorted(set(exits) | set(splits or ())), n_layers]
-    ranges = list(zip(bounds[:-1], bounds[1:]))
-    one = [table.range_cost(a, b, 1) for a, b in ranges]
-    seg = [table.rows_cost(a, b, rows) for a, b in ranges]
-    marginal = [max((table.range_cost(a, b, 8) - table.range_cost(a, b, 2)) / 6, 0.0) for a, b in ranges]
-    step = [max(table.range_cost(a, b, 2) - c - m, 0.0) for (a, b), c, m in zip(ranges, one, marginal)]
-    heads = [(table.head_cost(b) if gated else table.exit_cost(a, b)) if b in exits else 0.0 for a, b in ranges]
+    # with its head inside prices the head as what fusing it adds to the segment's call (for a batch,
+    # scaled as that call scales with rows).
+    heads = [(table.head_cost(b) if gated else table.exit_cost(a, b) * (c / o if o > 0 else 1.0))
+             if b in exits else 0.0 for (a, b), c, o in zip(ranges, seg, one)]
     total = sum(exit_counts.values())
     counts = [exit_counts.get(stop, 0) if total else int(stop == n_layers) for _, stop in ranges]
     total = total or 1
     parts = {"segments": 0.0, "heads": 0.0, "catch_up": 0.0}
     for k in range(len(ranges)):
         reach = sum(counts[k:]) / total  # the share of tokens that reach range k
-        runs = 1.0 - (1.0 - reach) ** rows  # some row of the step does
-        behind = rows * (1.0 - reach) ** rows  # positions that miss it: no row ran it at their step
+        runs = 1.0 - (1.0 - reach) ** rows  # a step runs it: some row reaches it (one row: reach)
+        behind = rows * (1.0 - reach) ** rows  # positions a step leaves it for a later catch-up
         parts["segments"] += runs * seg[k]
-        if gated:  # a classifier keeps the head to the rows that leave, each its own
-            parts["heads"] += rows * counts[k] / total * heads[k]
-        else:
-            parts["heads"] += runs * heads[k] * (seg[k] / one[k] if one[k] > 0 else 1.0)
+        parts["heads"] += rows * counts[k] / total * heads[k] if gated else runs * heads[k]
         parts["catch_up"] += behind * marginal[k]
-        if k and any(counts[:k]):
-            parts["catch_up"] += min(behind, rows * reach) * step[k]  # deep calls carrying missed positions
+        if k and any(counts[:k]):  # a fill call before range k's own run, for the tokens that reach it
+            parts["catch_up"] += rows * reach * fixed[k]
+            parts["catch_up"] += min(behind, rows * reach) * step[k]  # calls carrying exited positions
     return {name: value / rows for name, value in parts.items()}
 
 
