@@ -106,9 +106,6 @@ class Batch:
             raise ValueError(f"catch_up must be one of {CATCH_UPS}, got {catch_up!r}")
         self.specs, self.heads, self.rows = specs, heads, rows
         self.propagate = catch_up == "propagate"
-        # Exited rows ride deeper rows' calls (`_riders`); the propagating catch-up's fill graph is
-        # cheaper than a full segment, so it keeps its positions for the fill.
-        self.ride = not self.propagate
         self.kv = [SegmentKV(spec, g, kv_heads, head_dim, rows, capacity, context, max_call, device)
                    for spec, g in zip(specs, graphs)]
         if self.propagate and not all(kv.has(FILL) for kv in self.kv[1:]):
@@ -216,12 +213,13 @@ class Batch:
             local_end = j == last and self.tail is None  # the final head ends this segment
             asked = [i for i in going if per_row[i] is not None and layer in per_row[i]] if not local_end else []
             role = WITH_HEAD if asked and kv.has(WITH_HEAD) else PLAIN
-            riders = self._riders(kv, slots, results) if going and j > 0 and self.ride else []
+            # Exited rows ride the deeper rows' call (`_riders`); the propagating catch-up keeps their
+            # positions for its fill graph, cheaper than the segment.
+            riders = self._riders(kv, slots, results) if going and j > 0 and not self.propagate else []
             if riders:
-                calls = list(xs)
-                for i in riders:
-                    calls[i], kv.pending[slots[i]] = kv.pending[slots[i]], None
-                outputs = self._run(j, kv, role, slots, sorted(going + riders), calls)
+                for i in riders:  # a row that left needs its own hidden state no more: its owed position goes in
+                    xs[i], kv.pending[slots[i]] = kv.pending[slots[i]], None
+                outputs = self._run(j, kv, role, slots, sorted(going + riders), xs)
                 self._ridden(j, slots, riders, outputs)
             else:
                 outputs = self._run(j, kv, role, slots, going, xs)
