@@ -172,6 +172,48 @@ def test_long_texts_are_truncated_and_said_so(encoders):
     np.testing.assert_allclose(got.probs, want, atol=2e-5)
 
 
+def test_length_buckets_are_the_cheapest_cut(encoders):
+    """Against every way of cutting sorted lengths into runs, priced by hand: padded positions plus a call each."""
+    import itertools
+
+    from eec.runtime.classifier import length_buckets
+
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        n, most, call = int(rng.integers(1, 9)), int(rng.integers(1, 5)), int(rng.integers(0, 40))
+        lengths = sorted(rng.integers(1, 60, n).tolist())
+
+        def price(runs):
+            return sum(call + (b - a) * lengths[b - 1] for a, b in runs)
+
+        best = math.inf
+        for cuts in itertools.product((0, 1), repeat=n - 1):  # a cut after text i or not
+            edges = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+            runs = list(zip(edges, edges[1:]))
+            if all(b - a <= most for a, b in runs):
+                best = min(best, price(runs))
+        got = length_buckets(lengths, most, call)
+        assert got[0][0] == 0 and got[-1][1] == n and all(a < b for a, b in got)
+        assert all(b == c for (_, b), (c, _) in zip(got, got[1:])) and all(b - a <= most for a, b in got)
+        assert price(got) == best
+
+
+def test_texts_of_very_different_lengths_run_in_separate_batches(encoders):
+    """A list of short texts and long ones runs as a batch of each (not the short ones padded to the long ones'
+    length), and every text gets what it gets alone and what transformers gives it."""
+    model, tok, art = encoders["bert"]
+    clf = load(art)
+    texts = ["the cat", "a dog", "the mat", "import os"] * 10 + [" ".join(["the cat sat on the mat"] * 4)] * 6
+    got = clf.classify(texts, mode="full", batch_size=64)
+    widths = [main.shape[1] for _, main, _ in clf.text.batches(texts, 64)[0]]
+    assert len(widths) == 2 and widths[0] < 8 and widths[1] == POSITIONS
+    assert got.stats.segment_samples[0] == 40  # the short texts' batch ran first
+    want = reference(model, tok, texts)[LAYERS]
+    np.testing.assert_allclose(got.probs, want, rtol=0, atol=2e-5)
+    for i in (0, 45):
+        np.testing.assert_allclose(clf.classify(texts[i], mode="full").probs[0], got.probs[i], rtol=0, atol=1e-6)
+
+
 def test_calibration_reads_labels_by_name(encoders):
     _, _, art = encoders["distilbert"]
     clf = load(art)

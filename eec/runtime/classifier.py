@@ -226,21 +226,50 @@ class TextInput:
         return [e.ids for e in encodings], np.array([bool(e.overflowing) for e in encodings])
 
     def batches(self, texts, batch_size: int) -> tuple[list, int, np.ndarray]:
-        """(rows, token ids, {mask}) per batch, the texts sorted by length so that a batch pads little."""
+        """(rows, token ids, {mask}) per batch: the texts sorted by length and cut into runs of at most
+        ``batch_size`` where padding them together would cost more than another call (`length_buckets`)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         ids, truncated = self.encode(texts)
         order = np.argsort([len(i) for i in ids], kind="stable")
         out = []
-        for start in range(0, len(ids), batch_size):
-            rows = order[start:start + batch_size]
-            width = max(len(ids[r]) for r in rows)
+        for start, stop in length_buckets([len(ids[r]) for r in order], batch_size):
+            rows = order[start:stop]
+            width = len(ids[rows[-1]])  # sorted: the last is the longest
             tokens = np.full((len(rows), width), self.spec.pad_id, np.int64)
             mask = np.zeros((len(rows), width), np.int64)
             for k, r in enumerate(rows):
                 tokens[k, :len(ids[r])], mask[k, :len(ids[r])] = ids[r], 1
             out.append((rows, tokens, {MASK: mask}))
         return out, len(ids), truncated
+
+
+# What one more batch costs, in padded token positions: a call's fixed costs, and the small batch's
+# less efficient products. Measured on a 6-layer BERT (hidden 128, 2 cores) over 1359 held-out texts
+# of 3 to 128 tokens in calls of 32: full mode 347 texts/s padded to each call's longest, 560 with no
+# charge for a batch, 588-592 at 32 to 128 positions, 544 at 512 (flat between: 64 is not tuned to
+# the digit). Charging attention's quadratic cost as well changed nothing measurable.
+BUCKET_CALL_TOKENS = 64
+
+
+def length_buckets(lengths: list[int], most: int, call_tokens: int = BUCKET_CALL_TOKENS) -> list[tuple[int, int]]:
+    """Cut texts sorted by length (``lengths`` ascending) into runs [start, stop) of at most ``most``
+    texts, each padded to its longest, so that the padded positions plus ``call_tokens`` per run are
+    fewest: exact, by dynamic programming over where each run starts."""
+    n = len(lengths)
+    best = np.zeros(n + 1)  # best[j]: the cheapest cost of the first j texts
+    start = np.zeros(n + 1, np.int64)
+    for j in range(1, n + 1):
+        first = max(0, j - most)
+        # a run ending at text j pads to lengths[j - 1]: (j - i) texts of that width, for each start i
+        cost = best[first:j] + call_tokens + (j - np.arange(first, j)) * lengths[j - 1]
+        k = int(np.argmin(cost))
+        best[j], start[j] = cost[k], first + k
+    runs, j = [], n
+    while j > 0:
+        runs.append((int(start[j]), j))
+        j = int(start[j])
+    return runs[::-1]
 
 
 class EarlyExitClassifier:
@@ -383,8 +412,9 @@ class EarlyExitClassifier:
         exit the thresholds are ``thresholds`` (one number for every exit, one
         per exit, or a dict by stage) or the calibrated ones for ``epsilon`` (default 0.95) under
         ``rule`` ("risk", holding with probability 1 - ``delta``, or "valade").
-        Texts run in batches of up to ``batch_size`` texts of similar length (the list is sorted by length
-        first, so that little is padded); the results are in the order given.
+        Texts run in batches of up to ``batch_size`` texts of similar length: the list is sorted by length
+        and cut where padding would cost more than another call, so a list of mixed lengths runs as a few
+        batches that pad little; the results are in the order given.
         """
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
