@@ -469,6 +469,31 @@ def test_epsilon_holds_on_the_calibration_set(calibrated, rule):
         assert (got.labels == full)[exited].mean() >= eps
 
 
+@pytest.mark.parametrize("metric", ["max-prob", "top2-margin", "neg-entropy", "patience", "ensemble",
+                                    "patience-confidence"])
+def test_calibration_replay_predicts_the_runtime_and_epsilon_holds(calibrated, metric):
+    """The thresholds come from replaying stored probabilities; the runtime run on those same samples must give
+    each sample the exit and answer the replay gave it, and the exited samples must agree with the final
+    classifier's own answer (full mode) at ε. The reference for agreement is the input's last row by hand."""
+    from eec.calib.classifier_calibration import simulate
+
+    model, x = calibrated
+    full = x[:, 3].argmax(-1)
+    probs, _ = model.calibration()
+    stages = [seg.exit for seg in model.manifest.segments]
+    for eps in (0.8, 0.95):
+        taus = model.thresholds_for(eps, metric)
+        got = model.classify(x, thresholds=taus, metric=metric)
+        replayed = simulate(probs, taus, metric)
+        assert got.exits.tolist() == [stages[k] for k in replayed["segment"]]
+        assert got.labels.tolist() == replayed["answer"].tolist()
+        assert replayed["agreement"] == float((got.labels == full).mean())
+        exited = got.exits < 3
+        if exited.any():
+            assert (got.labels == full)[exited].mean() >= eps
+        assert (got.labels == full)[~exited].all()
+
+
 def test_epsilon_carries_over_to_new_samples(calibrated):
     model, _ = calibrated
     x = calibration_set(4000, seed=1)

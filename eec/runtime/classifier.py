@@ -133,7 +133,9 @@ class Confidence:
 def replay(probs: np.ndarray, metric: str, learned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Scores and answers at every exit for stored probabilities ``[samples, exits, classes]`` (the final
     classifier last) and learned exit scores ``[samples, exits]`` where the artifact has them: what `classify`
-    would compute for each sample had it gone on through every exit."""
+    would compute for each sample had it gone on through every exit. The last answer is the final
+    classifier's own, as `classify` gives a sample that reaches it, whatever the metric: the ensemble's
+    mixture there is not what full mode answers, and ε is agreement with full mode."""
     if metric == "learned" and learned is None:
         raise InputError("this artifact has no learned exit (metric 'learned' needs exits trained with "
                          "`eec train --recipe berxit`)")
@@ -143,6 +145,7 @@ def replay(probs: np.ndarray, metric: str, learned: np.ndarray | None = None) ->
         s, p = conf.step(probs[:, k], None if learned is None else learned[:, k])
         scores.append(s)
         answers.append(p.argmax(-1))
+    answers[-1] = probs[:, -1].argmax(-1)
     return np.stack(scores, 1), np.stack(answers, 1)
 
 
