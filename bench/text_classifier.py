@@ -161,12 +161,16 @@ def main() -> None:
         print(f"{name}: {results[name]['rates']}", file=sys.stderr, flush=True)
     base = results["onnxruntime-optimized"]["rates"]
     print(f"{len(y)} held-out functions; batch 1 over the first {args.single}; median of {args.rounds} passes")
-    print("| peer | batch 1 texts/s | batch 32 texts/s | vs onnxruntime optimized (1 / 32) | accuracy | exits (layer: texts) |")
-    print("|---|---|---|---|---|---|")
+    print("| peer | batch 1 texts/s | batch 32 texts/s | vs onnxruntime optimized (1 / 32) | accuracy | "
+          "agrees with its full mode | exits (layer: texts) |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         labels, rates = np.array(r["labels"]), r["rates"]
+        # ε's own measure on held-out texts: the share of answers equal to the same artifact's full mode
+        full = results.get(":".join(name.split(":")[:2] + ["full"])) if name.startswith("eec") else None
+        agrees = f"{(labels == np.array(full['labels'])).mean():.4f}" if full else ""
         print(f"| {name} | {rates['1']:.0f} | {rates['32']:.0f} | {rates['1'] / base['1']:.2f}x / "
-              f"{rates['32'] / base['32']:.2f}x | {(labels == y).mean():.4f} | {r.get('exits', '')} |")
+              f"{rates['32'] / base['32']:.2f}x | {(labels == y).mean():.4f} | {agrees} | {r.get('exits', '')} |")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Compile early-exit models into per-segment ONNX artifacts and run them.")
 err = Console(stderr=True, soft_wrap=True)  # messages whole on one line in logs; the terminal wraps them
 out = Console()
+if not out.is_terminal and "COLUMNS" not in os.environ:
+    out = Console(width=160)  # a log or a pipe: rich's 80 columns would cut the tables' figures to "0.9…"
 
 
 class Terminated(KeyboardInterrupt):
