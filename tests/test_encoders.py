@@ -236,6 +236,60 @@ def test_bad_text_inputs(encoders):
         clf.classify(["a"], batch_size=0)
 
 
+def test_exits_auto_keeps_the_cheapest_set_on_hand_prices(tmp_path, encoders, monkeypatch):
+    """Every layer a candidate (no trained heads), segments priced by hand; the reference is transformers'
+    probabilities on the calibration texts, each subset's cascade thresholds fitted by hand."""
+    import itertools
+
+    import eec.targets.classifier_profiling as profiling
+    from eec.calib.thresholds import risk_controlled_threshold
+
+    model, tok, art = encoders["bert"]
+    data = art.parent / "bert.jsonl"
+    plain, head, final = [1.0, 3.0, 0.5], [0.2, 0.2, 2.5], 6.0  # seconds: layers 1, 2, 3 alone, their heads
+    measured = []
+
+    def hand_prices(sessions, x, heads=True, rounds=50, inputs=None, side=None):
+        measured.append((len(sessions), heads, x.shape))
+        return [p + h for p, h in zip(plain, head)] + [final] if heads else list(plain)
+
+    monkeypatch.setattr(profiling, "measure", hand_prices)
+    eps = 0.8
+    manifest = compile_encoder(art.parent / "bert", tmp_path / "auto.eec", exits="auto", data=data,
+                               metric="max-prob", placement_eps=eps)
+    assert measured[0][:2] == (4, True) and measured[1][:2] == (3, False) and measured[0][2][0] == 1
+
+    texts = [json.loads(line)["text"] for line in open(data)]
+    ref = reference(model, tok, texts)
+    conf = np.stack([ref[k].max(-1) for k in (1, 2, 3)], 1)
+    agreed = np.stack([ref[k].argmax(-1) == ref[LAYERS].argmax(-1) for k in (1, 2, 3)], 1)
+
+    def price(kept: tuple[int, ...]) -> float:
+        remaining, taus = np.ones(len(texts), bool), []
+        for k in kept:
+            taus.append(risk_controlled_threshold(conf[remaining, k], agreed[remaining, k], eps))
+            remaining &= ~(conf[:, k] >= taus[-1])
+        total = 0.0
+        for i in range(len(texts)):
+            for layer in range(3):
+                total += plain[layer] + (head[layer] if layer in kept else 0.0)
+                if layer in kept and conf[i, layer] >= taus[kept.index(layer)]:
+                    break
+            else:
+                total += final
+        return total / len(texts)
+
+    prices = {kept: price(kept) for n in range(4) for kept in itertools.combinations(range(3), n)}
+    best = min(prices, key=prices.get)
+    assert sorted(prices.values())[1] > prices[best] * 1.01, prices  # a clear winner, not a rounding tie
+    assert manifest.exits == [k + 1 for k in best], prices
+    assert manifest.placement["expected_s"] == pytest.approx(prices[best], rel=1e-9)
+    assert [s.stop for s in manifest.segments] == [k + 2 for k in best] + [LAYERS + 1]
+    clf = load(tmp_path / "auto.eec")  # the chosen set, rebuilt alone, calibrated, and running
+    got = clf.classify(TEXTS, mode="full")
+    np.testing.assert_allclose(got.probs, reference(model, tok, TEXTS)[LAYERS], rtol=0, atol=2e-5)
+
+
 def test_bad_compile_inputs(tmp_path, encoders):
     from tests.test_cli_errors import run_fails
 
@@ -248,6 +302,9 @@ def test_bad_compile_inputs(tmp_path, encoders):
               "class0, class1, class2")
     run_fails(["compile", hf, "-o", out, "--data", tmp_path / "notext.csv"], "no 'text' column")
     run_fails(["compile", hf, "-o", out, "--exits", "4"], "exits sit after 1..3 layers")
+    run_fails(["compile", hf, "-o", out, "--exits", "auto"], "--exits auto needs held-out texts", "--data")
+    run_fails(["compile", hf, "-o", out, "--exits", "auto", "--data", art.parent / "bert.jsonl", "--eps", "1.5"],
+              "--eps must be in [0, 1]")
     config = json.loads((hf / "config.json").read_text())
     other = tmp_path / "gpt2"
     other.mkdir()

@@ -9,6 +9,7 @@ staged and swapped in whole like every other writer.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -178,6 +179,44 @@ def choose_metric(probs: np.ndarray, stops: list[int], learned: np.ndarray | Non
     metrics = [m for m in METRICS if m != "learned" or learned is not None]
     return min(metrics, key=lambda m: float(cost[simulate(probs, fit_thresholds(probs, m, METRIC_EPS, learned), m,
                                                           learned)["segment"]].mean()))
+
+
+MAX_AUTO_HEADS = 12  # `--exits auto`: 4096 subsets, each replayed on the calibration set in well under a second
+
+
+def cheapest_exit_set(probs: np.ndarray, body_s: list[float], head_s: list[float], eps: float,
+                      metric: str | None = None, learned: np.ndarray | None = None) -> tuple[float, list[int], str]:
+    """`--exits auto`: of every subset of an artifact's exits, the one with the lowest expected time a sample
+    at ``eps``, with the metric that gives it (``metric`` alone where given); (expected seconds, indices of
+    the exits kept, metric).
+
+    ``probs`` ``[samples, exits + 1, classes]``: calibration probabilities at every candidate exit and
+    the final classifier; ``body_s``: each segment's time without its head (the last one's whole call);
+    ``head_s``: each exit head's share of its segment's call. A subset's segment is priced as the segments
+    it spans, with only its own heads. Each subset is replayed with its own thresholds (patience and the
+    ensemble depend on which exits are kept), and a sample costs what it ran until it left.
+    """
+    from eec.runtime.classifier import METRICS
+
+    exits = probs.shape[1] - 1
+    if exits > MAX_AUTO_HEADS:
+        raise InputError(f"--exits auto tries every subset of the exits; this model has {exits} candidates (at most "
+                         f"{MAX_AUTO_HEADS}): name the exits with --exits")
+    metrics = [metric] if metric else [m for m in METRICS if m != "learned" or learned is not None]
+    best = None
+    for size in range(exits + 1):
+        for subset in itertools.combinations(range(exits), size):
+            cols = [*subset, exits]
+            sub, sub_learned = probs[:, cols], None if learned is None else learned[:, cols]
+            # leaving at kept exit j costs every body up to its head and the kept heads up to it
+            ends = [h + 1 for h in subset] + [exits + 1]
+            cost = np.array([sum(body_s[:end]) + sum(head_s[h] for h in subset[:j + 1]) for j, end in enumerate(ends)])
+            for m in metrics:
+                leave = simulate(sub, fit_thresholds(sub, m, eps, sub_learned), m, sub_learned)["segment"]
+                expected = float(cost[leave].mean())
+                if best is None or expected < best[0]:
+                    best = (expected, list(subset), m)
+    return best
 
 
 def write_calibration(root: Path, manifest, probs: np.ndarray, labels: np.ndarray | None, metric: str | None,

@@ -24,8 +24,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Compile early-exit models into per-segment ONNX artifacts and run them.")
 err = Console(stderr=True, soft_wrap=True)  # messages whole on one line in logs; the terminal wraps them
 out = Console()
+# A log or a pipe: rich's 80 columns would cut the tables' figures to "0.9…" or wrap them cell by cell.
 if not out.is_terminal and "COLUMNS" not in os.environ:
-    out = Console(width=160)  # a log or a pipe: rich's 80 columns would cut the tables' figures to "0.9…"
+    out = Console(width=160)
+if not err.is_terminal and "COLUMNS" not in os.environ:
+    err = Console(stderr=True, soft_wrap=True, width=160)
 
 
 class Terminated(KeyboardInterrupt):
@@ -319,7 +322,7 @@ def _compile_classifier(model: Path, output: Path, exits: str | None, target: st
             from eec.compiler.encoder_pipeline import compile_encoder
 
             manifest = compile_encoder(model, output, exits=stages, target=target, precision=precision, data=data,
-                                       metric=metric, overwrite=overwrite, progress=update)
+                                       metric=metric, placement_eps=eps, overwrite=overwrite, progress=update)
         else:
             from eec.compiler.branched_pipeline import compile_branched
 

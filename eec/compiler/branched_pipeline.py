@@ -25,7 +25,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 from dataclasses import replace
@@ -36,10 +35,10 @@ import numpy as np
 from eec import __version__
 from eec.compiler.branched import HEAD_IN, HEAD_OUT, STAGE_IN, STAGE_OUT, BranchedNetwork, read_branched
 from eec.calib.classifier_calibration import (
-    fit_thresholds,
+    MAX_AUTO_HEADS,
+    cheapest_exit_set,
     no_progress,
     read_npz,
-    simulate,
     trace_probs,
     write_calibration,
 )
@@ -326,21 +325,13 @@ def _sessions(graphs: list[dict]) -> list:
     return [session(roles.get(WITH_HEAD, roles[PLAIN])) for roles in graphs]
 
 
-MAX_AUTO_HEADS = 12  # 4096 subsets, each replayed on the calibration set in well under a second
 
 
 def place_exits(net: BranchedNetwork, heads: list[int], precision: str, x, eps: float, metric: str | None,
                 progress=no_progress, for_cpu: bool = True) -> tuple[list[int], dict]:
-    """The early exits (a subset of ``heads``) with the lowest expected latency at ``eps`` on ``x``.
-
-    Every head is built and each segment between consecutive heads is timed
-    here at batch 1 (its call with the head inside). A subset's segment is
-    priced as the segments it spans, with only its own heads: the head's share
-    of a with-head call is the with-head time minus the plain time. Each subset
-    is replayed on the calibration probabilities with its own thresholds
-    (metrics like patience depend on which exits are kept), and the expected
-    time per sample is the mean, over samples, of what each ran.
-    """
+    """The early exits (a subset of ``heads``) with the lowest expected latency at ``eps`` on ``x``: every head
+    built, each segment between consecutive heads timed here at batch 1 with its head inside and without
+    (the head's share is the difference), and the subsets priced by `cheapest_exit_set`."""
     if len(heads) > MAX_AUTO_HEADS:
         raise InputError(f"--exits auto tries every subset of the heads; this network has {len(heads)} (at most "
                          f"{MAX_AUTO_HEADS}): name the exits with --exits")
@@ -352,26 +343,9 @@ def place_exits(net: BranchedNetwork, heads: list[int], precision: str, x, eps: 
     head_s = [max(w - p, 0.0) for w, p in zip(with_head, plain)]
     body_s = plain + [with_head[-1]]
     probs = trace_probs(sessions, net.num_classes, x, progress)
-    from eec.runtime.classifier import METRICS
-
-    metrics = [metric] if metric else list(METRICS)
-    best = None
-    for size in range(len(heads) + 1):
-        for subset in itertools.combinations(range(len(heads)), size):
-            cols = [*subset, len(heads)]
-            sub = probs[:, cols]
-            for m in metrics:
-                taus = fit_thresholds(sub, m, eps)
-                leave = simulate(sub, taus, m)["segment"]
-                # cost of leaving at kept exit j: every body up to its head, and the kept heads up to it
-                ends = [h + 1 for h in subset] + [len(heads) + 1]
-                cost = np.array([sum(body_s[:end]) + sum(head_s[h] for h in subset[:j + 1])
-                                 for j, end in enumerate(ends)])
-                expected = float(cost[leave].mean())
-                if best is None or expected < best[0]:
-                    best = (expected, [heads[h] for h in subset], m)
+    expected, subset, chosen = cheapest_exit_set(probs, body_s, head_s, eps, metric)
+    kept = [heads[h] for h in subset]
     full = sum(body_s)
-    expected, kept, chosen = best
     report = [f"--exits auto at ε = {eps}: exits after stages {kept or 'none'} (metric {chosen}), expected "
               f"{expected * 1e6:.0f} µs a sample at batch 1 against {full * 1e6:.0f} µs for the whole network "
               f"({full / expected:.2f}x)"]

@@ -54,13 +54,16 @@ def default_exits(num_layers: int) -> list[int]:
 
 def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits: list[int] | str | None = None,
                     target: str = "cpu", precision: str | None = None, data: str | os.PathLike | None = None,
-                    metric: str | None = None, overwrite: bool = False, progress=no_progress) -> ClassifierManifest:
+                    metric: str | None = None, placement_eps: float = 0.99, overwrite: bool = False,
+                    progress=no_progress) -> ClassifierManifest:
     """Compile the Hugging Face sequence classifier directory ``source`` (or the checkpoint `eec train` wrote
     for one, with its trained exit heads) into the artifact ``out``.
 
     ``exits``: layer counts after which to exit (default the checkpoint's heads, else quarter depths; ``[]``
-    none); an exit without a trained head reuses the model's own classifier; ``data``: held-out
-    texts (JSONL or CSV, a ``text`` column and optionally ``label``) to calibrate on."""
+    none; ``"auto"``: of the checkpoint's heads, else every layer, the set with the lowest measured
+    latency at ``placement_eps``, which needs ``data``); an exit without a trained head reuses the
+    model's own classifier; ``data``: held-out texts (JSONL or CSV, a ``text`` column and optionally
+    ``label``) to calibrate on."""
     out = Path(out).absolute()
     tgt = get_target(target)
     if tgt.backend != "onnxruntime-cpu":
@@ -69,9 +72,11 @@ def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits:
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r} is not available for a text classifier yet; choose from "
                          f"{', '.join(PRECISIONS)}")
-    if exits == "auto":
-        raise InputError("--exits auto places exits for decoders and branched networks; name a text classifier's "
-                         "exits, e.g. --exits 2,4")
+    auto = exits == "auto"
+    if auto and data is None:
+        raise InputError("--exits auto needs held-out texts to calibrate on: pass --data calib.jsonl")
+    if not 0.0 <= placement_eps <= 1.0:
+        raise InputError(f"--eps must be in [0, 1], got {placement_eps}")
     if metric is not None:
         from eec.runtime.classifier import METRICS
 
@@ -81,7 +86,10 @@ def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits:
     progress("loading model", 0, 1)
     src = load_encoder(source) if Path(source).is_dir() else load_encoder_checkpoint(source)
     layers = src.num_layers
-    kept = (sorted(src.heads) or default_exits(layers)) if exits is None else sorted(set(exits))
+    if auto:
+        kept = sorted(src.heads) or list(range(1, layers))
+    else:
+        kept = (sorted(src.heads) or default_exits(layers)) if exits is None else sorted(set(exits))
     bad = [k for k in kept if not 1 <= k < layers]
     if bad:
         raise InputError(f"--exits {bad}: exits sit after 1..{layers - 1} layers (this model has {layers})")
@@ -90,7 +98,13 @@ def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits:
         check_output(out, overwrite)
         tmp = new_stage(out, "build")
         try:
-            manifest = _build(src, kept, tmp, tgt.name, texts, labels, metric, progress)
+            placement = None
+            if auto:  # every candidate built and calibrated, timed here; then the chosen set built alone
+                kept, placement = _place(src, kept, tmp, tgt.name, texts, labels, placement_eps, metric, progress)
+                metric = metric or placement["metric"]
+                shutil.rmtree(tmp)
+                tmp = new_stage(out, "build")
+            manifest = _build(src, kept, tmp, tgt.name, texts, labels, metric, progress, placement)
             replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -98,8 +112,40 @@ def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits:
     return manifest
 
 
+def _place(src: SourceEncoder, candidates: list[int], tmp: Path, target: str, texts, labels, eps: float,
+           metric: str | None, progress) -> tuple[list[int], dict]:
+    """The exits (a subset of ``candidates``) with the lowest expected latency a text at ``eps``: every
+    candidate built and calibrated in ``tmp``, each segment's call timed here at batch 1 on the calibration
+    text of median length, with its head and without (`cheapest_exit_set` prices the subsets)."""
+    from eec.calib.classifier_calibration import cheapest_exit_set
+    from eec.runtime.classifier import load_classifier
+    from eec.targets.classifier_profiling import measure
+
+    # the default metric this throwaway build stores is never read: "max-prob" spares choosing one
+    manifest = _build(src, candidates, tmp, target, texts, labels, metric or "max-prob", progress, None)
+    model = load_classifier(tmp)
+    progress("measuring segment latency", 0, 1)
+    ids, _ = model.text.encode(texts)
+    median = sorted(range(len(ids)), key=lambda i: len(ids[i]))[len(ids) // 2]
+    (_, one, side), = model.text.batches([texts[median]], 1)[0]
+    inputs = [seg.inputs for seg in manifest.segments]
+    with_head = measure([g.get(WITH_HEAD, g[PLAIN]) for g in model.sessions], one, inputs=inputs, side=side)
+    plain = measure([g[PLAIN] for g in model.sessions[:-1]], one, heads=False, inputs=inputs[:-1], side=side)
+    head_s = [max(w - p, 0.0) for w, p in zip(with_head, plain)]
+    body_s = plain + [with_head[-1]]
+    probs, _ = model.calibration()
+    expected, subset, chosen = cheapest_exit_set(probs, body_s, head_s, eps, metric, model.learned_scores)
+    kept = [candidates[h] for h in subset]
+    full = sum(body_s)
+    report = [f"--exits auto at ε = {eps}: exits after layers {kept or 'none'} (metric {chosen}), expected "
+              f"{expected * 1e6:.0f} µs a text at batch 1 against {full * 1e6:.0f} µs for every layer "
+              f"({full / expected:.2f}x)"]
+    return kept, {"eps": eps, "exits": kept, "metric": chosen, "expected_s": expected, "full_s": full,
+                  "segment_s": body_s, "head_s": head_s, "candidates": candidates, "report": report}
+
+
 def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, labels, metric,
-           progress) -> ClassifierManifest:
+           progress, placement: dict | None = None) -> ClassifierManifest:
     (tmp / "graphs").mkdir()
     (tmp / TOKENIZER).write_text(src.tokenizer_json, encoding="utf-8")
     cuts = [*kept, src.num_layers]
@@ -127,7 +173,7 @@ def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, l
         input_shape=[src.max_length], input_dtype="int64", num_classes=src.num_labels, num_stages=src.num_layers + 1,
         segments=segments, precision="fp32", target=target, class_names=src.class_names, eec_version=__version__,
         source=Path(src.source).name, text=spec, architecture=src.family,
-        learned_exit=src.learned_exit is not None and bool(kept),
+        learned_exit=src.learned_exit is not None and bool(kept), placement=placement,
     )
     if texts is not None:
         from eec.runtime.classifier import TextInput
