@@ -50,7 +50,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     if _pool_threads is None:
         ort.set_global_thread_pool_sizes(threads, 1)
         cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, -1, -1, -1))  # onnxruntime's defaults
+        try:
+            ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, -1, -1, -1))  # onnxruntime's defaults
+        except Exception:  # noqa: BLE001 - the host application registered one already: share that
+            pass
         _pool_threads = threads
     elif threads != _pool_threads:
         warnings.warn(
