@@ -275,6 +275,37 @@ def test_patience_leaves_when_the_last_exits_agree(known):
     assert got.labels.tolist() == [0, 1, 1, 2]
 
 
+def test_an_exit_nobody_may_leave_at_runs_without_its_head_unless_a_later_score_needs_it(known):
+    from eec.runtime.manifest import PLAIN, WITH_HEAD
+
+    ran = []
+
+    class Recorder:
+        def __init__(self, k, role, session):
+            self.k, self.role, self.session = k, role, session
+
+        def run(self, names, feeds):
+            ran.append((self.k, self.role))
+            return self.session.run(names, feeds)
+
+    saved = [dict(g) for g in known.sessions]
+    known.sessions = [{role: Recorder(k, role, s) for role, s in g.items()} for k, g in enumerate(saved)]
+    try:
+        answers = [[0, 1, 2, 1], [2, 2, 2, 2]]
+        x = np.stack([one_hot_ish(a) for a in answers]).astype(np.float32)
+        got = known.classify(x, thresholds=[math.inf, 0.7, math.inf], metric="max-prob")
+        assert ran == [(0, PLAIN), (1, WITH_HEAD)]  # both leave at exit 1 (top 0.8)
+        assert got.exits.tolist() == [1, 1] and got.labels.tolist() == [1, 2]
+        assert got.stats.exits == {0: 0, 1: 2}
+        ran.clear()
+        # patience reads every exit's answer: exit 0's head must run though nobody may leave there
+        got = known.classify(x, thresholds=[math.inf, 2, math.inf], metric="patience")
+        assert ran[:2] == [(0, WITH_HEAD), (1, WITH_HEAD)]
+        assert got.exits.tolist() == [3, 1] and got.labels.tolist() == [1, 2]
+    finally:
+        known.sessions = saved
+
+
 def test_ensemble_is_the_normalised_geometric_mean_of_the_exits_so_far(known):
     p0 = np.array([0.6, 0.3, 0.1])
     p1 = np.array([0.2, 0.7, 0.1])

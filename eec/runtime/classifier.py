@@ -460,8 +460,11 @@ class EarlyExitClassifier:
             if i == last:
                 p, = graphs[PLAIN].run([PROBS], feeds)
                 leave = None
-            elif conf is None and not handing_over:
+            elif (conf is None or (taus[i] == math.inf and conf.metric not in STATEFUL)) and not handing_over:
+                # full mode, or an exit nobody may leave at whose scores no later exit reads: the head is waste
                 main, = graphs[PLAIN].run([HIDDEN], feeds)
+                if conf is not None:
+                    stats.exits[seg.exit] = stats.exits.get(seg.exit, 0)
                 continue
             else:
                 if conf is not None and conf.metric == "learned":
