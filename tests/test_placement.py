@@ -243,6 +243,30 @@ def test_an_exit_that_pays_alone_is_dropped_for_a_batch():
         cost_breakdown(t, (3,), {3: 1}, propagate=True, batch=8)
 
 
+def test_measured_rows_price_a_batch_step():
+    """Where the profile timed a batch's step (`eec targets measure --batch 8`), a call over 8 rows costs
+    what was measured, chained like one-row calls (the merged calls' fixed cost saved once per join);
+    where it did not, one row over 8 positions stands in."""
+    segments = {(0, 3): [3.0 + 0.5 * s for s in range(8)], (3, 12): [9.0 + 1.0 * s for s in range(8)]}
+    t = LatencyTable(SHAPE, "fp32", "test", "measured", 0.25, segments=segments, heads={3: 2.0})
+    assert t.rows_cost(0, 12, 8) == pytest.approx(6.5 + 16.0 - 0.25)  # no rows measured: 8 positions of one row
+    t.rows = {(0, 3): {8: 10.0}, (3, 12): {8: 30.0}}
+    assert t.has_rows(0, 12, 8) and not t.has_rows(0, 12, 4)
+    assert t.rows_cost(0, 3, 8) == 10.0 and t.rows_cost(3, 12, 8) == 30.0
+    assert t.rows_cost(0, 12, 8) == pytest.approx(10.0 + 30.0 - 0.25)
+    assert t.rows_cost(0, 12, 4) == pytest.approx(4.5 + 12.0 - 0.25)  # 4 rows were not measured
+    again = LatencyTable.from_json(t.to_json())
+    assert again.rows == t.rows
+    # Rule 6 with measured rows: every range runs at every step here (all tokens reach 12), for 8 rows.
+    assert expected_cost(t, (), {12: 10}, batch=8) == pytest.approx((10.0 + 30.0 - 0.25) / 8)
+    import json
+
+    written = json.loads(t.to_json())
+    del written["rows"]  # a profile written before batch steps were measured
+    older = LatencyTable.from_json(json.dumps(written))
+    assert older.rows == {} and older.segments == t.segments
+
+
 def test_model_table_is_a_roofline():
     """On a made-up device whose compute and bandwidth cross at 4 tokens in fp32: a layer's time is its
     weights' bytes over the bandwidth up to 4 tokens a call, then grows with the tokens; its weights are

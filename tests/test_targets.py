@@ -194,6 +194,33 @@ def test_targets_cli(measured, tmp_path):
     assert LatencyTable.from_json((tmp_path / "p.json").read_text()).source == "measured"
 
 
+def test_measure_times_a_batch_step_over_its_rows(measured, tmp_path, monkeypatch):
+    """`--batch 3`: every segment's plain graph is also called over 3 rows of one position each, after
+    ``past`` cached positions per row, and its time is kept beside the one-row times."""
+    from eec.runtime.kv import SegmentKV
+
+    art, _, _ = measured
+    seen = []
+    call = SegmentKV.call
+
+    def recording(self, role, slots, x, counts=None):
+        seen.append((self.spec.start, role, len(slots), x.shape[:2], tuple(int(n) for n in self.lengths)))
+        return call(self, role, slots, x, counts)
+
+    monkeypatch.setattr(SegmentKV, "call", recording)
+    result = runner.invoke(app, ["targets", "measure", str(art), "-o", str(tmp_path / "p.json"), "--repeats", "2",
+                                 "--past", "8", "--batch", "3"])
+    assert result.exit_code == 0, result.output
+    table = LatencyTable.from_json((tmp_path / "p.json").read_text())
+    assert sorted(table.rows) == sorted(table.segments) and all(set(v) == {3} and v[3] > 0 for v in table.rows.values())
+    batched = [c for c in seen if c[2] == 3]
+    assert {c[0] for c in batched} == {a for a, _ in table.segments}  # every segment, over 3 rows at a time
+    assert all(role == "plain" and shape == (3, 1) and lengths == (8, 8, 8) for _, role, _, shape, lengths in batched)
+    assert "over 3 sequences, one token each" in result.output
+    bad = runner.invoke(app, ["targets", "measure", str(art), "-o", str(tmp_path / "q.json"), "--batch", "0"])
+    assert bad.exit_code == 1 and "--batch must be a whole number" in bad.output and not (tmp_path / "q.json").exists()
+
+
 def test_profile_command(llama_compiled, tmp_path):
     json_out, png = tmp_path / "profile.json", tmp_path / "profile.png"
     result = runner.invoke(app, ["profile", str(llama_compiled.artifact), "--eps", "0.5,0.9", "--tokens", "12",

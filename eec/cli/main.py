@@ -944,6 +944,8 @@ def targets_measure(
     output: Path = typer.Option(..., "-o", "--output", help="latency profile to write (JSON)"),
     past: int = typer.Option(128, help="cached positions before the timed calls"),
     repeats: int = typer.Option(20, help="timed passes over the whole chain per token count (the median is kept)"),
+    batch: int = typer.Option(1, help="also time each segment's decode step over this many sequences, for "
+                              "`eec compile --exits auto --batch` (default: one sequence only)"),
 ) -> None:
     """Time every segment of the ARTIFACTS at 1..8 tokens per call and every exit head, on this device."""
     from eec.targets.measure import busy_warning, measure_artifacts
@@ -953,12 +955,15 @@ def targets_measure(
     if warning := busy_warning():
         err.print(f"warning: {warning}")
     with _progress() as update:
-        table = measure_artifacts(artifacts, past=past, repeats=repeats, progress=update)
+        table = measure_artifacts(artifacts, past=past, repeats=repeats, progress=update, batch=batch)
     _write_atomic(output, table.to_json())
     rows = Table("layers", *[f"{s} tok (ms)" for s in (1, 2, 4, 8)])
     for (a, b), times in table.segments.items():
         rows.add_row(f"{a}-{b}", *[f"{times[s - 1] * 1e3:.2f}" for s in (1, 2, 4, 8)])
     out.print(rows)
+    for (a, b), by_rows in table.rows.items():
+        for n, t in by_rows.items():
+            out.print(f"layers {a}-{b} over {n} sequences, one token each: {t * 1e3:.2f} ms")
     for layer, t in table.heads.items():
         out.print(f"exit head at layer {layer}: {t * 1e3:.2f} ms")
     for (a, b), t in table.fused.items():

@@ -324,6 +324,10 @@ def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], t
             "report": describe(placement) + ([f"shortlist: {k} tokens" if k else "shortlist: none (whole vocabulary)"]
                                              if len(sizes) > 1 else []),
         }
+        if build.batch > 1 and not table.has_rows(0, table.shape.num_layers, build.batch):
+            record["report"].append(
+                f"the latency table holds no calls over {build.batch} sequences: a step is priced as one sequence's "
+                f"call over {build.batch} positions, which costs less (`eec targets measure --batch {build.batch}`)")
     if exits != list(traces.exits) or ids is not None or classifiers:
         shutil.rmtree(tmp, ignore_errors=True)
         chosen = {layer: classifiers[layer] for layer in exits} if classifiers else None

@@ -94,8 +94,9 @@ def _overhead(hidden: int, repeats: int, device: str = "cpu") -> float:
 
 def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
                      progress: Callable[[str, int, int], None] = lambda *a: None,
-                     device: str | None = None) -> LatencyTable:
-    """``device``: "cpu" or "cuda" (default: the target's, the CUDA provider for target ``cuda``)."""
+                     device: str | None = None, batch: int = 1) -> LatencyTable:
+    """``device``: "cpu" or "cuda" (default: the target's, the CUDA provider for target ``cuda``);
+    ``batch``: also time each segment's decode step over that many rows (`LatencyTable.rows`)."""
     root = Path(path)
     manifest = read_manifest(root)
     target = get_target(manifest.target)
@@ -220,16 +221,61 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     table.heads = {layer: statistics.median(t) for layer, t in head_times.items()}
     table.fused = {(manifest.segments[j].start, manifest.segments[j].stop): t for j, t in fused_best.items()}
     table.call_overhead = _overhead(m.hidden_size, repeats * 5, "cuda" if device == "tensorrt" else device)  # one artifact's cuts never overlap: no fit here
+    if batch > 1:
+        for spec, t in zip(manifest.segments, _rows_times(manifest, graphs, past, repeats, batch, device, rng, progress)):
+            table.rows[(spec.start, spec.stop)] = {batch: t}
     progress("done", total, total)
     return table
 
 
+def _rows_times(manifest: Manifest, graphs: list, past: int, repeats: int, batch: int, device: str, rng,
+                progress) -> list[float]:
+    """Each segment's plain call over ``batch`` rows at one position each, every row after ``past``
+    cached positions of its own, in chain order pass after pass as a batch's decode step runs them
+    (the rows' positions are what the runtime's step gives the segment: `eec.runtime.core`); the
+    lowest of `SWEEPS` medians of ``repeats`` passes."""
+    m = manifest.model
+    calls = []
+    for spec, segment_graphs in zip(manifest.segments, graphs):
+        state = SegmentKV(spec, {PLAIN: segment_graphs[PLAIN]}, m.num_kv_heads, m.head_dim, batch, past + 1,
+                          m.context_length, device=device)
+        slots = list(range(batch))
+        pasts = [rng.standard_normal((1, m.num_kv_heads, past, m.head_dim)).astype(state.kv_dtype)
+                 for _ in range(state.layers)]
+        for slot in slots:
+            state.write_kv(pasts, slot)
+
+        def call(x, spec=spec, state=state, pasts=pasts, slots=slots):
+            if spec.kv_cache != "shared":
+                for slot in slots:
+                    state.row_kv[slot] = pasts
+            state.lengths[:] = past
+            state.call(PLAIN, slots, x)
+        calls.append(call)
+    best = [float("inf")] * len(calls)
+    for sweep in range(SWEEPS):
+        xs = [rng.integers(0, m.vocab_size, (batch, 1)) if spec.takes_ids
+              else rng.standard_normal((batch, 1, m.hidden_size)).astype(np.float32) for spec in manifest.segments]
+        times: list[list[float]] = [[] for _ in calls]
+        for r in range(repeats + 1):  # the first pass allocates and is not kept
+            progress(f"{batch} rows per call, sweep {sweep + 1}, pass {r + 1}", 0, 1)
+            for j, call in enumerate(calls):
+                start = time.perf_counter()
+                call(xs[j])
+                if r:
+                    times[j].append(time.perf_counter() - start)
+        best = [min(b, statistics.median(t)) for b, t in zip(best, times)]
+    return best
+
+
 def measure_artifacts(paths: list[Path], past: int = 128, repeats: int = 20,
-                      progress: Callable[[str, int, int], None] = lambda *a: None) -> LatencyTable:
+                      progress: Callable[[str, int, int], None] = lambda *a: None, batch: int = 1) -> LatencyTable:
     """One table from several artifacts of the same model, precision and target: their segments and
     heads together. An artifact cut at every candidate exit and one without exits give placement
     both the per-layer costs and the fixed cost of a segment call (`fit_segment_overhead`)."""
-    tables = [measure_artifact(p, past, repeats, progress) for p in paths]
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise InputError(f"--batch must be a whole number of at least 1, got {batch!r}")
+    tables = [measure_artifact(p, past, repeats, progress, batch=batch) for p in paths]
     first = tables[0]
     for path, t in zip(paths[1:], tables[1:]):
         if (t.shape, t.precision, t.target) != (first.shape, first.precision, first.target):
@@ -240,5 +286,6 @@ def measure_artifacts(paths: list[Path], past: int = 128, repeats: int = 20,
         first.fills.update(t.fills)
         first.fused.update(t.fused)
         first.verifies.update(t.verifies)
+        first.rows.update(t.rows)
     first.segment_overhead = fit_segment_overhead(first.segments)
     return first
