@@ -136,6 +136,25 @@ def test_recipe_learns_and_compiles(toy, recipe, monkeypatch):
         assert all(torch.equal(raw["base"]["state_dict"][k], v) for k, v in frozen.items())
 
 
+def test_an_electra_checkpoint_trains_and_compiles(tmp_path):
+    """ELECTRA (embeddings narrower than its layers, projected up): a recipe's checkpoint compiles to the
+    fine-tuned model's logits, and its first exit is its trained head on transformers' hidden state."""
+    tok = tokenizer("bert")
+    model = tiny_classifier("electra", len(tok), tok.pad_token_id, init=0.02)
+    model.config.id2label = dict(enumerate(LABELS))
+    model.config.label2id = {name: i for i, name in enumerate(LABELS)}
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for text, label in toy_texts(120, 0):
+            f.write(json.dumps({"text": text, "label": label}) + "\n")
+    config = ClassifierTrainConfig(recipe="pabee", exits=[1, 2], epochs=2, lr=1e-3, head_lr=3e-3)
+    result = train_classifier(tmp_path / "hf", tmp_path / "train.jsonl", tmp_path / "electra.pt", config)
+    assert all(losses[-1] < losses[0] for losses in result.losses.values()), result.losses
+    raw = compiled_matches_transformers(tmp_path / "electra.pt", tmp_path / "electra.eec", [t for t, _ in toy_texts(7, 5)])
+    assert raw["base"]["config"]["model_type"] == "electra"
+
+
 def test_fastbert_trains_exits_without_labels(toy):
     out = toy / "fastbert-unlabeled.pt"
     config = ClassifierTrainConfig(recipe="fastbert", exits=[1, 2], epochs=4, head_lr=3e-3)

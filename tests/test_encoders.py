@@ -1,6 +1,6 @@
 """BERT-family text classifiers: eec compile on a Hugging Face directory -> classify(texts), against transformers.
 
-Tiny random BERT, RoBERTa and DistilBERT models with real tokenizers (a
+Tiny random BERT, RoBERTa, DistilBERT and ELECTRA models with real tokenizers (a
 WordPiece and a byte-level BPE trained here); references are transformers'
 own forward passes on its own tokenizer's padded batches, and, for the exits,
 the model's own classifier on transformers' hidden states of that layer.
@@ -58,7 +58,8 @@ def tokenizer(family: str):
 def tiny_classifier(family: str, vocab: int, pad: int, labels: int = 3, positions: int = POSITIONS,
                     init: float = 0.4):
     from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
-                              DistilBertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+                              DistilBertForSequenceClassification, ElectraConfig, ElectraForSequenceClassification,
+                              RobertaConfig, RobertaForSequenceClassification)
 
     torch.manual_seed(0)
     # wide initial weights (0.4) make random exits confident and disagree; training starts from narrow ones
@@ -72,12 +73,17 @@ def tiny_classifier(family: str, vocab: int, pad: int, labels: int = 3, position
         config = RobertaConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64,
                                max_position_embeddings=positions + pad + 1, **common)
         return RobertaForSequenceClassification(config).eval()
+    if family == "electra":
+        # embeddings narrower than the layers, as in ELECTRA's small models: its projection up is exercised
+        config = ElectraConfig(embedding_size=16, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=positions, **common)
+        return ElectraForSequenceClassification(config).eval()
     config = DistilBertConfig(dim=32, n_layers=LAYERS, n_heads=4, hidden_dim=64, max_position_embeddings=positions,
                               **common)
     return DistilBertForSequenceClassification(config).eval()
 
 
-FAMILIES = ("bert", "roberta", "distilbert")
+FAMILIES = ("bert", "roberta", "distilbert", "electra")
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +120,7 @@ def reference(model, tok, texts: list[str]) -> dict[int, np.ndarray]:
             h = out.hidden_states[k]
             if family == "bert":
                 logits = model.classifier(model.bert.pooler(h))
-            elif family == "roberta":
+            elif family in ("roberta", "electra"):
                 logits = model.classifier(h)
             else:
                 logits = model.classifier(torch.relu(model.pre_classifier(h[:, 0])))

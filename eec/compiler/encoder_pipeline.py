@@ -202,7 +202,7 @@ def example_inputs(src: SourceEncoder, first: bool, batch: int, seq: int, seed: 
         low = min(5, src.config.vocab_size - 1)
         ids = torch.randint(low, src.config.vocab_size, (batch, seq), generator=g)
         return torch.where(mask.bool(), ids, torch.full_like(ids, src.pad_id)), mask
-    hidden = src.config.dim if src.family == "distilbert" else src.config.hidden_size
+    hidden = src.hidden_size
     return torch.randn(batch, seq, hidden, generator=g), mask
 
 

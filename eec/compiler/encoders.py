@@ -1,4 +1,4 @@
-"""BERT-family sequence classifiers (BERT, RoBERTa, DistilBERT) as segments with exits.
+"""BERT-family sequence classifiers (BERT, RoBERTa, DistilBERT, ELECTRA) as segments with exits.
 
 A Hugging Face ``*ForSequenceClassification`` directory is cut after the
 exit layers. Each segment takes the token ids (the first) or the previous
@@ -27,7 +27,7 @@ from torch import nn
 from eec.compiler.ops import encoder_attention
 from eec.errors import InputError, UnsupportedModelError
 
-FAMILIES = ("bert", "roberta", "distilbert")
+FAMILIES = ("bert", "roberta", "distilbert", "electra")
 
 
 @dataclass
@@ -53,6 +53,11 @@ class SourceEncoder:
         return self.config.num_labels
 
     @property
+    def hidden_size(self) -> int:
+        """The width of the layers' hidden state (ELECTRA's embeddings may be narrower: projected up)."""
+        return self.config.dim if self.family == "distilbert" else self.config.hidden_size
+
+    @property
     def max_length(self) -> int:
         """Longest input, special tokens included: RoBERTa's positions start after the padding index."""
         c = self.config
@@ -69,7 +74,7 @@ class SourceEncoder:
         return None if names == default or any(n is None for n in names) else [str(n) for n in names]
 
     def backbone(self) -> nn.Module:
-        return getattr(self.model, {"bert": "bert", "roberta": "roberta", "distilbert": "distilbert"}[self.family])
+        return getattr(self.model, self.family)  # transformers names the backbone after the architecture
 
     def hf_layers(self) -> list[nn.Module]:
         body = self.backbone()
@@ -144,7 +149,7 @@ def load_encoder_checkpoint(path: str | Path) -> SourceEncoder:
         model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
         model.load_state_dict(raw["base"]["state_dict"], strict=True)
         tokenizer = raw["tokenizer"]["json"]
-        hidden = config.dim if family == "distilbert" else config.hidden_size
+        hidden = SourceEncoder(model, family, "", "").hidden_size
         heads = {}
         for entry in raw["exits"]:
             if entry["kind"] != HEAD_KIND:
@@ -205,15 +210,15 @@ class SharedHead(nn.Module):
         self.family = src.family
         if src.family == "bert":
             self.pooler, self.classifier = m.bert.pooler, m.classifier
-        elif src.family == "roberta":
-            self.classifier = m.classifier  # dense, tanh, out_proj on the first token
+        elif src.family in ("roberta", "electra"):
+            self.classifier = m.classifier  # dense, tanh (ELECTRA: gelu), out_proj on the first token
         else:
             self.pre, self.classifier = m.pre_classifier, m.classifier
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.family == "bert":
             return self.classifier(self.pooler(h))
-        if self.family == "roberta":
+        if self.family in ("roberta", "electra"):
             return self.classifier(h)
         return self.classifier(torch.relu(self.pre(h[:, 0])))
 
@@ -231,6 +236,8 @@ class EncoderSegment(nn.Module):
         heads = src.config.n_heads if src.family == "distilbert" else src.config.num_attention_heads
         self.family = src.family
         self.embeddings = src.backbone().embeddings if start == 0 else None
+        # ELECTRA's embeddings narrower than its layers: its own projection up, as its model runs it
+        self.project = getattr(src.backbone(), "embeddings_project", None) if start == 0 else None
         self.layers = nn.ModuleList(EncoderLayer(l, src.family, heads) for l in src.hf_layers()[start:stop])
         self.head, self.keep_hidden, self.learned_exit = head, keep_hidden, learned_exit
 
@@ -239,6 +246,8 @@ class EncoderSegment(nn.Module):
         if self.embeddings is not None:
             h = self.embeddings(x) if self.family == "distilbert" else self.embeddings(
                 input_ids=x, token_type_ids=torch.zeros_like(x))
+            if self.project is not None:
+                h = self.project(h)
         for layer in self.layers:
             h = layer(h, attention_mask)
         if self.head is None:

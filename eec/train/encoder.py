@@ -141,7 +141,7 @@ def train_classifier(base: str | Path, data: str | Path, out: str | Path, config
         labels = None if labels is None else labels[order]
     tokenizer = AutoTokenizer.from_pretrained(src.source, local_files_only=True)
     model = src.model
-    hidden = src.config.dim if src.family == "distilbert" else src.config.hidden_size
+    hidden = src.hidden_size
     heads = nn.ModuleDict({str(k): _init_head(src, hidden) for k in exits})
     learned = LearnedExit(hidden) if config.recipe == "berxit" else None
     trainer = _Trainer(model, heads, tokenizer, src.max_length, config, rng, progress, learned)
