@@ -136,11 +136,13 @@ def test_recipe_learns_and_compiles(toy, recipe, monkeypatch):
         assert all(torch.equal(raw["base"]["state_dict"][k], v) for k, v in frozen.items())
 
 
-def test_an_electra_checkpoint_trains_and_compiles(tmp_path):
-    """ELECTRA (embeddings narrower than its layers, projected up): a recipe's checkpoint compiles to the
-    fine-tuned model's logits, and its first exit is its trained head on transformers' hidden state."""
+@pytest.mark.parametrize("family", ["electra", "albert"])
+def test_electra_and_albert_checkpoints_train_and_compile(tmp_path, family):
+    """ELECTRA and ALBERT (embeddings narrower than their layers, projected up; ALBERT's layers share one
+    layer's weights): a recipe's checkpoint compiles to the fine-tuned model's logits, and its first exit is
+    its trained head on transformers' hidden state."""
     tok = tokenizer("bert")
-    model = tiny_classifier("electra", len(tok), tok.pad_token_id, init=0.02)
+    model = tiny_classifier(family, len(tok), tok.pad_token_id, init=0.02)
     model.config.id2label = dict(enumerate(LABELS))
     model.config.label2id = {name: i for i, name in enumerate(LABELS)}
     model.save_pretrained(tmp_path / "hf")
@@ -152,7 +154,7 @@ def test_an_electra_checkpoint_trains_and_compiles(tmp_path):
     result = train_classifier(tmp_path / "hf", tmp_path / "train.jsonl", tmp_path / "electra.pt", config)
     assert all(losses[-1] < losses[0] for losses in result.losses.values()), result.losses
     raw = compiled_matches_transformers(tmp_path / "electra.pt", tmp_path / "electra.eec", [t for t, _ in toy_texts(7, 5)])
-    assert raw["base"]["config"]["model_type"] == "electra"
+    assert raw["base"]["config"]["model_type"] == family
 
 
 def test_fastbert_trains_exits_without_labels(toy):

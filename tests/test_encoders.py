@@ -1,6 +1,6 @@
 """BERT-family text classifiers: eec compile on a Hugging Face directory -> classify(texts), against transformers.
 
-Tiny random BERT, RoBERTa, DistilBERT and ELECTRA models with real tokenizers (a
+Tiny random BERT, RoBERTa, DistilBERT, ELECTRA and ALBERT models with real tokenizers (a
 WordPiece and a byte-level BPE trained here); references are transformers'
 own forward passes on its own tokenizer's padded batches, and, for the exits,
 the model's own classifier on transformers' hidden states of that layer.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def tokenizer(family: str):
 
 def tiny_classifier(family: str, vocab: int, pad: int, labels: int = 3, positions: int = POSITIONS,
                     init: float = 0.4):
-    from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+    from transformers import (AlbertConfig, AlbertForSequenceClassification, BertConfig, BertForSequenceClassification, DistilBertConfig,
                               DistilBertForSequenceClassification, ElectraConfig, ElectraForSequenceClassification,
                               RobertaConfig, RobertaForSequenceClassification)
 
@@ -73,6 +74,10 @@ def tiny_classifier(family: str, vocab: int, pad: int, labels: int = 3, position
         config = RobertaConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64,
                                max_position_embeddings=positions + pad + 1, **common)
         return RobertaForSequenceClassification(config).eval()
+    if family == "albert":  # one layer's weights shared by all, embeddings projected up
+        config = AlbertConfig(embedding_size=16, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=positions, **common)
+        return AlbertForSequenceClassification(config).eval()
     if family == "electra":
         # embeddings narrower than the layers, as in ELECTRA's small models: its projection up is exercised
         config = ElectraConfig(embedding_size=16, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
@@ -83,7 +88,7 @@ def tiny_classifier(family: str, vocab: int, pad: int, labels: int = 3, position
     return DistilBertForSequenceClassification(config).eval()
 
 
-FAMILIES = ("bert", "roberta", "distilbert", "electra")
+FAMILIES = ("bert", "roberta", "distilbert", "electra", "albert")
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +125,8 @@ def reference(model, tok, texts: list[str]) -> dict[int, np.ndarray]:
             h = out.hidden_states[k]
             if family == "bert":
                 logits = model.classifier(model.bert.pooler(h))
+            elif family == "albert":
+                logits = model.classifier(model.albert.pooler_activation(model.albert.pooler(h[:, 0])))
             elif family in ("roberta", "electra"):
                 logits = model.classifier(h)
             else:
@@ -316,7 +323,15 @@ def test_bad_compile_inputs(tmp_path, encoders):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"],
                                                    "n_layer": 2, "n_embd": 32, "n_head": 4}))
-    run_fails(["compile", other, "-o", out], "'gpt2' is not supported", "bert, roberta, distilbert")
+    run_fails(["compile", other, "-o", out], "'gpt2' is not supported", "bert, roberta, distilbert, electra, albert")
+    grouped = tmp_path / "albert"
+    tok = tokenizer("bert")
+    model = tiny_classifier("albert", len(tok), tok.pad_token_id)
+    model.config.inner_group_num = 2  # two layers a group: not cut by eec
+    model.save_pretrained(grouped)
+    tok.save_pretrained(grouped)
+    run_fails(["compile", grouped, "-o", out], "one layer a group")
+    shutil.rmtree(grouped)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "nolabel.jsonl", "notext.csv"]
     assert config["model_type"] == "bert"
     with pytest.raises(UnsupportedModelError):

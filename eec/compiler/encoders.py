@@ -1,4 +1,4 @@
-"""BERT-family sequence classifiers (BERT, RoBERTa, DistilBERT, ELECTRA) as segments with exits.
+"""BERT-family sequence classifiers (BERT, RoBERTa, DistilBERT, ELECTRA, ALBERT) as segments with exits.
 
 A Hugging Face ``*ForSequenceClassification`` directory is cut after the
 exit layers. Each segment takes the token ids (the first) or the previous
@@ -27,7 +27,7 @@ from torch import nn
 from eec.compiler.ops import encoder_attention
 from eec.errors import InputError, UnsupportedModelError
 
-FAMILIES = ("bert", "roberta", "distilbert", "electra")
+FAMILIES = ("bert", "roberta", "distilbert", "electra", "albert")
 
 
 @dataclass
@@ -77,7 +77,18 @@ class SourceEncoder:
         return getattr(self.model, self.family)  # transformers names the backbone after the architecture
 
     def hf_layers(self) -> list[nn.Module]:
+        """One module per layer, in order. ALBERT shares its layers' weights: layer i runs group
+        i // (layers / groups), so the same module appears several times (its weights once each time
+        in a segment's graph)."""
         body = self.backbone()
+        if self.family == "albert":
+            c = self.config
+            if c.inner_group_num != 1 or c.num_hidden_layers % c.num_hidden_groups:
+                raise UnsupportedModelError(f"ALBERT with {c.inner_group_num} layers a group and {c.num_hidden_groups} "
+                                            f"groups for {c.num_hidden_layers} layers: eec cuts ALBERT with one layer "
+                                            "a group (every released ALBERT)")
+            per_group = c.num_hidden_layers // c.num_hidden_groups
+            return [body.encoder.albert_layer_groups[i // per_group].albert_layers[0] for i in range(c.num_hidden_layers)]
         return list(body.transformer.layer if self.family == "distilbert" else body.encoder.layer)
 
 
@@ -186,6 +197,11 @@ class EncoderLayer(nn.Module):
             q, k, v, self.out = a.q_lin, a.k_lin, a.v_lin, a.out_lin
             self.norm1, self.norm2 = layer.sa_layer_norm, layer.output_layer_norm
             self.up, self.act, self.down = layer.ffn.lin1, layer.ffn.activation, layer.ffn.lin2
+        elif family == "albert":
+            a = layer.attention
+            q, k, v, self.out, self.norm1 = a.query, a.key, a.value, a.dense, a.LayerNorm
+            self.up, self.act, self.down = layer.ffn, layer.activation, layer.ffn_output
+            self.norm2 = layer.full_layer_layer_norm
         else:
             a = layer.attention
             q, k, v = a.self.query, a.self.key, a.self.value
@@ -210,6 +226,9 @@ class SharedHead(nn.Module):
         self.family = src.family
         if src.family == "bert":
             self.pooler, self.classifier = m.bert.pooler, m.classifier
+        elif src.family == "albert":
+            self.pooler = nn.Sequential(m.albert.pooler, m.albert.pooler_activation)  # on the first token
+            self.classifier = m.classifier
         elif src.family in ("roberta", "electra"):
             self.classifier = m.classifier  # dense, tanh (ELECTRA: gelu), out_proj on the first token
         else:
@@ -218,6 +237,8 @@ class SharedHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.family == "bert":
             return self.classifier(self.pooler(h))
+        if self.family == "albert":
+            return self.classifier(self.pooler(h[:, 0]))
         if self.family in ("roberta", "electra"):
             return self.classifier(h)
         return self.classifier(torch.relu(self.pre(h[:, 0])))
@@ -236,8 +257,10 @@ class EncoderSegment(nn.Module):
         heads = src.config.n_heads if src.family == "distilbert" else src.config.num_attention_heads
         self.family = src.family
         self.embeddings = src.backbone().embeddings if start == 0 else None
-        # ELECTRA's embeddings narrower than its layers: its own projection up, as its model runs it
-        self.project = getattr(src.backbone(), "embeddings_project", None) if start == 0 else None
+        # ELECTRA's and ALBERT's embeddings narrower than their layers: their own projection up
+        project = (src.backbone().encoder.embedding_hidden_mapping_in if src.family == "albert"
+                   else getattr(src.backbone(), "embeddings_project", None))
+        self.project = project if start == 0 else None
         self.layers = nn.ModuleList(EncoderLayer(l, src.family, heads) for l in src.hf_layers()[start:stop])
         self.head, self.keep_hidden, self.learned_exit = head, keep_hidden, learned_exit
 

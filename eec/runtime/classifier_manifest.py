@@ -77,7 +77,7 @@ class ClassifierManifest:
     calibration: ClassifierCalibration | None = None
     placement: dict | None = None  # `--exits auto`: ε, the chosen exits, the measured segment latencies
     text: TextSpec | None = None  # a text classifier (input_shape [max_length], int64 token ids)
-    architecture: str = ""  # a text classifier's family (bert, roberta, distilbert, electra); "" for a branched network
+    architecture: str = ""  # a text classifier's family (bert, roberta, distilbert, electra, albert); "" for a branched network
     # Exit segments' with-head graphs also return `exit_score`, a learned exit's confidence (metric "learned")
     learned_exit: bool = False
 
