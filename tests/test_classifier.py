@@ -23,7 +23,7 @@ PROMPT = [3, 17, 42, 8, 91, 5]
 def test_fused_score_equals_the_pytorch_classifier(llama_src, tmp_path):
     torch.manual_seed(0)
     classifier = ExitClassifier(64).eval()
-    plan = plan_segments(load_source(llama_src / "hf"), [2], fused=True, context=128, classifiers={2: classifier})
+    plan = plan_segments(load_source(llama_src / "hf"), [2], contrib_ops=True, context=128, classifiers={2: classifier})
     seg = plan.segments[0]
     assert seg.spec.outputs[:2] == ["hidden_out", "exit_score"]
     export_segment(seg, tmp_path)

@@ -1,7 +1,7 @@
 """Plain PyTorch modules for one decoder segment, written to export cleanly.
 
 A segment holds layers ``[start, stop)`` of a Llama-family backbone; the
-last one has the final head fused at its end. Everything is explicit tensors
+last one has the final head inside, at its end. Everything is explicit tensors
 in and out (no cache objects, no config lookups at trace time), so the ONNX
 graph has exactly the inputs and outputs the runtime drives:
 
@@ -14,7 +14,7 @@ graph has exactly the inputs and outputs the runtime drives:
 (same inputs, the presents only).
 
 An exit head is a graph of its own (`LastPositionHead`): onnxruntime runs a
-whole graph whatever outputs are asked for, so a head fused into a middle
+whole graph whatever outputs are asked for, so a head inside a middle
 segment would cost every token that passes it, in full mode too.
 
 The weights are the Hugging Face model's own tensors (shared, not copied);
@@ -45,12 +45,12 @@ def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
     quantized matmul instead of three (q, k, v) or two (gate, up)."""
     out = sum(lin.out_features for lin in linears)
     biased = [lin.bias is not None for lin in linears]
-    fused = nn.Linear(linears[0].in_features, out, bias=any(biased))
-    fused.weight = nn.Parameter(torch.cat([lin.weight.data for lin in linears]), requires_grad=False)
+    packed = nn.Linear(linears[0].in_features, out, bias=any(biased))
+    packed.weight = nn.Parameter(torch.cat([lin.weight.data for lin in linears]), requires_grad=False)
     if any(biased):
         bias = [lin.bias.data if lin.bias is not None else torch.zeros(lin.out_features) for lin in linears]
-        fused.bias = nn.Parameter(torch.cat(bias), requires_grad=False)
-    return fused
+        packed.bias = nn.Parameter(torch.cat(bias), requires_grad=False)
+    return packed
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +112,8 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_norm(x)), k, v
 
 
-class FusedAttention(nn.Module):
-    """Attention as `ops.gqa` (onnxruntime's GroupQueryAttention, rotary inside) over a fused QKV projection."""
+class OrtAttention(nn.Module):
+    """Attention as `ops.gqa` (onnxruntime's GroupQueryAttention, rotary inside) over one packed QKV projection."""
 
     def __init__(self, hf_attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
@@ -127,7 +127,7 @@ class FusedAttention(nn.Module):
         return self.o_proj(out), k, v
 
 
-class FusedMLP(nn.Module):
+class OrtMLP(nn.Module):
     def __init__(self, hf_mlp: nn.Module):
         super().__init__()
         self.gate_up = concat_linears([hf_mlp.gate_proj, hf_mlp.up_proj])
@@ -138,17 +138,17 @@ class FusedMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class FusedDecoderLayer(nn.Module):
-    """A decoder layer in onnxruntime's fused kernels. The segment chains the
+class OrtDecoderLayer(nn.Module):
+    """A decoder layer in onnxruntime's contrib kernels. The segment chains the
     residual adds into the norms (`ops.skip_rms_norm`), so a layer takes the
     normed input and the residual stream, and returns its MLP output unsummed."""
 
     def __init__(self, hf_layer: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int, eps: float):
         super().__init__()
         self.input_norm = RMSNorm(hf_layer.input_layernorm.weight.data, eps)
-        self.attn = FusedAttention(hf_layer.self_attn, n_heads, n_kv_heads, head_dim)
+        self.attn = OrtAttention(hf_layer.self_attn, n_heads, n_kv_heads, head_dim)
         self.post_norm = RMSNorm(hf_layer.post_attention_layernorm.weight.data, eps)
-        self.mlp = FusedMLP(hf_layer.mlp)
+        self.mlp = OrtMLP(hf_layer.mlp)
 
     def forward(self, normed, residual, cos_cache, sin_cache, attention_mask, past_k, past_v):
         attn_out, k, v = self.attn(normed, cos_cache, sin_cache, attention_mask, past_k, past_v)
@@ -358,8 +358,8 @@ def rotary_cache(inv_freq: torch.Tensor, scaling: float, length: int) -> tuple[t
     return freqs.cos() * scaling, freqs.sin() * scaling
 
 
-class FusedSegment(_SegmentBase):
-    """`Segment` in onnxruntime's fused kernels (`eec.compiler.ops`); same inputs and outputs.
+class OrtSegment(_SegmentBase):
+    """`Segment` in onnxruntime's contrib kernels (`eec.compiler.ops`); same inputs and outputs.
 
     ``position_ids`` is accepted for the common interface; GroupQueryAttention
     derives positions from the KV length, which the runtime keeps equal.
@@ -367,7 +367,7 @@ class FusedSegment(_SegmentBase):
 
     def __init__(
         self,
-        layers: list[FusedDecoderLayer],
+        layers: list[OrtDecoderLayer],
         inv_freq: torch.Tensor,
         rope_scaling: float,
         context: int,
@@ -420,7 +420,7 @@ class KVFill(nn.Module):
     segment; outputs its presents.
     """
 
-    def __init__(self, segment: "Segment | FusedSegment"):
+    def __init__(self, segment: "Segment | OrtSegment"):
         super().__init__()
         self.segment = segment
 

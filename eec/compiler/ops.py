@@ -1,4 +1,4 @@
-"""Fused operators: PyTorch custom ops whose ONNX form is one onnxruntime kernel.
+"""Contrib operators: PyTorch custom ops whose ONNX form is one onnxruntime (contrib) kernel.
 
 The dynamo exporter turns a plain-PyTorch decoder layer into ~60 small ONNX
 nodes (reshapes, transposes, slices, the rotary arithmetic, the masked
@@ -12,7 +12,7 @@ graph is checked against, and a translation to onnxruntime's contrib kernel:
     eec::encoder_attention  -> com.microsoft.Attention (packed QKV, a padding mask; encoders)
 
 Only onnxruntime runs these kernels, so targets whose backend is TensorRT
-export the plain graph instead (`Target.fused_ops`).
+export the plain graph instead (`Target.contrib_ops`).
 """
 
 from __future__ import annotations

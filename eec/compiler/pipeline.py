@@ -400,7 +400,7 @@ class _Build:
     def run(self, exits: list[int], out: Path, shortlist: list[int] | None = None,
             classifiers: dict | None = None, metric: str | None = None) -> Path:
         src, progress = self.src, self.progress
-        plan = plan_segments(src, exits, fused=self.target.fused_ops, context=context_length(src.config),
+        plan = plan_segments(src, exits, contrib_ops=self.target.contrib_ops, context=context_length(src.config),
                              all_heads=not self.placed, shortlist=shortlist, classifiers=classifiers,
                              fills=self.catch_up == "propagate", verify=self.speculative != "off")
         fills = {seg.spec.graph(FILL): seg.spec.file for seg in plan.segments if seg.fill is not None}

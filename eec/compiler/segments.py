@@ -4,10 +4,10 @@ Rules:
 1. Exits are layer indices in ``1 .. num_layers - 1``, each at most once;
    an exit at ``b`` reads the hidden state after ``b`` layers.
 2. The backbone is cut at every exit: ``[0, e1), [e1, e2), ..., [ek, L)``.
-3. Segment 0 takes ``input_ids`` (the embedding is fused into it); the others
+3. Segment 0 takes ``input_ids`` (the embedding is inside it); the others
    take ``hidden``. Every segment but the last emits ``hidden_out``. Every graph
    lies in `GRAPHS`, whose weights the compiler stores once (`eec.compiler.weights`).
-4. The last segment ends with the model's final norm and LM head, fused, and
+4. The last segment ends with the model's final norm and LM head inside it, and
    returns the token alone (`FinalHead`).
 5. With ``fills``, every segment but the first also gets a `KVFill` graph
    (``graphs/fill<i>.onnx``) for the propagating catch-up.
@@ -34,8 +34,8 @@ from eec.compiler.modules import (
     ExitClassifier,
     ExitHead,
     FinalHead,
-    FusedDecoderLayer,
-    FusedSegment,
+    OrtDecoderLayer,
+    OrtSegment,
     KVFill,
     LastPositionHead,
     Segment,
@@ -108,15 +108,15 @@ SAMPLE_OUTPUTS = ["top_ids", "top_logits"]  # a head's most likely tokens and th
 HEAD_INPUTS, HEAD_OUTPUTS = ["hidden"], ["token", "scores", *SAMPLE_OUTPUTS]
 
 
-def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, context: int = 2048,
+def plan_segments(src: SourceModel, exits: list[int], contrib_ops: bool = False, context: int = 2048,
                   all_heads: bool = True, shortlist: list[int] | None = None,
                   classifiers: dict[int, ExitClassifier] | None = None, fills: bool = False,
                   verify: bool = False) -> Plan:
-    """``fused``: build the segments from onnxruntime's fused kernels (`eec.compiler.ops`)
+    """``contrib_ops``: build the segments from onnxruntime's contrib kernels (`eec.compiler.ops`)
     where the model allows it; ``context`` is the longest sequence the rotary cache covers;
     ``all_heads``: refuse exits that leave a trained head out (placement may drop heads);
     ``shortlist``: vocabulary ids every exit head is restricted to (the final head never is);
-    ``classifiers``: exit layer -> exit classifier fused at the end of the segment that ends there;
+    ``classifiers``: exit layer -> exit classifier inside, at the end of the segment that ends there;
     ``fills``: a `KVFill` graph for every segment after the first (``--catch-up propagate``);
     ``verify``: a verify graph for the last segment where there are exits (speculative decoding)."""
     classifiers = classifiers or {}
@@ -138,7 +138,7 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     eps = config.rms_norm_eps
-    fused = fused and gqa_supported(head_dim)
+    contrib_ops = contrib_ops and gqa_supported(head_dim)
 
     def shared_head(untie: bool = False) -> ExitHead:
         proj = model.lm_head
@@ -171,12 +171,12 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
         classifier = None if last else classifiers.get(stop)
         common = dict(embed=backbone.embed_tokens if first else None, emit_hidden=not last, inv_freq=rotary.inv_freq,
                       rope_scaling=rotary.attention_scaling, classifier=classifier)
-        if fused:
-            layers = [FusedDecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]
+        if contrib_ops:
+            layers = [OrtDecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]
             common["context"] = context
         else:
             layers = [DecoderLayer(backbone.layers[j], n_heads, n_kv, head_dim, eps) for j in range(start, stop)]
-        kind = FusedSegment if fused else Segment
+        kind = OrtSegment if contrib_ops else Segment
         module = kind(layers, head=FinalHead(shared_head(untie=first)) if last else None, **common).eval()
         inputs, outputs = io_names(start, stop, first, last, scored=classifier is not None)
         fill = fills and not first
@@ -186,7 +186,7 @@ def plan_segments(src: SourceModel, exits: list[int], fused: bool = False, conte
             graphs[FILL] = f"{GRAPHS}/fill{i}.onnx"
         if verified:
             graphs[VERIFY] = f"{GRAPHS}/seg{i}_verify.onnx"
-        spec = SegmentSpec(graphs, start, stop, inputs, outputs, exit_spec, kv_cache="shared" if fused else "concat")
+        spec = SegmentSpec(graphs, start, stop, inputs, outputs, exit_spec, kv_cache="shared" if contrib_ops else "concat")
         # The verify graph: the same layers, the final head over every position (rule 7).
         every = kind(layers, head=FinalHead(shared_head(), every_position=True), **common).eval() if verified else None
         segments.append(PlannedSegment(spec, module, KVFill(module).eval() if fill else None, every))

@@ -36,7 +36,7 @@ class Target:
     layer_floor_us: float = 0.0
 
     @property
-    def fused_ops(self) -> bool:
+    def contrib_ops(self) -> bool:
         """Whether segments use onnxruntime's contrib kernels (`eec.compiler.ops`); TensorRT reads standard ops only."""
         return self.backend.startswith("onnxruntime")
 
