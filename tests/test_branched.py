@@ -206,6 +206,16 @@ def test_batched_early_exit_matches_pytorch_and_each_sample_alone(compiled, name
     assert all(count == int((want_exits == k).sum()) for k, count in got.stats.exits.items())
 
 
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_each_weight_is_stored_once(compiled, name):
+    """A segment's graph with its head holds the segment again: stored once, the artifact's weights file is
+    about the network's own parameters (PyTorch's count; batch-norm statistics are buffers, folded in)."""
+    net, art = compiled[name]
+    params = sum(p.numel() * p.element_size() for p in net.parameters())
+    stored = (art / "graphs" / "weights.data").stat().st_size
+    assert stored <= 1.1 * params, (stored, params)  # weights under 1 KB stay inside their graphs
+
+
 def test_infinite_thresholds_give_full_mode_and_first_exit(compiled):
     net, art = compiled["resnet"]
     model = load(art)

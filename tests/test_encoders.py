@@ -185,6 +185,20 @@ def test_long_texts_are_truncated_and_said_so(encoders):
     np.testing.assert_allclose(got.probs, want, atol=2e-5)
 
 
+@pytest.mark.parametrize("family", ["bert", "albert"])
+def test_each_weight_is_stored_once(encoders, family):
+    """Exit segments' graphs with heads repeat their segment, every exit reusing the model's classifier repeats
+    it, and ALBERT's layers are one layer: the artifact stores the model's parameters about once (transformers'
+    own count), every graph reading one weights file, and no graph holds a large weight inline."""
+    model, _, art = encoders[family]
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    graphs = art / "graphs"
+    stored = (graphs / "weights.data").stat().st_size
+    assert 0.9 * params <= stored <= 1.02 * params, (stored, params)
+    assert all(f.stat().st_size < 64 << 10 for f in graphs.glob("*.onnx"))
+    assert sorted(f.name for f in graphs.iterdir() if not f.name.endswith(".onnx")) == ["weights.data"]
+
+
 def test_length_buckets_are_the_cheapest_cut(encoders):
     """Against every way of cutting sorted lengths into runs, priced by hand: padded positions plus a call each."""
     import itertools

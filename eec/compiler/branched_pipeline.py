@@ -34,6 +34,7 @@ import numpy as np
 
 from eec import __version__
 from eec.compiler.branched import HEAD_IN, HEAD_OUT, STAGE_IN, STAGE_OUT, BranchedNetwork, read_branched
+from eec.compiler.weights import store_weights_once
 from eec.calib.classifier_calibration import (
     MAX_AUTO_HEADS,
     cheapest_exit_set,
@@ -257,6 +258,7 @@ def _build(net: BranchedNetwork, kept: list[int], tmp: Path, target: str, precis
     for seg, seg_graphs in zip(segments, graphs):
         for role, model in seg_graphs.items():
             onnx.save(model, tmp / seg.graphs[role])
+    store_weights_once(tmp, segments)
     manifest = ClassifierManifest(
         input_shape=list(net.input_shape), input_dtype=net.input_dtype, num_classes=net.num_classes,
         num_stages=len(net.stages), segments=segments, precision=precision, target=target,

@@ -23,6 +23,7 @@ import numpy as np
 from eec import __version__
 from eec.calib.classifier_calibration import no_progress, read_texts, trace_batches, write_calibration
 from eec.compiler.encoders import EncoderSegment, SharedHead, SourceEncoder, load_encoder, load_encoder_checkpoint
+from eec.compiler.weights import store_weights_once
 from eec.errors import CompileError, InputError
 from eec.runtime.classifier_manifest import (
     EXIT_SCORE,
@@ -168,6 +169,7 @@ def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, l
                                     inputs, [PROBS, LABEL], tmp, f"graphs/seg{k}.onnx", start == 0, src)
         segments.append(ClassifierSegment(graphs, start, stop_layer + 1, inputs))
         start = stop_layer + 1
+    store_weights_once(tmp, segments)
     spec = TextSpec(TOKENIZER, src.max_length, src.pad_id)
     manifest = ClassifierManifest(
         input_shape=[src.max_length], input_dtype="int64", num_classes=src.num_labels, num_stages=src.num_layers + 1,

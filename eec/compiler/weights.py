@@ -128,3 +128,18 @@ def _read_transposed(graph: ir.Graph, value: ir.Value, stored: ir.ExternalTensor
     graph.initializers.pop(value.name)
     graph.insert_before(graph.node(0), node) if len(graph) else graph.append(node)
     result.name = value.name
+
+
+def store_weights_once(root: Path, segments) -> StoreReport:
+    """A classifier artifact's graphs (all in one folder under ``root``) sharing one weights file: an exit
+    segment's graph with its head holds the segment again, every exit reusing the model's classifier holds
+    it again, and ALBERT's layers are one layer's weights."""
+    from pathlib import PurePosixPath
+
+    from eec.runtime.classifier_manifest import stored_order
+
+    files = stored_order(segments)
+    folders = {PurePosixPath(f).parent for f in files}
+    assert len(folders) == 1, folders  # rule 1: one folder
+    return store_once(Path(root) / str(folders.pop()), [PurePosixPath(f).name for f in files])
+
