@@ -35,18 +35,24 @@ def toy_texts(n: int, seed: int) -> list[tuple[str, str]]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
+def make_toy(root, family: str, texts: int):
+    """A tiny ``family`` classifier with narrow initial weights in ``root / "hf"`` and ``texts`` labelled toy
+    texts in ``root / "train.jsonl"``."""
     tok = tokenizer("bert")
-    model = tiny_classifier("bert", len(tok), tok.pad_token_id, init=0.02)
+    model = tiny_classifier(family, len(tok), tok.pad_token_id, init=0.02)
     model.config.id2label = dict(enumerate(LABELS))
     model.config.label2id = {name: i for i, name in enumerate(LABELS)}
     model.save_pretrained(root / "hf")
     tok.save_pretrained(root / "hf")
     with open(root / "train.jsonl", "w") as f:
-        for text, label in toy_texts(240, 0):
+        for text, label in toy_texts(texts, 0):
             f.write(json.dumps({"text": text, "label": label}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    make_toy(root, "bert", 240)
     with open(root / "unlabeled.jsonl", "w") as f:
         for text, _ in toy_texts(240, 1):
             f.write(json.dumps({"text": text}) + "\n")
@@ -141,15 +147,7 @@ def test_electra_and_albert_checkpoints_train_and_compile(tmp_path, family):
     """ELECTRA and ALBERT (embeddings narrower than their layers, projected up; ALBERT's layers share one
     layer's weights): a recipe's checkpoint compiles to the fine-tuned model's logits, and its first exit is
     its trained head on transformers' hidden state."""
-    tok = tokenizer("bert")
-    model = tiny_classifier(family, len(tok), tok.pad_token_id, init=0.02)
-    model.config.id2label = dict(enumerate(LABELS))
-    model.config.label2id = {name: i for i, name in enumerate(LABELS)}
-    model.save_pretrained(tmp_path / "hf")
-    tok.save_pretrained(tmp_path / "hf")
-    with open(tmp_path / "train.jsonl", "w") as f:
-        for text, label in toy_texts(120, 0):
-            f.write(json.dumps({"text": text, "label": label}) + "\n")
+    make_toy(tmp_path, family, 120)
     config = ClassifierTrainConfig(recipe="pabee", exits=[1, 2], epochs=2, lr=1e-3, head_lr=3e-3)
     result = train_classifier(tmp_path / "hf", tmp_path / "train.jsonl", tmp_path / "electra.pt", config)
     assert all(losses[-1] < losses[0] for losses in result.losses.values()), result.losses

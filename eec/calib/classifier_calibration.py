@@ -219,6 +219,26 @@ def cheapest_exit_set(probs: np.ndarray, body_s: list[float], head_s: list[float
     return best
 
 
+def place_by_times(probs: np.ndarray, with_head_s: list[float], plain_s: list[float], candidates: list[int],
+                   eps: float, metric: str | None = None, learned: np.ndarray | None = None,
+                   words: tuple[str, str, str] = ("stages", "sample", "the whole network")) -> tuple[list[int], dict]:
+    """`--exits auto` from measured calls: each segment timed with its head inside (``with_head_s``, the last
+    segment's whole call) and without (``plain_s``), the head priced as the difference; the cheapest subset
+    of ``candidates`` (`cheapest_exit_set`) and the placement record, its report worded with ``words`` (what
+    exits follow, what a sample is, what full mode runs)."""
+    head_s = [max(w - p, 0.0) for w, p in zip(with_head_s, plain_s)]
+    body_s = list(plain_s) + [with_head_s[-1]]
+    expected, subset, chosen = cheapest_exit_set(probs, body_s, head_s, eps, metric, learned)
+    kept = [candidates[h] for h in subset]
+    full = sum(body_s)
+    after, sample, whole = words
+    report = [f"--exits auto at ε = {eps}: exits after {after} {kept or 'none'} (metric {chosen}), expected "
+              f"{expected * 1e6:.0f} µs a {sample} at batch 1 against {full * 1e6:.0f} µs for {whole} "
+              f"({full / expected:.2f}x)"]
+    return kept, {"eps": eps, "exits": kept, "metric": chosen, "expected_s": expected, "full_s": full,
+                  "segment_s": body_s, "head_s": head_s, "candidates": candidates, "report": report}
+
+
 def write_calibration(root: Path, manifest, probs: np.ndarray, labels: np.ndarray | None, metric: str | None,
                       learned: np.ndarray | None = None):
     """Store the probabilities (and learned exit scores) in the artifact folder ``root`` (being built, or a staged

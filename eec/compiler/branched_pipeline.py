@@ -37,7 +37,7 @@ from eec.compiler.branched import HEAD_IN, HEAD_OUT, STAGE_IN, STAGE_OUT, Branch
 from eec.compiler.weights import store_weights_once
 from eec.calib.classifier_calibration import (
     MAX_AUTO_HEADS,
-    cheapest_exit_set,
+    place_by_times,
     no_progress,
     read_npz,
     trace_probs,
@@ -333,7 +333,7 @@ def place_exits(net: BranchedNetwork, heads: list[int], precision: str, x, eps: 
                 progress=no_progress, for_cpu: bool = True) -> tuple[list[int], dict]:
     """The early exits (a subset of ``heads``) with the lowest expected latency at ``eps`` on ``x``: every head
     built, each segment between consecutive heads timed here at batch 1 with its head inside and without
-    (the head's share is the difference), and the subsets priced by `cheapest_exit_set`."""
+    (`place_by_times` prices the head as the difference and every subset)."""
     if len(heads) > MAX_AUTO_HEADS:
         raise InputError(f"--exits auto tries every subset of the heads; this network has {len(heads)} (at most "
                          f"{MAX_AUTO_HEADS}): name the exits with --exits")
@@ -342,14 +342,5 @@ def place_exits(net: BranchedNetwork, heads: list[int], precision: str, x, eps: 
     progress("measuring segment latency", 0, 1)
     with_head = measure(sessions, x)
     plain = measure([session(roles[PLAIN]) for roles in graphs[:-1]], x, heads=False)
-    head_s = [max(w - p, 0.0) for w, p in zip(with_head, plain)]
-    body_s = plain + [with_head[-1]]
     probs = trace_probs(sessions, net.num_classes, x, progress)
-    expected, subset, chosen = cheapest_exit_set(probs, body_s, head_s, eps, metric)
-    kept = [heads[h] for h in subset]
-    full = sum(body_s)
-    report = [f"--exits auto at ε = {eps}: exits after stages {kept or 'none'} (metric {chosen}), expected "
-              f"{expected * 1e6:.0f} µs a sample at batch 1 against {full * 1e6:.0f} µs for the whole network "
-              f"({full / expected:.2f}x)"]
-    return kept, {"eps": eps, "exits": kept, "metric": chosen, "expected_s": expected, "full_s": full,
-                  "segment_s": body_s, "head_s": head_s, "candidates": heads, "report": report}
+    return place_by_times(probs, with_head, plain, heads, eps, metric)

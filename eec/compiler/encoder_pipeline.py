@@ -117,8 +117,8 @@ def _place(src: SourceEncoder, candidates: list[int], tmp: Path, target: str, te
            metric: str | None, progress) -> tuple[list[int], dict]:
     """The exits (a subset of ``candidates``) with the lowest expected latency a text at ``eps``: every
     candidate built and calibrated in ``tmp``, each segment's call timed here at batch 1 on the calibration
-    text of median length, with its head and without (`cheapest_exit_set` prices the subsets)."""
-    from eec.calib.classifier_calibration import cheapest_exit_set
+    text of median length, with its head and without (`place_by_times` prices the subsets)."""
+    from eec.calib.classifier_calibration import place_by_times
     from eec.runtime.classifier import load_classifier
     from eec.targets.classifier_profiling import measure
 
@@ -132,17 +132,9 @@ def _place(src: SourceEncoder, candidates: list[int], tmp: Path, target: str, te
     inputs = [seg.inputs for seg in manifest.segments]
     with_head = measure([g.get(WITH_HEAD, g[PLAIN]) for g in model.sessions], one, inputs=inputs, side=side)
     plain = measure([g[PLAIN] for g in model.sessions[:-1]], one, heads=False, inputs=inputs[:-1], side=side)
-    head_s = [max(w - p, 0.0) for w, p in zip(with_head, plain)]
-    body_s = plain + [with_head[-1]]
     probs, _ = model.calibration()
-    expected, subset, chosen = cheapest_exit_set(probs, body_s, head_s, eps, metric, model.learned_scores)
-    kept = [candidates[h] for h in subset]
-    full = sum(body_s)
-    report = [f"--exits auto at ε = {eps}: exits after layers {kept or 'none'} (metric {chosen}), expected "
-              f"{expected * 1e6:.0f} µs a text at batch 1 against {full * 1e6:.0f} µs for every layer "
-              f"({full / expected:.2f}x)"]
-    return kept, {"eps": eps, "exits": kept, "metric": chosen, "expected_s": expected, "full_s": full,
-                  "segment_s": body_s, "head_s": head_s, "candidates": candidates, "report": report}
+    return place_by_times(probs, with_head, plain, candidates, eps, metric, model.learned_scores,
+                          ("layers", "text", "every layer"))
 
 
 def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, labels, metric,
