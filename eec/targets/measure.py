@@ -258,7 +258,7 @@ def _rows_times(manifest: Manifest, graphs: list, past: int, repeats: int, batch
               else rng.standard_normal((batch, 1, m.hidden_size)).astype(np.float32) for spec in manifest.segments]
         times: list[list[float]] = [[] for _ in calls]
         for r in range(repeats + 1):  # the first pass allocates and is not kept
-            progress(f"{batch} rows per call, sweep {sweep + 1}, pass {r + 1}", 0, 1)
+            progress(f"{batch} sequences a call, pass {r + 1}", sweep * (repeats + 1) + r, SWEEPS * (repeats + 1))
             for j, call in enumerate(calls):
                 start = time.perf_counter()
                 call(xs[j])
