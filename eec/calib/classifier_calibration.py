@@ -184,6 +184,13 @@ def choose_metric(probs: np.ndarray, stops: list[int], learned: np.ndarray | Non
 MAX_AUTO_HEADS = 12  # `--exits auto`: 4096 subsets, each replayed on the calibration set in well under a second
 
 
+def check_auto_candidates(candidates: list[int]) -> None:
+    """`--exits auto` tries every subset of the candidates: refuse too many before anything is built."""
+    if len(candidates) > MAX_AUTO_HEADS:
+        raise InputError(f"--exits auto tries every subset of the exits; this model has {len(candidates)} candidates "
+                         f"(at most {MAX_AUTO_HEADS}): name the exits with --exits")
+
+
 def cheapest_exit_set(probs: np.ndarray, body_s: list[float], head_s: list[float], eps: float,
                       metric: str | None = None, learned: np.ndarray | None = None) -> tuple[float, list[int], str]:
     """`--exits auto`: of every subset of an artifact's exits, the one with the lowest expected time a sample
@@ -199,9 +206,6 @@ def cheapest_exit_set(probs: np.ndarray, body_s: list[float], head_s: list[float
     from eec.runtime.classifier import METRICS
 
     exits = probs.shape[1] - 1
-    if exits > MAX_AUTO_HEADS:
-        raise InputError(f"--exits auto tries every subset of the exits; this model has {exits} candidates (at most "
-                         f"{MAX_AUTO_HEADS}): name the exits with --exits")
     metrics = [metric] if metric else [m for m in METRICS if m != "learned" or learned is not None]
     best = None
     for size in range(exits + 1):

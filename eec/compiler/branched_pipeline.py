@@ -36,7 +36,7 @@ from eec import __version__
 from eec.compiler.branched import HEAD_IN, HEAD_OUT, STAGE_IN, STAGE_OUT, BranchedNetwork, read_branched
 from eec.compiler.weights import store_weights_once
 from eec.calib.classifier_calibration import (
-    MAX_AUTO_HEADS,
+    check_auto_candidates,
     place_by_times,
     no_progress,
     read_npz,
@@ -327,16 +327,12 @@ def _sessions(graphs: list[dict]) -> list:
     return [session(roles.get(WITH_HEAD, roles[PLAIN])) for roles in graphs]
 
 
-
-
 def place_exits(net: BranchedNetwork, heads: list[int], precision: str, x, eps: float, metric: str | None,
                 progress=no_progress, for_cpu: bool = True) -> tuple[list[int], dict]:
     """The early exits (a subset of ``heads``) with the lowest expected latency at ``eps`` on ``x``: every head
     built, each segment between consecutive heads timed here at batch 1 with its head inside and without
     (`place_by_times` prices the head as the difference and every subset)."""
-    if len(heads) > MAX_AUTO_HEADS:
-        raise InputError(f"--exits auto tries every subset of the heads; this network has {len(heads)} (at most "
-                         f"{MAX_AUTO_HEADS}): name the exits with --exits")
+    check_auto_candidates(heads)
     segments, graphs = build_graphs(net, heads, precision, x, progress, for_cpu=for_cpu)
     sessions = _sessions(graphs)
     progress("measuring segment latency", 0, 1)

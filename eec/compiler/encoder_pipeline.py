@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from eec import __version__
-from eec.calib.classifier_calibration import no_progress, read_texts, trace_batches, write_calibration
+from eec.calib.classifier_calibration import (check_auto_candidates, no_progress, read_texts, trace_batches,
+                                             write_calibration)
 from eec.compiler.encoders import EncoderSegment, SharedHead, SourceEncoder, load_encoder, load_encoder_checkpoint
 from eec.compiler.weights import store_weights_once
 from eec.errors import CompileError, InputError
@@ -89,6 +90,7 @@ def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits:
     layers = src.num_layers
     if auto:
         kept = sorted(src.heads) or list(range(1, layers))
+        check_auto_candidates(kept)
     else:
         kept = (sorted(src.heads) or default_exits(layers)) if exits is None else sorted(set(exits))
     bad = [k for k in kept if not 1 <= k < layers]

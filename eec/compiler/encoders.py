@@ -54,8 +54,7 @@ class SourceEncoder:
 
     @property
     def hidden_size(self) -> int:
-        """The width of the layers' hidden state (ELECTRA's embeddings may be narrower: projected up)."""
-        return self.config.dim if self.family == "distilbert" else self.config.hidden_size
+        return layer_width(self.config, self.family)
 
     @property
     def max_length(self) -> int:
@@ -78,18 +77,31 @@ class SourceEncoder:
 
     def hf_layers(self) -> list[nn.Module]:
         """One module per layer, in order. ALBERT shares its layers' weights: layer i runs group
-        i // (layers / groups), so the same module appears several times (its weights once each time
-        in a segment's graph)."""
+        i // (layers / groups), so the same module appears several times (the artifact stores its
+        weights once: `eec.compiler.weights.store_weights_once`)."""
         body = self.backbone()
-        if self.family == "albert":
+        if self.family == "albert":  # one layer a group (`check_family`)
             c = self.config
-            if c.inner_group_num != 1 or c.num_hidden_layers % c.num_hidden_groups:
-                raise UnsupportedModelError(f"ALBERT with {c.inner_group_num} layers a group and {c.num_hidden_groups} "
-                                            f"groups for {c.num_hidden_layers} layers: eec cuts ALBERT with one layer "
-                                            "a group (every released ALBERT)")
             per_group = c.num_hidden_layers // c.num_hidden_groups
             return [body.encoder.albert_layer_groups[i // per_group].albert_layers[0] for i in range(c.num_hidden_layers)]
         return list(body.transformer.layer if self.family == "distilbert" else body.encoder.layer)
+
+
+def layer_width(config, family: str) -> int:
+    """The width of the layers' hidden state (ELECTRA's and ALBERT's embeddings may be narrower: projected up)."""
+    return config.dim if family == "distilbert" else config.hidden_size
+
+
+def check_family(config) -> None:
+    """Refuse, when the model is read, an architecture eec does not cut."""
+    family = config.model_type
+    if family not in FAMILIES:
+        raise UnsupportedModelError(f"classifier architecture {family!r} is not supported; eec compiles sequence "
+                                    f"classifiers of {', '.join(FAMILIES)}")
+    if family == "albert" and (config.inner_group_num != 1 or config.num_hidden_layers % config.num_hidden_groups):
+        raise UnsupportedModelError(f"ALBERT with {config.inner_group_num} layers a group and {config.num_hidden_groups} "
+                                    f"groups for {config.num_hidden_layers} layers: eec cuts ALBERT with one layer a "
+                                    "group (every released ALBERT)")
 
 
 def is_encoder_dir(path: str | Path) -> bool:
@@ -110,9 +122,7 @@ def load_encoder(path: str | Path) -> SourceEncoder:
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in FAMILIES:
-        raise UnsupportedModelError(f"classifier architecture {config.model_type!r} is not supported; eec compiles "
-                                    f"sequence classifiers of {', '.join(FAMILIES)}")
+    check_family(config)
     if not (path / "tokenizer.json").is_file():
         raise InputError(f"{path} has no tokenizer.json: eec needs the model's fast tokenizer (save it with "
                          "AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(...))")
@@ -153,14 +163,15 @@ def load_encoder_checkpoint(path: str | Path) -> SourceEncoder:
     try:
         config = dict(raw["base"]["config"])
         family = config.get("model_type")
-        if family not in FAMILIES:
+        if family not in FAMILIES:  # before transformers builds a config of any architecture it knows
             raise UnsupportedModelError(f"classifier architecture {family!r} is not supported; eec compiles sequence "
                                         f"classifiers of {', '.join(FAMILIES)}")
         config = AutoConfig.for_model(**config)
+        check_family(config)
         model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
         model.load_state_dict(raw["base"]["state_dict"], strict=True)
         tokenizer = raw["tokenizer"]["json"]
-        hidden = SourceEncoder(model, family, "", "").hidden_size
+        hidden = layer_width(config, family)
         heads = {}
         for entry in raw["exits"]:
             if entry["kind"] != HEAD_KIND:

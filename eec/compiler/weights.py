@@ -136,9 +136,11 @@ def store_weights_once(root: Path, segments) -> StoreReport:
     it again, and ALBERT's layers are one layer's weights."""
     from pathlib import PurePosixPath
 
-    from eec.runtime.classifier_manifest import stored_order
+    from eec.runtime.manifest import PLAIN
 
-    files = stored_order(segments)
+    # plain graphs first: the first copy of a weight, which the others then read, is the one full mode reads
+    files = [seg.graphs[PLAIN] for seg in segments]
+    files += [f for seg in segments for role, f in seg.graphs.items() if role != PLAIN]
     folders = {PurePosixPath(f).parent for f in files}
     assert len(folders) == 1, folders  # rule 1: one folder
     return store_once(Path(root) / str(folders.pop()), [PurePosixPath(f).name for f in files])

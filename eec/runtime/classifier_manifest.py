@@ -171,11 +171,3 @@ def read_classifier_manifest(root: Path, verify: bool = True) -> ClassifierManif
 
 
 __all__ = ["ClassifierCalibration", "ClassifierManifest", "ClassifierSegment", "MANIFEST", "read_classifier_manifest"]
-
-
-def stored_order(segments: list[ClassifierSegment]) -> list[str]:
-    """The segments' graph files, plain ones first, as `eec.compiler.weights.store_once` takes them: the first
-    copy of a weight, which the other graphs then read, is the one full mode reads."""
-    plain = [seg.graphs[PLAIN] for seg in segments]
-    return plain + [f for seg in segments for role, f in seg.graphs.items() if role != PLAIN]
-

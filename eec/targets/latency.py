@@ -103,8 +103,8 @@ class LatencyTable:
         by the slope from 2 to 8. That stand-in is cheap: on the code model (8 layers, hidden 256, 150
         cached positions, 2 cores) 8 rows at one position cost 1.43-1.52x one row at 8 positions (each
         row reads its own cache, and the final head's top-k runs per row)."""
-        if rows > 1 and self.has_rows(start, stop, rows):
-            parts = _cover(sorted(p for p in self.segments if rows in self.rows.get(p, {})), start, stop)
+        parts = self._rows_parts(start, stop, rows) if rows > 1 else None
+        if parts is not None:
             saved = self.segment_overhead or self.call_overhead
             return sum(self.rows[p][rows] for p in parts) - (len(parts) - 1) * saved
         if rows <= MAX_SEQ:
@@ -115,11 +115,13 @@ class LatencyTable:
 
     def has_rows(self, start: int, stop: int, rows: int) -> bool:
         """Whether segments measured at ``rows`` rows chain over layers [start, stop)."""
+        return self._rows_parts(start, stop, rows) is not None
+
+    def _rows_parts(self, start: int, stop: int, rows: int) -> list[tuple[int, int]] | None:
         try:
-            _cover(sorted(p for p in self.segments if rows in self.rows.get(p, {})), start, stop)
+            return _cover(sorted(p for p, by_rows in self.rows.items() if rows in by_rows), start, stop)
         except InputError:
-            return False
-        return True
+            return None
 
     def fill_costs(self, start: int, stop: int) -> tuple[float, float] | None:
         """(fixed, per position) seconds of filling layers [start, stop)'s KV for exited positions in
