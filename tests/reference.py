@@ -36,15 +36,27 @@ def exit_tokens(hf, hidden_states, layer: int, norm_weight=None, proj_weight=Non
 
     Without weights it is the model's own final norm and LM head (a shared exit).
     """
+    return exit_logits(hf, hidden_states, layer, norm_weight, proj_weight).argmax(-1).tolist()
+
+
+def exit_logits(hf, hidden_states, layer: int, norm_weight=None, proj_weight=None) -> torch.Tensor:
+    """An exit head's fp32 logits at ``layer`` for every position ([positions, vocab])."""
     n = hf.config.num_hidden_layers
-    h = hidden_states[layer][0]
-    if layer == n:  # transformers' last hidden state is already normed
-        logits = hf.lm_head(h)
-    else:
+    h = hidden_states[layer][0].float()
+    with torch.no_grad():
+        if layer == n:  # transformers' last hidden state is already normed
+            return hf.lm_head(h)
         norm_w = hf.model.norm.weight if norm_weight is None else norm_weight
         proj_w = hf.lm_head.weight if proj_weight is None else proj_weight
-        logits = rms_norm(h, norm_w, hf.config.rms_norm_eps) @ proj_w.T
-    return logits.argmax(-1).tolist()
+        return rms_norm(h, norm_w, hf.config.rms_norm_eps) @ proj_w.T
+
+
+def in_half_precision(hf):
+    """A copy of ``hf`` computing in fp16 (transformers' own kernels): what half precision alone moves
+    a value by, the yardstick for fp16 artifacts."""
+    import copy
+
+    return copy.deepcopy(hf).half()
 
 
 def propagated_forward(hf, sequence: list[int], exited: dict[int, int]):
@@ -77,24 +89,33 @@ def propagated_forward(hf, sequence: list[int], exited: dict[int, int]):
     return logits, inputs
 
 
-def _round_half_up(x: torch.Tensor) -> torch.Tensor:
-    """onnxruntime's int4 weight quantizer rounds halves up (2.5 -> 3, -4.5 -> -4). A GGUF's Q4_1 grid
-    puts weights on exact halves of the int4 steps (233 of layer 0's 553k query/key/value weights in
-    SmolLM2), where rounding halves to even, as torch.round does, lands elsewhere."""
-    return torch.floor(x + 0.5)
+def _levels(blocks: torch.Tensor, scale: torch.Tensor, zero) -> torch.Tensor:
+    """onnxruntime's weight quantizer's levels, in its own fp32 arithmetic: ``v * (1 / scale) + zero``
+    as two roundings (a product, then a sum; not v / scale, not a fused multiply-add), then rounded
+    half away from zero (C's roundf). A GGUF's Q4_1 grid puts many weights on exact halves of a step,
+    where each of those choices lands a level elsewhere: dividing instead of multiplying by the
+    reciprocal moved 2 of layer 0's 1.77M gate/up weights in SmolLM2, a fused add 2-7 a matrix,
+    rounding half to even hundreds. This form matched the quantizer on every one of them."""
+    reciprocal = torch.where(scale != 0, 1.0 / torch.where(scale != 0, scale, 1.0), 0.0)
+    return _roundf(blocks * reciprocal + zero)
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    whole = torch.trunc(x)  # x - whole is exact in fp32, so a half is seen as one
+    return torch.where((x - whole).abs() >= 0.5, whole + torch.sign(x), whole)
 
 
 def blockwise_weights(w_t: torch.Tensor, block: int, bits: int) -> torch.Tensor:
     """MatMulNBits' symmetric weights, dequantized: blocks of ``block`` along the input dimension of
     ``w_t`` ([in, out], zero-padded to whole blocks), the largest-magnitude weight of a block at the
-    most negative level (-8 of -8..7 for 4 bits), halves rounded up."""
+    most negative level (-8 of -8..7 for 4 bits), levels as the quantizer computes them (`_levels`)."""
     low = -(2 ** (bits - 1))
     k, n = w_t.shape
     padded = torch.nn.functional.pad(w_t, (0, 0, 0, -k % block))
     blocks = padded.T.reshape(n, -1, block)
     high, least = blocks.amax(-1, keepdim=True), blocks.amin(-1, keepdim=True)
     scale = torch.where(-least >= high, least, high) / low  # a tie in magnitude goes to the negative end
-    q = torch.clamp(_round_half_up(blocks / scale), low, -low - 1)
+    q = torch.clamp(_levels(blocks, scale, -low), 0, -2 * low - 1) + low
     return (q * scale).reshape(n, -1)[:, :k].T
 
 
@@ -106,8 +127,8 @@ def _asymmetric(w_t: torch.Tensor, block: int, bits: int = 4) -> torch.Tensor:
     blocks = torch.nn.functional.pad(w_t, (0, 0, 0, -k % block)).T.reshape(n, -1, block)
     low, high = blocks.amin(-1, keepdim=True).clamp(max=0), blocks.amax(-1, keepdim=True).clamp(min=0)
     scale = (high - low) / top
-    zero = torch.clamp(_round_half_up(-low / scale), 0, top)
-    q = torch.clamp(_round_half_up(blocks / scale) + zero, 0, top)
+    zero = torch.clamp(_roundf(0.0 - low / torch.where(scale != 0, scale, 1.0)), 0, top)  # a quotient here, as the quantizer has it
+    q = torch.clamp(_levels(blocks, scale, zero), 0, top)
     return ((q - zero) * scale).reshape(n, -1)[:, :k].T
 
 
@@ -128,13 +149,14 @@ def _q4_1_minima(w_t: torch.Tensor, block: int) -> torch.Tensor | None:
 
 def _activations_by_block(x: torch.Tensor, block: int) -> torch.Tensor:
     """onnxruntime's int8 activations for MatMulNBits at accuracy level 4: each row's blocks of
-    ``block`` scaled symmetrically to -127..127 (max |x| / 127), rounded half to even."""
+    ``block`` scaled symmetrically to -127..127, as its kernel computes them in fp32 (scale max |x| / 127,
+    levels x * (127 / max |x|) rounded half to even: a product by the inverse, not x / scale)."""
     k = x.shape[-1]
     padded = torch.nn.functional.pad(x, (0, -k % block))
     blocks = padded.reshape(*x.shape[:-1], -1, block)
-    scale = blocks.abs().amax(-1, keepdim=True) / 127
-    q = torch.where(scale > 0, torch.round(blocks / torch.where(scale > 0, scale, 1)), 0)
-    return (q * scale).reshape(*x.shape[:-1], -1)[..., :k]
+    top = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(top > 0, 127 / torch.where(top > 0, top, 1), 0)
+    return (torch.round(blocks * inverse) * (top / 127)).reshape(*x.shape[:-1], -1)[..., :k]
 
 
 def _activations_per_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -175,8 +197,11 @@ def quantized_twin(hf, precision: str, block: int = 32, jitter: float = 0.0):
                 if minima is None:  # not a Q4_1 weight: asymmetric int4, as the whole graph is quantized
                     module.weight = torch.nn.Parameter(_asymmetric(w.T, block).T)
                     module.register_forward_pre_hook(by_block)
-                else:  # x @ (W - m), exactly int4, plus the fp32 product of each block's sum with its minimum
+                else:  # x @ (W - m) in int4, plus the fp32 product of each block's sum with its minimum
                     shifted = w - minima.T.repeat_interleave(block, dim=1)
+                    # W - m holds levels d * q up to fp32 rounding: quantized as the graph's is, its scale
+                    # is range / 15 rounded, not the GGUF's d, and every level is exact
+                    shifted = _asymmetric(shifted.T, block).T
                     module.register_forward_hook(_carried(shifted, minima, block, jitter))
             else:
                 raise ValueError(precision)

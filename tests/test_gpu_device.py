@@ -13,7 +13,7 @@ from eec.cli.main import app
 from eec.compiler import compile_model
 from eec.errors import InputError
 from eec.runtime import load
-from tests.reference import exit_tokens, hf_forward
+from tests.reference import exit_logits, hf_forward, in_half_precision
 
 PROMPT = [7, 21, 3, 55, 11, 80, 2]
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -66,15 +66,41 @@ def decode(model, capacity, thresholds, steps=20):
     return decoder, tokens, exits
 
 
-def check_against_transformers(hf, decoder, tokens, exits, min_agreement=0.9):
-    """Tokens agree with transformers' fp32 heads at the layer each left through (fp16 may flip near-ties),
-    and every layer's half-precision KV is transformers' fp32 cache to fp16 accuracy."""
+def check_fp16_tokens(hf, prompt, tokens, exits, half=None):
+    """Each token is transformers' fp32 token at the layer it left through, except at a near-tie that
+    half precision can flip: where the fp32 head's best logit beats this token's by no more than twice
+    what fp16 moves that head's logits at that position (transformers' own fp16 run of the model)."""
+    sequence = list(prompt) + list(tokens[:-1])
+    full, half_out = hf_forward(hf, sequence), hf_forward(half or in_half_precision(hf), sequence)
+    for i, (token, layer) in enumerate(zip(tokens, exits)):
+        at = len(prompt) - 1 + i
+        want = exit_logits(hf, full.hidden_states, layer)[at]
+        moved = float((exit_logits(hf, half_out.hidden_states, layer)[at] - want).abs().max())
+        assert float(want.max() - want[token]) <= 2 * moved, (i, layer, float(want.max() - want[token]), moved)
+
+
+def kv_bounds(hf, sequence, half=None):
+    """Per layer, how far an fp16 artifact's keys and values may sit from transformers' fp32 cache: twice
+    what transformers' own fp16 run of the model moves them, plus half an fp16 step at the largest value.
+    fp16 compounds through the layers (on these random layers about 0.004 at layer 0, 0.09 at layer 5,
+    with values near 8): a fixed tolerance is either loose at the first layers or wrong at the last."""
+    full, half_out = hf_forward(hf, sequence), hf_forward(half or in_half_precision(hf), sequence)
+    bounds = {}
+    for layer in range(hf.config.num_hidden_layers):
+        for which in ("keys", "values"):
+            want = getattr(full.past_key_values.layers[layer], which)
+            moved = getattr(half_out.past_key_values.layers[layer], which).float() - want
+            bounds[layer, which] = (want, 2 * float(moved.abs().max()) + 2.0 ** -11 * float(want.abs().max()))
+    return bounds
+
+
+def check_against_transformers(hf, decoder, tokens, exits):
+    """Tokens are transformers' at the layer each left through (`check_fp16_tokens`), and every layer's
+    half-precision KV is transformers' fp32 cache within what fp16 explains (`kv_bounds`)."""
+    half = in_half_precision(hf)
+    check_fp16_tokens(hf, PROMPT, tokens, exits, half)
     sequence = PROMPT + tokens[:-1]
-    out = hf_forward(hf, sequence)
-    heads = {layer: exit_tokens(hf, out.hidden_states, layer) for layer in set(exits)}
-    agree = [t == heads[layer][len(PROMPT) - 1 + i] for i, (t, layer) in enumerate(zip(tokens, exits))]
-    assert np.mean(agree) >= min_agreement, agree
-    cache = out.past_key_values
+    bounds = kv_bounds(hf, sequence, half)
     covered = len(sequence)  # the first segment holds every position; a deeper one no more than the one before
     for spec, state in zip(decoder.specs, decoder.states):
         assert state.kv_dtype == np.float16
@@ -82,10 +108,11 @@ def check_against_transformers(hf, decoder, tokens, exits, min_agreement=0.9):
         assert state.length + pending == covered if spec.start == 0 else state.length + pending <= covered
         covered = state.length + pending
         for i, layer in enumerate(range(spec.start, spec.stop)):
-            for got, want in ((state.kv[2 * i], cache.layers[layer].keys), (state.kv[2 * i + 1], cache.layers[layer].values)):
-                want = want[:, :, : state.length].numpy()
+            for got, which in ((state.kv[2 * i], "keys"), (state.kv[2 * i + 1], "values")):
+                want, bound = bounds[layer, which]
                 assert got.dtype == np.float16
-                np.testing.assert_allclose(got.astype(np.float32), want, atol=0.1, rtol=0.03)  # fp16 through wide random layers
+                error = float(np.abs(got.astype(np.float32) - want[:, :, : state.length].numpy()).max())
+                assert error <= bound, (layer, which, error, bound)
 
 
 def mixed(model):
@@ -137,36 +164,44 @@ def forced(model, tokens):
     return decoder, np.concatenate(hidden)
 
 
-def close(got, want, share=0.03):
-    """Equal to fp16 accuracy: a GPU computes in half precision where onnxruntime's CPU provider mostly
-    computes fp16 graphs in fp32, and these random layers' activations reach the hundreds."""
-    scale = float(np.abs(want).max())
-    assert float(np.abs(got.astype(np.float32) - want.astype(np.float32)).max()) <= share * scale + 1e-2
-
-
 @needs_cuda
-def test_cuda_keeps_the_kv_on_the_gpu_and_equals_the_cpu(fp16_artifact):
+def test_cuda_keeps_the_kv_on_the_gpu_and_computes_the_model(fp16_artifact, hf):
+    """The CUDA provider computes in half precision where onnxruntime's CPU provider mostly computes fp16
+    graphs in fp32: both are held to transformers' fp32 run within what transformers' own fp16 run moves
+    (`kv_bounds`), not to each other within a share of the largest value."""
     gpu, cpu = load(fp16_artifact, device="cuda"), load(fp16_artifact, device="cpu")
     assert gpu.device == "cuda" and all(s.get_providers()[0] == "CUDAExecutionProvider" for s in gpu.sessions)
     tokens = cpu.generate(PROMPT, max_new_tokens=21, mode="full").tokens
-    (g, g_hidden), (c, c_hidden) = forced(gpu, tokens), forced(cpu, tokens)
+    (g, g_hidden), (c, _) = forced(gpu, tokens), forced(cpu, tokens)
     assert all(isinstance(b, ort.OrtValue) and b.device_name().lower() == "cuda" for st in g.states for b in st.buffers)
     assert g.states[0].capacity > len(PROMPT) + 2, "the buffers never grew"
-    close(g_hidden, c_hidden)
-    for gs, cs in zip(g.states, c.states):
+    half = in_half_precision(hf)
+    sequence = PROMPT + tokens
+    first = gpu.exits[0]
+    want = hf_forward(hf, sequence).hidden_states[first][0, len(PROMPT):]
+    moved = hf_forward(half, sequence).hidden_states[first][0, len(PROMPT):].float() - want
+    bound = 2 * float(moved.abs().max()) + 2.0 ** -11 * float(want.abs().max())
+    assert float(np.abs(g_hidden.reshape(want.shape) - want.numpy()).max()) <= bound
+    bounds = kv_bounds(hf, sequence, half)
+    for spec, gs, cs in zip(g.specs, g.states, c.states):
         assert (gs.length, None if gs.pending[0] is None else gs.pending[0].shape) == \
                (cs.length, None if cs.pending[0] is None else cs.pending[0].shape)
-        for got, want in zip(gs.kv, cs.kv):
-            assert got.dtype == np.float16
-            close(got, want)
+        for i, layer in enumerate(range(spec.start, spec.stop)):
+            for got, which in ((gs.kv[2 * i], "keys"), (gs.kv[2 * i + 1], "values")):
+                assert got.dtype == np.float16
+                want_kv, kv_bound = bounds[layer, which]
+                error = float(np.abs(got.astype(np.float32) - want_kv[:, :, : gs.length].numpy()).max())
+                assert error <= kv_bound, (layer, which, error, kv_bound)
 
 
 @needs_cuda
-def test_cuda_generation_runs_every_mode_and_repeats_itself(fp16_artifact):
+def test_cuda_generation_computes_the_model_in_every_mode_and_repeats_itself(fp16_artifact, hf):
     gpu = load(fp16_artifact)  # auto: the CUDA provider for an fp16 artifact
     assert gpu.device == "cuda"
+    half = in_half_precision(hf)
     for kwargs in (dict(mode="full"), dict(thresholds=-math.inf), dict(epsilon=0.8), dict(epsilon=0.8, catch_up="exact")):
         first = gpu.generate(PROMPT, max_new_tokens=24, ignore_eos=True, **kwargs)
         assert len(first.tokens) == 24
+        check_fp16_tokens(hf, PROMPT, first.tokens, first.exits, half)  # each token at the layer it left through
         assert gpu.generate(PROMPT, max_new_tokens=24, ignore_eos=True, **kwargs).tokens == first.tokens, kwargs
     assert set(gpu.generate(PROMPT, max_new_tokens=8, thresholds=-math.inf).exits[1:]) == {2}

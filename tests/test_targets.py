@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -311,9 +312,8 @@ def test_tensorrt_target_compiles_anywhere_and_build_engines_explains(llama_src,
     from transformers import AutoModelForCausalLM
 
     from eec.runtime import sessions
-    from eec.runtime.evaluate import agreement
     from eec.targets.engines import build_engines, tensorrt_available
-    from tests.reference import hf_greedy
+    from tests.test_gpu_device import check_fp16_tokens
 
     out = tmp_path / "orin.eec"
     manifest = compile_model(llama_src / "hf", out, exits=[2, 4], target="jetson-orin-agx", calibration_tokens=8)
@@ -331,10 +331,13 @@ def test_tensorrt_target_compiles_anywhere_and_build_engines_explains(llama_src,
             load(out, device="tensorrt")
         with pytest.raises(InputError, match="measured through its engines, on that device after `eec build-engines`"):
             measure_artifact(out, repeats=1)
-    # The fp16 standard-ops graphs compute the model: teacher-forced against transformers' fp32 tokens.
+    # The fp16 standard-ops graphs compute the model: every token transformers' fp32 token at its layer
+    # but for near-ties that transformers' own fp16 run shows half precision can flip.
     hf = AutoModelForCausalLM.from_pretrained(llama_src / "hf").eval()
     prompt = [3, 17, 42]
-    assert agreement(model, prompt, hf_greedy(hf, prompt, 24)) >= 0.8
+    for kwargs in (dict(mode="full"), dict(thresholds=-math.inf)):
+        result = model.generate(prompt, max_new_tokens=24, ignore_eos=True, **kwargs)
+        check_fp16_tokens(hf, prompt, result.tokens, result.exits)
     cpu_art = tmp_path / "cpu.eec"
     compile_model(llama_src / "hf", cpu_art, exits=[2], calibrate=False)
     with pytest.raises(InputError, match="no engines to build"):
