@@ -20,7 +20,7 @@ import numpy as np
 from eec.calib.traces import Traces, choose_metric, metric_index
 from eec.errors import InputError
 from eec.runtime.staging import restaged
-from eec.runtime.manifest import CalibrationSpec, read_manifest, sha256_file, write_manifest
+from eec.runtime.manifest import CalibrationSpec, Manifest, read_manifest, sha256_file, write_manifest
 
 CALIBRATION_FILE = "calibration.npz"
 Progress = Callable[[str, int, int], None]  # (what is happening, steps done, steps in all)
@@ -101,19 +101,21 @@ def collect_traces(model, prompts: Sequence, max_new_tokens: int, progress: Prog
                   np.asarray(hidden, dtype=np.float16), np.asarray(final, dtype=np.int64))
 
 
-def write_calibration(root: Path, traces: Traces, metric: str, prompts: int) -> CalibrationSpec:
-    """Store traces in the artifact directory ``root`` (being built, or a staged copy)."""
-    manifest = read_manifest(root, verify=False)
+def write_calibration(root: Path, manifest: Manifest, traces: Traces, metric: str, prompts: int) -> Manifest:
+    """Store traces in the artifact directory ``root`` (being built, or a staged copy) whose manifest is
+    ``manifest``; returns the manifest written with them."""
     traces.save(root / CALIBRATION_FILE)
     spec = CalibrationSpec(CALIBRATION_FILE, metric, len(traces), prompts)
     files = {**manifest.files, CALIBRATION_FILE: sha256_file(root / CALIBRATION_FILE)}
-    write_manifest(root, replace(manifest, files=files, calibration=spec))
-    return spec
+    manifest = replace(manifest, files=files, calibration=spec)
+    write_manifest(root, manifest)
+    return manifest
 
 
 def calibrate_dir(root: Path, prompts_file: Path | None = None, max_new_tokens: int = 48,
-                  metric: str | None = None, progress: Progress = no_progress) -> CalibrationSpec:
-    """Trace and store, in place: for an artifact directory nobody else uses yet."""
+                  metric: str | None = None, progress: Progress = no_progress) -> tuple[Manifest, Traces]:
+    """Trace and store, in place: for an artifact directory nobody else uses yet. Returns the manifest
+    written and the traces, so that a caller building on them reads neither back."""
     from eec.runtime import load
 
     if metric is not None:
@@ -123,7 +125,7 @@ def calibrate_dir(root: Path, prompts_file: Path | None = None, max_new_tokens: 
     prompts = read_prompts(prompts_file, has_tok) if prompts_file else default_prompts(has_tok, model.manifest.model.vocab_size)
     traces = collect_traces(model, prompts, max_new_tokens, progress)
     chosen = metric or choose_metric(traces, model.num_layers)
-    return write_calibration(root, traces, chosen, len(prompts))
+    return write_calibration(root, model.manifest, traces, chosen, len(prompts)), traces
 
 
 def calibrate(artifact: str | os.PathLike, prompts_file: Path | None = None, max_new_tokens: int = 48,
@@ -135,5 +137,5 @@ def calibrate(artifact: str | os.PathLike, prompts_file: Path | None = None, max
     if max_new_tokens < 2:
         raise InputError("--max-new-tokens must be at least 2 for calibration")
     with restaged(root, replaced=(CALIBRATION_FILE,)) as stage:
-        spec = calibrate_dir(stage, prompts_file, max_new_tokens, metric, progress)
-    return spec
+        manifest, _ = calibrate_dir(stage, prompts_file, max_new_tokens, metric, progress)
+    return manifest.calibration

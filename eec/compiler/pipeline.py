@@ -36,7 +36,6 @@ from eec.runtime.manifest import (
     ModelSpec,
     TokenizerSpec,
     hash_files,
-    read_manifest,
     replace_dir,
     write_manifest,
 )
@@ -189,18 +188,16 @@ def compile_model(
         build = _Build(src, tgt, precision, block_size, calibrate, calibration_prompts, calibration_tokens,
                        calibration_metric, progress, placed=auto, catch_up=catch_up, fuse_heads=fuse_heads,
                        speculative=speculative, batch=placement_batch)
-        tmp = build.run(layers, out)
+        staged = build.run(layers, out)
         try:
-            manifest = read_manifest(tmp, verify=False)
-            if auto or (shortlist or exit_classifier) and manifest.exits:
-                manifest, tmp = _refine(build, tmp, manifest, layers, table, placement_eps, out, shortlist,
-                                        exit_classifier)
-            replace_dir(tmp, out)
+            if auto or (shortlist or exit_classifier) and staged.manifest.exits:
+                staged = _refine(build, staged, layers, table, placement_eps, out, shortlist, exit_classifier)
+            replace_dir(staged.path, out)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(staged.path, ignore_errors=True)
             raise
         progress("done", 1, 1)
-        return manifest
+        return staged.manifest
 
 
 def _check_options(exits, block_size: int, calibrate: bool, prompts: Path | None, metric: str | None,
@@ -263,8 +260,8 @@ def classifier_traces(root: Path, src: SourceModel) -> Traces:
     return collect_traces(model, prompts, CLASSIFIER_TOKENS)
 
 
-def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], table, eps: float, out: Path,
-            shortlist: int | str, classifier: bool) -> tuple[Manifest, Path]:
+def _refine(build: "_Build", staged: "Staged", layers: list[int], table, eps: float, out: Path,
+            shortlist: int | str, classifier: bool) -> "Staged":
     """After the first build and its calibration: choose the exit set (with ``table``), the
     shortlist and train exit classifiers on the traces, then rebuild with them.
 
@@ -272,12 +269,12 @@ def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], t
     ones. Exit classifiers are trained on traces of another prompt set (eec's training
     prompts, `classifier_traces`), so every calibration token is one they never saw.
     """
-    traces = Traces.load(tmp / manifest.calibration.file)
+    manifest, traces = staged.manifest, staged.traces
     vocab = manifest.model.vocab_size
     auto = table is not None
     split = shortlist == "auto"
     fit = traces.sequence % 2 == 0 if split else np.ones(len(traces), dtype=bool)
-    training = classifier_traces(tmp, build.src) if classifier else None
+    training = classifier_traces(staged.path, build.src) if classifier else None
     metric = "classifier" if classifier else manifest.calibration.metric
     heads = exit_head_weights(build.src, traces.exits) if shortlist else None
     sizes = [0, *shortlist_sizes(vocab)] if shortlist == "auto" else [int(shortlist)]
@@ -329,20 +326,19 @@ def _refine(build: "_Build", tmp: Path, manifest: Manifest, layers: list[int], t
                 f"the latency table holds no calls over {build.batch} sequences: a step is priced as one sequence's "
                 f"call over {build.batch} positions, which costs less (`eec targets measure --batch {build.batch}`)")
     if exits != list(traces.exits) or ids is not None or classifiers:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staged.path, ignore_errors=True)
         chosen = {layer: classifiers[layer] for layer in exits} if classifiers else None
-        tmp = build.run(exits, out, None if ids is None else ids.tolist(), chosen,
-                        metric="classifier" if chosen else None)
+        staged = build.run(exits, out, None if ids is None else ids.tolist(), chosen,
+                           metric="classifier" if chosen else None)
         if record is not None and exits:
-            tmp = _check_built(build, tmp, record, table.with_head_fraction(k / vocab if k else 1.0), eps, out)
-    manifest = read_manifest(tmp, verify=False)
+            staged = _check_built(build, staged, record, table.with_head_fraction(k / vocab if k else 1.0), eps, out)
     if record is not None:
-        manifest = replace(manifest, placement=record)
-        write_manifest(tmp, manifest)
-    return manifest, tmp
+        staged.manifest = replace(staged.manifest, placement=record)
+        write_manifest(staged.path, staged.manifest)
+    return staged
 
 
-def _check_built(build: "_Build", tmp: Path, record: dict, table, eps: float, out: Path) -> Path:
+def _check_built(build: "_Build", staged: "Staged", record: dict, table, eps: float, out: Path) -> "Staged":
     """Price the built artifact on its own calibration traces, which is what its thresholds come from.
 
     The search priced candidates on the candidate build's traces, rescored in fp32 for a shortlist;
@@ -351,19 +347,18 @@ def _check_built(build: "_Build", tmp: Path, record: dict, table, eps: float, ou
     ``predicted_speedup`` becomes the built artifact's (the search's is kept beside it); an artifact
     predicted slower than the full model once built is replaced by the full model.
     """
-    manifest = read_manifest(tmp, verify=False)
     exits = tuple(record["exits"])
-    built = evaluate(Traces.load(tmp / manifest.calibration.file), table, exits, eps, manifest.calibration.metric,
+    built = evaluate(staged.traces, table, exits, eps, staged.manifest.calibration.metric,
                      "risk", 0.1, propagate=build.catch_up == "propagate", batch=build.batch)
     record["search_predicted_speedup"] = record["predicted_speedup"]
     record["predicted_speedup"] = round(built.speedup, 4)
     record["report"].append(f"built: on its own traces, exits {','.join(map(str, exits))} predict {built.speedup:.2f}x, "
                             f"{built.exit_rate:.0%} of tokens exit ({dict(sorted(built.exits_taken.items()))})")
     if built.speedup >= 1.0:
-        return tmp
+        return staged
     record.update(exits=[], shortlist=0, exit_classifier=False, predicted_speedup=1.0)
     record["report"].append("no exit pays here once built: the full model is written instead")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(staged.path, ignore_errors=True)
     return build.run([], out)
 
 
@@ -376,6 +371,16 @@ def stored_order(plan) -> list[str]:
     prefix = f"{GRAPHS}/"
     assert all(f.startswith(prefix) and "/" not in f[len(prefix):] for f in files), files
     return [f[len(prefix):] for f in files]
+
+
+@dataclass
+class Staged:
+    """A build in its staging folder, with the manifest written there and, where it was calibrated,
+    the traces stored beside it: what the placement and the checks after a build read, in memory."""
+
+    path: Path
+    manifest: Manifest
+    traces: Traces | None = None
 
 
 @dataclass
@@ -398,7 +403,7 @@ class _Build:
     speculative: str = "auto"
 
     def run(self, exits: list[int], out: Path, shortlist: list[int] | None = None,
-            classifiers: dict | None = None, metric: str | None = None) -> Path:
+            classifiers: dict | None = None, metric: str | None = None) -> Staged:
         src, progress = self.src, self.progress
         plan = plan_segments(src, exits, contrib_ops=self.target.contrib_ops, context=context_length(src.config),
                              all_heads=not self.placed, shortlist=shortlist, classifiers=classifiers,
@@ -452,13 +457,15 @@ class _Build:
             step += 1
             progress("writing manifest", step, total)
             write_manifest(tmp, manifest)
+            traces = None
             if self.calibrate and manifest.exits:
-                calibrate_dir(tmp, self.prompts, self.tokens, metric or self.metric,
-                              progress=lambda what, done, n: progress(f"calibrating: {what}", step + 1, total))
+                manifest, traces = calibrate_dir(tmp, self.prompts, self.tokens, metric or self.metric,
+                                                 progress=lambda what, done, n: progress(f"calibrating: {what}",
+                                                                                         step + 1, total))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return tmp
+        return Staged(tmp, manifest, traces)
 
     def _verify_wanted(self, segment: Path) -> bool:
         """Whether to write the last segment's verify graph, as ``speculative`` says (``segment``: its fp32 graph)."""
