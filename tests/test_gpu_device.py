@@ -66,12 +66,25 @@ def decode(model, capacity, thresholds, steps=20):
     return decoder, tokens, exits
 
 
-def check_fp16_tokens(hf, prompt, tokens, exits, half=None):
+def fp16_runs(hf, sequence, half=None):
+    """transformers' fp32 run of ``sequence`` and its own fp16 run (``half``: `in_half_precision(hf)`):
+    the reference, and what half precision alone moves it by."""
+    return hf_forward(hf, sequence), hf_forward(half or in_half_precision(hf), sequence)
+
+
+def fp16_bound(want, in_half) -> float:
+    """How far an fp16 computation of ``want`` may sit from it: twice what transformers' fp16 run moved it
+    (``in_half``), plus half an fp16 step at the largest value. fp16 compounds through the layers (on these
+    random layers about 0.004 at layer 0, 0.09 at layer 5, with values near 8): a fixed tolerance is either
+    loose at the first layers or wrong at the last."""
+    return 2 * float((in_half.float() - want).abs().max()) + 2.0 ** -11 * float(want.abs().max())
+
+
+def check_fp16_tokens(hf, prompt, tokens, exits, half=None, runs=None):
     """Each token is transformers' fp32 token at the layer it left through, except at a near-tie that
     half precision can flip: where the fp32 head's best logit beats this token's by no more than twice
-    what fp16 moves that head's logits at that position (transformers' own fp16 run of the model)."""
-    sequence = list(prompt) + list(tokens[:-1])
-    full, half_out = hf_forward(hf, sequence), hf_forward(half or in_half_precision(hf), sequence)
+    what fp16 moves that head's logits at that position (``runs``: `fp16_runs` of prompt and tokens)."""
+    full, half_out = runs or fp16_runs(hf, list(prompt) + list(tokens[:-1]), half)
     for i, (token, layer) in enumerate(zip(tokens, exits)):
         at = len(prompt) - 1 + i
         want = exit_logits(hf, full.hidden_states, layer)[at]
@@ -79,40 +92,33 @@ def check_fp16_tokens(hf, prompt, tokens, exits, half=None):
         assert float(want.max() - want[token]) <= 2 * moved, (i, layer, float(want.max() - want[token]), moved)
 
 
-def kv_bounds(hf, sequence, half=None):
-    """Per layer, how far an fp16 artifact's keys and values may sit from transformers' fp32 cache: twice
-    what transformers' own fp16 run of the model moves them, plus half an fp16 step at the largest value.
-    fp16 compounds through the layers (on these random layers about 0.004 at layer 0, 0.09 at layer 5,
-    with values near 8): a fixed tolerance is either loose at the first layers or wrong at the last."""
-    full, half_out = hf_forward(hf, sequence), hf_forward(half or in_half_precision(hf), sequence)
-    bounds = {}
-    for layer in range(hf.config.num_hidden_layers):
-        for which in ("keys", "values"):
-            want = getattr(full.past_key_values.layers[layer], which)
-            moved = getattr(half_out.past_key_values.layers[layer], which).float() - want
-            bounds[layer, which] = (want, 2 * float(moved.abs().max()) + 2.0 ** -11 * float(want.abs().max()))
-    return bounds
-
-
-def check_against_transformers(hf, decoder, tokens, exits):
-    """Tokens are transformers' at the layer each left through (`check_fp16_tokens`), and every layer's
-    half-precision KV is transformers' fp32 cache within what fp16 explains (`kv_bounds`)."""
-    half = in_half_precision(hf)
-    check_fp16_tokens(hf, PROMPT, tokens, exits, half)
-    sequence = PROMPT + tokens[:-1]
-    bounds = kv_bounds(hf, sequence, half)
-    covered = len(sequence)  # the first segment holds every position; a deeper one no more than the one before
-    for spec, state in zip(decoder.specs, decoder.states):
+def check_fp16_kv(specs, states, runs):
+    """Every layer's half-precision KV (the positions each segment holds) is transformers' fp32 cache
+    within `fp16_bound`."""
+    full, half_out = runs
+    for spec, state in zip(specs, states):
         assert state.kv_dtype == np.float16
-        pending = 0 if state.pending[0] is None else len(state.pending[0])
-        assert state.length + pending == covered if spec.start == 0 else state.length + pending <= covered
-        covered = state.length + pending
         for i, layer in enumerate(range(spec.start, spec.stop)):
             for got, which in ((state.kv[2 * i], "keys"), (state.kv[2 * i + 1], "values")):
-                want, bound = bounds[layer, which]
+                want = getattr(full.past_key_values.layers[layer], which)
+                bound = fp16_bound(want, getattr(half_out.past_key_values.layers[layer], which))
                 assert got.dtype == np.float16
                 error = float(np.abs(got.astype(np.float32) - want[:, :, : state.length].numpy()).max())
                 assert error <= bound, (layer, which, error, bound)
+
+
+def check_against_transformers(hf, decoder, tokens, exits):
+    """Tokens are transformers' at the layer each left through (`check_fp16_tokens`), every segment holds
+    the positions it should, and their KV is transformers' within what fp16 explains (`check_fp16_kv`)."""
+    sequence = PROMPT + tokens[:-1]
+    runs = fp16_runs(hf, sequence)
+    check_fp16_tokens(hf, PROMPT, tokens, exits, runs=runs)
+    covered = len(sequence)  # the first segment holds every position; a deeper one no more than the one before
+    for spec, state in zip(decoder.specs, decoder.states):
+        pending = 0 if state.pending[0] is None else len(state.pending[0])
+        assert state.length + pending == covered if spec.start == 0 else state.length + pending <= covered
+        covered = state.length + pending
+    check_fp16_kv(decoder.specs, decoder.states, runs)
 
 
 def mixed(model):
@@ -168,30 +174,22 @@ def forced(model, tokens):
 def test_cuda_keeps_the_kv_on_the_gpu_and_computes_the_model(fp16_artifact, hf):
     """The CUDA provider computes in half precision where onnxruntime's CPU provider mostly computes fp16
     graphs in fp32: both are held to transformers' fp32 run within what transformers' own fp16 run moves
-    (`kv_bounds`), not to each other within a share of the largest value."""
+    (`fp16_bound`), not to each other within a share of the largest value."""
     gpu, cpu = load(fp16_artifact, device="cuda"), load(fp16_artifact, device="cpu")
     assert gpu.device == "cuda" and all(s.get_providers()[0] == "CUDAExecutionProvider" for s in gpu.sessions)
     tokens = cpu.generate(PROMPT, max_new_tokens=21, mode="full").tokens
     (g, g_hidden), (c, _) = forced(gpu, tokens), forced(cpu, tokens)
     assert all(isinstance(b, ort.OrtValue) and b.device_name().lower() == "cuda" for st in g.states for b in st.buffers)
     assert g.states[0].capacity > len(PROMPT) + 2, "the buffers never grew"
-    half = in_half_precision(hf)
     sequence = PROMPT + tokens
+    runs = fp16_runs(hf, sequence)
     first = gpu.exits[0]
-    want = hf_forward(hf, sequence).hidden_states[first][0, len(PROMPT):]
-    moved = hf_forward(half, sequence).hidden_states[first][0, len(PROMPT):].float() - want
-    bound = 2 * float(moved.abs().max()) + 2.0 ** -11 * float(want.abs().max())
-    assert float(np.abs(g_hidden.reshape(want.shape) - want.numpy()).max()) <= bound
-    bounds = kv_bounds(hf, sequence, half)
-    for spec, gs, cs in zip(g.specs, g.states, c.states):
+    want, in_half = (r.hidden_states[first][0, len(PROMPT):] for r in runs)
+    assert float(np.abs(g_hidden.reshape(want.shape) - want.numpy()).max()) <= fp16_bound(want, in_half)
+    for gs, cs in zip(g.states, c.states):
         assert (gs.length, None if gs.pending[0] is None else gs.pending[0].shape) == \
                (cs.length, None if cs.pending[0] is None else cs.pending[0].shape)
-        for i, layer in enumerate(range(spec.start, spec.stop)):
-            for got, which in ((gs.kv[2 * i], "keys"), (gs.kv[2 * i + 1], "values")):
-                assert got.dtype == np.float16
-                want_kv, kv_bound = bounds[layer, which]
-                error = float(np.abs(got.astype(np.float32) - want_kv[:, :, : gs.length].numpy()).max())
-                assert error <= kv_bound, (layer, which, error, kv_bound)
+    check_fp16_kv(g.specs, g.states, runs)
 
 
 @needs_cuda
