@@ -79,6 +79,30 @@ def test_streamed_pieces_make_the_text(text_model, options):
     assert [r.text for r in results] == [tok.decode(r.tokens, skip_special_tokens=True) for r in results]
 
 
+def test_text_not_streamed_is_decoded_once_at_the_end(text_model, monkeypatch):
+    """A request neither streamed nor watched for stop strings has its text decoded when it ends, not a
+    piece per token (host time between steps), finished or cancelled, and it is the tokenizer's decoding."""
+    from eec.runtime.engine import Engine
+    from eec.runtime.text import PieceDecoder
+
+    model, _, tok = text_model
+    calls = []
+    step = PieceDecoder.__call__
+    monkeypatch.setattr(PieceDecoder, "__call__", lambda self, token: calls.append(token) or step(self, token))
+    engine = Engine(model, max_batch=2)
+    done, cancelled = engine.submit(QUESTION, max_new_tokens=20, ignore_eos=True), engine.submit("Brücke", max_new_tokens=20)
+    for _ in range(5):
+        engine.step()
+    cancelled.cancel()
+    engine.run()
+    assert calls == []
+    assert cancelled.finish_reason == "cancelled" and 0 < len(cancelled.tokens) < 20
+    for request in (done, cancelled):
+        assert request.result().text == tok.decode(request.tokens, skip_special_tokens=True)
+    streamed = list(model.generate(QUESTION, max_new_tokens=20, ignore_eos=True, stream=True))
+    assert len(calls) == 20 and "".join(streamed) == done.result().text
+
+
 def test_a_stop_string_ends_the_text_before_it(text_model):
     model, _, _ = text_model
     free = model.generate(QUESTION, mode="full", max_new_tokens=40, ignore_eos=True)

@@ -115,7 +115,10 @@ class Request:
         stats.decode_s += elapsed
         stats.exits[layer] = stats.exits.get(layer, 0) + 1
         piece = None
-        if self._decoder is not None:
+        if self._decoder is not None and (self.stream or self._events is not None or self.stop):
+            # Streamed, or watched for stop strings: each token's text as it comes. Otherwise the text is
+            # decoded once, when the request ends (`_decoded`): a tokenizer call per token and row is host
+            # time between two steps of the whole batch.
             piece = self._decoder(token)
             self.text += piece
         cut = False  # by a stop string: the text ends before it
@@ -127,6 +130,8 @@ class Request:
             self.finish_reason = "length"
         if self.finish_reason and piece is not None and not cut:
             self.text += self._decoder.rest(self.tokens, self.text)  # a split character's bytes still waiting
+        elif self.finish_reason:
+            self._decoded()
         self.piece = self._emit() if piece is not None else None
         event = Event(self.index, token, layer, self.piece, self.finish_reason, fallback)
         if self._events is not None:
@@ -155,6 +160,12 @@ class Request:
                 self.text = self.text[:at]
                 return True
         return False
+
+    def _decoded(self) -> None:
+        """The whole text of a request whose text was not streamed piece by piece (`accept`); also when
+        it is cancelled or fails."""
+        if self._decoder is not None and not (self.stream or self._events is not None or self.stop):
+            self.text = self._decoder.rest(self.tokens, "")
 
     def result(self, timeout: float | None = None) -> "GenerationResult":
         """Wait for the request to finish and return its `GenerationResult`."""
@@ -404,6 +415,7 @@ class Engine:
 
     @staticmethod
     def _finish(request: Request) -> None:
+        request._decoded()
         request._done.set()
         if request._events is not None:
             request._events.put(None)

@@ -377,6 +377,8 @@ class EarlyExitModel:
                             monitor=monitor, capacity=self._capacity(max_new_tokens), early_exit=mode != "full")
             requests = [engine.submit(p, index=i, **options) for i, p in enumerate(prompts)]  # all checked first
             if stream:
+                for r in requests:  # text piece by piece, in the events `engine.step` returns (no queue)
+                    r.stream = True
                 return self._events(engine)
             engine.run()
             results = [r.result() for r in requests]
@@ -389,6 +391,7 @@ class EarlyExitModel:
             engine = Engine(self, max_batch=1, metric=metric, catch_up=catch_up, monitor=monitor,
                             capacity=self._capacity(max_new_tokens), early_exit=mode != "full")
             request = engine.submit(prompt, **options)
+            request.stream = stream  # its pieces are read from `request.piece` as it goes, not from a queue
             steps = self._one(engine, request)
         if stream:
             return self._stream(request, steps)
