@@ -10,9 +10,12 @@ call is priced from a latency profile (`eec targets measure`, with ``--batch B``
 n rows at one position interpolated between one row and B measured rows; one row over n positions as
 measured up to 8, then by the slope from 2 to 8. An exit's head is priced once a step when any row
 reaches it. Graph time only: eec's host work per step is not in a profile (`bench/step_host.py` times
-it). Usage:
+it). ``--replay HELD.eec`` replays another calibration of the same artifact (`eec calibrate` on a copy
+with other prompts) under the thresholds fitted on the first: how the sets price on traffic the
+thresholds were not fitted on. Usage:
 
     .venv/bin/python bench/batch_replay.py ALL_EXITS.eec PROFILE.json --sets 2 3 2,6 [--batches 1,8] [--eps 0.9]
+        [--replay HELD.eec]
 """
 
 from __future__ import annotations
@@ -105,27 +108,30 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--eps", type=float, default=0.9)
     parser.add_argument("--shortlist", type=int, default=0, help="the exits' token list, to price their heads")
+    parser.add_argument("--replay", type=Path, help="a copy calibrated on other prompts, whose traces are replayed")
     args = parser.parse_args()
 
     model = load(args.artifact)
     traces, metric = model.traces, model.manifest.calibration.metric
+    replayed = load(args.replay).traces if args.replay else traces
     table = LatencyTable.from_json(args.profile.read_text())
     if args.shortlist:
         table = table.with_head_fraction(args.shortlist / model.manifest.model.vocab_size)
     n_layers = table.shape.num_layers
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"{'exits':>8}  " + "  ".join(f"{'b' + str(b) + ' replay':>10}  {'placement':>9}" for b in batches))
+    print(f"{'exits':>8}  {'exit rate':>9}  " + "  ".join(f"{'b' + str(b) + ' replay':>10}  {'placement':>9}"
+                                                     for b in batches))
     for text in args.sets:
         exits = tuple(int(x) for x in text.split(","))
-        sub = traces.columns(list(exits))
-        layers = exit_layers(sub, thresholds_for(sub, args.eps, metric, "risk", 0.1), metric, n_layers)
-        generations = [layers[traces.sequence == s].tolist() for s in np.unique(traces.sequence)]
+        taus = thresholds_for(traces.columns(list(exits)), args.eps, metric, "risk", 0.1)
+        layers = exit_layers(replayed.columns(list(exits)), taus, metric, n_layers)
+        generations = [layers[replayed.sequence == s].tolist() for s in np.unique(replayed.sequence)]
         cells = []
         for b in batches:
             full = table.rows_cost(0, n_layers, b) / b if b > 1 else table.range_cost(0, n_layers, 1)
             closed = evaluate(traces, table, exits, args.eps, metric, "risk", 0.1, batch=b).speedup
             cells.append(f"{full / replay(table, exits, generations, b):9.2f}x  {closed:8.2f}x")
-        print(f"{text:>8}  " + "  ".join(cells))
+        print(f"{text:>8}  {np.mean(layers < n_layers):9.3f}  " + "  ".join(cells))
 
 
 if __name__ == "__main__":
