@@ -115,10 +115,7 @@ class Request:
         stats.decode_s += elapsed
         stats.exits[layer] = stats.exits.get(layer, 0) + 1
         piece = None
-        if self._decoder is not None and (self.stream or self._events is not None or self.stop):
-            # Streamed, or watched for stop strings: each token's text as it comes. Otherwise the text is
-            # decoded once, when the request ends (`_decoded`): a tokenizer call per token and row is host
-            # time between two steps of the whole batch.
+        if self._decoder is not None and self._pieces:
             piece = self._decoder(token)
             self.text += piece
         cut = False  # by a stop string: the text ends before it
@@ -161,10 +158,16 @@ class Request:
                 return True
         return False
 
+    @property
+    def _pieces(self) -> bool:
+        """Whether each token's text is wanted as it comes: streamed, or watched for stop strings.
+        Otherwise the text is decoded once, when the request ends (`_decoded`): a tokenizer call per
+        token and row is host time between two steps of the whole batch."""
+        return self.stream or self._events is not None or bool(self.stop)
+
     def _decoded(self) -> None:
-        """The whole text of a request whose text was not streamed piece by piece (`accept`); also when
-        it is cancelled or fails."""
-        if self._decoder is not None and not (self.stream or self._events is not None or self.stop):
+        """The whole text of a request whose text was not decoded piece by piece."""
+        if self._decoder is not None and not self._pieces:
             self.text = self._decoder.rest(self.tokens, "")
 
     def result(self, timeout: float | None = None) -> "GenerationResult":
@@ -415,7 +418,8 @@ class Engine:
 
     @staticmethod
     def _finish(request: Request) -> None:
-        request._decoded()
+        if request.finish_reason in (None, "cancelled"):  # ended without `accept`'s last token: failed, cancelled
+            request._decoded()
         request._done.set()
         if request._events is not None:
             request._events.put(None)
