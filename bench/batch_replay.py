@@ -25,21 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from eec.calib.traces import metric_index, thresholds_for
+from eec.calib.traces import exit_layers, thresholds_for
 from eec.runtime import load
 from eec.targets.latency import LatencyTable
 from eec.targets.placement import evaluate
-
-
-def exit_layers(traces, taus: dict[int, float], metric: str, num_layers: int) -> np.ndarray:
-    column = traces.scores[:, :, metric_index(metric)]
-    layers = np.full(len(traces), num_layers)
-    remaining = np.ones(len(traces), dtype=bool)
-    for k, layer in enumerate(traces.exits):
-        take = remaining & (column[:, k] >= taus[layer])  # NaN compares False
-        layers[take] = layer
-        remaining &= ~take
-    return layers
 
 
 def replay(table: LatencyTable, exits: tuple[int, ...], generations: list[list[int]], batch: int) -> float:

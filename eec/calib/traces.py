@@ -97,21 +97,30 @@ class Simulation:
     exits: dict[int, int]  # layer -> tokens leaving there
 
 
-def simulate(traces: Traces, thresholds: dict[int, float], metric: str, num_layers: int) -> Simulation:
-    """Replay the exit decisions on the traces (teacher-forced: each row is the full model's prefix)."""
+def exit_layers(traces: Traces, thresholds: dict[int, float], metric: str, num_layers: int) -> np.ndarray:
+    """Each traced token's exit layer under ``thresholds`` (``num_layers``: it ran every layer)."""
     column = traces.scores[:, :, metric_index(metric)]
-    n = len(traces)
-    depth = np.full(n, num_layers, dtype=np.float64)
-    agree = np.ones(n, dtype=bool)
-    remaining = np.ones(n, dtype=bool)
-    counts = {}
+    layers = np.full(len(traces), num_layers, dtype=np.int64)
+    remaining = np.ones(len(traces), dtype=bool)
     for k, layer in enumerate(traces.exits):
         take = remaining & (column[:, k] >= thresholds[layer])  # NaN compares False
-        depth[take], agree[take] = layer, traces.agreed[take, k]
-        counts[layer] = int(take.sum())
+        layers[take] = layer
         remaining &= ~take
-    counts[num_layers] = int(remaining.sum())
-    return Simulation(float(1 - remaining.mean()) if n else 0.0, float(depth.mean()) if n else float(num_layers),
+    return layers
+
+
+def simulate(traces: Traces, thresholds: dict[int, float], metric: str, num_layers: int) -> Simulation:
+    """Replay the exit decisions on the traces (teacher-forced: each row is the full model's prefix)."""
+    n = len(traces)
+    layers = exit_layers(traces, thresholds, metric, num_layers)
+    agree = np.ones(n, dtype=bool)
+    counts = {}
+    for k, layer in enumerate(traces.exits):
+        take = layers == layer
+        agree[take] = traces.agreed[take, k]
+        counts[layer] = int(take.sum())
+    counts[num_layers] = int((layers == num_layers).sum())
+    return Simulation(float(np.mean(layers < num_layers)) if n else 0.0, float(layers.mean()) if n else float(num_layers),
                       float(agree.mean()) if n else 1.0, counts)
 
 
