@@ -12,10 +12,12 @@ measured up to 8, then by the slope from 2 to 8. An exit's head is priced once a
 reaches it. Graph time only: eec's host work per step is not in a profile (`bench/step_host.py` times
 it). ``--replay HELD.eec`` replays another calibration of the same artifact (`eec calibrate` on a copy
 with other prompts) under the thresholds fitted on the first: how the sets price on traffic the
-thresholds were not fitted on. Usage:
+thresholds were not fitted on. ``--generate PROMPTS`` also decodes the prompts freely (128 new tokens,
+8 at a time, each set's thresholds at its exits only) and prints each set's exit rate generating on
+its own beside the traced one, priced by placement's closed form. Usage:
 
     .venv/bin/python bench/batch_replay.py ALL_EXITS.eec PROFILE.json --sets 2 3 2,6 [--batches 1,8] [--eps 0.9]
-        [--replay HELD.eec]
+        [--replay HELD.eec] [--generate P.txt]
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import numpy as np
 from eec.calib.traces import exit_layers, thresholds_for
 from eec.runtime import load
 from eec.targets.latency import LatencyTable
-from eec.targets.placement import evaluate
+from eec.calib.calibrate import read_prompts
+from eec.targets.placement import evaluate, expected_cost
 
 
 def replay(table: LatencyTable, exits: tuple[int, ...], generations: list[list[int]], batch: int) -> float:
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.9)
     parser.add_argument("--shortlist", type=int, default=0, help="the exits' token list, to price their heads")
     parser.add_argument("--replay", type=Path, help="a copy calibrated on other prompts, whose traces are replayed")
+    parser.add_argument("--generate", type=Path, help="prompts to decode freely with each set's thresholds")
     args = parser.parse_args()
 
     model = load(args.artifact)
@@ -121,6 +125,23 @@ def main() -> None:
             closed = evaluate(traces, table, exits, args.eps, metric, "risk", 0.1, batch=b).speedup
             cells.append(f"{full / replay(table, exits, generations, b):9.2f}x  {closed:8.2f}x")
         print(f"{text:>8}  {np.mean(layers < n_layers):9.3f}  " + "  ".join(cells))
+        if args.generate:
+            counts = free_running(model, args.generate, taus)
+            rate = 1 - counts.get(n_layers, 0) / sum(counts.values())
+            priced = [(table.rows_cost(0, n_layers, b) / b if b > 1 else table.range_cost(0, n_layers, 1))
+                      / expected_cost(table, exits, counts, batch=b) for b in batches]
+            print(f"{'free':>8}  {rate:9.3f}  " + "  ".join(f"{'':>10}  {p:8.2f}x" for p in priced))
+
+
+def free_running(model, prompts: Path, thresholds: dict[int, float]) -> dict[int, int]:
+    """Tokens leaving at each layer when the prompts decode on their own (the first token, from the
+    prompt's pass through every layer, left out)."""
+    ids = [model.encode(p, chat=False) for p in read_prompts(prompts, model.codec is not None)]
+    counts: dict[int, int] = {}
+    for result in model.generate(ids, max_new_tokens=128, thresholds=thresholds, max_batch=8):
+        for layer in result.exits[1:]:
+            counts[layer] = counts.get(layer, 0) + 1
+    return counts
 
 
 if __name__ == "__main__":
