@@ -2,7 +2,9 @@
 
 Runs a batch of prompts through one `eec.runtime.engine.Engine` and times, for every step after the
 prefill, the interval between two `Batch.step` calls and every `run_with_iobinding` inside it
-(`time.perf_counter`); the host time is the step less its calls. Medians of ``--rounds`` runs. Usage:
+(`time.perf_counter`); the host time is the step less its calls, and its parts: before the first
+call of a step, after the last one inside `Batch.step`, and between steps (`Engine`). Medians of
+``--rounds`` runs. Usage:
 
     .venv/bin/python bench/step_host.py ARTIFACT.eec --prompts P.txt [--batch 8] [--mode full|early-exit]
 """
@@ -51,10 +53,13 @@ def main() -> None:
 
     def timed_step(self, *a, **k):
         marks.append(("step", time.perf_counter()))
-        return step(self, *a, **k)
+        out = step(self, *a, **k)
+        marks.append(("end", time.perf_counter()))
+        return out
 
     ort.InferenceSession.run_with_iobinding, core.Batch.step = timed_run, timed_step
     steps, calls, graph = [], [], []
+    parts: dict[str, list[float]] = {"before the call": [], "after it, in Batch.step": [], "between steps": []}
     for _ in range(args.rounds):
         engine = Engine(model, max_batch=args.batch, early_exit=args.mode != "full")
         for i in range(args.batch):
@@ -67,11 +72,17 @@ def main() -> None:
         spans = [b - a for (k1, a), (k2, b) in zip(marks, marks[1:]) if (k1, k2) == ("call", "return")]
         n = len(starts) - 1
         steps.append((starts[-1] - starts[0]) / n)
+        for (k1, a), (k2, b) in zip(marks, marks[1:]):  # the host time's parts, one-call steps only
+            name = {("step", "call"): "before the call", ("return", "end"): "after it, in Batch.step",
+                    ("end", "step"): "between steps"}.get((k1, k2))
+            if name:
+                parts[name].append(b - a)
         calls.append(len(spans) / len(starts))
         graph.append(sum(spans) / len(starts))
     step_s, graph_s = statistics.median(steps), statistics.median(graph)
     print(f"{args.artifact.name} {args.mode} batch {args.batch}: step {step_s * 1e6:.0f} µs, onnxruntime "
-          f"{graph_s * 1e6:.0f} µs in {statistics.median(calls):.2f} calls, host {(step_s - graph_s) * 1e6:.0f} µs")
+          f"{graph_s * 1e6:.0f} µs in {statistics.median(calls):.2f} calls, host {(step_s - graph_s) * 1e6:.0f} µs ("
+          + ", ".join(f"{name} {statistics.median(v) * 1e6:.0f} µs" for name, v in parts.items() if v) + ", medians)")
 
 
 if __name__ == "__main__":
