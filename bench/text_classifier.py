@@ -9,7 +9,9 @@
 Peers, each in its own process, one after another, every core, fp32, on the
 same held-out texts (``DIR/test.jsonl``), each tokenizing its own input:
 - eec early exit at ε = 0.95 and 0.99 (risk rule, δ 0.1) and eec full for each
-  recipe's checkpoint (``DIR/RECIPE.pt``, compiled with ``--data DIR/calib.jsonl``);
+  recipe's checkpoint (``DIR/RECIPE.pt``, compiled with ``--data DIR/calib.jsonl``),
+  ε of each of ``--criteria``: agreement with full mode, and accuracy against
+  the calibration labels (``criterion="accuracy"``);
 - the base model (``DIR/hf``) exported whole with ``torch.onnx.export`` and
   optimized by ``onnxruntime.transformers.optimizer`` (fused attention and
   layer norms: the fastest path a user has today), fed by the same
@@ -60,9 +62,9 @@ def peer(args) -> None:
     if args.peer.startswith("eec"):
         from eec.runtime import load
 
-        _, recipe, setting = args.peer.split(":")
+        _, recipe, setting, *criterion = args.peer.split(":")
         model = load(args.dir / f"{recipe}.eec")
-        options = {"mode": "full"} if setting == "full" else {"epsilon": float(setting)}
+        options = {"mode": "full"} if setting == "full" else {"epsilon": float(setting), "criterion": criterion[0]}
 
         def run(batch):
             return model.classify(batch, batch_size=len(batch), **options).labels
@@ -141,6 +143,7 @@ def main() -> None:
     ap.add_argument("--recipes", default="deebert,pabee,fastbert,berxit")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--single", type=int, default=300, help="texts timed one at a time")
+    ap.add_argument("--criteria", default="agreement,accuracy", help="what ε holds exits to, comma-separated")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer:
@@ -150,7 +153,7 @@ def main() -> None:
     _, y, _ = texts_and_labels(args.dir)
     peers = ["onnxruntime-optimized", "pytorch"]
     for r in recipes:
-        peers += [f"eec:{r}:full", f"eec:{r}:0.95", f"eec:{r}:0.99"]
+        peers += [f"eec:{r}:full"] + [f"eec:{r}:{e}:{c}" for c in args.criteria.split(",") for e in ("0.95", "0.99")]
     results = {}
     for name in peers:
         done = subprocess.run([sys.executable, __file__, str(args.dir), "--rounds", str(args.rounds), "--single",

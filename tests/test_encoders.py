@@ -252,6 +252,56 @@ def test_calibration_reads_labels_by_name(encoders):
     assert len(taus) == 2
 
 
+def test_accuracy_criterion_is_fitted_against_the_labels(tmp_path, encoders):
+    """ε as accuracy (a labeled calibration set): an exit may take a sample unless its answer is wrong where the
+    final classifier's is right. Reference: transformers' probabilities on the calibration texts and their
+    labels, each exit's Valade threshold found by trying every candidate, in cascade order."""
+    from eec.calib.classifier_calibration import calibrate_classifier
+
+    model, tok, art = encoders["distilbert"]
+    rows = [json.loads(line) for line in open(art.parent / "distilbert.jsonl")]
+    texts, labels = [r["text"] for r in rows], np.array([int(r["label"][-1]) for r in rows])
+    ref = reference(model, tok, texts)
+    conf = np.stack([ref[k].max(-1) for k in (1, 2)], 1)
+    answers = np.stack([ref[k].argmax(-1) for k in (1, 2)], 1)
+    final = ref[LAYERS].argmax(-1)
+
+    def by_hand(ok: np.ndarray, eps: float) -> list[float]:
+        remaining, taus = np.ones(len(texts), bool), []
+        for k in range(2):
+            c, t = conf[remaining, k], ok[remaining, k]
+            taus.append(min((v for v in np.unique(c) if t[c >= v].mean() >= eps), default=math.inf))
+            remaining &= ~(conf[:, k] >= taus[-1])
+        return taus
+
+    clf = load(art)
+    eps = 0.8
+    lost = (answers != labels[:, None]) & (final == labels)[:, None]
+    want = by_hand(~lost, eps)
+    agreement = by_hand(answers == final[:, None], eps)
+    assert want != agreement  # the labels change what leaves: the test tells the criteria apart
+    got = clf.thresholds_for(eps, "max-prob", rule="valade", criterion="accuracy")
+    assert got == pytest.approx(want, abs=1e-5)
+    assert clf.thresholds_for(eps, "max-prob", rule="valade") == pytest.approx(agreement, abs=1e-5)
+    out = clf.classify(texts, epsilon=eps, metric="max-prob", rule="valade", criterion="accuracy")
+    full = clf.classify(texts, mode="full")
+    left = out.exits < LAYERS
+    assert left.any()
+    # on the set it was fitted on, Valade's rule holds exactly: early exit loses at most 1 - ε of the right answers
+    assert ((out.labels != labels) & (full.labels == labels))[left].mean() <= 1 - eps
+    assert (out.labels == labels).mean() >= (full.labels == labels).mean() - (1 - eps)
+
+    with pytest.raises(InputError, match="unknown criterion 'labels'"):
+        clf.classify(texts[:2], epsilon=eps, criterion="labels")
+    with pytest.raises(InputError, match="thresholds given by hand"):
+        clf.classify(texts[:2], thresholds=[0.5, 0.5], criterion="accuracy")
+    copy = tmp_path / "unlabeled.eec"
+    shutil.copytree(art, copy)
+    calibrate_classifier(copy, texts, None)
+    with pytest.raises(InputError, match="needs a labeled calibration set"):
+        load(copy).classify(texts[:2], epsilon=eps, criterion="accuracy")
+
+
 def test_bad_text_inputs(encoders):
     _, _, art = encoders["roberta"]
     clf = load(art)
@@ -366,13 +416,16 @@ def test_profile_inspect_and_calibrate_on_the_command_line(tmp_path, encoders):
     labels = rng.integers(0, 3, len(TEXTS))
     with open(tmp_path / "test.csv", "w") as f:
         f.write("text,label\n" + "".join(f'"{t}",class{y}\n' for t, y in zip(TEXTS, labels)))
-    result = CliRunner().invoke(app, ["profile", str(copy), "--data", str(tmp_path / "test.csv"), "--eps", "0.5",
-                                      "--batch", "1,4", "--rounds", "1", "--json", str(tmp_path / "rows.json")])
+    result = CliRunner().invoke(app, ["profile", str(copy), "--data", str(tmp_path / "test.csv"), "--eps", "0.8",
+                                      "--batch", "1,4", "--rounds", "1", "--json", str(tmp_path / "rows.json"),
+                                      "--criterion", "accuracy"])
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "rows.json").read_text())
     full = reference(model, tok, TEXTS)[LAYERS].argmax(-1)
     assert rows[0]["epsilon"] is None and rows[0]["accuracy"] == pytest.approx((full == labels).mean())
-    assert all(sum(r["exits"].values()) == len(TEXTS) for r in rows)
+    exits = load(copy).classify(TEXTS, epsilon=0.8, criterion="accuracy").exits
+    assert (exits != load(copy).classify(TEXTS, epsilon=0.8).exits).any()  # the option reached the runtime
+    assert rows[1]["exits"] == {str(k): int((exits == k).sum()) for k in np.unique(exits)}
     shown = CliRunner().invoke(app, ["inspect", str(copy)])
     assert shown.exit_code == 0 and "text classifier" in shown.output and "exits after layers: 1, 2" in shown.output
     again = CliRunner().invoke(app, ["calibrate", str(copy), "--data", str(tmp_path / "test.csv")])

@@ -278,6 +278,8 @@ def test_a_classifier_serves_classify(tmp_path):
         assert len(one) == 1
         bad = httpx.post(s.url + "/v1/classify", json={"input": [[1, 2], [3]]}, timeout=60)
         assert bad.status_code == 400 and "array" in bad.json()["error"]["message"]
+        unlabeled = httpx.post(s.url + "/v1/classify", json={"input": x.tolist(), "criterion": "accuracy"}, timeout=60)
+        assert unlabeled.status_code == 400 and "labeled calibration" in unlabeled.json()["error"]["message"]
         assert httpx.post(s.url + "/v1/completions", json={"prompt": "x"}).status_code == 404
 
         # Requests that arrive while the classifier runs are classified together in its next call: each

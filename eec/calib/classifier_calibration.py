@@ -294,16 +294,17 @@ def calibrate_classifier(artifact: str | os.PathLike, x, y: np.ndarray | None, m
 REPORT_LEVELS = (0.9, 0.95, 0.99)
 
 
-def report(model, levels=REPORT_LEVELS, metric: str | None = None, rule: str = "risk") -> list[dict]:
-    """What early exit would do on the calibration set itself at each ε: the thresholds, the share of samples
-    that leave early, the mean stages run, agreement with the final classifier and, where the set was labeled,
-    accuracy (its own and the final classifier's)."""
+def report(model, levels=REPORT_LEVELS, metric: str | None = None, rule: str = "risk",
+           criterion: str = "agreement") -> list[dict]:
+    """What early exit would do on the calibration set itself at each ε (of ``criterion``): the thresholds, the
+    share of samples that leave early, the mean stages run, agreement with the final classifier and, where the
+    set was labeled, accuracy (its own and the final classifier's)."""
     probs, labels = model.calibration()
     metric = metric or model.manifest.calibration.metric
     stops = np.array([s.stop for s in model.manifest.segments], np.float64)
     rows = []
     for eps in levels:
-        taus = model.thresholds_for(eps, metric, rule)
+        taus = model.thresholds_for(eps, metric, rule, criterion=criterion)
         sim = simulate(probs, taus, metric, model.learned_scores)
         last = len(stops) - 1
         rows.append({"epsilon": eps, "thresholds": taus, "exit_rate": float((sim["segment"] < last).mean()),

@@ -701,20 +701,22 @@ def _classifier_report(artifact: Path) -> None:
 
     model = load(artifact)
     cal = model.manifest.calibration
-    rows = report(model)
-    table = Table("ε", *[f"τ after stage {k}" for k in model.exits], "exit early", "mean stages", "agreement",
-                  *(["accuracy"] if cal.labeled else []))
-    for r in rows:
-        accuracy = [f"{r['accuracy']:.4f} (final {r['final_accuracy']:.4f})"] if cal.labeled else []
-        table.add_row(f"{r['epsilon']}", *[f"{t:.3f}" for t in r["thresholds"]], f"{r['exit_rate']:.2f}",
-                      f"{r['mean_stages']:.2f} of {model.num_stages}", f"{r['agreement']:.4f}", *accuracy)
+    table = Table("ε", *(["of"] if cal.labeled else []), *[f"τ after stage {k}" for k in model.exits], "exit early",
+                  "mean stages", "agreement", *(["accuracy"] if cal.labeled else []))
+    for criterion in ("agreement", "accuracy") if cal.labeled else ("agreement",):
+        for r in report(model, criterion=criterion):
+            accuracy = [f"{r['accuracy']:.4f} (final {r['final_accuracy']:.4f})"] if cal.labeled else []
+            table.add_row(f"{r['epsilon']}", *([criterion] if cal.labeled else []),
+                          *[f"{t:.3f}" for t in r["thresholds"]], f"{r['exit_rate']:.2f}",
+                          f"{r['mean_stages']:.2f} of {model.num_stages}", f"{r['agreement']:.4f}", *accuracy)
     err.print(f"calibrated on {cal.samples} {'labeled ' if cal.labeled else ''}samples, metric {cal.metric}; on "
-              "the calibration set itself (risk rule, δ = 0.1):")
+              "the calibration set itself (risk rule, δ = 0.1)"
+              + (", ε of agreement with full mode or of accuracy (criterion='accuracy'):" if cal.labeled else ":"))
     err.print(table)
 
 
 def _profile_classifier(artifact: Path, eps: str, data: Optional[Path], batch: str, rounds: int,
-                        metric: Optional[str], json_out: Optional[Path], plot: Optional[Path],
+                        metric: Optional[str], criterion: Optional[str], json_out: Optional[Path], plot: Optional[Path],
                         threads: Optional[int], device: str) -> None:
     from eec.runtime import load
     from eec.targets.classifier_profiling import profile_classifier
@@ -742,7 +744,7 @@ def _profile_classifier(artifact: Path, eps: str, data: Optional[Path], batch: s
     if warning := busy_warning():
         err.print(f"warning: {warning}")
     with _progress() as update:
-        rows = profile_classifier(model, x, y, levels, batches, rounds, metric, progress=update)
+        rows = profile_classifier(model, x, y, levels, batches, rounds, metric, progress=update, criterion=criterion)
     table = Table("ε", *[f"samples/s at {b}" for b in batches], *[f"speedup at {b}" for b in batches], "ideal",
                   "agreement", "accuracy", "exits (stage: samples)")
     for r in rows:
@@ -779,6 +781,8 @@ def profile(
     data: Optional[Path] = typer.Option(None, help="classifier artifacts: inputs as an .npz with x (and labels y "
                                         "for accuracy); text classifiers: JSONL or CSV with text (and label)"),
     batch: str = typer.Option("1,64", help="classifier artifacts: batch sizes to time, comma-separated"),
+    criterion: Optional[str] = typer.Option(None, help="classifier artifacts: what ε holds exits to, agreement "
+                                            "with full mode (default) or accuracy (needs a labeled calibration)"),
 ) -> None:
     """Measure tokens/s (samples/s for a classifier), speedup over full mode, agreement, exits and bandwidth at
     each ε on this device."""
@@ -788,10 +792,12 @@ def profile(
         given = [name for name, set_ in decoder_only.items() if set_]
         if given:
             raise InputError(f"{', '.join(given)} applies to decoder artifacts; {artifact} is a classifier")
-        return _profile_classifier(artifact, eps, data, batch, 5 if rounds is None else rounds, metric, json_out, plot,
-                                   threads, device)
+        return _profile_classifier(artifact, eps, data, batch, 5 if rounds is None else rounds, metric, criterion,
+                                   json_out, plot, threads, device)
     if data is not None:
         raise InputError("--data is for classifier artifacts; decoders are profiled on --prompts")
+    if criterion is not None:
+        raise InputError("--criterion is for classifier artifacts; a decoder's ε is agreement with its full mode")
     rounds = 2 if rounds is None else rounds
     from eec.calib.calibrate import default_prompts, read_prompts
     from eec.runtime import load

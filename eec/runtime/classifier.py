@@ -35,6 +35,13 @@ per sample as a running state, so no history is stored):
 ε is the share of exited samples whose answer equals the final classifier's;
 thresholds for it come from the calibration set's stored probabilities by the
 Valade or risk-controlled rule, in cascade order (`eec.calib.thresholds`).
+Where the calibration set was labeled, ``criterion="accuracy"`` holds ε to
+accuracy instead (CALM's risk consistency, with a 0/1 loss): at most 1 - ε of
+the exited samples may lose a right answer, that is leave with a wrong one
+where the final classifier's is right. Early exit's accuracy is then at least
+full mode's minus 1 - ε, and a sample the final classifier gets wrong costs
+nothing by leaving early, so more samples leave than under agreement, where a
+wrong exit that differs from a wrong final answer counts as a miss.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ STATEFUL = ("patience", "ensemble", "patience-confidence")  # scores that carry 
 PCEE_PATIENCE = 2  # patience-confidence: the exits in a row that must all be confident
 MODES = ("early-exit", "full")
 RULES = ("risk", "valade")
+CRITERIA = ("agreement", "accuracy")  # what ε holds exits to: full mode's answers, or the labels
 DEFAULT_EPSILON = 0.95
 _TINY = 1e-30  # probabilities are clipped here before a log: a softmax in float32 underflows to 0
 
@@ -150,17 +158,23 @@ def replay(probs: np.ndarray, metric: str, learned: np.ndarray | None = None) ->
 
 
 def fit_cascade(probs: np.ndarray, metric: str, eps: float, rule: str = "risk", delta: float = 0.1,
-                learned: np.ndarray | None = None) -> list[float]:
+                learned: np.ndarray | None = None, labels: np.ndarray | None = None) -> list[float]:
     """τ for each exit at ε from stored probabilities ``[samples, exits + 1, classes]``, in cascade order: each
-    exit fitted on the samples the earlier ones keep, its answers judged against the final classifier's."""
+    exit fitted on the samples the earlier ones keep. Without ``labels`` an exit's answer counts as right when
+    it equals the final classifier's (agreement); with them, unless it is wrong where the final classifier is
+    right (accuracy: leaving early may lose at most 1 - ε of the exited samples' right answers)."""
     scores, answers = replay(probs, metric, learned)
-    agreed = answers[:, :-1] == answers[:, -1:]
+    if labels is None:
+        kept = answers[:, :-1] == answers[:, -1:]
+    else:
+        truth = np.asarray(labels)[:, None]
+        kept = ~((answers[:, :-1] != truth) & (answers[:, -1:] == truth))
 
     def fit(c, t, e):
         c, t = c[~np.isnan(c)], t[~np.isnan(c)]  # undefined scores (NaN) never exit: left out of the fit
         return risk_controlled_threshold(c, t, e, delta) if rule == "risk" else valade_threshold(c, t, e)
 
-    return cascade_thresholds(scores[:, :-1], agreed, eps, fit)
+    return cascade_thresholds(scores[:, :-1], kept, eps, fit)
 
 
 @dataclass
@@ -340,22 +354,31 @@ class EarlyExitClassifier:
         return self._learned
 
     def thresholds_for(self, epsilon: float, metric: str | None = None, rule: str = "risk",
-                       delta: float = 0.1) -> list[float]:
-        """τ for each exit at accuracy level ε (agreement with the final classifier), in cascade order."""
+                       delta: float = 0.1, criterion: str = "agreement") -> list[float]:
+        """τ for each exit at level ε, in cascade order: ε of agreement with the final classifier, or with
+        ``criterion="accuracy"`` of accuracy against the calibration labels (see the module's docstring)."""
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon <= 1.0:
             raise InputError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
         if rule not in RULES:
             raise InputError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
-        probs, _ = self.calibration()
+        if criterion not in CRITERIA:
+            raise InputError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+        probs, labels = self.calibration()
+        if criterion == "accuracy" and labels is None:
+            raise InputError("criterion 'accuracy' needs a labeled calibration set; this artifact was calibrated "
+                             "without labels (calibrate it on a file whose rows have a label)")
         metric = metric or self.manifest.calibration.metric
-        key = (float(epsilon), metric, rule, delta)
+        key = (float(epsilon), metric, rule, delta, criterion)
         if key not in self._thresholds:
-            self._thresholds[key] = fit_cascade(probs, metric, float(epsilon), rule, delta, self._learned)
+            self._thresholds[key] = fit_cascade(probs, metric, float(epsilon), rule, delta, self._learned,
+                                                labels if criterion == "accuracy" else None)
         return self._thresholds[key]
 
-    def _resolve(self, thresholds, epsilon, metric, rule, delta) -> tuple[list[float], str]:
+    def _resolve(self, thresholds, epsilon, metric, rule, delta, criterion=None) -> tuple[list[float], str]:
         if thresholds is not None and epsilon is not None:
             raise InputError("give thresholds or epsilon, not both")
+        if thresholds is not None and criterion is not None:
+            raise InputError("criterion says what epsilon holds exits to; thresholds given by hand have none")
         cal = self.manifest.calibration
         metric = metric or (cal.metric if cal else "max-prob")
         if metric not in METRICS:
@@ -366,7 +389,8 @@ class EarlyExitClassifier:
         if not self.exits and epsilon is None:
             return [], metric  # nothing to decide: early exit is full mode
         if thresholds is None:
-            return self.thresholds_for(DEFAULT_EPSILON if epsilon is None else epsilon, metric, rule, delta), metric
+            return self.thresholds_for(DEFAULT_EPSILON if epsilon is None else epsilon, metric, rule, delta,
+                                       criterion or "agreement"), metric
         if isinstance(thresholds, numbers.Real) and not isinstance(thresholds, bool):
             thresholds = [thresholds] * len(self.exits)  # one threshold for every exit
         if isinstance(thresholds, dict):
@@ -407,14 +431,16 @@ class EarlyExitClassifier:
 
     def classify(self, x, *, epsilon: float | None = None, thresholds=None, metric: str | None = None,
                  mode: str = "early-exit", rule: str = "risk", delta: float = 0.1,
-                 batch_size: int = 32) -> ClassifyResult:
+                 criterion: str | None = None, batch_size: int = 32) -> ClassifyResult:
         """Labels, probabilities and exits for a batch ``x``: an array ``[batch, *input_shape]``, or for a text
         classifier a list of texts (or one text).
 
         ``mode="full"`` runs every sample to the final classifier. In early
         exit the thresholds are ``thresholds`` (one number for every exit, one
         per exit, or a dict by stage) or the calibrated ones for ``epsilon`` (default 0.95) under
-        ``rule`` ("risk", holding with probability 1 - ``delta``, or "valade").
+        ``rule`` ("risk", holding with probability 1 - ``delta``, or "valade"), ε being agreement with the
+        final classifier or, with ``criterion="accuracy"`` on a labeled calibration set, accuracy: at most
+        1 - ε of the exited samples leave with a wrong answer where the final classifier's is right.
         Texts run in batches of up to ``batch_size`` texts of similar length: the list is sorted by length
         and cut where padding would cost more than another call, so a list of mixed lengths runs as a few
         batches that pad little; the results are in the order given.
@@ -426,7 +452,8 @@ class EarlyExitClassifier:
         else:
             x = self.check_input(x)
             batches, n, truncated = [(None, x, {})], x.shape[0], None
-        taus, metric = ([], None) if mode == "full" else self._resolve(thresholds, epsilon, metric, rule, delta)
+        taus, metric = ([], None) if mode == "full" else self._resolve(thresholds, epsilon, metric, rule, delta,
+                                                                       criterion)
         if self.tail is not None and metric in STATEFUL:
             raise InputError(f"metric {metric!r} carries state from exit to exit; a split classifier decides with "
                              f"{', '.join(m for m in METRICS if m not in STATEFUL)}")

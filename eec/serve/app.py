@@ -219,7 +219,8 @@ class Classifying:
         if len(self.waiting) >= self.max_queue:
             raise Overloaded(f"{len(self.waiting)} requests are waiting already; try again later")
         epsilon = body.epsilon if body.epsilon is not None else self.epsilon
-        options = (body.mode, epsilon if body.mode == "early-exit" else None, body.metric)
+        early = body.mode == "early-exit"
+        options = (body.mode, epsilon if early else None, body.metric, body.criterion if early else None)
         answer = asyncio.get_running_loop().create_future()
         self.waiting.append((options, x, answer))
         if not self.busy:
@@ -262,11 +263,12 @@ class Classifying:
             self.busy = False
 
     async def _run(self, options: tuple, taken: list) -> None:
-        mode, epsilon, metric = options
+        mode, epsilon, metric, criterion = options
         xs = [x for _, x, _ in taken]
         merged = sum(len(x) for x in xs)
         together = [t for x in xs for t in x] if self.classifier.text is not None else np.concatenate(xs)
-        run = lambda inputs: self.classifier.classify(inputs, epsilon=epsilon, metric=metric, mode=mode)  # noqa: E731
+        run = lambda inputs: self.classifier.classify(inputs, epsilon=epsilon, metric=metric, mode=mode,  # noqa: E731
+                                                      criterion=criterion)
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(self.pool, run, together)

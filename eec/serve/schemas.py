@@ -128,6 +128,7 @@ class Classify(BaseModel):
     model: StrictStr | None = None
     input: StrictStr | list
     epsilon: Number | None = None
+    criterion: Literal["agreement", "accuracy"] | None = None
     mode: Literal["early-exit", "full"] = "early-exit"
     metric: StrictStr | None = None
     return_probs: StrictBool = False

@@ -74,11 +74,13 @@ def segment_seconds(model: EarlyExitClassifier, x, rounds: int = 30) -> list[flo
 
 
 def profile_classifier(model: EarlyExitClassifier, x: np.ndarray, y: np.ndarray | None, levels: list[float],
-                       batches: list[int], rounds: int, metric: str | None = None, progress=None) -> list[ClassifierRow]:
+                       batches: list[int], rounds: int, metric: str | None = None, progress=None,
+                       criterion: str | None = None) -> list[ClassifierRow]:
     if model.text is None:
         x = model.check_input(x)
     configs = [("full", None)] + [("early-exit", e) for e in levels]
-    options = [{"mode": "full"} if mode == "full" else {"epsilon": eps, "metric": metric} for mode, eps in configs]
+    options = [{"mode": "full"} if mode == "full" else {"epsilon": eps, "metric": metric, "criterion": criterion}
+               for mode, eps in configs]
     results = [model.classify(x, **o) for o in options]  # also refuses a bad ε or metric before any timing
     rates = {b: [[] for _ in configs] for b in batches}
     steps, done = rounds * len(batches) * len(configs), 0
