@@ -11,7 +11,9 @@ same held-out texts (``DIR/test.jsonl``), each tokenizing its own input:
 - eec early exit at ε = 0.95 and 0.99 (risk rule, δ 0.1) and eec full for each
   recipe's checkpoint (``DIR/RECIPE.pt``, compiled with ``--data DIR/calib.jsonl``),
   ε of each of ``--criteria``: agreement with full mode, and accuracy against
-  the calibration labels (``criterion="accuracy"``);
+  the calibration labels (``criterion="accuracy"``), thresholds by each of
+  ``--rules`` (``risk``: one per exit, each exit's takers; ``joint``: one for
+  every exit, certified over all texts);
 - the base model (``DIR/hf``) exported whole with ``torch.onnx.export`` and
   optimized by ``onnxruntime.transformers.optimizer`` (fused attention and
   layer norms: the fastest path a user has today), fed by the same
@@ -62,9 +64,10 @@ def peer(args) -> None:
     if args.peer.startswith("eec"):
         from eec.runtime import load
 
-        _, recipe, setting, *criterion = args.peer.split(":")
+        _, recipe, setting, *how = args.peer.split(":")
         model = load(args.dir / f"{recipe}.eec")
-        options = {"mode": "full"} if setting == "full" else {"epsilon": float(setting), "criterion": criterion[0]}
+        options = {"mode": "full"} if setting == "full" else {"epsilon": float(setting), "criterion": how[0],
+                                                              "rule": how[1]}
 
         def run(batch):
             return model.classify(batch, batch_size=len(batch), **options).labels
@@ -144,6 +147,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--single", type=int, default=300, help="texts timed one at a time")
     ap.add_argument("--criteria", default="agreement,accuracy", help="what ε holds exits to, comma-separated")
+    ap.add_argument("--rules", default="risk,joint", help="threshold rules, comma-separated")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer:
@@ -153,7 +157,8 @@ def main() -> None:
     _, y, _ = texts_and_labels(args.dir)
     peers = ["onnxruntime-optimized", "pytorch"]
     for r in recipes:
-        peers += [f"eec:{r}:full"] + [f"eec:{r}:{e}:{c}" for c in args.criteria.split(",") for e in ("0.95", "0.99")]
+        peers += [f"eec:{r}:full"] + [f"eec:{r}:{e}:{c}:{rule}" for rule in args.rules.split(",")
+                                      for c in args.criteria.split(",") for e in ("0.95", "0.99")]
     results = {}
     for name in peers:
         done = subprocess.run([sys.executable, __file__, str(args.dir), "--rounds", str(args.rounds), "--single",

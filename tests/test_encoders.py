@@ -291,6 +291,13 @@ def test_accuracy_criterion_is_fitted_against_the_labels(tmp_path, encoders):
     assert ((out.labels != labels) & (full.labels == labels))[left].mean() <= 1 - eps
     assert (out.labels == labels).mean() >= (full.labels == labels).mean() - (1 - eps)
 
+    # rule "joint": one λ for both exits, certified on all 120 samples (the walk in test_thresholds as reference)
+    from tests.test_thresholds import _joint_by_hand
+
+    lam = _joint_by_hand(conf, ~lost, 0.7, 0.1)
+    assert np.isfinite(lam) and lam != _joint_by_hand(conf, answers == final[:, None], 0.7, 0.1)
+    assert clf.thresholds_for(0.7, "max-prob", rule="joint", criterion="accuracy") == pytest.approx([lam, lam], abs=1e-5)
+
     with pytest.raises(InputError, match="unknown criterion 'labels'"):
         clf.classify(texts[:2], epsilon=eps, criterion="labels")
     with pytest.raises(InputError, match="thresholds given by hand"):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from eec.calib.thresholds import cascade_thresholds, risk_controlled_threshold, valade_threshold
+from eec.calib.thresholds import cascade_thresholds, joint_threshold, risk_controlled_threshold, valade_threshold
 from eec.errors import InputError
 
 INF = math.inf
@@ -119,3 +119,59 @@ def test_binomial_p_value_against_direct_sum():
     for n, k, eps in [(10, 9, 0.8), (50, 50, 0.9), (30, 20, 0.5), (7, 0, 0.3)]:
         want = sum(comb(n, j) * eps**j * (1 - eps) ** (n - j) for j in range(k, n + 1))
         assert abs(binomial_p_value(np.array([k]), np.array([n]), eps)[0] - want) < 1e-10
+
+
+def _joint_by_hand(c: np.ndarray, ok: np.ndarray, eps: float, delta: float) -> float:
+    """Every distinct confidence from the top down, each sample walked through its exits one by one, the
+    binomial tail from scipy: the last λ before the first that cannot be certified."""
+    from scipy.stats import binom
+
+    n, passed = len(c), INF
+    for lam in sorted({v for v in c.ravel() if np.isfinite(v)}, reverse=True):
+        good = 0
+        for i in range(n):
+            taken = [k for k in range(c.shape[1]) if c[i, k] >= lam]
+            good += bool(ok[i, taken[0]]) if taken else 1
+        if binom.sf(good - 1, n, eps) > delta:  # P(Binomial(n, eps) >= good)
+            break
+        passed = lam
+    return passed
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_joint_threshold_equals_a_walk_over_every_candidate(seed):
+    rng = np.random.default_rng(seed)
+    n, exits = 150, 3
+    c = np.round(rng.random((n, exits)), 2)  # ties, across exits and within one
+    c[rng.random((n, exits)) < 0.05] = np.nan  # an undefined score never exits
+    ok = rng.random((n, exits)) < 0.5 + 0.5 * np.nan_to_num(c)
+    for eps in (0.8, 0.9, 0.95):
+        want = _joint_by_hand(c, ok, eps, 0.1)
+        assert joint_threshold(c, ok, eps, 0.1) == want
+    assert np.isfinite(joint_threshold(c, ok, 0.8, 0.1))  # the walk got somewhere: the test is not all inf
+
+
+def test_joint_threshold_holds_over_all_samples_with_probability_one_minus_delta():
+    """Two exits, confidences U(0, 1), each exit's answer acceptable with probability equal to its confidence:
+    at λ the unacceptable share of all samples is (1 - λ)² (1 + λ) / 2 exactly (leave at the first exit with
+    probability 1 - λ, at the second with λ (1 - λ), each then wrong with probability (1 - λ) / 2)."""
+    rng = np.random.default_rng(2)
+    eps, delta, runs, n = 0.9, 0.1, 150, 1000
+    lams = []
+    for _ in range(runs):
+        c = rng.random((n, 2))
+        lams.append(joint_threshold(c, rng.random((n, 2)) < c, eps, delta))
+    lams = np.array(lams)
+    true = 1 - (1 - np.minimum(lams, 1.0)) ** 2 * (1 + np.minimum(lams, 1.0)) / 2
+    assert np.mean(true < eps) <= delta + 0.04, np.mean(true < eps)
+    ideal = 0.6521  # (1 - λ)² (1 + λ) = 0.2
+    assert np.all(np.isfinite(lams))  # power: a thousand samples always certify something
+    assert ideal < np.median(lams) <= ideal + 0.05
+
+
+def test_joint_threshold_refuses_what_cannot_be_certified():
+    c = np.linspace(0, 1, 40).reshape(20, 2)
+    assert joint_threshold(c, np.ones((20, 2), bool), 0.9, 0.1) == INF  # 20 samples cannot certify 0.9 at δ 0.1
+    assert joint_threshold(np.tile(c, (50, 1)), np.ones((1000, 2), bool), 0.9, 0.1) == 0.0
+    with pytest.raises(InputError, match="delta"):
+        joint_threshold(c, np.ones((20, 2), bool), 0.9, 1.0)

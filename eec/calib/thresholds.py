@@ -24,6 +24,13 @@ Rules:
    them: τ_1 on all tokens, τ_2 on the tokens τ_1 keeps, and so on, since at
    run time exit k only sees the tokens earlier exits did not take. Each
    exit's taken tokens then agree at rate ≥ ε, so all exited tokens do too.
+4. `joint_threshold`: one threshold λ for every exit (CALM's calibration, a
+   single λ tested by Learn-then-Test), certified on the whole set at once:
+   ε bounds the share of *all* samples whose answer is acceptable (those that
+   run to the end are), not the share of each exit's takers. One test on n
+   samples is much tighter than one per exit on the few hundred each exit
+   sees, which is what ε near 1 on a set of a thousand needs; the price is
+   that the exits share a scale (the metric's), not a threshold each.
 """
 
 from __future__ import annotations
@@ -130,3 +137,33 @@ def cascade_thresholds(confidence: np.ndarray, agreed: np.ndarray, eps: float, r
         taus.append(tau)
         remaining &= ~(c[:, k] >= tau)
     return taus
+
+
+def joint_threshold(confidence: np.ndarray, acceptable: np.ndarray, eps: float, delta: float = 0.1) -> float:
+    """One threshold for every exit from ``confidence`` and ``acceptable`` ``[samples, exits]``: a sample leaves
+    at the first exit whose confidence is at least λ (NaN never) with that exit's answer, or runs to the end,
+    which is acceptable. Fixed-sequence testing from the highest candidate down: at each the null "the share of
+    samples whose answer is acceptable is below ε" is rejected when P(Binomial(n, ε) ≥ k), k acceptable of n,
+    is at most δ; λ is the lowest candidate reached before the first failure (inf: none)."""
+    if not 0.0 < delta < 1.0:
+        raise InputError(f"delta must be in (0, 1), got {delta}")
+    if not 0.0 <= eps <= 1.0:
+        raise InputError(f"epsilon must be in [0, 1], got {eps}")
+    c = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(acceptable, dtype=bool)
+    if c.ndim != 2 or c.shape != ok.shape:
+        raise InputError("joint traces must be [samples, exits] arrays of the same shape")
+    n = c.shape[0]
+    candidates = np.unique(c[np.isfinite(c)])[::-1]
+    if n == 0 or eps >= 1.0 or candidates.size == 0:
+        return float("inf")
+    rows = np.arange(n)
+    passed = float("inf")
+    for lam in candidates:
+        leaves = c >= lam  # NaN compares false: never leaves on an undefined score
+        gone = leaves.any(1)
+        bad = int((gone & ~ok[rows, leaves.argmax(1)]).sum())
+        if binomial_p_value(np.array([n - bad]), np.array([n]), eps)[0] > delta:
+            break
+        passed = float(lam)
+    return passed

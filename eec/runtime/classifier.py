@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eec.calib.thresholds import cascade_thresholds, risk_controlled_threshold, valade_threshold
+from eec.calib.thresholds import cascade_thresholds, joint_threshold, risk_controlled_threshold, valade_threshold
 from eec.errors import ArtifactError, InputError, InputTypeError
 from eec.runtime.classifier_manifest import (
     EXIT_SCORE,
@@ -74,7 +74,7 @@ METRICS = ("max-prob", "top2-margin", "neg-entropy", "patience", "ensemble", "pa
 STATEFUL = ("patience", "ensemble", "patience-confidence")  # scores that carry state from exit to exit
 PCEE_PATIENCE = 2  # patience-confidence: the exits in a row that must all be confident
 MODES = ("early-exit", "full")
-RULES = ("risk", "valade")
+RULES = ("risk", "valade", "joint")
 CRITERIA = ("agreement", "accuracy")  # what ε holds exits to: full mode's answers, or the labels
 DEFAULT_EPSILON = 0.95
 _TINY = 1e-30  # probabilities are clipped here before a log: a softmax in float32 underflows to 0
@@ -162,13 +162,17 @@ def fit_cascade(probs: np.ndarray, metric: str, eps: float, rule: str = "risk", 
     """τ for each exit at ε from stored probabilities ``[samples, exits + 1, classes]``, in cascade order: each
     exit fitted on the samples the earlier ones keep. Without ``labels`` an exit's answer counts as right when
     it equals the final classifier's (agreement); with them, unless it is wrong where the final classifier is
-    right (accuracy: leaving early may lose at most 1 - ε of the exited samples' right answers)."""
+    right (accuracy: leaving early may lose at most 1 - ε of the exited samples' right answers). Rule "joint":
+    one threshold for every exit, certified on the whole set (ε of all samples, `joint_threshold`)."""
     scores, answers = replay(probs, metric, learned)
     if labels is None:
         kept = answers[:, :-1] == answers[:, -1:]
     else:
         truth = np.asarray(labels)[:, None]
         kept = ~((answers[:, :-1] != truth) & (answers[:, -1:] == truth))
+
+    if rule == "joint":
+        return [joint_threshold(scores[:, :-1], kept, eps, delta)] * (probs.shape[1] - 1)
 
     def fit(c, t, e):
         c, t = c[~np.isnan(c)], t[~np.isnan(c)]  # undefined scores (NaN) never exit: left out of the fit
@@ -438,7 +442,8 @@ class EarlyExitClassifier:
         ``mode="full"`` runs every sample to the final classifier. In early
         exit the thresholds are ``thresholds`` (one number for every exit, one
         per exit, or a dict by stage) or the calibrated ones for ``epsilon`` (default 0.95) under
-        ``rule`` ("risk", holding with probability 1 - ``delta``, or "valade"), ε being agreement with the
+        ``rule`` ("risk", holding with probability 1 - ``delta``; "valade"; or "joint", one threshold for every
+        exit and ε over all samples rather than each exit's, with probability 1 - ``delta``), ε being agreement with the
         final classifier or, with ``criterion="accuracy"`` on a labeled calibration set, accuracy: at most
         1 - ε of the exited samples leave with a wrong answer where the final classifier's is right.
         Texts run in batches of up to ``batch_size`` texts of similar length: the list is sorted by length
