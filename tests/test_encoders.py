@@ -309,6 +309,21 @@ def test_accuracy_criterion_is_fitted_against_the_labels(tmp_path, encoders):
         load(copy).classify(texts[:2], epsilon=eps, criterion="accuracy")
 
 
+def test_a_manifest_with_an_unknown_meaning_of_epsilon_is_refused(tmp_path, encoders):
+    from eec.errors import ArtifactError
+
+    _, _, art = encoders["distilbert"]
+    for field, value, message in [("criterion", "labels", "criterion must be one of"),
+                                  ("rule", "best", "rule one of"), ("labeled", False, "accuracy only with labels")]:
+        copy = tmp_path / f"{field}.eec"
+        shutil.copytree(art, copy)
+        raw = json.loads((copy / "manifest.json").read_text())
+        raw["calibration"].update({"criterion": "accuracy"} if field == "labeled" else {}, **{field: value})
+        (copy / "manifest.json").write_text(json.dumps(raw))
+        with pytest.raises(ArtifactError, match=message):
+            load(copy)
+
+
 def test_bad_text_inputs(encoders):
     _, _, art = encoders["roberta"]
     clf = load(art)
@@ -320,13 +335,16 @@ def test_bad_text_inputs(encoders):
         clf.classify(["a"], batch_size=0)
 
 
-def test_exits_auto_keeps_the_cheapest_set_on_hand_prices(tmp_path, encoders, monkeypatch):
+@pytest.mark.parametrize("criterion, rule, eps", [("agreement", "risk", 0.8), ("accuracy", "joint", 0.9)])
+def test_exits_auto_keeps_the_cheapest_set_on_hand_prices(tmp_path, encoders, monkeypatch, criterion, rule, eps):
     """Every layer a candidate (no trained heads), segments priced by hand; the reference is transformers'
-    probabilities on the calibration texts, each subset's cascade thresholds fitted by hand."""
+    probabilities on the calibration texts, each subset's thresholds fitted by hand: a cascade of risk-rule
+    thresholds on agreement, or one joint threshold on accuracy against the labels."""
     import itertools
 
     import eec.targets.classifier_profiling as profiling
     from eec.calib.thresholds import risk_controlled_threshold
+    from tests.test_thresholds import _joint_by_hand
 
     model, tok, art = encoders["bert"]
     data = art.parent / "bert.jsonl"
@@ -338,19 +356,25 @@ def test_exits_auto_keeps_the_cheapest_set_on_hand_prices(tmp_path, encoders, mo
         return [p + h for p, h in zip(plain, head)] + [final] if heads else list(plain)
 
     monkeypatch.setattr(profiling, "measure", hand_prices)
-    eps = 0.8
     manifest = compile_encoder(art.parent / "bert", tmp_path / "auto.eec", exits="auto", data=data,
-                               metric="max-prob", placement_eps=eps)
+                               metric="max-prob", placement_eps=eps, criterion=criterion, rule=rule)
     assert measured[0][:2] == (4, True) and measured[1][:2] == (3, False) and measured[0][2][0] == 1
 
-    texts = [json.loads(line)["text"] for line in open(data)]
+    rows = [json.loads(line) for line in open(data)]
+    texts, labels = [r["text"] for r in rows], np.array([int(r["label"][-1]) for r in rows])
     ref = reference(model, tok, texts)
     conf = np.stack([ref[k].max(-1) for k in (1, 2, 3)], 1)
-    agreed = np.stack([ref[k].argmax(-1) == ref[LAYERS].argmax(-1) for k in (1, 2, 3)], 1)
+    answers, last = np.stack([ref[k].argmax(-1) for k in (1, 2, 3)], 1), ref[LAYERS].argmax(-1)
+    if criterion == "agreement":
+        agreed = answers == last[:, None]
+    else:
+        agreed = ~((answers != labels[:, None]) & (last == labels)[:, None])
 
     def price(kept: tuple[int, ...]) -> float:
         remaining, taus = np.ones(len(texts), bool), []
-        for k in kept:
+        if rule == "joint" and kept:
+            taus = [_joint_by_hand(conf[:, list(kept)], agreed[:, list(kept)], eps, 0.1)] * len(kept)
+        for k in kept if rule == "risk" else ():
             taus.append(risk_controlled_threshold(conf[remaining, k], agreed[remaining, k], eps))
             remaining &= ~(conf[:, k] >= taus[-1])
         total = 0.0
@@ -372,6 +396,12 @@ def test_exits_auto_keeps_the_cheapest_set_on_hand_prices(tmp_path, encoders, mo
     clf = load(tmp_path / "auto.eec")  # the chosen set, rebuilt alone, calibrated, and running
     got = clf.classify(TEXTS, mode="full")
     np.testing.assert_allclose(got.probs, reference(model, tok, TEXTS)[LAYERS], rtol=0, atol=2e-5)
+    cal = clf.manifest.calibration  # what ε means by default is what the exits were placed for
+    assert (cal.criterion, cal.rule) == (criterion, rule) and manifest.placement["rule"] == rule
+    if best:
+        assert clf.thresholds_for(eps) == pytest.approx(clf.thresholds_for(eps, rule=rule, criterion=criterion))
+        other = clf.thresholds_for(eps, rule="risk" if rule == "joint" else "joint", criterion=criterion)
+        assert clf.thresholds_for(eps) != pytest.approx(other)  # the default is not the other rule's
 
 
 def test_bad_compile_inputs(tmp_path, encoders):
@@ -389,6 +419,13 @@ def test_bad_compile_inputs(tmp_path, encoders):
     run_fails(["compile", hf, "-o", out, "--exits", "auto"], "--exits auto needs held-out texts", "--data")
     run_fails(["compile", hf, "-o", out, "--exits", "auto", "--data", art.parent / "bert.jsonl", "--eps", "1.5"],
               "--eps must be in [0, 1]")
+    (tmp_path / "unlabeled.jsonl").write_text(json.dumps({"text": "the cat"}) + "\n")
+    run_fails(["compile", hf, "-o", out, "--criterion", "labels"], "unknown criterion 'labels'", "agreement, accuracy")
+    run_fails(["compile", hf, "-o", out, "--rule", "best"], "unknown threshold rule 'best'", "risk, valade, joint")
+    run_fails(["compile", hf, "-o", out, "--criterion", "accuracy"], "needs labeled calibration data")
+    run_fails(["compile", hf, "-o", out, "--criterion", "accuracy", "--data", tmp_path / "unlabeled.jsonl"],
+              "needs labels")
+    (tmp_path / "unlabeled.jsonl").unlink()
     config = json.loads((hf / "config.json").read_text())
     other = tmp_path / "gpt2"
     other.mkdir()

@@ -162,23 +162,39 @@ def simulate(probs: np.ndarray, thresholds: list[float], metric: str, learned: n
     return {"segment": leave_at, "answer": answer, "agreement": float((answer == answers[:, -1]).mean())}
 
 
-def fit_thresholds(probs: np.ndarray, metric: str, eps: float, learned: np.ndarray | None = None) -> list[float]:
-    """The risk-controlled thresholds (δ = 0.1) at ε, in cascade order, as the runtime computes them."""
+def check_meaning(criterion: str, rule: str, data) -> None:
+    """Refuse an unknown criterion or rule, or the accuracy criterion without calibration data, before building."""
+    from eec.runtime.classifier_manifest import CRITERIA, RULES
+
+    if criterion not in CRITERIA:
+        raise InputError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    if rule not in RULES:
+        raise InputError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
+    if criterion == "accuracy" and data is None:
+        raise InputError("--criterion accuracy needs labeled calibration data: pass --data")
+
+
+def fit_thresholds(probs: np.ndarray, metric: str, eps: float, learned: np.ndarray | None = None,
+                   rule: str = "risk", labels: np.ndarray | None = None) -> list[float]:
+    """The thresholds (δ = 0.1) at ε by ``rule``, of accuracy against ``labels`` where given (else agreement),
+    as the runtime computes them."""
     from eec.runtime.classifier import fit_cascade
 
-    return fit_cascade(probs, metric, eps, "risk", 0.1, learned)
+    return fit_cascade(probs, metric, eps, rule, 0.1, learned, labels)
 
 
-def choose_metric(probs: np.ndarray, stops: list[int], learned: np.ndarray | None = None) -> str:
-    """The metric whose thresholds at ε = `METRIC_EPS` leave the fewest stages run on the calibration set."""
+def choose_metric(probs: np.ndarray, stops: list[int], learned: np.ndarray | None = None, rule: str = "risk",
+                  labels: np.ndarray | None = None) -> str:
+    """The metric whose thresholds at ε = `METRIC_EPS` (by ``rule``, of accuracy where ``labels`` are given)
+    leave the fewest stages run on the calibration set."""
     from eec.runtime.classifier import METRICS
 
     if len(stops) == 1:
         return "max-prob"
     cost = np.asarray(stops, np.float64)
     metrics = [m for m in METRICS if m != "learned" or learned is not None]
-    return min(metrics, key=lambda m: float(cost[simulate(probs, fit_thresholds(probs, m, METRIC_EPS, learned), m,
-                                                          learned)["segment"]].mean()))
+    return min(metrics, key=lambda m: float(cost[simulate(probs, fit_thresholds(probs, m, METRIC_EPS, learned, rule,
+                                                                                labels), m, learned)["segment"]].mean()))
 
 
 MAX_AUTO_HEADS = 12  # `--exits auto`: 4096 subsets, each replayed on the calibration set in well under a second
@@ -192,7 +208,8 @@ def check_auto_candidates(candidates: list[int]) -> None:
 
 
 def cheapest_exit_set(probs: np.ndarray, body_s: list[float], head_s: list[float], eps: float,
-                      metric: str | None = None, learned: np.ndarray | None = None) -> tuple[float, list[int], str]:
+                      metric: str | None = None, learned: np.ndarray | None = None, rule: str = "risk",
+                      labels: np.ndarray | None = None) -> tuple[float, list[int], str]:
     """`--exits auto`: of every subset of an artifact's exits, the one with the lowest expected time a sample
     at ``eps``, with the metric that gives it (``metric`` alone where given); (expected seconds, indices of
     the exits kept, metric).
@@ -200,8 +217,9 @@ def cheapest_exit_set(probs: np.ndarray, body_s: list[float], head_s: list[float
     ``probs`` ``[samples, exits + 1, classes]``: calibration probabilities at every candidate exit and
     the final classifier; ``body_s``: each segment's time without its head (the last one's whole call);
     ``head_s``: each exit head's share of its segment's call. A subset's segment is priced as the segments
-    it spans, with only its own heads. Each subset is replayed with its own thresholds (patience and the
-    ensemble depend on which exits are kept), and a sample costs what it ran until it left.
+    it spans, with only its own heads. Each subset is replayed with its own thresholds (by ``rule``, of accuracy
+    against ``labels`` where given; patience and the ensemble depend on which exits are kept), and a sample
+    costs what it ran until it left.
     """
     from eec.runtime.classifier import METRICS
 
@@ -216,7 +234,8 @@ def cheapest_exit_set(probs: np.ndarray, body_s: list[float], head_s: list[float
             ends = [h + 1 for h in subset] + [exits + 1]
             cost = np.array([sum(body_s[:end]) + sum(head_s[h] for h in subset[:j + 1]) for j, end in enumerate(ends)])
             for m in metrics:
-                leave = simulate(sub, fit_thresholds(sub, m, eps, sub_learned), m, sub_learned)["segment"]
+                leave = simulate(sub, fit_thresholds(sub, m, eps, sub_learned, rule, labels), m,
+                                 sub_learned)["segment"]
                 expected = float(cost[leave].mean())
                 if best is None or expected < best[0]:
                     best = (expected, list(subset), m)
@@ -225,36 +244,45 @@ def cheapest_exit_set(probs: np.ndarray, body_s: list[float], head_s: list[float
 
 def place_by_times(probs: np.ndarray, with_head_s: list[float], plain_s: list[float], candidates: list[int],
                    eps: float, metric: str | None = None, learned: np.ndarray | None = None,
-                   words: tuple[str, str, str] = ("stages", "sample", "the whole network")) -> tuple[list[int], dict]:
+                   words: tuple[str, str, str] = ("stages", "sample", "the whole network"), rule: str = "risk",
+                   labels: np.ndarray | None = None) -> tuple[list[int], dict]:
     """`--exits auto` from measured calls: each segment timed with its head inside (``with_head_s``, the last
     segment's whole call) and without (``plain_s``), the head priced as the difference; the cheapest subset
     of ``candidates`` (`cheapest_exit_set`) and the placement record, its report worded with ``words`` (what
     exits follow, what a sample is, what full mode runs)."""
     head_s = [max(w - p, 0.0) for w, p in zip(with_head_s, plain_s)]
     body_s = list(plain_s) + [with_head_s[-1]]
-    expected, subset, chosen = cheapest_exit_set(probs, body_s, head_s, eps, metric, learned)
+    expected, subset, chosen = cheapest_exit_set(probs, body_s, head_s, eps, metric, learned, rule, labels)
     kept = [candidates[h] for h in subset]
     full = sum(body_s)
     after, sample, whole = words
-    report = [f"--exits auto at ε = {eps}: exits after {after} {kept or 'none'} (metric {chosen}), expected "
+    criterion = "agreement" if labels is None else "accuracy"
+    report = [f"--exits auto at ε = {eps} ({criterion}, rule {rule}): exits after {after} {kept or 'none'} "
+              f"(metric {chosen}), expected "
               f"{expected * 1e6:.0f} µs a {sample} at batch 1 against {full * 1e6:.0f} µs for {whole} "
               f"({full / expected:.2f}x)"]
-    return kept, {"eps": eps, "exits": kept, "metric": chosen, "expected_s": expected, "full_s": full,
+    return kept, {"eps": eps, "criterion": criterion, "rule": rule, "exits": kept, "metric": chosen,
+                  "expected_s": expected, "full_s": full,
                   "segment_s": body_s, "head_s": head_s, "candidates": candidates, "report": report}
 
 
 def write_calibration(root: Path, manifest, probs: np.ndarray, labels: np.ndarray | None, metric: str | None,
-                      learned: np.ndarray | None = None):
+                      learned: np.ndarray | None = None, criterion: str = "agreement", rule: str = "risk"):
     """Store the probabilities (and learned exit scores) in the artifact folder ``root`` (being built, or a staged
-    copy); the manifest with its calibration and files updated, not yet written."""
+    copy); the manifest with its calibration (``criterion`` and ``rule``: what ε means by default) and files
+    updated, not yet written."""
+    if criterion == "accuracy" and labels is None:
+        raise InputError("criterion 'accuracy' needs labels: give every calibration row a label")
     from eec.runtime.classifier_manifest import ClassifierCalibration
     from eec.runtime.manifest import sha256_file
 
     extra = {} if learned is None else {"learned": learned.astype(np.float32)}
     with open(root / CALIBRATION, "wb") as f:
         np.savez(f, probs=probs, labels=labels if labels is not None else np.full(len(probs), -1, np.int64), **extra)
-    metric = metric or choose_metric(probs, [s.stop for s in manifest.segments], learned)
-    return replace(manifest, calibration=ClassifierCalibration(CALIBRATION, len(probs), labels is not None, metric),
+    metric = metric or choose_metric(probs, [s.stop for s in manifest.segments], learned, rule,
+                                     labels if criterion == "accuracy" else None)
+    return replace(manifest, calibration=ClassifierCalibration(CALIBRATION, len(probs), labels is not None, metric,
+                                                               criterion, rule),
                    files={**manifest.files, CALIBRATION: sha256_file(root / CALIBRATION)})
 
 
@@ -270,6 +298,11 @@ def calibrate_classifier(artifact: str | os.PathLike, x, y: np.ndarray | None, m
     model = load_classifier(root)  # refuse a tampered artifact before building on it
     if metric is not None and metric not in METRICS:
         raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    old = model.manifest.calibration
+    criterion, rule = (old.criterion, old.rule) if old else ("agreement", "risk")  # what its exits were placed for
+    if criterion == "accuracy" and y is None:
+        raise InputError("this artifact's ε is accuracy against labels (compiled with --criterion accuracy): "
+                         "calibrate it on a file whose rows have a label")
     if model.text is not None:
         batches, n, _ = model.text.batches(x, 32)
     else:
@@ -286,7 +319,7 @@ def calibrate_classifier(artifact: str | os.PathLike, x, y: np.ndarray | None, m
                            n, progress, learned=model.manifest.learned_exit)
     probs, learned = traced if model.manifest.learned_exit else (traced, None)
     with restaged(root, replaced=(CALIBRATION,)) as stage:
-        manifest = write_calibration(stage, model.manifest, probs, y, metric, learned)
+        manifest = write_calibration(stage, model.manifest, probs, y, metric, learned, criterion, rule)
         write_manifest(stage, manifest)
     return manifest
 
@@ -294,8 +327,8 @@ def calibrate_classifier(artifact: str | os.PathLike, x, y: np.ndarray | None, m
 REPORT_LEVELS = (0.9, 0.95, 0.99)
 
 
-def report(model, levels=REPORT_LEVELS, metric: str | None = None, rule: str = "risk",
-           criterion: str = "agreement") -> list[dict]:
+def report(model, levels=REPORT_LEVELS, metric: str | None = None, rule: str | None = None,
+           criterion: str | None = None) -> list[dict]:
     """What early exit would do on the calibration set itself at each ε (of ``criterion``): the thresholds, the
     share of samples that leave early, the mean stages run, agreement with the final classifier and, where the
     set was labeled, accuracy (its own and the final classifier's)."""

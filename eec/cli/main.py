@@ -263,6 +263,10 @@ def compile_cmd(
                                     "(lossless): on, off, or auto (where there are exits and it is up to 64 MB)"),
     data: Optional[Path] = typer.Option(None, help="classifier networks: held-out inputs as an .npz with x (and "
                                         "optionally labels y), for thresholds, static int8 and --exits auto"),
+    criterion: str = typer.Option("agreement", help="classifiers: what ε holds exits to, agreement with full mode "
+                                  "or accuracy against --data's labels; placement's and the artifact's default"),
+    rule: str = typer.Option("risk", help="classifiers: threshold rule, risk (each exit's takers), joint (one "
+                             "threshold, ε over all samples) or valade; placement's and the artifact's default"),
 ) -> None:
     """Compile MODEL into per-segment ONNX graphs with exit heads, then calibrate them.
 
@@ -279,10 +283,13 @@ def compile_cmd(
         if given:
             raise InputError(f"{', '.join(given)} applies to decoders; {model} is a classifier network")
         _compile_classifier(model, output or default_output(model, target), exits, target, precision, data,
-                            metric, 0.99 if eps is None else eps, overwrite)
+                            metric, 0.99 if eps is None else eps, overwrite, criterion, rule)
         return
     if data is not None:
         raise InputError("--data is for classifier networks; decoders calibrate on --prompts")
+    if criterion != "agreement" or rule != "risk":
+        raise InputError("--criterion and --rule are for classifier networks; a decoder's rule is chosen when it "
+                         "runs (eec generate --rule)")
     eps = 0.9 if eps is None else eps
     _torch_side()
     from eec.compiler import compile_model
@@ -310,7 +317,8 @@ def compile_cmd(
 
 
 def _compile_classifier(model: Path, output: Path, exits: str | None, target: str, precision: str | None,
-                        data: Path | None, metric: str | None, eps: float, overwrite: bool) -> None:
+                        data: Path | None, metric: str | None, eps: float, overwrite: bool, criterion: str,
+                        rule: str) -> None:
     """A branched network file (`save_early_exit`), or a Hugging Face sequence classifier directory or the
     checkpoint `eec train` wrote for one."""
     from eec.compiler.branched import is_branched_file
@@ -322,12 +330,14 @@ def _compile_classifier(model: Path, output: Path, exits: str | None, target: st
             from eec.compiler.encoder_pipeline import compile_encoder
 
             manifest = compile_encoder(model, output, exits=stages, target=target, precision=precision, data=data,
-                                       metric=metric, placement_eps=eps, overwrite=overwrite, progress=update)
+                                       metric=metric, placement_eps=eps, overwrite=overwrite, criterion=criterion,
+                                       rule=rule, progress=update)
         else:
             from eec.compiler.branched_pipeline import compile_branched
 
             manifest = compile_branched(model, output, exits=stages, target=target, precision=precision, data=data,
-                                        metric=metric, placement_eps=eps, overwrite=overwrite, progress=update)
+                                        metric=metric, placement_eps=eps, overwrite=overwrite, criterion=criterion,
+                                        rule=rule, progress=update)
     for line in (manifest.placement or {}).get("report", []):
         err.print(line)
     cal = manifest.calibration
@@ -710,7 +720,7 @@ def _classifier_report(artifact: Path) -> None:
                           *[f"{t:.3f}" for t in r["thresholds"]], f"{r['exit_rate']:.2f}",
                           f"{r['mean_stages']:.2f} of {model.num_stages}", f"{r['agreement']:.4f}", *accuracy)
     err.print(f"calibrated on {cal.samples} {'labeled ' if cal.labeled else ''}samples, metric {cal.metric}; on "
-              "the calibration set itself (risk rule, δ = 0.1)"
+              f"the calibration set itself ({cal.rule} rule, δ = 0.1)"
               + (", ε of agreement with full mode or of accuracy (criterion='accuracy'):" if cal.labeled else ":"))
     err.print(table)
 

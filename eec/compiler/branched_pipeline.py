@@ -37,6 +37,7 @@ from eec.compiler.branched import HEAD_IN, HEAD_OUT, STAGE_IN, STAGE_OUT, Branch
 from eec.compiler.weights import store_weights_once
 from eec.calib.classifier_calibration import (
     check_auto_candidates,
+    check_meaning,
     place_by_times,
     no_progress,
     read_npz,
@@ -69,14 +70,15 @@ CHECK_RTOL = 1e-4
 def compile_branched(source: str | os.PathLike, out: str | os.PathLike, *, exits: list[int] | str | None = None,
                      target: str = "cpu", precision: str | None = None, data: str | os.PathLike | None = None,
                      metric: str | None = None, placement_eps: float = 0.99, overwrite: bool = False,
-                     progress=no_progress) -> ClassifierManifest:
+                     criterion: str = "agreement", rule: str = "risk", progress=no_progress) -> ClassifierManifest:
     """Compile the branched network file ``source`` into the classifier artifact ``out``.
 
     ``exits``: the stages whose heads to keep as early exits (default every
     head; ``[]`` none; ``"auto"``, the set with the lowest measured latency at
     ``placement_eps``, which needs ``data``). ``data``: an .npz with ``x``
     (held-out inputs) and optionally ``y`` (their labels), for thresholds
-    and static int8.
+    and static int8. ``criterion`` and ``rule``: what ε means, for placement
+    and by default at run time (`EarlyExitClassifier.classify`).
     """
     out = Path(out).absolute()
     tgt = get_target(target, placed=exits == "auto")
@@ -93,6 +95,7 @@ def compile_branched(source: str | os.PathLike, out: str | os.PathLike, *, exits
             raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     if not 0.0 <= placement_eps <= 1.0:
         raise InputError(f"--eps must be in [0, 1], got {placement_eps}")
+    check_meaning(criterion, rule, data)
     if data is None and (precision == "int8" or exits == "auto"):
         raise InputError(f"{'static int8' if precision == 'int8' else '--exits auto'} needs calibration inputs: "
                          "pass --data calib.npz (held-out inputs x, optional labels y)")
@@ -108,6 +111,9 @@ def compile_branched(source: str | os.PathLike, out: str | os.PathLike, *, exits
                              f"the network's early exits follow stages {heads or 'none'}")
         kept = sorted(set(exits))
     x, y = (None, None) if data is None else read_data(Path(data), net)
+    if criterion == "accuracy" and y is None:
+        raise InputError(f"--criterion accuracy needs labels: {data} has no y")
+    meaning = {"criterion": criterion, "rule": rule}
 
     with output_lock(out):
         check_output(out, overwrite)
@@ -116,9 +122,11 @@ def compile_branched(source: str | os.PathLike, out: str | os.PathLike, *, exits
             placement = None
             if exits == "auto":
                 kept, placement = place_exits(net, heads, precision, x, placement_eps, metric, progress,
-                                              for_cpu=tgt.backend == CPU)
+                                              for_cpu=tgt.backend == CPU, rule=rule,
+                                              labels=y if criterion == "accuracy" else None)
                 metric = metric or placement["metric"]
-            manifest = _build(net, kept, tmp, tgt.name, precision, x, y, metric, progress, Path(source), placement)
+            manifest = _build(net, kept, tmp, tgt.name, precision, x, y, metric, progress, Path(source), placement,
+                              meaning)
             replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -250,7 +258,7 @@ def build_graphs(net: BranchedNetwork, kept: list[int], precision: str, x, progr
 
 
 def _build(net: BranchedNetwork, kept: list[int], tmp: Path, target: str, precision: str, x, y, metric,
-           progress, source: Path, placement: dict | None) -> ClassifierManifest:
+           progress, source: Path, placement: dict | None, meaning: dict | None = None) -> ClassifierManifest:
     import onnx
 
     segments, graphs = build_graphs(net, kept, precision, x, progress, for_cpu=get_target(target).backend == CPU)
@@ -266,7 +274,7 @@ def _build(net: BranchedNetwork, kept: list[int], tmp: Path, target: str, precis
     )
     if x is not None:
         probs = trace_probs(_sessions(graphs), manifest.num_classes, x, progress)
-        manifest = write_calibration(tmp, manifest, probs, y, metric)
+        manifest = write_calibration(tmp, manifest, probs, y, metric, **(meaning or {}))
     return _finish(tmp, manifest)
 
 
@@ -328,7 +336,8 @@ def _sessions(graphs: list[dict]) -> list:
 
 
 def place_exits(net: BranchedNetwork, heads: list[int], precision: str, x, eps: float, metric: str | None,
-                progress=no_progress, for_cpu: bool = True) -> tuple[list[int], dict]:
+                progress=no_progress, for_cpu: bool = True, rule: str = "risk",
+                labels=None) -> tuple[list[int], dict]:
     """The early exits (a subset of ``heads``) with the lowest expected latency at ``eps`` on ``x``: every head
     built, each segment between consecutive heads timed here at batch 1 with its head inside and without
     (`place_by_times` prices the head as the difference and every subset)."""
@@ -339,4 +348,4 @@ def place_exits(net: BranchedNetwork, heads: list[int], precision: str, x, eps: 
     with_head = measure(sessions, x)
     plain = measure([session(roles[PLAIN]) for roles in graphs[:-1]], x, heads=False)
     probs = trace_probs(sessions, net.num_classes, x, progress)
-    return place_by_times(probs, with_head, plain, heads, eps, metric)
+    return place_by_times(probs, with_head, plain, heads, eps, metric, rule=rule, labels=labels)

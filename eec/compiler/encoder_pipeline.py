@@ -22,7 +22,7 @@ import numpy as np
 
 from eec import __version__
 from eec.calib.classifier_calibration import (check_auto_candidates, no_progress, read_texts, trace_batches,
-                                             write_calibration)
+                                             check_meaning, write_calibration)
 from eec.compiler.encoders import EncoderSegment, SharedHead, SourceEncoder, load_encoder, load_encoder_checkpoint
 from eec.compiler.weights import store_weights_once
 from eec.errors import CompileError, InputError
@@ -57,7 +57,7 @@ def default_exits(num_layers: int) -> list[int]:
 def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits: list[int] | str | None = None,
                     target: str = "cpu", precision: str | None = None, data: str | os.PathLike | None = None,
                     metric: str | None = None, placement_eps: float = 0.99, overwrite: bool = False,
-                    progress=no_progress) -> ClassifierManifest:
+                    criterion: str = "agreement", rule: str = "risk", progress=no_progress) -> ClassifierManifest:
     """Compile the Hugging Face sequence classifier directory ``source`` (or the checkpoint `eec train` wrote
     for one, with its trained exit heads) into the artifact ``out``.
 
@@ -65,7 +65,8 @@ def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits:
     none; ``"auto"``: of the checkpoint's heads, else every layer, the set with the lowest measured
     latency at ``placement_eps``, which needs ``data``); an exit without a trained head reuses the
     model's own classifier; ``data``: held-out texts (JSONL or CSV, a ``text`` column and optionally
-    ``label``) to calibrate on."""
+    ``label``) to calibrate on; ``criterion`` and ``rule``: what ε means, for placement and by default at run
+    time (`EarlyExitClassifier.classify`)."""
     out = Path(out).absolute()
     tgt = get_target(target)
     if tgt.backend != "onnxruntime-cpu":
@@ -79,6 +80,7 @@ def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits:
         raise InputError("--exits auto needs held-out texts to calibrate on: pass --data calib.jsonl")
     if not 0.0 <= placement_eps <= 1.0:
         raise InputError(f"--eps must be in [0, 1], got {placement_eps}")
+    check_meaning(criterion, rule, data)
     if metric is not None:
         from eec.runtime.classifier import METRICS
 
@@ -97,17 +99,21 @@ def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits:
     if bad:
         raise InputError(f"--exits {bad}: exits sit after 1..{layers - 1} layers (this model has {layers})")
     texts, labels = (None, None) if data is None else read_texts(Path(data), src.class_names, src.num_labels)
+    if criterion == "accuracy" and labels is None:
+        raise InputError(f"--criterion accuracy needs labels: {data} has no label column")
+    meaning = {"criterion": criterion, "rule": rule}
     with output_lock(out):
         check_output(out, overwrite)
         tmp = new_stage(out, "build")
         try:
             placement = None
             if auto:  # every candidate built and calibrated, timed here; then the chosen set built alone
-                kept, placement = _place(src, kept, tmp, tgt.name, texts, labels, placement_eps, metric, progress)
+                kept, placement = _place(src, kept, tmp, tgt.name, texts, labels, placement_eps, metric, progress,
+                                         meaning)
                 metric = metric or placement["metric"]
                 shutil.rmtree(tmp)
                 tmp = new_stage(out, "build")
-            manifest = _build(src, kept, tmp, tgt.name, texts, labels, metric, progress, placement)
+            manifest = _build(src, kept, tmp, tgt.name, texts, labels, metric, progress, placement, meaning)
             replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -116,7 +122,7 @@ def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits:
 
 
 def _place(src: SourceEncoder, candidates: list[int], tmp: Path, target: str, texts, labels, eps: float,
-           metric: str | None, progress) -> tuple[list[int], dict]:
+           metric: str | None, progress, meaning: dict) -> tuple[list[int], dict]:
     """The exits (a subset of ``candidates``) with the lowest expected latency a text at ``eps``: every
     candidate built and calibrated in ``tmp``, each segment's call timed here at batch 1 on the calibration
     text of median length, with its head and without (`place_by_times` prices the subsets)."""
@@ -125,7 +131,7 @@ def _place(src: SourceEncoder, candidates: list[int], tmp: Path, target: str, te
     from eec.targets.classifier_profiling import measure
 
     # the default metric this throwaway build stores is never read: "max-prob" spares choosing one
-    manifest = _build(src, candidates, tmp, target, texts, labels, metric or "max-prob", progress, None)
+    manifest = _build(src, candidates, tmp, target, texts, labels, metric or "max-prob", progress, None, meaning)
     model = load_classifier(tmp)
     progress("measuring segment latency", 0, 1)
     ids, _ = model.text.encode(texts)
@@ -136,11 +142,12 @@ def _place(src: SourceEncoder, candidates: list[int], tmp: Path, target: str, te
     plain = measure([g[PLAIN] for g in model.sessions[:-1]], one, heads=False, inputs=inputs[:-1], side=side)
     probs, _ = model.calibration()
     return place_by_times(probs, with_head, plain, candidates, eps, metric, model.learned_scores,
-                          ("layers", "text", "every layer"))
+                          ("layers", "text", "every layer"), meaning["rule"],
+                          labels if meaning["criterion"] == "accuracy" else None)
 
 
 def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, labels, metric,
-           progress, placement: dict | None = None) -> ClassifierManifest:
+           progress, placement: dict | None = None, meaning: dict | None = None) -> ClassifierManifest:
     (tmp / "graphs").mkdir()
     (tmp / TOKENIZER).write_text(src.tokenizer_json, encoding="utf-8")
     cuts = [*kept, src.num_layers]
@@ -180,7 +187,7 @@ def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, l
         traced = trace_batches(sessions, [s.inputs for s in segments], src.num_labels, batches, n, progress,
                                learned=manifest.learned_exit)
         probs, learned = traced if manifest.learned_exit else (traced, None)
-        manifest = write_calibration(tmp, manifest, probs, labels, metric, learned)
+        manifest = write_calibration(tmp, manifest, probs, labels, metric, learned, **(meaning or {}))
     manifest = replace(manifest, files=hash_files(tmp))
     check_fields(manifest)
     (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")

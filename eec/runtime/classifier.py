@@ -58,10 +58,12 @@ import numpy as np
 from eec.calib.thresholds import cascade_thresholds, joint_threshold, risk_controlled_threshold, valade_threshold
 from eec.errors import ArtifactError, InputError, InputTypeError
 from eec.runtime.classifier_manifest import (
+    CRITERIA,
     EXIT_SCORE,
     HIDDEN,
     MASK,
     PROBS,
+    RULES,
     ClassifierManifest,
     TextSpec,
     read_classifier_manifest,
@@ -74,8 +76,6 @@ METRICS = ("max-prob", "top2-margin", "neg-entropy", "patience", "ensemble", "pa
 STATEFUL = ("patience", "ensemble", "patience-confidence")  # scores that carry state from exit to exit
 PCEE_PATIENCE = 2  # patience-confidence: the exits in a row that must all be confident
 MODES = ("early-exit", "full")
-RULES = ("risk", "valade", "joint")
-CRITERIA = ("agreement", "accuracy")  # what ε holds exits to: full mode's answers, or the labels
 DEFAULT_EPSILON = 0.95
 _TINY = 1e-30  # probabilities are clipped here before a log: a softmax in float32 underflows to 0
 
@@ -357,21 +357,24 @@ class EarlyExitClassifier:
         self.calibration()
         return self._learned
 
-    def thresholds_for(self, epsilon: float, metric: str | None = None, rule: str = "risk",
-                       delta: float = 0.1, criterion: str = "agreement") -> list[float]:
+    def thresholds_for(self, epsilon: float, metric: str | None = None, rule: str | None = None,
+                       delta: float = 0.1, criterion: str | None = None) -> list[float]:
         """τ for each exit at level ε, in cascade order: ε of agreement with the final classifier, or with
-        ``criterion="accuracy"`` of accuracy against the calibration labels (see the module's docstring)."""
+        ``criterion="accuracy"`` of accuracy against the calibration labels (see the module's docstring); the
+        metric, rule and criterion not given are the artifact's (what its exits were placed for)."""
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon <= 1.0:
             raise InputError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
+        probs, labels = self.calibration()  # refuses an uncalibrated artifact
+        cal = self.manifest.calibration
+        rule, criterion = rule or cal.rule, criterion or cal.criterion
         if rule not in RULES:
             raise InputError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
         if criterion not in CRITERIA:
             raise InputError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
-        probs, labels = self.calibration()
         if criterion == "accuracy" and labels is None:
             raise InputError("criterion 'accuracy' needs a labeled calibration set; this artifact was calibrated "
                              "without labels (calibrate it on a file whose rows have a label)")
-        metric = metric or self.manifest.calibration.metric
+        metric = metric or cal.metric
         key = (float(epsilon), metric, rule, delta, criterion)
         if key not in self._thresholds:
             self._thresholds[key] = fit_cascade(probs, metric, float(epsilon), rule, delta, self._learned,
@@ -394,7 +397,7 @@ class EarlyExitClassifier:
             return [], metric  # nothing to decide: early exit is full mode
         if thresholds is None:
             return self.thresholds_for(DEFAULT_EPSILON if epsilon is None else epsilon, metric, rule, delta,
-                                       criterion or "agreement"), metric
+                                       criterion), metric
         if isinstance(thresholds, numbers.Real) and not isinstance(thresholds, bool):
             thresholds = [thresholds] * len(self.exits)  # one threshold for every exit
         if isinstance(thresholds, dict):
@@ -434,18 +437,19 @@ class EarlyExitClassifier:
         return np.ascontiguousarray(x)
 
     def classify(self, x, *, epsilon: float | None = None, thresholds=None, metric: str | None = None,
-                 mode: str = "early-exit", rule: str = "risk", delta: float = 0.1,
+                 mode: str = "early-exit", rule: str | None = None, delta: float = 0.1,
                  criterion: str | None = None, batch_size: int = 32) -> ClassifyResult:
         """Labels, probabilities and exits for a batch ``x``: an array ``[batch, *input_shape]``, or for a text
         classifier a list of texts (or one text).
 
-        ``mode="full"`` runs every sample to the final classifier. In early
-        exit the thresholds are ``thresholds`` (one number for every exit, one
-        per exit, or a dict by stage) or the calibrated ones for ``epsilon`` (default 0.95) under
-        ``rule`` ("risk", holding with probability 1 - ``delta``; "valade"; or "joint", one threshold for every
-        exit and ε over all samples rather than each exit's, with probability 1 - ``delta``), ε being agreement with the
-        final classifier or, with ``criterion="accuracy"`` on a labeled calibration set, accuracy: at most
-        1 - ε of the exited samples leave with a wrong answer where the final classifier's is right.
+        ``mode="full"`` runs every sample to the final classifier. In early exit the thresholds are
+        ``thresholds`` (one number for every exit, one per exit, or a dict by stage) or the calibrated ones for
+        ``epsilon`` (default 0.95). ``criterion``: what ε holds exits to, agreement with the final classifier
+        or, on a labeled calibration set, "accuracy" (at most 1 - ε of the exited samples leave with a wrong
+        answer where the final classifier's is right). ``rule``: "risk" (each exit's takers, holding with
+        probability 1 - ``delta``), "valade" (a point estimate), or "joint" (one threshold for every exit, ε
+        over all samples, with probability 1 - ``delta``). Not given, both are the artifact's: those its
+        exits were placed for (`eec compile --criterion --rule`), else agreement and risk.
         Texts run in batches of up to ``batch_size`` texts of similar length: the list is sorted by length
         and cut where padding would cost more than another call, so a list of mixed lengths runs as a few
         batches that pad little; the results are in the order given.

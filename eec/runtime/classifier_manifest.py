@@ -53,12 +53,19 @@ class TextSpec:
     pad_id: int  # the id that fills a batch's shorter rows (their mask is 0 there)
 
 
+RULES = ("risk", "valade", "joint")  # threshold rules (eec.runtime.classifier.fit_cascade)
+CRITERIA = ("agreement", "accuracy")  # what ε holds exits to: full mode's answers, or the labels
+
+
 @dataclass(frozen=True)
 class ClassifierCalibration:
     file: str  # npz: `probs` [samples, segments, classes] (every exit's, the final last), `labels` [samples] or -1
     samples: int
     labeled: bool  # the calibration set came with labels (accuracy is reported beside agreement)
     metric: str  # the default confidence metric (eec.runtime.classifier.METRICS)
+    # what ε means when `classify` is not told: the criterion and rule `--exits auto` placed the exits for
+    criterion: str = "agreement"
+    rule: str = "risk"
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,10 @@ def check_fields(m: ClassifierManifest) -> None:
     if cal is not None and not (isinstance(cal.file, str) and isinstance(cal.metric, str)
                                 and _whole(cal.samples, 1, 1 << 40) and isinstance(cal.labeled, bool)):
         raise _bad("calibration: file and metric must be text, samples a whole number, labeled true or false")
+    if cal is not None and (cal.criterion not in CRITERIA or cal.rule not in RULES
+                            or (cal.criterion == "accuracy" and not cal.labeled)):
+        raise _bad(f"calibration: criterion must be one of {', '.join(CRITERIA)} (accuracy only with labels), "
+                   f"rule one of {', '.join(RULES)}")
 
 
 def named_files(m: ClassifierManifest) -> list[str]:
