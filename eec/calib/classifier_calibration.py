@@ -164,12 +164,9 @@ def simulate(probs: np.ndarray, thresholds: list[float], metric: str, learned: n
 
 def check_meaning(criterion: str, rule: str, data) -> None:
     """Refuse an unknown criterion or rule, or the accuracy criterion without calibration data, before building."""
-    from eec.runtime.classifier_manifest import CRITERIA, RULES
+    from eec.runtime.classifier_manifest import check_meaning as check_names
 
-    if criterion not in CRITERIA:
-        raise InputError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
-    if rule not in RULES:
-        raise InputError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
+    check_names(criterion, rule)
     if criterion == "accuracy" and data is None:
         raise InputError("--criterion accuracy needs labeled calibration data: pass --data")
 

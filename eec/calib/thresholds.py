@@ -157,13 +157,21 @@ def joint_threshold(confidence: np.ndarray, acceptable: np.ndarray, eps: float, 
     candidates = np.unique(c[np.isfinite(c)])[::-1]
     if n == 0 or eps >= 1.0 or candidates.size == 0:
         return float("inf")
+    # n is the same at every candidate, so the test is one count: the fewest acceptable samples whose p-value
+    # is at most delta (the tail falls as k grows: a bisection), found once
+    lo, hi = 0, n + 1  # hi: even all n acceptable may not be enough
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if binomial_p_value(np.array([mid]), np.array([n]), eps)[0] <= delta:
+            hi = mid
+        else:
+            lo = mid + 1
+    allowed = n - lo  # unacceptable samples a candidate may have; negative: none can be certified
     rows = np.arange(n)
     passed = float("inf")
     for lam in candidates:
         leaves = c >= lam  # NaN compares false: never leaves on an undefined score
-        gone = leaves.any(1)
-        bad = int((gone & ~ok[rows, leaves.argmax(1)]).sum())
-        if binomial_p_value(np.array([n - bad]), np.array([n]), eps)[0] > delta:
+        if int((leaves.any(1) & ~ok[rows, leaves.argmax(1)]).sum()) > allowed:
             break
         passed = float(lam)
     return passed

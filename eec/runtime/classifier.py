@@ -58,14 +58,13 @@ import numpy as np
 from eec.calib.thresholds import cascade_thresholds, joint_threshold, risk_controlled_threshold, valade_threshold
 from eec.errors import ArtifactError, InputError, InputTypeError
 from eec.runtime.classifier_manifest import (
-    CRITERIA,
     EXIT_SCORE,
     HIDDEN,
     MASK,
     PROBS,
-    RULES,
     ClassifierManifest,
     TextSpec,
+    check_meaning,
     read_classifier_manifest,
 )
 from eec.runtime.manifest import PLAIN, WITH_HEAD
@@ -367,10 +366,7 @@ class EarlyExitClassifier:
         probs, labels = self.calibration()  # refuses an uncalibrated artifact
         cal = self.manifest.calibration
         rule, criterion = rule or cal.rule, criterion or cal.criterion
-        if rule not in RULES:
-            raise InputError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
-        if criterion not in CRITERIA:
-            raise InputError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+        check_meaning(criterion, rule)
         if criterion == "accuracy" and labels is None:
             raise InputError("criterion 'accuracy' needs a labeled calibration set; this artifact was calibrated "
                              "without labels (calibrate it on a file whose rows have a label)")

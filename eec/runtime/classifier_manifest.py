@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from eec.errors import ArtifactError
+from eec.errors import ArtifactError, InputError
 from eec.runtime.manifest import MANIFEST, PLAIN, WITH_HEAD, _whole, check_tree, manifest_text, parse_json, verify_files
 
 SCHEMA = "eec-classifier"
@@ -55,6 +55,14 @@ class TextSpec:
 
 RULES = ("risk", "valade", "joint")  # threshold rules (eec.runtime.classifier.fit_cascade)
 CRITERIA = ("agreement", "accuracy")  # what ε holds exits to: full mode's answers, or the labels
+
+
+def check_meaning(criterion: str, rule: str) -> None:
+    """Refuse an unknown criterion or threshold rule (what ε means), in a call or a compile."""
+    if criterion not in CRITERIA:
+        raise InputError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    if rule not in RULES:
+        raise InputError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
 
 
 @dataclass(frozen=True)
