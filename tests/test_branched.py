@@ -514,25 +514,29 @@ def test_epsilon_holds_on_the_calibration_set(calibrated, rule):
                                     "patience-confidence"])
 def test_calibration_replay_predicts_the_runtime_and_epsilon_holds(calibrated, metric):
     """The thresholds come from replaying stored probabilities; the runtime run on those same samples must give
-    each sample the exit and answer the replay gave it, and the exited samples must agree with the final
-    classifier's own answer (full mode) at ε. The reference for agreement is the input's last row by hand."""
+    each sample the exit and answer the replay gave it, and agree with the final classifier's own answer (full
+    mode) at ε: the exited samples under the per-exit risk rule, all samples under the joint rule. The
+    reference for agreement is the input's last row by hand. (The labels are full mode's answers, so ε of
+    accuracy, the artifact's default, is ε of agreement here.)"""
     from eec.calib.classifier_calibration import simulate
 
     model, x = calibrated
     full = x[:, 3].argmax(-1)
     probs, _ = model.calibration()
     stages = [seg.exit for seg in model.manifest.segments]
-    for eps in (0.8, 0.95):
-        taus = model.thresholds_for(eps, metric)
-        got = model.classify(x, thresholds=taus, metric=metric)
-        replayed = simulate(probs, taus, metric)
-        assert got.exits.tolist() == [stages[k] for k in replayed["segment"]]
-        assert got.labels.tolist() == replayed["answer"].tolist()
-        assert replayed["agreement"] == float((got.labels == full).mean())
-        exited = got.exits < 3
-        if exited.any():
-            assert (got.labels == full)[exited].mean() >= eps
-        assert (got.labels == full)[~exited].all()
+    for rule in ("risk", "joint"):
+        for eps in (0.8, 0.95):
+            taus = model.thresholds_for(eps, metric, rule=rule)
+            got = model.classify(x, thresholds=taus, metric=metric)
+            replayed = simulate(probs, taus, metric)
+            assert got.exits.tolist() == [stages[k] for k in replayed["segment"]]
+            assert got.labels.tolist() == replayed["answer"].tolist()
+            assert replayed["agreement"] == float((got.labels == full).mean())
+            exited = got.exits < 3
+            if exited.any():
+                held = (got.labels == full)[exited] if rule == "risk" else got.labels == full
+                assert held.mean() >= eps, (rule, eps)
+            assert (got.labels == full)[~exited].all()
 
 
 def test_epsilon_carries_over_to_new_samples(calibrated):
@@ -540,9 +544,11 @@ def test_epsilon_carries_over_to_new_samples(calibrated):
     x = calibration_set(4000, seed=1)
     full = x[:, 3].argmax(-1)
     for eps in (0.8, 0.9):
-        got = model.classify(x, epsilon=eps)  # the risk rule at δ 0.1, the artifact's default metric
+        got = model.classify(x, epsilon=eps, rule="risk")  # at δ 0.1, the artifact's default metric
         exited = got.exits < 3
         assert (got.labels == full)[exited].mean() >= eps - 0.02
+        got = model.classify(x, epsilon=eps)  # the artifact's default, the joint rule: ε over all samples
+        assert (got.exits < 3).mean() > 0.3 and (got.labels == full).mean() >= eps - 0.02
 
 
 # --- precisions ------------------------------------------------------------------------------------------------
@@ -595,7 +601,7 @@ def test_exits_auto_keeps_the_cheapest_set_on_hand_prices(tmp_path, monkeypatch)
     np.savez(tmp_path / "cal.npz", x=x)
     eps = 0.9
     manifest = compile_branched(tmp_path / "known.pt", tmp_path / "auto.eec", exits="auto", data=tmp_path / "cal.npz",
-                                metric="max-prob", placement_eps=eps)
+                                metric="max-prob", placement_eps=eps, rule="risk")
 
     # by hand: every subset, its cascade thresholds on the exits it keeps, each sample's exit, its price
     conf, answer = x.max(-1), x.argmax(-1)  # the exits' probabilities are the inputs themselves
@@ -676,6 +682,8 @@ def test_compile_on_the_command_line(tmp_path, compiled):
     assert result.exit_code == 0, result.output
     assert "exits after stages [0]" in result.stderr and "calibrated on 200 samples" in result.stderr
     model = load(tmp_path / "m.eec")
+    cal = model.manifest.calibration  # unlabeled data, no --criterion or --rule: agreement, one threshold
+    assert (cal.labeled, cal.criterion, cal.rule) == (False, "agreement", "joint")
     x = inputs(net, 5, seed=8)
     np.testing.assert_allclose(model.classify(x, mode="full").probs, torch_probs(net, x)[2], atol=2e-5)
 
@@ -707,7 +715,11 @@ def test_recalibrate_on_new_inputs(tmp_path, calibrated):
     shutil.copytree(model.root, art)
     x = calibration_set(700, seed=11)
     np.savez(tmp_path / "new.npz", x=x)  # no labels this time
-    result = CliRunner().invoke(app, ["calibrate", str(art), "--data", str(tmp_path / "new.npz"), "--metric", "max-prob"])
+    refused = CliRunner().invoke(app, ["calibrate", str(art), "--data", str(tmp_path / "new.npz")])
+    assert refused.exit_code == 1 and "ε is accuracy against labels" in refused.stderr  # compiled on labeled data
+    assert load(art).manifest.calibration.samples == 1000  # nothing written
+    result = CliRunner().invoke(app, ["calibrate", str(art), "--data", str(tmp_path / "new.npz"), "--metric", "max-prob",
+                                      "--criterion", "agreement", "--rule", "risk"])
     assert result.exit_code == 0, result.output
     assert "calibrated on 700 samples, metric max-prob" in result.stderr and "accuracy" not in result.stderr
     again = load(art)
@@ -718,8 +730,9 @@ def test_recalibrate_on_new_inputs(tmp_path, calibrated):
     for k in range(3):
         want.append(risk_controlled_threshold(conf[remaining, k], (answer[:, k] == answer[:, 3])[remaining], 0.9))
         remaining &= ~(conf[:, k] >= want[-1])
-    assert again.thresholds_for(0.9, "max-prob") == pytest.approx(want)
-    assert model.thresholds_for(0.9, "max-prob") != pytest.approx(want)  # the old set gave others
+    assert (again.manifest.calibration.criterion, again.manifest.calibration.rule) == ("agreement", "risk")
+    assert again.thresholds_for(0.9, "max-prob") == pytest.approx(want)  # the new meaning is the default
+    assert model.thresholds_for(0.9, "max-prob", rule="risk") != pytest.approx(want)  # the old set gave others
 
 
 def test_patience_confidence_needs_two_confident_exits_in_a_row(known):

@@ -128,12 +128,14 @@ def test_recipe_learns_and_compiles(toy, recipe, monkeypatch):
 
     monkeypatch.setattr(encoder._Trainer, "stage", spy)
     out = toy / f"{recipe}.pt"
-    config = ClassifierTrainConfig(recipe=recipe, exits=[1, 2], epochs=4, lr=1e-3, head_lr=3e-3)
+    # 10 epochs: in 4 the loss moved by a percent and every exit answered the majority class (0.46)
+    config = ClassifierTrainConfig(recipe=recipe, exits=[1, 2], epochs=10, lr=1e-3, head_lr=3e-3)
     result = train_classifier(toy / "hf", toy / "train.jsonl", out, config)
     for stage, losses in result.losses.items():
-        assert losses[-1] < losses[0], (stage, losses)
-    # the exits learned the task: their held-out accuracy beats the model's own classifier reused there
-    assert all(result.accuracy_after[k] > result.accuracy_before[k] for k in (1, 2)), result
+        assert losses[-1] < 0.8 * losses[0], (stage, losses)
+    # the exits learned the task: their held-out accuracy beats the majority class and the model's own
+    # classifier reused there
+    assert all(result.accuracy_after[k] > max(0.6, result.accuracy_before[k]) for k in (1, 2)), result
     raw = compiled_matches_transformers(out, toy / f"{recipe}.eec", [t for t, _ in toy_texts(7, 5)])
     if recipe == "berxit":
         learned_exit_decides(raw, toy / f"{recipe}.eec", [t for t, _ in toy_texts(9, 8)], toy)

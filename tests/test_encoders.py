@@ -46,11 +46,15 @@ def tokenizer(family: str):
         tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")))
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                        unk_token="<unk>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    # The vocabulary written out rather than trained: tokenizers' WordPiece trainer orders a vocabulary of tied
+    # counts differently from run to run, and the random model's answers (and so what exits do) with it.
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = sorted(set(" ".join(CORPUS).split()))
+    chars = sorted(set("".join(words)))
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + chars + [f"##{c}" for c in chars] + words))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(CORPUS * 4, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
     tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]")))
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]")
@@ -282,13 +286,13 @@ def test_accuracy_criterion_is_fitted_against_the_labels(tmp_path, encoders):
     assert want != agreement  # the labels change what leaves: the test tells the criteria apart
     got = clf.thresholds_for(eps, "max-prob", rule="valade", criterion="accuracy")
     assert got == pytest.approx(want, abs=1e-5)
-    assert clf.thresholds_for(eps, "max-prob", rule="valade") == pytest.approx(agreement, abs=1e-5)
+    assert clf.thresholds_for(eps, "max-prob", rule="valade", criterion="agreement") == pytest.approx(agreement, abs=1e-5)
     out = clf.classify(texts, epsilon=eps, metric="max-prob", rule="valade", criterion="accuracy")
     full = clf.classify(texts, mode="full")
     left = out.exits < LAYERS
     assert left.any()
     # on the set it was fitted on, Valade's rule holds exactly: early exit loses at most 1 - ε of the right answers
-    assert ((out.labels != labels) & (full.labels == labels))[left].mean() <= 1 - eps
+    assert (~((out.labels != labels) & (full.labels == labels)))[left].mean() >= eps  # as the rule counts it
     assert (out.labels == labels).mean() >= (full.labels == labels).mean() - (1 - eps)
 
     # rule "joint": one λ for both exits, certified on all 120 samples (the walk in test_thresholds as reference)
@@ -297,6 +301,9 @@ def test_accuracy_criterion_is_fitted_against_the_labels(tmp_path, encoders):
     lam = _joint_by_hand(conf, ~lost, 0.7, 0.1)
     assert np.isfinite(lam) and lam != _joint_by_hand(conf, answers == final[:, None], 0.7, 0.1)
     assert clf.thresholds_for(0.7, "max-prob", rule="joint", criterion="accuracy") == pytest.approx([lam, lam], abs=1e-5)
+    # compiled on labeled texts without --criterion or --rule: that is what ε means by default
+    assert (clf.manifest.calibration.criterion, clf.manifest.calibration.rule) == ("accuracy", "joint")
+    assert clf.thresholds_for(0.7, "max-prob") == pytest.approx([lam, lam], abs=1e-5)
 
     with pytest.raises(InputError, match="unknown criterion 'labels'"):
         clf.classify(texts[:2], epsilon=eps, criterion="labels")
@@ -304,7 +311,11 @@ def test_accuracy_criterion_is_fitted_against_the_labels(tmp_path, encoders):
         clf.classify(texts[:2], thresholds=[0.5, 0.5], criterion="accuracy")
     copy = tmp_path / "unlabeled.eec"
     shutil.copytree(art, copy)
-    calibrate_classifier(copy, texts, None)
+    with pytest.raises(InputError, match="ε is accuracy against labels"):  # compiled on labeled texts
+        calibrate_classifier(copy, texts, None)
+    calibrate_classifier(copy, texts, None, criterion="agreement")
+    cal = load(copy).manifest.calibration
+    assert (cal.criterion, cal.rule, cal.labeled) == ("agreement", "joint", False)  # the rule kept
     with pytest.raises(InputError, match="needs a labeled calibration set"):
         load(copy).classify(texts[:2], epsilon=eps, criterion="accuracy")
 
@@ -389,7 +400,9 @@ def test_exits_auto_keeps_the_cheapest_set_on_hand_prices(tmp_path, encoders, mo
 
     prices = {kept: price(kept) for n in range(4) for kept in itertools.combinations(range(3), n)}
     best = min(prices, key=prices.get)
-    assert sorted(prices.values())[1] > prices[best] * 1.01, prices  # a clear winner, not a rounding tie
+    # equal prices (every text leaving at the first exit kept, say) go to the fewest exits, as placement does
+    best = min((k for k in prices if prices[k] <= prices[best] * (1 + 1e-9)), key=len)
+    assert all(p <= prices[best] * (1 + 1e-9) or p > prices[best] * 1.01 for p in prices.values()), prices
     assert manifest.exits == [k + 1 for k in best], prices
     assert manifest.placement["expected_s"] == pytest.approx(prices[best], rel=1e-9)
     assert [s.stop for s in manifest.segments] == [k + 2 for k in best] + [LAYERS + 1]
@@ -479,7 +492,8 @@ def test_profile_inspect_and_calibrate_on_the_command_line(tmp_path, encoders):
     full = reference(model, tok, TEXTS)[LAYERS].argmax(-1)
     assert rows[0]["epsilon"] is None and rows[0]["accuracy"] == pytest.approx((full == labels).mean())
     exits = load(copy).classify(TEXTS, epsilon=0.8, criterion="accuracy").exits
-    assert (exits < LAYERS).any() and (exits != load(copy).classify(TEXTS, epsilon=0.8).exits).any(), exits
+    agreement = load(copy).classify(TEXTS, epsilon=0.8, criterion="agreement").exits
+    assert (exits < LAYERS).any() and (exits != agreement).any(), exits
     assert rows[1]["exits"] == {str(k): int((exits == k).sum()) for k in np.unique(exits)}
     shown = CliRunner().invoke(app, ["inspect", str(copy)])
     assert shown.exit_code == 0 and "text classifier" in shown.output and "exits after layers: 1, 2" in shown.output

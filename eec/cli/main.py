@@ -263,10 +263,12 @@ def compile_cmd(
                                     "(lossless): on, off, or auto (where there are exits and it is up to 64 MB)"),
     data: Optional[Path] = typer.Option(None, help="classifier networks: held-out inputs as an .npz with x (and "
                                         "optionally labels y), for thresholds, static int8 and --exits auto"),
-    criterion: str = typer.Option("agreement", help="classifiers: what ε holds exits to, agreement with full mode "
-                                  "or accuracy against --data's labels; placement's and the artifact's default"),
-    rule: str = typer.Option("risk", help="classifiers: threshold rule, risk (each exit's takers), joint (one "
-                             "threshold, ε over all samples) or valade; placement's and the artifact's default"),
+    criterion: Optional[str] = typer.Option(None, help="classifiers: what ε holds exits to, agreement with full "
+                                            "mode or accuracy against --data's labels (default: accuracy where "
+                                            "--data has labels); placement's and the artifact's default"),
+    rule: Optional[str] = typer.Option(None, help="classifiers: threshold rule, joint (the default: one threshold, "
+                                       "ε over all samples), risk (each exit's takers) or valade; placement's and "
+                                       "the artifact's default"),
 ) -> None:
     """Compile MODEL into per-segment ONNX graphs with exit heads, then calibrate them.
 
@@ -282,12 +284,15 @@ def compile_cmd(
         given = [name for name, set_ in decoder_only.items() if set_]
         if given:
             raise InputError(f"{', '.join(given)} applies to decoders; {model} is a classifier network")
+        from eec.calib.classifier_calibration import DEFAULT_CRITERION, DEFAULT_RULE
+
         _compile_classifier(model, output or default_output(model, target), exits, target, precision, data,
-                            metric, 0.99 if eps is None else eps, overwrite, criterion, rule)
+                            metric, 0.99 if eps is None else eps, overwrite, criterion or DEFAULT_CRITERION,
+                            rule or DEFAULT_RULE)
         return
     if data is not None:
         raise InputError("--data is for classifier networks; decoders calibrate on --prompts")
-    if criterion != "agreement" or rule != "risk":
+    if criterion is not None or rule is not None:
         raise InputError("--criterion and --rule are for classifier networks; a decoder's rule is chosen when it "
                          "runs (eec generate --rule)")
     eps = 0.9 if eps is None else eps
@@ -393,6 +398,10 @@ def calibrate_cmd(
     metric: Optional[str] = typer.Option(None, help="confidence metric (default: the one that exits most at ε = 0.9)"),
     data: Optional[Path] = typer.Option(None, help="classifier artifacts: held-out inputs as an .npz with x (and "
                                         "optionally labels y); text classifiers: JSONL or CSV with text (and label)"),
+    criterion: Optional[str] = typer.Option(None, help="classifier artifacts: what ε holds exits to from now on, "
+                                            "agreement or accuracy (default: the artifact's own)"),
+    rule: Optional[str] = typer.Option(None, help="classifier artifacts: the threshold rule from now on, joint, risk "
+                                       "or valade (default: the artifact's own)"),
 ) -> None:
     """Trace ARTIFACT on calibration prompts (a classifier: on --data) and store the traces, so that --eps works."""
     if _is_classifier(artifact):
@@ -405,10 +414,13 @@ def calibrate_cmd(
 
         x, y = read_inputs(data, read_classifier_manifest(artifact))
         with _progress() as update:
-            calibrate_classifier(artifact, x, y, metric, progress=update)
+            calibrate_classifier(artifact, x, y, metric, progress=update, criterion=criterion, rule=rule)
         return _classifier_report(artifact)
     if data is not None:
         raise InputError("--data is for classifier artifacts; decoders calibrate on --prompts")
+    if criterion is not None or rule is not None:
+        raise InputError("--criterion and --rule are for classifier artifacts; a decoder's rule is chosen when it "
+                         "runs (eec generate --rule)")
     from eec.calib.calibrate import calibrate
     from eec.calib.traces import simulate, thresholds_for
 

@@ -36,11 +36,14 @@ from eec import __version__
 from eec.compiler.branched import HEAD_IN, HEAD_OUT, STAGE_IN, STAGE_OUT, BranchedNetwork, read_branched
 from eec.compiler.weights import store_weights_once
 from eec.calib.classifier_calibration import (
+    DEFAULT_CRITERION,
+    DEFAULT_RULE,
     check_auto_candidates,
     check_meaning,
     place_by_times,
     no_progress,
     read_npz,
+    resolve_criterion,
     trace_probs,
     write_calibration,
 )
@@ -70,7 +73,7 @@ CHECK_RTOL = 1e-4
 def compile_branched(source: str | os.PathLike, out: str | os.PathLike, *, exits: list[int] | str | None = None,
                      target: str = "cpu", precision: str | None = None, data: str | os.PathLike | None = None,
                      metric: str | None = None, placement_eps: float = 0.99, overwrite: bool = False,
-                     criterion: str = "agreement", rule: str = "risk", progress=no_progress) -> ClassifierManifest:
+                     criterion: str = DEFAULT_CRITERION, rule: str = DEFAULT_RULE, progress=no_progress) -> ClassifierManifest:
     """Compile the branched network file ``source`` into the classifier artifact ``out``.
 
     ``exits``: the stages whose heads to keep as early exits (default every
@@ -78,7 +81,9 @@ def compile_branched(source: str | os.PathLike, out: str | os.PathLike, *, exits
     ``placement_eps``, which needs ``data``). ``data``: an .npz with ``x``
     (held-out inputs) and optionally ``y`` (their labels), for thresholds
     and static int8. ``criterion`` and ``rule``: what ε means, for placement
-    and by default at run time (`EarlyExitClassifier.classify`).
+    and by default at run time (`EarlyExitClassifier.classify`); by default
+    accuracy where ``data`` has labels, else agreement, under one threshold
+    for every exit (`DEFAULT_CRITERION`, `DEFAULT_RULE`).
     """
     out = Path(out).absolute()
     tgt = get_target(target, placed=exits == "auto")
@@ -111,8 +116,7 @@ def compile_branched(source: str | os.PathLike, out: str | os.PathLike, *, exits
                              f"the network's early exits follow stages {heads or 'none'}")
         kept = sorted(set(exits))
     x, y = (None, None) if data is None else read_data(Path(data), net)
-    if criterion == "accuracy" and y is None:
-        raise InputError(f"--criterion accuracy needs labels: {data} has no y")
+    criterion = resolve_criterion(criterion, y, data)
     meaning = {"criterion": criterion, "rule": rule}
 
     with output_lock(out):

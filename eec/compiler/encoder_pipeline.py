@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from eec import __version__
-from eec.calib.classifier_calibration import (check_auto_candidates, no_progress, read_texts, trace_batches,
-                                             check_meaning, write_calibration)
+from eec.calib.classifier_calibration import (DEFAULT_CRITERION, DEFAULT_RULE, check_auto_candidates, check_meaning,
+                                             no_progress, read_texts, resolve_criterion, trace_batches,
+                                             write_calibration)
 from eec.compiler.encoders import EncoderSegment, SharedHead, SourceEncoder, load_encoder, load_encoder_checkpoint
 from eec.compiler.weights import store_weights_once
 from eec.errors import CompileError, InputError
@@ -57,7 +58,7 @@ def default_exits(num_layers: int) -> list[int]:
 def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits: list[int] | str | None = None,
                     target: str = "cpu", precision: str | None = None, data: str | os.PathLike | None = None,
                     metric: str | None = None, placement_eps: float = 0.99, overwrite: bool = False,
-                    criterion: str = "agreement", rule: str = "risk", progress=no_progress) -> ClassifierManifest:
+                    criterion: str = DEFAULT_CRITERION, rule: str = DEFAULT_RULE, progress=no_progress) -> ClassifierManifest:
     """Compile the Hugging Face sequence classifier directory ``source`` (or the checkpoint `eec train` wrote
     for one, with its trained exit heads) into the artifact ``out``.
 
@@ -66,7 +67,8 @@ def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits:
     latency at ``placement_eps``, which needs ``data``); an exit without a trained head reuses the
     model's own classifier; ``data``: held-out texts (JSONL or CSV, a ``text`` column and optionally
     ``label``) to calibrate on; ``criterion`` and ``rule``: what ε means, for placement and by default at run
-    time (`EarlyExitClassifier.classify`)."""
+    time (`EarlyExitClassifier.classify`); by default accuracy where ``data`` has labels, else agreement, under
+    one threshold for every exit (`DEFAULT_CRITERION`, `DEFAULT_RULE`)."""
     out = Path(out).absolute()
     tgt = get_target(target)
     if tgt.backend != "onnxruntime-cpu":
@@ -99,8 +101,7 @@ def compile_encoder(source: str | os.PathLike, out: str | os.PathLike, *, exits:
     if bad:
         raise InputError(f"--exits {bad}: exits sit after 1..{layers - 1} layers (this model has {layers})")
     texts, labels = (None, None) if data is None else read_texts(Path(data), src.class_names, src.num_labels)
-    if criterion == "accuracy" and labels is None:
-        raise InputError(f"--criterion accuracy needs labels: {data} has no label column")
+    criterion = resolve_criterion(criterion, labels, data)
     meaning = {"criterion": criterion, "rule": rule}
     with output_lock(out):
         check_output(out, overwrite)
