@@ -7,7 +7,9 @@
 Peers, each in its own process, one after another, on the same test set
 (``DIR/test.npz``), with onnxruntime's and PyTorch's default thread counts
 (every core):
-- eec early exit at ε = 0.95 and 0.99 (risk rule, δ 0.1) and eec full, from an
+- eec early exit at ε = 0.95 and 0.99 (the artifact's default meaning of ε:
+  accuracy against the calibration labels, one threshold for every exit,
+  δ 0.1) and eec full, from an
   artifact compiled from ``DIR/NET.pt`` with ``--data DIR/calib.npz`` and
   ``--exits auto`` (``--exits all`` keeps every head);
 - the same trained network without its exits, exported whole with
