@@ -718,6 +718,11 @@ def test_recalibrate_on_new_inputs(tmp_path, calibrated):
     refused = CliRunner().invoke(app, ["calibrate", str(art), "--data", str(tmp_path / "new.npz")])
     assert refused.exit_code == 1 and "ε is accuracy against labels" in refused.stderr  # compiled on labeled data
     assert load(art).manifest.calibration.samples == 1000  # nothing written
+    for flags, message in [(["--criterion", "accuracy"], "needs labels"), (["--rule", "best"], "unknown threshold rule"),
+                           (["--criterion", "labels"], "unknown criterion")]:
+        bad = CliRunner().invoke(app, ["calibrate", str(art), "--data", str(tmp_path / "new.npz"), *flags])
+        assert bad.exit_code == 1 and message in bad.stderr and "Traceback" not in bad.output, (flags, bad.output)
+    assert load(art).manifest.calibration.samples == 1000
     result = CliRunner().invoke(app, ["calibrate", str(art), "--data", str(tmp_path / "new.npz"), "--metric", "max-prob",
                                       "--criterion", "agreement", "--rule", "risk"])
     assert result.exit_code == 0, result.output

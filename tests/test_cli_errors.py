@@ -224,3 +224,9 @@ def test_an_error_message_keeps_its_brackets(monkeypatch, tmp_path):
 
     monkeypatch.setattr(eec.runtime, "load", refuse)
     run_fails(["generate", tmp_path, "x"], "pip install 'eec[plot]'")
+
+
+def test_classifier_meaning_flags_on_a_decoder(tiny_hf_dir, llama_compiled, tmp_path):
+    run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "x.eec", "--rule", "joint"], "for classifier networks")
+    run_fails(["calibrate", llama_compiled.artifact, "--criterion", "accuracy"], "for classifier artifacts")
+    assert not (tmp_path / "x.eec").exists()
