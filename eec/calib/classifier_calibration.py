@@ -314,8 +314,7 @@ def calibrate_classifier(artifact: str | os.PathLike, x, y: np.ndarray | None, m
     if metric is not None and metric not in METRICS:
         raise InputError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     old = model.manifest.calibration
-    if criterion is not None or rule is not None:
-        check_meaning(criterion or "auto", rule or DEFAULT_RULE, True)
+    check_meaning(criterion or DEFAULT_CRITERION, rule or DEFAULT_RULE, x)
     if criterion is None and old is not None and old.criterion == "accuracy" and y is None:
         raise InputError("this artifact's ε is accuracy against labels: calibrate it on rows that have a label, "
                          "or change its meaning with --criterion agreement")
