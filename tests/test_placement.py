@@ -12,6 +12,7 @@ from eec.targets.latency import LatencyTable, ModelShape, load_profile, model_ta
 from eec.targets.placement import (TOLERANCE, cost_breakdown, describe, expected_cost, place_exits,
                                   speculative_breakdown)
 from eec.targets.profiles import get_target
+from eec.targets.replay import replay_cost
 
 SHAPE = ModelShape("llama", 12, 64, 128, 4, 2, 16, 1000)
 METRIC = ALL_METRICS[0]
@@ -203,30 +204,24 @@ def test_the_best_set_is_the_hand_priced_brute_force_optimum_on_random_instances
         assert p.best.exits == want and p.best.speedup == pytest.approx(12 / priced[want])
 
 
-def test_a_batch_is_priced_as_its_steps_simulated():
-    """Rule 6 against steps of 8 rows drawn at random and priced one by one: a range runs at a step when
-    some row reaches it, for all 8 rows (riders included), at the table's 8-position call (1 + 0.5 * 7
-    a layer), its exit head scaled as that call is (2 * 4.5); a row whose position a step skipped
-    pays the range's slope per layer (0.5) later, in a deep token's catch-up."""
+def test_a_batch_is_priced_call_by_call():
+    """Rule 6 by hand, with every layer 1 per call plus 0.5 a row or a position beyond the first and the
+    exit's head 2: the calls the engine makes for a few generations, counted out step by step."""
     t = table(layer_s=1.0, head_s=2.0, marginal=0.5)
-    exits, counts, rows = (3, 6), {3: 60, 6: 25, 12: 15}, 8
-    rng = np.random.default_rng(0)
-    layers = np.array([3] * 60 + [6] * 25 + [12] * 15)
-    steps, total = 20000, 0.0
-    for _ in range(steps):
-        exit_at = rng.choice(layers, rows)
-        for a, b in ((0, 3), (3, 6), (6, 12)):
-            reaching = int(np.sum(exit_at > a))
-            if reaching:
-                total += (b - a) * 4.5 + (2.0 * 4.5 if b in exits else 0.0)
-            else:
-                total += rows * (b - a) * 0.5
-    simulated = total / (steps * rows)
-    assert expected_cost(t, exits, counts, batch=rows) == pytest.approx(simulated, rel=0.02)
-    # One row is rule 3, written out by hand: a token leaving at e runs e layers and the heads up to e,
-    # and each later layer once more at the slope (0.5); one reaching 12 runs everything.
-    by_hand = (60 * (3 + 2.0 + 9 * 0.5) + 25 * (6 + 2 * 2.0 + 6 * 0.5) + 15 * (12 + 2 * 2.0)) / 100
-    assert expected_cost(t, exits, counts, batch=1) == pytest.approx(by_hand)
+    seg = lambda layers, n: layers * (1 + 0.5 * (n - 1))  # n rows at one position, or one row at n
+    # Two rows: A leaves at 3 and B goes deep, so A's position rides B's call; then the other way
+    # round; then A alone leaves and ends owing its position, which it never pays.
+    step = seg(3, 2) + 2.0 + seg(9, 2)
+    assert replay_cost(t, (3,), [[3, 12, 3], [12, 3]], batch=2) == pytest.approx((2 * step + seg(3, 1) + 2.0) / 5)
+    assert replay_cost(t, (), [[12] * 3, [12] * 2], batch=2) == pytest.approx((2 * seg(12, 2) + seg(12, 1)) / 5)
+    # Two rows leave together (nothing rides: no row goes on), then both go deep owing one position
+    # each: a call of two positions each, as two calls are no more than rounds would take.
+    assert replay_cost(t, (3,), [[3, 12], [3, 12]], batch=2) == pytest.approx(
+        (2 * (seg(3, 2) + 2.0) + 2 * seg(9, 2)) / 4)
+    # Three such rows: rounds, one position of each row a call, two calls instead of three.
+    assert replay_cost(t, (3,), [[3, 12]] * 3, batch=3) == pytest.approx((2 * (seg(3, 3) + 2.0) + 2 * seg(9, 3)) / 6)
+    # One row is rule 3: each exited token's catch-up at the slope, in its deep token's call.
+    assert replay_cost(t, (3,), [[3, 3, 12]], batch=1) == pytest.approx(expected_cost(t, (3,), {3: 2, 12: 1}))
 
 
 def test_an_exit_that_pays_alone_is_dropped_for_a_batch():
@@ -238,9 +233,9 @@ def test_an_exit_that_pays_alone_is_dropped_for_a_batch():
     batched = place_exits(tr, t, eps=0.9, metric=METRIC, rule="valade", batch=8)
     assert alone.best.exits == (3, 6) and batched.best.exits == (6,)
     assert batched.batch == 8 and "8 sequences at once" in describe(batched)[0]
-    assert batched.full_s == pytest.approx(t.rows_cost(0, 12, 8) / 8)
+    assert batched.full_s == pytest.approx(t.rows_cost(0, 12, 8) / 8)  # 8 rows at every step
     with pytest.raises(InputError, match="exact catch-up"):
-        cost_breakdown(t, (3,), {3: 1}, propagate=True, batch=8)
+        place_exits(tr, t, eps=0.9, metric=METRIC, rule="valade", propagate=True, batch=8)
 
 
 def test_measured_rows_price_a_batch_step():
@@ -258,7 +253,7 @@ def test_measured_rows_price_a_batch_step():
     again = LatencyTable.from_json(t.to_json())
     assert again.rows == t.rows
     # Rule 6 with measured rows: every range runs at every step here (all tokens reach 12), for 8 rows.
-    assert expected_cost(t, (), {12: 10}, batch=8) == pytest.approx((10.0 + 30.0 - 0.25) / 8)
+    assert replay_cost(t, (), [[12] * 10] * 8, batch=8) == pytest.approx((10.0 + 30.0 - 0.25) / 8)
     import json
 
     written = json.loads(t.to_json())
@@ -305,3 +300,66 @@ def test_profile_for_another_model_is_refused(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match="not a readable latency profile"):
         load_profile(tmp_path / "bad.json", SHAPE, "fp32")
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.2])
+def test_the_replay_makes_the_engines_calls(llama_compiled, threshold, monkeypatch):
+    """`decode_calls`, given the exits the engine took, makes the engine's own calls step by step: seven
+    requests of different lengths through four rows (admitted as rows free up, prefilled a step before
+    they decode), rows leaving at their own exits, riding deeper calls, catching up alone or in rounds.
+    Recorded at `SegmentKV.call`, prefills left out."""
+    from collections import Counter
+
+    import eec.runtime.core as core
+    from eec.runtime import load
+    from eec.runtime.engine import Engine
+    from eec.runtime.kv import SegmentKV
+    from eec.targets.replay import decode_calls
+
+    model = load(llama_compiled.artifact)
+    n = llama_compiled.hf.config.num_hidden_layers
+    steps: list[list[tuple]] = []
+    prefilling = [False]
+    call, step, prefill, rounds = SegmentKV.call, core.Batch.step, core.Batch.prefill, core.Batch._rounds
+    in_rounds = []
+
+    def recorded_call(self, role, slots, x, counts=None):
+        if not prefilling[0]:
+            steps[-1].append((self.spec.start, self.spec.stop, len(slots), x.shape[1]))
+        return call(self, role, slots, x, counts)
+
+    def recorded_step(self, *a, **k):
+        if not prefilling[0]:
+            steps.append([])
+        return step(self, *a, **k)
+
+    def recorded_prefill(self, *a, **k):  # its calls, and the step it ends with, are the prompt's
+        prefilling[0] = True
+        try:
+            return prefill(self, *a, **k)
+        finally:
+            prefilling[0] = False
+
+    monkeypatch.setattr(SegmentKV, "call", recorded_call)
+    monkeypatch.setattr(core.Batch, "step", recorded_step)
+    monkeypatch.setattr(core.Batch, "prefill", recorded_prefill)
+    monkeypatch.setattr(core.Batch, "_rounds", lambda self, *a: in_rounds.append(1) or rounds(self, *a))
+    prompts = PROMPTS_FOR_REPLAY
+    engine = Engine(model, max_batch=4)
+    requests = [engine.submit(p, thresholds=threshold, max_new_tokens=m, ignore_eos=True)
+                for p, m in zip(prompts, (19, 14, 24, 16, 21, 13, 18))]
+    engine.run()
+    generations = [r.result().exits[1:] for r in requests]  # the first token came from the prefill
+    layers = Counter(e for g in generations for e in g)
+    assert len(layers) >= 3 and n in layers, f"the tokens must leave at several depths, got {layers}"
+    ran = [Counter(s) for s in steps]
+    replayed = [Counter((c.start, c.stop, c.rows, c.positions) for c in s)
+                for s in decode_calls(llama_compiled.exits, n, generations, 4)]
+    assert replayed == ran
+    assert any(c[3] > 1 for s in steps for c in s), "some row must catch up several positions"
+    assert in_rounds, "some step must run a catch-up in rounds"
+    assert any(c[2] > 1 and c[0] > 0 for s in steps for c in s), "deeper segments must run several rows"
+
+
+PROMPTS_FOR_REPLAY = [[3, 17, 42, 8, 91, 5], [60], list(range(10, 40)), [7, 7, 9], [50, 2, 33, 81, 4],
+                      [11, 12], [90, 1, 5, 5]]

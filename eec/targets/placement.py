@@ -29,16 +29,17 @@ Rules:
    decoder's checks, pending positions), so measured speedups fall further
    below predictions as sets grow (docs/benchmarks.md).
 6. ``batch`` B > 1 prices a decode step of B sequences (a server's batch),
-   per token. A segment runs at a step when any of the B rows reaches it:
-   with a share q of tokens reaching it, with probability 1 - (1 - q)^B,
-   and then for all B rows (the rows that left earlier ride its call,
-   `eec.runtime.core`), at `LatencyTable.rows_cost`; its exit head likewise,
-   scaled as the segment's call scales with rows. A row's position misses a
-   segment only at a step no row ran it, B (1 - q)^B positions a step, which
-   a deep token later catches up at the slope of rule 3. At B = 1 this is
-   rule 3. The code model's exits 1 and 4, the best set alone, ran 1.13x full
-   mode at batch 8 where exit 3 alone ran 1.81x (docs/benchmarks.md): at
-   B = 8 some row passes an exit that 42% of tokens pass at 99% of steps.
+   per token, by replaying the calibration generations B at a time as the
+   engine decodes them, call by call (`eec.targets.replay`): a segment runs
+   at a step when some row reaches it, the rows that left earlier ride its
+   call, a row that goes deeper runs what it owes in a call of its own or in
+   rounds; each call is priced from the table (`LatencyTable.rows_cost` for
+   several rows). The full model is replayed over the same generations. A
+   closed form used before (a segment runs at 1 - (1 - q)^B of the steps,
+   independence assumed) ranked the code model's exit 2 over exit 3 at
+   batch 8 where exit 3 measures best; the replay predicts exit 3's graph
+   time within 5% (docs/benchmarks.md, "Placement for a batch"). At B = 1
+   this is rule 3, which prices the same calls in closed form.
 """
 
 from __future__ import annotations
@@ -46,9 +47,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from eec.calib.traces import Traces, simulate, thresholds_for
+import numpy as np
+
+from eec.calib.traces import Traces, exit_layers, simulate, thresholds_for
 from eec.errors import InputError
 from eec.targets.latency import LatencyTable
+from eec.targets.replay import replay_cost
 
 MAX_EXHAUSTIVE = 12
 TOLERANCE = 0.02  # rule 5
@@ -78,20 +82,19 @@ class Placement:
 
 
 def expected_cost(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict[int, int],
-                  splits: tuple[int, ...] | None = None, gated: bool = False, propagate: bool = False,
-                  batch: int = 1) -> float:
-    """Mean per-token seconds for ``exits`` given how many tokens leave at each (rules 3 and 6).
+                  splits: tuple[int, ...] | None = None, gated: bool = False, propagate: bool = False) -> float:
+    """Mean per-token seconds for ``exits`` given how many tokens leave at each (rule 3), one sequence.
 
     ``splits`` are the segment boundaries when they are not the exits themselves
     (an artifact whose exits are not all active); heads run only at ``exits``,
-    and with ``gated`` only at the exit a token leaves by; ``batch``: sequences decoded together.
+    and with ``gated`` only at the exit a token leaves by.
     """
-    return sum(cost_breakdown(table, exits, exit_counts, splits, gated, propagate, batch).values())
+    return sum(cost_breakdown(table, exits, exit_counts, splits, gated, propagate).values())
 
 
 def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dict[int, int],
                    splits: tuple[int, ...] | None = None, gated: bool = False,
-                   propagate: bool = False, batch: int = 1) -> dict[str, float]:
+                   propagate: bool = False) -> dict[str, float]:
     """`expected_cost` in its parts, mean seconds per token: ``segments`` (the layers a token runs,
     one position), ``heads`` (exit heads; the final head is inside the last segment) and
     ``catch_up`` (later segments re-running an exited position with the next deep token).
@@ -99,17 +102,11 @@ def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dic
     With ``propagate`` and fill graphs in the table that cover a later range, an exited position
     costs that range's fill per position instead, and every token that goes through a range after
     an exit that some tokens take pays one fill call's fixed part there (`--catch-up propagate`);
-    ranges the fills do not cover are costed as the exact catch-up. ``batch``: rule 6, of which one
-    row is rule 3 (the exact catch-up only: propagation keeps its positions for the fill, nothing rides)."""
-    if batch > 1 and propagate:
-        raise InputError("placement prices a batch for the exact catch-up; with --catch-up propagate "
-                         "nothing rides: place for one sequence")
-    rows = batch
+    ranges the fills do not cover are costed as the exact catch-up."""
     n_layers = table.shape.num_layers
     bounds = [0, *sorted(set(exits) | set(splits or ())), n_layers]
     ranges = list(zip(bounds[:-1], bounds[1:]))
     one = [table.range_cost(a, b, 1) for a, b in ranges]
-    seg = [table.rows_cost(a, b, rows) for a, b in ranges]  # a step's call: one position for each row
     marginal = [max((table.range_cost(a, b, 8) - table.range_cost(a, b, 2)) / 6, 0.0) for a, b in ranges]
     step = [max(table.range_cost(a, b, 2) - c - m, 0.0) for (a, b), c, m in zip(ranges, one, marginal)]
     fixed = [0.0] * len(ranges)  # per token that reaches the range after an exit: a fill call's fixed part
@@ -119,25 +116,22 @@ def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dic
             if fill is not None:
                 fixed[k], marginal[k], step[k] = *fill, 0.0
     # With a classifier the head runs apart, only for tokens that leave; otherwise a segment measured
-    # with its head inside prices the head as what fusing it adds to the segment's call (for a batch,
-    # scaled as that call scales with rows).
-    heads = [(table.head_cost(b) if gated else table.exit_cost(a, b) * (c / o if o > 0 else 1.0))
-             if b in exits else 0.0 for (a, b), c, o in zip(ranges, seg, one)]
+    # with its head inside prices the head as what fusing it adds to the segment's call.
+    heads = [(table.head_cost(b) if gated else table.exit_cost(a, b)) if b in exits else 0.0 for a, b in ranges]
     total = sum(exit_counts.values())
     counts = [exit_counts.get(stop, 0) if total else int(stop == n_layers) for _, stop in ranges]
     total = total or 1
     parts = {"segments": 0.0, "heads": 0.0, "catch_up": 0.0}
     for k in range(len(ranges)):
         reach = sum(counts[k:]) / total  # the share of tokens that reach range k
-        runs = 1.0 - (1.0 - reach) ** rows  # a step runs it: some row reaches it (one row: reach)
-        behind = rows * (1.0 - reach) ** rows  # positions a step leaves it for a later catch-up
-        parts["segments"] += runs * seg[k]
-        parts["heads"] += rows * counts[k] / total * heads[k] if gated else runs * heads[k]
+        behind = 1.0 - reach  # positions left for a later catch-up
+        parts["segments"] += reach * one[k]
+        parts["heads"] += counts[k] / total * heads[k] if gated else reach * heads[k]
         parts["catch_up"] += behind * marginal[k]
         if k and any(counts[:k]):  # a fill call before range k's own run, for the tokens that reach it
-            parts["catch_up"] += rows * reach * fixed[k]
-            parts["catch_up"] += min(behind, rows * reach) * step[k]  # calls carrying exited positions
-    return {name: value / rows for name, value in parts.items()}
+            parts["catch_up"] += reach * fixed[k]
+            parts["catch_up"] += min(behind, reach) * step[k]  # calls carrying exited positions
+    return parts
 
 
 def speculative_breakdown(table: LatencyTable, draft: int, cycles: dict[int, int], tokens: int,
@@ -170,15 +164,38 @@ def evaluate(traces: Traces, table: LatencyTable, exits: tuple[int, ...], eps: f
              delta: float, propagate: bool = False, batch: int = 1) -> Candidate:
     gated = metric == "classifier"
     n_layers = table.shape.num_layers
-    full = table.rows_cost(0, n_layers, batch) / batch
+    if batch > 1 and propagate:
+        raise InputError("placement prices a batch for the exact catch-up; with --catch-up propagate "
+                         "nothing rides: place for one sequence")
+    layers = np.full(len(traces), n_layers)
     if exits:
         sub = traces.columns(list(exits))
-        sim = simulate(sub, thresholds_for(sub, eps, metric, rule, delta), metric, n_layers)
+        taus = thresholds_for(sub, eps, metric, rule, delta)
+        sim = simulate(sub, taus, metric, n_layers)
         counts, rate, agree = sim.exits, sim.exit_rate, sim.agreement
+        layers = exit_layers(sub, taus, metric, n_layers)
     else:
         counts, rate, agree = {n_layers: len(traces)}, 0.0, 1.0
-    cost = expected_cost(table, exits, counts, gated=gated, propagate=propagate, batch=batch)
+    if batch > 1:  # rule 6
+        cost = replay_cost(table, exits, generations(traces, layers), batch, gated)
+        full = full_cost(traces, table, batch)
+    else:
+        cost = expected_cost(table, exits, counts, gated=gated, propagate=propagate)
+        full = table.range_cost(0, n_layers, 1)
     return Candidate(exits, cost, full / cost, rate, agree, counts)
+
+
+def generations(traces: Traces, layers: np.ndarray) -> list[list[int]]:
+    """Each calibration sequence's exit layer per traced token, in order (``layers``: one per trace row)."""
+    return [layers[traces.sequence == s].tolist() for s in np.unique(traces.sequence)]
+
+
+def full_cost(traces: Traces, table: LatencyTable, batch: int) -> float:
+    """Mean seconds a token of the full model over the traces' generations, ``batch`` at a time (rule 6)."""
+    n_layers = table.shape.num_layers
+    if batch <= 1:
+        return table.range_cost(0, n_layers, 1)
+    return replay_cost(table, (), generations(traces, np.full(len(traces), n_layers)), batch)
 
 
 def place_exits(traces: Traces, table: LatencyTable, eps: float, metric: str, rule: str = "risk",
@@ -193,8 +210,7 @@ def place_exits(traces: Traces, table: LatencyTable, eps: float, metric: str, ru
     near = [c for c in ranked if c.expected_s <= ranked[0].expected_s * (1 + TOLERANCE)]
     best = min(near, key=lambda c: (len(c.exits), c.expected_s))
     ranked.remove(best)
-    full = table.rows_cost(0, table.shape.num_layers, batch) / batch
-    return Placement(best, [best, *ranked], full, eps, batch)
+    return Placement(best, [best, *ranked], full_cost(traces, table, batch), eps, batch)
 
 
 def _greedy(traces, table, layers, eps, metric, rule, delta, propagate, batch) -> list[Candidate]:
