@@ -26,6 +26,11 @@ order, 32 texts a call (each peer pads a call to its longest text). With
 ``--repeat N`` every peer's process runs N times, the peers alternated, and
 the table takes each peer's median run: this machine has slow spells of tens
 of seconds (30% at batch 1) that one run a peer cannot tell from the peer.
+``--paired N`` goes further: every peer's process starts at once and waits
+idle while another runs, and N rounds take one pass of each peer in turn
+(batch 1, then 32); each ratio is the median of the rounds' ratios to the
+onnxruntime pass made seconds before or after, so a slow spell lands on both
+sides of a ratio instead of on one peer's runs.
 """
 
 from __future__ import annotations
@@ -107,11 +112,58 @@ def peer(args) -> None:
                 return model(**tok(batch, padding=True, truncation=True, max_length=128,
                                    return_tensors="pt")).logits.argmax(-1).numpy()
 
+    if args.serve:  # one pass a request, told on stdin by the parent (`paired`); idle in between
+        labels = np.concatenate([run(texts[i:i + 32]) for i in range(0, len(texts), 32)])
+        print(json.dumps({"labels": labels.tolist(), **extra}), flush=True)
+        for line in sys.stdin:
+            batch = int(line)
+            items = texts[: args.single] if batch == 1 else texts
+            start = time.perf_counter()
+            for i in range(0, len(items), batch):
+                run(items[i:i + batch])
+            print(json.dumps(len(items) / (time.perf_counter() - start)), flush=True)
+        return
     rates, labels = {}, None
     for batch in BATCHES:
         rates[batch], got = timed(run, texts, batch, args.rounds, args.single)
         labels = got if batch != 1 else labels
     print(json.dumps({"rates": rates, "labels": labels.tolist(), **extra}))
+
+
+def paired(args, peers: list[str]) -> dict[str, dict]:
+    """Every peer in a process of its own, all started at once and idle but one: a pass of each peer in
+    turn, batch by batch, round after round (the first peer of a round rotating), so that passes
+    compared with each other are seconds apart, not minutes. Each peer's rate is the median of its
+    passes, and its ratio to the first peer the median of the rounds' ratios."""
+    workers = {name: subprocess.Popen([sys.executable, __file__, str(args.dir), "--single", str(args.single),
+                                       "--peer", name, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True) for name in peers}
+    results = {}
+    for name, w in workers.items():
+        line = w.stdout.readline()
+        if not line:
+            sys.exit(f"{name} failed to start")
+        results[name] = dict(json.loads(line), passes={str(b): [] for b in BATCHES})
+    for r in range(args.paired + 1):  # the first round warms up
+        for batch in BATCHES:
+            order = peers[r % len(peers):] + peers[: r % len(peers)]
+            for name in order:
+                time.sleep(0.1)  # the last peer's thread pool stops spinning
+                workers[name].stdin.write(f"{batch}\n")
+                workers[name].stdin.flush()
+                rate = json.loads(workers[name].stdout.readline())
+                if r:
+                    results[name]["passes"][str(batch)].append(rate)
+        print(f"round {r}: " + ", ".join(f"{n} {results[n]['passes']['1'][-1]:.0f}" for n in peers if r),
+              file=sys.stderr, flush=True)
+    for w in workers.values():
+        w.stdin.close()
+        w.wait()
+    base = results[peers[0]]["passes"]
+    for name, res in results.items():
+        res["rates"] = {b: float(np.median(v)) for b, v in res["passes"].items()}
+        res["ratios"] = {b: float(np.median(np.array(v) / np.array(base[b]))) for b, v in res["passes"].items()}
+    return results
 
 
 def prepare(folder: Path, recipes: list[str]) -> None:
@@ -152,7 +204,10 @@ def main() -> None:
     ap.add_argument("--criteria", default="agreement,accuracy", help="what ε holds exits to, comma-separated")
     ap.add_argument("--rules", default="risk,joint", help="threshold rules, comma-separated")
     ap.add_argument("--repeat", type=int, default=1, help="runs of every peer, alternated; the median is kept")
+    ap.add_argument("--paired", type=int, default=0,
+                    help="rounds of one pass a peer, the peers' processes running side by side (see `paired`)")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer:
         return peer(args)
@@ -163,6 +218,10 @@ def main() -> None:
     for r in recipes:
         peers += [f"eec:{r}:full"] + [f"eec:{r}:{e}:{c}:{rule}" for rule in args.rules.split(",")
                                       for c in args.criteria.split(",") for e in ("0.95", "0.99")]
+    if args.paired:
+        report(paired(args, peers), y, f"{len(y)} held-out functions; batch 1 over the first {args.single}; "
+               f"{args.paired} rounds of one pass a peer, peers alternated; medians of rates and of ratios")
+        return
     runs = {name: [] for name in peers}
     for _ in range(args.repeat):
         for name in peers:
@@ -175,9 +234,13 @@ def main() -> None:
     results = {}
     for name, got in runs.items():
         results[name] = dict(got[0], rates={b: float(np.median([r["rates"][b] for r in got])) for b in got[0]["rates"]})
+    report(results, y, f"{len(y)} held-out functions; batch 1 over the first {args.single}; median of {args.rounds} "
+           f"passes, median of {args.repeat} runs a peer")
+
+
+def report(results: dict[str, dict], y: np.ndarray, title: str) -> None:
     base = results["onnxruntime-optimized"]["rates"]
-    print(f"{len(y)} held-out functions; batch 1 over the first {args.single}; median of {args.rounds} passes, "
-          f"median of {args.repeat} runs a peer")
+    print(title)
     print("| peer | batch 1 texts/s | batch 32 texts/s | vs onnxruntime optimized (1 / 32) | accuracy | "
           "agrees with its full mode | exits (layer: texts) |")
     print("|---|---|---|---|---|---|---|")
@@ -186,8 +249,8 @@ def main() -> None:
         # ε's own measure on held-out texts: the share of answers equal to the same artifact's full mode
         full = results.get(":".join(name.split(":")[:2] + ["full"])) if name.startswith("eec") else None
         agrees = f"{(labels == np.array(full['labels'])).mean():.4f}" if full else ""
-        print(f"| {name} | {rates['1']:.0f} | {rates['32']:.0f} | {rates['1'] / base['1']:.2f}x / "
-              f"{rates['32'] / base['32']:.2f}x | {(labels == y).mean():.4f} | {agrees} | {r.get('exits', '')} |")
+        ratios = r.get("ratios") or {b: rates[b] / base[b] for b in rates}
+        print(f"| {name} | {rates['1']:.0f} | {rates['32']:.0f} | {ratios['1']:.2f}x / {ratios['32']:.2f}x | {(labels == y).mean():.4f} | {agrees} | {r.get('exits', '')} |")
 
 
 if __name__ == "__main__":
