@@ -8,7 +8,7 @@ import pytest
 from eec.calib.metrics import ALL_METRICS
 from eec.calib.traces import Traces
 from eec.errors import InputError
-from eec.targets.latency import LatencyTable, ModelShape, load_profile, model_table
+from eec.targets.latency import LatencyTable, ModelShape, fit_host, load_profile, model_table
 from eec.targets.placement import (TOLERANCE, cost_breakdown, describe, expected_cost, place_exits,
                                   speculative_breakdown)
 from eec.targets.profiles import get_target
@@ -363,3 +363,28 @@ def test_the_replay_makes_the_engines_calls(llama_compiled, threshold, monkeypat
 
 PROMPTS_FOR_REPLAY = [[3, 17, 42, 8, 91, 5], [60], list(range(10, 40)), [7, 7, 9], [50, 2, 33, 81, 4],
                       [11, 12], [90, 1, 5, 5]]
+
+
+def test_host_work_is_fitted_and_priced():
+    """eec's own work around the calls, from two artifacts' steps (8 segment calls and 1; 7 exits asked
+    and none): a fixed part of a step, a part per call and a part per exit decision. Rule 3 charges a
+    token the step, a call per segment it reaches and a decision per exit it reaches; rule 6 a step,
+    its calls and its heads' decisions."""
+    samples = [[1, 8, 7, 100e-6 + 8 * 20e-6, 100e-6 + 8 * 20e-6 + 7 * 5e-6], [1, 1, 0, 120e-6, 120e-6],
+               [4, 8, 7, 150e-6 + 8 * 30e-6, 150e-6 + 8 * 30e-6 + 7 * 9e-6], [4, 1, 0, 180e-6, 180e-6]]
+    host = fit_host(samples)
+    assert host[1] == pytest.approx([100e-6, 20e-6, 5e-6]) and host[4] == pytest.approx([150e-6, 30e-6, 9e-6])
+    assert fit_host(samples[:1])[1] == pytest.approx([0.0, 260e-6 / 8, 5e-6])  # one artifact: all of it per call
+    t = table(layer_s=1.0, head_s=2.0, marginal=0.5)
+    plain = cost_breakdown(t, (3, 6), {3: 60, 6: 25, 12: 15})
+    t.host = {1: [0.1, 0.2, 0.05], 4: [0.3, 0.4, 0.07]}
+    assert t.host_cost(1) == (0.1, 0.2, 0.05) and t.host_cost(8) == (0.3, 0.4, 0.07)
+    parts = cost_breakdown(t, (3, 6), {3: 60, 6: 25, 12: 15})
+    assert parts["host"] == pytest.approx(0.1 + (1.0 + 0.4 + 0.15) * 0.2 + (1.0 + 0.4) * 0.05)
+    assert plain["host"] == 0.0 and {k: v for k, v in parts.items() if k != "host"} == pytest.approx(
+        {k: v for k, v in plain.items() if k != "host"})
+    # Rule 6, the first case of `test_a_batch_is_priced_call_by_call` (three steps; calls 2, 2 and 1, of
+    # which one a step asks exit 3): its graphs' price plus 3 steps, 5 calls and 3 decisions, over 5 tokens.
+    generations = [[3, 12, 3], [12, 3]]
+    graphs = replay_cost(table(layer_s=1.0, head_s=2.0, marginal=0.5), (3,), generations, batch=4)
+    assert replay_cost(t, (3,), generations, batch=4) == pytest.approx(graphs + (3 * 0.3 + 5 * 0.4 + 3 * 0.07) / 5)

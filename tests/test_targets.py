@@ -18,6 +18,7 @@ from eec.compiler.pipeline import model_shape
 from eec.targets.latency import LatencyTable
 from eec.targets.placement import Candidate
 from eec.calib.traces import ALL_METRICS, thresholds_for
+from eec.targets import measure
 from eec.targets.measure import measure_artifact, measure_artifacts
 
 runner = CliRunner()
@@ -47,6 +48,11 @@ def test_measured_profile_covers_every_segment_and_head(measured):
     assert all(t > 0 for t in table.fused.values())
     # A range spanning several measured segments saves the calls it merges.
     assert table.range_cost(0, 2) == pytest.approx(sum(table.segments[p][0] for p in [(0, 1), (1, 2)]) - table.call_overhead)
+    # eec's own work in a decode step, around the calls: the runtime's step timed in full mode and with
+    # every exit asked, for one row (this artifact: 6 segment calls a step, 5 exits).
+    [(rows, segments, exits, full, asked)] = table.host_samples
+    assert (rows, segments, exits) == (1, 6, 5) and 0 < full and 0 < asked
+    assert again.host_samples == table.host_samples
 
 
 def test_measure_times_both_kv_layouts(tiny_compiled, measured):
@@ -209,6 +215,8 @@ def test_measure_times_a_batch_step_over_its_rows(measured, tmp_path, monkeypatc
         return call(self, role, slots, x, counts)
 
     monkeypatch.setattr(SegmentKV, "call", recording)
+    # the host work's timing runs the runtime's own steps (timed in test_measured_profile...): its calls are not these
+    monkeypatch.setattr(measure, "_host_times", lambda root, rows, repeats, rng: (60e-6 * rows, 60e-6 * rows + 5e-6))
     result = runner.invoke(app, ["targets", "measure", str(art), "-o", str(tmp_path / "p.json"), "--repeats", "2",
                                  "--past", "8", "--batch", "3"])
     assert result.exit_code == 0, result.output
@@ -218,6 +226,9 @@ def test_measure_times_a_batch_step_over_its_rows(measured, tmp_path, monkeypatc
     assert {c[0] for c in batched} == {a for a, _ in table.segments}  # every segment, over 3 rows at a time
     assert all(role == "plain" and shape == (3, 1) and lengths == (8, 8, 8) for _, role, _, shape, lengths in batched)
     assert "over 3 sequences, one token each" in result.output
+    # one artifact (6 calls a step, 5 exits): the host work all per call, each exit's decision apart
+    assert sorted(table.host) == [1, 3]
+    assert table.host[1] == pytest.approx([0.0, 10e-6, 1e-6]) and table.host[3] == pytest.approx([0.0, 30e-6, 1e-6])
     bad = runner.invoke(app, ["targets", "measure", str(art), "-o", str(tmp_path / "q.json"), "--batch", "0"])
     assert bad.exit_code == 1 and "--batch must be a whole number" in bad.output and not (tmp_path / "q.json").exists()
 

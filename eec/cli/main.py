@@ -996,6 +996,9 @@ def targets_measure(
         out.print(f"exit head at layer {layer}: {t * 1e3:.2f} ms")
     for (a, b), t in table.fused.items():
         out.print(f"layers {a}-{b} with the exit head inside: {t * 1e3:.2f} ms (1 token)")
+    for n, (step_s, call_s, exit_s) in table.host.items():
+        out.print(f"eec's own work in a decode step of {n} sequence(s), outside the graphs: {step_s * 1e6:.0f} µs a step, "
+                  f"{call_s * 1e6:.0f} µs a segment call, {exit_s * 1e6:.0f} µs an exit decision")
     fitted = (f"; fixed cost per segment call {table.segment_overhead * 1e6:.0f} µs" if table.segment_overhead
               else "; measure an artifact without exits too to fit the fixed cost per segment call")
     out.print(f"per-call overhead {table.call_overhead * 1e6:.0f} µs{fitted}; wrote {output}")

@@ -84,6 +84,18 @@ class LatencyTable:
     # one call over that many rows at one position each}. Where a batch size is missing, `rows_cost`
     # falls back to one row's call over as many positions.
     rows: dict[tuple[int, int], dict[int, float]] = field(default_factory=dict)
+    # eec's host work in a decode step outside its graph calls (`eec targets measure`, CPU): rows ->
+    # seconds (a step's fixed part, each segment call, each exit asked), fitted by `fit_host` from
+    # ``host_samples``: [rows, segments, exits, full mode's step, a step with every exit asked]. Empty in
+    # profiles measured before, and in model tables: placement then prices the graphs alone.
+    host: dict[int, list[float]] = field(default_factory=dict)
+    host_samples: list[list[float]] = field(default_factory=list)
+
+    def host_cost(self, rows: int) -> tuple[float, float, float]:
+        """(step, call, exit) host seconds for a step of ``rows`` sequences: as fitted for the nearest
+        number of rows measured at or below it (one row, or the profile's batch), zeros where none was."""
+        measured = [n for n in self.host if n <= rows] or sorted(self.host)[:1]
+        return tuple(self.host[max(measured)]) if measured else (0.0, 0.0, 0.0)
 
     def range_cost(self, start: int, stop: int, seq: int = 1) -> float:
         """One call running layers [start, stop) over ``seq`` tokens; a range that ends at the
@@ -176,6 +188,7 @@ class LatencyTable:
         d["fused"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.fused.items()]
         d["verifies"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.verifies.items()]
         d["rows"] = [{"start": a, "stop": b, "seconds": {str(n): t for n, t in v.items()}} for (a, b), v in self.rows.items()]
+        d["host"] = {str(n): v for n, v in self.host.items()}
         return json.dumps(d, indent=2)
 
     @staticmethod
@@ -188,6 +201,7 @@ class LatencyTable:
         d["fused"] = {(s["start"], s["stop"]): s["seconds"] for s in d.get("fused", [])}
         d["verifies"] = {(s["start"], s["stop"]): s["seconds"] for s in d.get("verifies", [])}
         d["rows"] = {(s["start"], s["stop"]): {int(n): t for n, t in s["seconds"].items()} for s in d.get("rows", [])}
+        d["host"] = {int(n): list(v) for n, v in d.get("host", {}).items()}
         return LatencyTable(**d)
 
 
@@ -217,6 +231,28 @@ def fit_segment_overhead(segments: dict[tuple[int, int], list[float]]) -> float:
             continue
         fits.append((sum(segments[p][0] for p in chain) - times[0]) / (len(chain) - 1))
     return max(sum(fits) / len(fits), 0.0) if fits else 0.0
+
+
+def fit_host(samples: list[list[float]]) -> dict[int, list[float]]:
+    """(step, call, exit) host seconds by rows from ``LatencyTable.host_samples``: a step with every exit
+    asked costs full mode's plus one decision per exit; full mode's step is a fixed part plus one part
+    per segment call, the line through the artifacts' (segments, seconds) where their segment counts
+    differ (an artifact cut at every exit and one without exits), else all of it per call."""
+    host = {}
+    for rows in sorted({int(s[0]) for s in samples}):
+        mine = [s for s in samples if int(s[0]) == rows]
+        asked = [(s[4] - s[3]) / s[2] for s in mine if s[2]]
+        exit_s = max(sum(asked) / len(asked), 0.0) if asked else 0.0
+        counts = [s[1] for s in mine]
+        if len(set(counts)) > 1:
+            mx, my = sum(counts) / len(mine), sum(s[3] for s in mine) / len(mine)
+            slope = sum((s[1] - mx) * (s[3] - my) for s in mine) / sum((s[1] - mx) ** 2 for s in mine)
+            call_s = max(slope, 0.0)
+            step_s = max(my - call_s * mx, 0.0)
+        else:
+            step_s, call_s = 0.0, sum(s[3] / s[1] for s in mine) / len(mine)
+        host[rows] = [step_s, call_s, exit_s]
+    return host
 
 
 def model_table(target: Target, shape: ModelShape, precision: str) -> LatencyTable:

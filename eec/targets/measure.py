@@ -15,6 +15,7 @@ through, with the same session options. numpy and onnxruntime only.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -28,7 +29,7 @@ from eec.errors import InputError
 from eec.runtime.kv import FILL, PLAIN, ROLES, VERIFY, WITH_HEAD, HeadCall, SegmentKV
 from eec.runtime.manifest import Manifest, read_manifest
 from eec.runtime.sessions import CUDA, open_graphs, open_sessions, pick_device, session_options
-from eec.targets.latency import MAX_SEQ, LatencyTable, ModelShape, fit_segment_overhead
+from eec.targets.latency import MAX_SEQ, LatencyTable, ModelShape, fit_host, fit_segment_overhead
 from eec.targets.profiles import get_target
 
 SWEEPS = 4  # over the call lengths, alternately up and down; each length keeps its lowest median
@@ -94,9 +95,11 @@ def _overhead(hidden: int, repeats: int, device: str = "cpu") -> float:
 
 def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
                      progress: Callable[[str, int, int], None] = lambda *a: None,
-                     device: str | None = None, batch: int = 1) -> LatencyTable:
+                     device: str | None = None, batch: int = 1, host: bool = True) -> LatencyTable:
     """``device``: "cpu" or "cuda" (default: the target's, the CUDA provider for target ``cuda``);
-    ``batch``: also time each segment's decode step over that many rows (`LatencyTable.rows`)."""
+    ``batch``: also time each segment's decode step over that many rows (`LatencyTable.rows`);
+    ``host``: also time eec's own work around the calls of a decode step, on the CPU
+    (`LatencyTable.host_samples`)."""
     root = Path(path)
     manifest = read_manifest(root)
     target = get_target(manifest.target)
@@ -224,8 +227,53 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     if batch > 1:
         for spec, t in zip(manifest.segments, _rows_times(manifest, graphs, past, repeats, batch, device, rng, progress)):
             table.rows[(spec.start, spec.stop)] = {batch: t}
+    if host and device == "cpu":
+        exits = len([s for s in manifest.segments[:-1] if s.exit])
+        table.host_samples = [[rows, len(manifest.segments), exits, *_host_times(root, rows, repeats, rng)]
+                              for rows in sorted({1, batch})]
     progress("done", total, total)
     return table
+
+
+def _host_times(root: Path, rows: int, repeats: int, rng) -> tuple[float, float]:
+    """Median seconds of eec's own work in a decode step of ``rows`` sequences, outside its graph calls:
+    in full mode, and with every exit asked and none taken (thresholds of +inf). The runtime's `Batch`
+    decodes from prompts of 8 random tokens, its segment and head calls timed where they are made
+    (`SegmentKV.call`, `HeadCall.batch`) and taken from each step's wall time."""
+    from eec.runtime import load
+
+    model = load(root)
+    vocab = model.manifest.model.vocab_size
+    spent = [0.0]
+
+    def timed(fn):
+        def call(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return call
+
+    medians = []
+    for thresholds in (None, {e: math.inf for e in model.exits}):
+        batch = model.new_batch(rows, capacity=8 + 2 * repeats + 2, early_exit=thresholds is not None)
+        for kv in batch.kv:
+            kv.call = timed(kv.call)
+        for head in batch.heads:
+            if head is not None:
+                head.batch = timed(head.batch)
+        slots = list(range(rows))
+        results = batch.prefill(slots, [rng.integers(0, vocab, 8).tolist() for _ in slots])
+        hosts = []
+        for r in range(2 * repeats + 1):  # the first step allocates and is not kept
+            spent[0] = 0.0
+            start = time.perf_counter()
+            results = batch.step(slots, [[res.token] for res in results], thresholds)
+            if r:
+                hosts.append(time.perf_counter() - start - spent[0])
+        medians.append(max(statistics.median(hosts), 0.0))
+    return medians[0], medians[1]
 
 
 def _rows_times(manifest: Manifest, graphs: list, past: int, repeats: int, batch: int, device: str, rng,
@@ -287,5 +335,7 @@ def measure_artifacts(paths: list[Path], past: int = 128, repeats: int = 20,
         first.fused.update(t.fused)
         first.verifies.update(t.verifies)
         first.rows.update(t.rows)
+        first.host_samples += t.host_samples
     first.segment_overhead = fit_segment_overhead(first.segments)
+    first.host = fit_host(first.host_samples)
     return first

@@ -96,8 +96,10 @@ def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dic
                    splits: tuple[int, ...] | None = None, gated: bool = False,
                    propagate: bool = False) -> dict[str, float]:
     """`expected_cost` in its parts, mean seconds per token: ``segments`` (the layers a token runs,
-    one position), ``heads`` (exit heads; the final head is inside the last segment) and
-    ``catch_up`` (later segments re-running an exited position with the next deep token).
+    one position), ``heads`` (exit heads; the final head is inside the last segment),
+    ``catch_up`` (later segments re-running an exited position with the next deep token) and
+    ``host`` (eec's own work around the calls, where the profile measured it: a step, each segment
+    call, each exit's decision).
 
     With ``propagate`` and fill graphs in the table that cover a later range, an exited position
     costs that range's fill per position instead, and every token that goes through a range after
@@ -121,12 +123,14 @@ def cost_breakdown(table: LatencyTable, exits: tuple[int, ...], exit_counts: dic
     total = sum(exit_counts.values())
     counts = [exit_counts.get(stop, 0) if total else int(stop == n_layers) for _, stop in ranges]
     total = total or 1
-    parts = {"segments": 0.0, "heads": 0.0, "catch_up": 0.0}
-    for k in range(len(ranges)):
+    step_s, call_s, exit_s = table.host_cost(1)
+    parts = {"segments": 0.0, "heads": 0.0, "catch_up": 0.0, "host": step_s}
+    for k, (_, stop) in enumerate(ranges):
         reach = sum(counts[k:]) / total  # the share of tokens that reach range k
         behind = 1.0 - reach  # positions left for a later catch-up
         parts["segments"] += reach * one[k]
         parts["heads"] += counts[k] / total * heads[k] if gated else reach * heads[k]
+        parts["host"] += reach * (call_s + (exit_s if stop in exits else 0.0))
         parts["catch_up"] += behind * marginal[k]
         if k and any(counts[:k]):  # a fill call before range k's own run, for the tokens that reach it
             parts["catch_up"] += reach * fixed[k]
@@ -181,7 +185,7 @@ def evaluate(traces: Traces, table: LatencyTable, exits: tuple[int, ...], eps: f
         full = full_cost(traces, table, batch)
     else:
         cost = expected_cost(table, exits, counts, gated=gated, propagate=propagate)
-        full = table.range_cost(0, n_layers, 1)
+        full = full_cost(traces, table, batch)
     return Candidate(exits, cost, full / cost, rate, agree, counts)
 
 
@@ -194,7 +198,7 @@ def full_cost(traces: Traces, table: LatencyTable, batch: int) -> float:
     """Mean seconds a token of the full model over the traces' generations, ``batch`` at a time (rule 6)."""
     n_layers = table.shape.num_layers
     if batch <= 1:
-        return table.range_cost(0, n_layers, 1)
+        return expected_cost(table, (), {n_layers: 1})
     return replay_cost(table, (), generations(traces, np.full(len(traces), n_layers)), batch)
 
 

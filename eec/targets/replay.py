@@ -121,8 +121,12 @@ def call_cost(table: LatencyTable, call: Call, batch: int) -> float:
 
 def replay_cost(table: LatencyTable, exits: Sequence[int], generations: Sequence[Sequence[int]], batch: int,
                 gated: bool = False) -> float:
-    """Mean graph seconds a decoded token when ``generations`` decode ``batch`` at a time (`decode_calls`)."""
+    """Mean seconds a decoded token when ``generations`` decode ``batch`` at a time (`decode_calls`): the
+    calls, and eec's host work around them where the profile measured it (`LatencyTable.host_cost`:
+    a step, each call, each exit decided)."""
     tokens = sum(len(g) for g in generations)
-    counts = Counter(call for step in decode_calls(exits, table.shape.num_layers, generations, batch, gated)
-                     for call in step)
-    return sum(n * call_cost(table, call, batch) for call, n in counts.items()) / max(tokens, 1)
+    steps = decode_calls(exits, table.shape.num_layers, generations, batch, gated)
+    counts = Counter(call for step in steps for call in step)
+    step_s, call_s, exit_s = table.host_cost(batch)
+    host = len(steps) * step_s + sum(n * (call_s + exit_s * call.head) for call, n in counts.items())
+    return (sum(n * call_cost(table, call, batch) for call, n in counts.items()) + host) / max(tokens, 1)
