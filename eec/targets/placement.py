@@ -21,13 +21,16 @@ Rules:
    kernels switch from vector to matrix products there); there are as many
    such calls as the fewer of the tokens that exited before the segment and
    the tokens that reach it. A token that reaches the last layer pays every
-   segment and every head of the set.
+   segment and every head of the set. Where the profile measured eec's host
+   work (`LatencyTable.host_cost`), a token also pays a step's fixed part, a
+   part per segment it reaches and a part per exit it is judged at.
 4. The full model is one segment over all layers with the final head; the
    predicted speedup is its cost over the set's expected cost.
 5. Among sets predicted within `TOLERANCE` of the cheapest, the one with the
-   fewest exits wins: every exit adds host work the table does not hold (the
-   decoder's checks, pending positions), so measured speedups fall further
-   below predictions as sets grow (docs/benchmarks.md).
+   fewest exits wins: every exit adds host work (the decoder's checks,
+   pending positions) that profiles measured before held nothing of, and
+   that a measured one holds as an average, so measured speedups fall
+   further below predictions as sets grow (docs/benchmarks.md).
 6. ``batch`` B > 1 prices a decode step of B sequences (a server's batch),
    per token, by replaying the calibration generations B at a time as the
    engine decodes them, call by call (`eec.targets.replay`): a segment runs
