@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -53,6 +54,8 @@ def test_measured_profile_covers_every_segment_and_head(measured):
     [(rows, segments, exits, full, asked)] = table.host_samples
     assert (rows, segments, exits) == (1, 6, 5) and 0 < full and 0 < asked
     assert again.host_samples == table.host_samples
+    # more steps asked for than the context holds (128 positions): as many as fit
+    assert all(t > 0 for t in measure._host_times(art, 2, 100, np.random.default_rng(0)))
 
 
 def test_measure_times_both_kv_layouts(tiny_compiled, measured):

@@ -238,12 +238,15 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
 def _host_times(root: Path, rows: int, repeats: int, rng) -> tuple[float, float]:
     """Median seconds of eec's own work in a decode step of ``rows`` sequences, outside its graph calls:
     in full mode, and with every exit asked and none taken (thresholds of +inf). The runtime's `Batch`
-    decodes from prompts of 8 random tokens, its segment and head calls timed where they are made
-    (`SegmentKV.call`, `HeadCall.batch`) and taken from each step's wall time."""
+    decodes from prompts of 8 random tokens for up to 2 x ``repeats`` steps (fewer where the model's
+    context is shorter), its segment and head calls timed where they are made (`SegmentKV.call`,
+    `HeadCall.batch`) and taken from each step's wall time."""
     from eec.runtime import load
 
     model = load(root)
-    vocab = model.manifest.model.vocab_size
+    vocab, context = model.manifest.model.vocab_size, model.manifest.model.context_length
+    prompt = min(8, max(context // 4, 1))
+    steps = max(min(2 * repeats + 1, context - prompt - 1), 2)  # a row's prompt and steps fit the context
     spent = [0.0]
 
     def timed(fn):
@@ -257,16 +260,16 @@ def _host_times(root: Path, rows: int, repeats: int, rng) -> tuple[float, float]
 
     medians = []
     for thresholds in (None, {e: math.inf for e in model.exits}):
-        batch = model.new_batch(rows, capacity=8 + 2 * repeats + 2, early_exit=thresholds is not None)
+        batch = model.new_batch(rows, capacity=prompt + steps + 1, early_exit=thresholds is not None)
         for kv in batch.kv:
             kv.call = timed(kv.call)
         for head in batch.heads:
             if head is not None:
                 head.batch = timed(head.batch)
         slots = list(range(rows))
-        results = batch.prefill(slots, [rng.integers(0, vocab, 8).tolist() for _ in slots])
+        results = batch.prefill(slots, [rng.integers(0, vocab, prompt).tolist() for _ in slots])
         hosts = []
-        for r in range(2 * repeats + 1):  # the first step allocates and is not kept
+        for r in range(steps):  # the first step allocates and is not kept
             spent[0] = 0.0
             start = time.perf_counter()
             results = batch.step(slots, [[res.token] for res in results], thresholds)
