@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from eec.targets.latency import MAX_SEQ, LatencyTable
+from eec.targets.latency import LatencyTable
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ def decode_calls(exits: Sequence[int], num_layers: int, generations: Sequence[Se
             asked = j < last  # every row has a threshold at each of the set's exits
             # the head: in the call that carries each row's current position
             head = asked and (not gated or any(running[i][0][running[i][1]] == b for i in going))
-            if several and max(owed[i] + 1 for i in several) < len(several) + bool(singles):
-                depth = max(owed[i] + 1 for i in several)
+            depth = max((owed[i] + 1 for i in several), default=0)
+            if several and depth < len(several) + bool(singles):
                 for r in range(depth):
                     n = sum(r >= depth - owed[i] - 1 for i in several) + (len(singles) if r == depth - 1 else 0)
                     calls.append(Call(a, b, n, 1, head and r == depth - 1))
@@ -102,16 +102,13 @@ def decode_calls(exits: Sequence[int], num_layers: int, generations: Sequence[Se
 
 def call_cost(table: LatencyTable, call: Call, batch: int) -> float:
     """Seconds of one call, from the table: n rows at one position each as measured for the batch's
-    size, between one row and ``batch`` rows in proportion; one row over n positions as measured up
-    to `MAX_SEQ`, then by the slope from 2 to `MAX_SEQ`. A head adds what asking for the exit adds
+    size, between one row and ``batch`` rows in proportion; one row over n positions as
+    `LatencyTable.positions_cost` prices it. A head adds what asking for the exit adds
     to the segment's one-position call (`LatencyTable.exit_cost`)."""
     a, b = call.start, call.stop
     one = table.range_cost(a, b, 1)
     if call.positions > 1:
-        seconds = table.range_cost(a, b, call.positions)
-        if call.positions > MAX_SEQ:
-            slope = max((table.range_cost(a, b, MAX_SEQ) - table.range_cost(a, b, 2)) / (MAX_SEQ - 2), 0.0)
-            seconds += (call.positions - MAX_SEQ) * slope
+        seconds = table.positions_cost(a, b, call.positions)
     elif call.rows == 1 or batch <= 1:
         seconds = one
     else:
