@@ -54,16 +54,17 @@ def texts_and_labels(folder: Path) -> tuple[list[str], np.ndarray, list[str]]:
     return [r["text"] for r in rows], np.array([names.index(r["label"]) for r in rows]), names
 
 
-def timed(run, texts: list[str], batch: int, rounds: int, single: int) -> tuple[float, np.ndarray]:
+def one_pass(run, texts: list[str], batch: int, single: int) -> tuple[float, np.ndarray]:
+    """Texts a second and labels of one pass: at batch 1 over the first ``single`` texts, else all of them."""
     items = texts[:single] if batch == 1 else texts
-    rates = []
-    for _ in range(rounds + 1):  # the first pass warms up
-        labels = []
-        start = time.perf_counter()
-        for i in range(0, len(items), batch):
-            labels.append(run(items[i:i + batch]))
-        rates.append(len(items) / (time.perf_counter() - start))
-    return float(np.median(rates[1:])), np.concatenate(labels)
+    start = time.perf_counter()
+    labels = [run(items[i:i + batch]) for i in range(0, len(items), batch)]
+    return len(items) / (time.perf_counter() - start), np.concatenate(labels)
+
+
+def timed(run, texts: list[str], batch: int, rounds: int, single: int) -> tuple[float, np.ndarray]:
+    passes = [one_pass(run, texts, batch, single) for _ in range(rounds + 1)]  # the first pass warms up
+    return float(np.median([rate for rate, _ in passes[1:]])), passes[-1][1]
 
 
 def peer(args) -> None:
@@ -116,12 +117,7 @@ def peer(args) -> None:
         labels = np.concatenate([run(texts[i:i + 32]) for i in range(0, len(texts), 32)])
         print(json.dumps({"labels": labels.tolist(), **extra}), flush=True)
         for line in sys.stdin:
-            batch = int(line)
-            items = texts[: args.single] if batch == 1 else texts
-            start = time.perf_counter()
-            for i in range(0, len(items), batch):
-                run(items[i:i + batch])
-            print(json.dumps(len(items) / (time.perf_counter() - start)), flush=True)
+            print(json.dumps(one_pass(run, texts, int(line), args.single)[0]), flush=True)
         return
     rates, labels = {}, None
     for batch in BATCHES:
