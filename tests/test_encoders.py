@@ -526,3 +526,75 @@ def test_a_text_classifier_split_answers_as_the_whole_model(encoders):
         assert not got.fallback.any()
     finally:
         s.close()
+
+
+class Refused:
+    """A session that must not run: the graph with the padding mask, in a call without padding."""
+
+    def run(self, *a, **k):
+        raise AssertionError("the graph with the padding mask ran on a call without padding")
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_calls_without_padding_run_the_graphs_without_the_mask(encoders, family):
+    """One text, or texts all of one length, run each segment's twin without the padding mask; they answer as
+    transformers does, and as the same texts padded inside a mixed batch (the graphs with the mask) do."""
+    from eec.runtime.classifier_manifest import UNPADDED
+
+    model, tok, art = encoders[family]
+    clf = load(art)
+    for seg in clf.manifest.segments:  # every graph has its twin
+        assert {UNPADDED[role] for role in ("plain", "with_head") if role in seg.graphs} <= set(seg.graphs)
+    masked = [dict(graphs) for graphs in clf.sessions]
+    for graphs in clf.sessions:
+        for role in list(graphs):
+            graphs[role] = Refused()
+    lengths = [len(tok(t)["input_ids"]) for t in TEXTS]
+    same = [t for t, n in zip(TEXTS, lengths) if n == lengths[0]]
+    assert len(same) >= 2  # "the cat sat", "functions return values"
+    ref = reference(model, tok, TEXTS)
+    taus = [middle_cut(ref[k].max(-1)) for k in (1, 2)]
+    alone = [clf.classify(t, thresholds=taus, metric="max-prob") for t in TEXTS]
+    full = [clf.classify(t, mode="full") for t in TEXTS]
+    together = clf.classify(same, mode="full", batch_size=8)
+    for graphs in clf.sessions:  # the twins opened at their first call
+        assert all(role.endswith("_unpadded") for role in graphs if not isinstance(graphs[role], Refused))
+    for i, r in enumerate(full):
+        np.testing.assert_allclose(r.probs[0], ref[LAYERS][i], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(together.probs, ref[LAYERS][[TEXTS.index(t) for t in same]], rtol=0, atol=2e-5)
+    for graphs, opened in zip(clf.sessions, masked):  # the graphs with the mask back, the twins forgotten
+        graphs.clear()
+        graphs.update(opened)
+    mixed = clf.classify(TEXTS, thresholds=taus, metric="max-prob", batch_size=len(TEXTS))
+    runs, _, _ = clf.text.batches(TEXTS, len(TEXTS))
+    assert len([r for rows, _, side in runs if not side["attention_mask"].all() for r in rows]) >= 4  # ran padded
+    assert [int(r.exits[0]) for r in alone] == mixed.exits.tolist()
+    assert [int(r.labels[0]) for r in alone] == mixed.labels.tolist()
+    np.testing.assert_allclose(np.concatenate([r.probs for r in alone]), mixed.probs, rtol=0, atol=1e-6)
+    assert len(set(mixed.exits.tolist())) > 1
+
+
+def test_an_artifact_without_the_unpadded_graphs_runs_on_the_masked_ones(tmp_path, encoders):
+    """Artifacts compiled before the twins existed (or whose mask could not be taken out) have none: a text
+    alone runs the graphs with the mask; twins on a branched network or without their role are refused."""
+    from eec.errors import ArtifactError
+
+    _, _, art = encoders["bert"]
+    copy = tmp_path / "old.eec"
+    shutil.copytree(art, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    for seg in raw["segments"]:
+        for role in [r for r in seg["graphs"] if r.endswith("_unpadded")]:
+            (copy / seg["graphs"].pop(role)).unlink()
+            raw["files"] = {k: v for k, v in raw["files"].items() if (copy / k).exists()}
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    old, new = load(copy), load(art)
+    assert all(not twins for twins in old.twins)
+    for text in TEXTS[:4]:
+        a, b = old.classify(text, thresholds=-math.inf), new.classify(text, thresholds=-math.inf)
+        np.testing.assert_allclose(a.probs, b.probs, rtol=0, atol=1e-6)
+    bad = json.loads((art / "manifest.json").read_text())
+    bad["segments"][-1]["graphs"]["with_head_unpadded"] = bad["segments"][-1]["graphs"]["plain_unpadded"]
+    (copy / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ArtifactError, match="optionally plain_unpadded"):
+        load(copy, verify=False)

@@ -29,6 +29,7 @@ from eec.compiler.weights import store_weights_once
 from eec.errors import CompileError, InputError
 from eec.runtime.classifier_manifest import (
     EXIT_SCORE,
+    UNPADDED,
     HIDDEN,
     HIDDEN_IN,
     IDS,
@@ -158,17 +159,22 @@ def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, l
         last = k == len(cuts) - 1
         first_layer = max(start, 1) - 1
         inputs = [IDS if start == 0 else HIDDEN_IN, MASK]
-        graphs = {}
+        # role -> (module, outputs): each exported, then its twin for calls without padding
+        modules = {}
         if not last:
             head = src.heads.get(stop_layer) or SharedHead(src)  # a trained head, else the model's own classifier
-            graphs[PLAIN] = _export(EncoderSegment(src, first_layer, stop_layer, None), inputs, [HIDDEN],
-                                    tmp, f"graphs/seg{k}.onnx", start == 0, src)
+            modules[PLAIN] = EncoderSegment(src, first_layer, stop_layer, None), [HIDDEN]
             outputs = [HIDDEN, PROBS, LABEL] + ([EXIT_SCORE] if src.learned_exit is not None else [])
-            graphs[WITH_HEAD] = _export(EncoderSegment(src, first_layer, stop_layer, head, learned_exit=src.learned_exit),
-                                        inputs, outputs, tmp, f"graphs/seg{k}_with_head.onnx", start == 0, src)
+            modules[WITH_HEAD] = EncoderSegment(src, first_layer, stop_layer, head, learned_exit=src.learned_exit), outputs
         else:
-            graphs[PLAIN] = _export(EncoderSegment(src, first_layer, stop_layer, SharedHead(src), keep_hidden=False),
-                                    inputs, [PROBS, LABEL], tmp, f"graphs/seg{k}.onnx", start == 0, src)
+            modules[PLAIN] = EncoderSegment(src, first_layer, stop_layer, SharedHead(src), keep_hidden=False), [PROBS, LABEL]
+        graphs = {}
+        for role, (module, outputs) in modules.items():
+            name = f"graphs/seg{k}" + ("" if role == PLAIN else f"_{role}")
+            graphs[role] = _export(module, inputs, outputs, tmp, f"{name}.onnx", start == 0, src)
+            twin = _unpadded(module, inputs, outputs, tmp, graphs[role], f"{name}_unpadded.onnx", start == 0, src)
+            if twin is not None:
+                graphs[UNPADDED[role]] = twin
         segments.append(ClassifierSegment(graphs, start, stop_layer + 1, inputs))
         start = stop_layer + 1
     store_weights_once(tmp, segments)
@@ -195,12 +201,13 @@ def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, l
     return manifest
 
 
-def example_inputs(src: SourceEncoder, first: bool, batch: int, seq: int, seed: int):
-    """Token ids (or a hidden state) and a padding mask with every row a different length."""
+def example_inputs(src: SourceEncoder, first: bool, batch: int, seq: int, seed: int, padded: bool = True):
+    """Token ids (or a hidden state) and a padding mask with every row a different length (``padded``), or
+    every row full."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([max(1, seq - 2 * i) for i in range(batch)])
+    lengths = torch.tensor([max(1, seq - 2 * i) if padded else seq for i in range(batch)])
     mask = (torch.arange(seq)[None, :] < lengths[:, None]).to(torch.int64)
     if first:
         low = min(5, src.config.vocab_size - 1)
@@ -218,7 +225,6 @@ def _export(module, inputs: list[str], outputs: list[str], root: Path, file: str
 
     from eec.compiler.export import _quiet, _registry_built_once
     from eec.compiler.ops import TRANSLATIONS
-    from eec.runtime.sessions import open_sessions
 
     module.eval()
     what = f"{file} ({', '.join(outputs)})"
@@ -233,7 +239,33 @@ def _export(module, inputs: list[str], outputs: list[str], root: Path, file: str
             program.save(str(root / file))
     except Exception as e:
         raise CompileError(f"exporting {what} to ONNX failed: {type(e).__name__}: {str(e)[:300]}") from e
-    check = example_inputs(src, first, 3, 7, 1)
+    _check(module, inputs, outputs, root, file, example_inputs(src, first, 3, 7, 1))
+    return file
+
+
+def _unpadded(module, inputs: list[str], outputs: list[str], root: Path, file: str, twin: str, first: bool,
+              src: SourceEncoder) -> str | None:
+    """``file``'s twin without the padding mask (`DropPaddingMask`), for calls whose texts are all one length,
+    checked against PyTorch on such a batch; None where the graph's mask cannot be taken out."""
+    import onnx_ir as ir
+
+    from eec.compiler.passes import DropPaddingMask
+
+    model = ir.external_data.load_to_model(ir.load(root / file))
+    if not DropPaddingMask(MASK)(model).modified:
+        return None
+    ir.save(model, root / twin)
+    _check(module, inputs[:1], outputs, root, twin, example_inputs(src, first, 2, 7, 2, padded=False))
+    return twin
+
+
+def _check(module, inputs: list[str], outputs: list[str], root: Path, file: str, check) -> None:
+    """The graph ``file`` against ``module`` on ``check`` (inputs and padding mask; the graph may take fewer)."""
+    import torch
+
+    from eec.runtime.sessions import open_sessions
+
+    what = f"{file} ({', '.join(outputs)})"
     with torch.no_grad():
         expected = module(*check)
     expected = expected if isinstance(expected, tuple) else (expected,)
@@ -247,4 +279,3 @@ def _export(module, inputs: list[str], outputs: list[str], root: Path, file: str
         err = float(np.max(np.abs(g - e)) / (1.0 + np.max(np.abs(e))))
         if not err <= CHECK_RTOL:
             raise CompileError(f"the ONNX graph {what} disagrees with PyTorch on {name} (relative error {err:.2e})")
-    return file

@@ -10,9 +10,10 @@ given (`eec train` on a classifier).
 
 The layers are rebuilt from the model's weights with attention as one
 onnxruntime kernel (`eec.compiler.ops.encoder_attention`: packed QKV and the
-padding mask); the layer norms, GELU and linear layers are PyTorch's own,
-which onnxruntime fuses (SkipLayerNormalization, BiasGelu) when it opens the
-graph. Every segment is checked against the model itself.
+padding mask), and the embeddings as another (`TokenEmbeddings`); the layer
+norms, GELU and linear layers are PyTorch's own, which onnxruntime fuses
+(SkipLayerNormalization, BiasGelu) when it opens the graph. Every segment is
+checked against the model itself.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from eec.compiler.ops import encoder_attention
+from eec.compiler.ops import embed_layer_norm, encoder_attention
 from eec.errors import InputError, UnsupportedModelError
 
 FAMILIES = ("bert", "roberta", "distilbert", "electra", "albert")
@@ -228,6 +229,37 @@ class EncoderLayer(nn.Module):
         return self.norm2(h + self.down(self.act(self.up(h))))
 
 
+class TokenEmbeddings(nn.Module):
+    """The model's embeddings as one kernel (`eec.compiler.ops.embed_layer_norm`): word and position
+    embeddings, token type 0's embedding added into every position's (eec feeds no token types), and
+    the layer norm. RoBERTa's positions start after the padding index: right-padded, its tokens sit at
+    positions padding_idx + 1 on, so the table is read from there (a pad's own position differs, and a
+    pad's state is never read)."""
+
+    def __init__(self, src: SourceEncoder):
+        super().__init__()
+        e = src.backbone().embeddings
+        position = e.position_embeddings.weight.detach()
+        if src.family == "roberta":
+            position = position[src.pad_id + 1:]
+        types = getattr(e, "token_type_embeddings", None)
+        if types is not None:
+            position = position + types.weight.detach()[0]
+        self.register_buffer("word", e.word_embeddings.weight.detach().clone(), persistent=False)
+        self.register_buffer("position", position.contiguous().clone(), persistent=False)
+        self.register_buffer("weight", e.LayerNorm.weight.detach().clone(), persistent=False)
+        self.register_buffer("bias", e.LayerNorm.bias.detach().clone(), persistent=False)
+        self.eps = float(e.LayerNorm.eps)
+
+    @staticmethod
+    def supports(src: SourceEncoder) -> bool:
+        """Absolute position embeddings (every family's default); others keep transformers' own module."""
+        return getattr(src.config, "position_embedding_type", "absolute") == "absolute"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return embed_layer_norm(ids, self.word, self.position, self.weight, self.bias, self.eps)
+
+
 class SharedHead(nn.Module):
     """The model's own classifier on a layer's hidden state: logits from the first token's state."""
 
@@ -267,7 +299,8 @@ class EncoderSegment(nn.Module):
         super().__init__()
         heads = src.config.n_heads if src.family == "distilbert" else src.config.num_attention_heads
         self.family = src.family
-        self.embeddings = src.backbone().embeddings if start == 0 else None
+        self.embeddings = None if start else TokenEmbeddings(src) if TokenEmbeddings.supports(src) \
+            else src.backbone().embeddings
         # ELECTRA's and ALBERT's embeddings narrower than their layers: their own projection up
         project = (src.backbone().encoder.embedding_hidden_mapping_in if src.family == "albert"
                    else getattr(src.backbone(), "embeddings_project", None))
@@ -278,8 +311,8 @@ class EncoderSegment(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor):
         h = x
         if self.embeddings is not None:
-            h = self.embeddings(x) if self.family == "distilbert" else self.embeddings(
-                input_ids=x, token_type_ids=torch.zeros_like(x))
+            h = self.embeddings(x) if isinstance(self.embeddings, TokenEmbeddings) or self.family == "distilbert" \
+                else self.embeddings(input_ids=x, token_type_ids=torch.zeros_like(x))
             if self.project is not None:
                 h = self.project(h)
         for layer in self.layers:

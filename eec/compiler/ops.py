@@ -10,6 +10,7 @@ graph is checked against, and a translation to onnxruntime's contrib kernel:
     eec::skip_rms_norm      -> com.microsoft.SkipSimplifiedLayerNormalization
     eec::gqa                -> com.microsoft.GroupQueryAttention (rotary inside)
     eec::encoder_attention  -> com.microsoft.Attention (packed QKV, a padding mask; encoders)
+    eec::embed_layer_norm   -> com.microsoft.EmbedLayerNormalization (an encoder's embeddings)
 
 Only onnxruntime runs these kernels, so targets whose backend is TensorRT
 export the plain graph instead (`Target.contrib_ops`).
@@ -55,6 +56,11 @@ _GQA = _schema(
 _ATTENTION = _schema("Attention", ["input", "weights", "bias?", "mask_index?", "past?", "attention_bias?",
                                    "past_sequence_length?"], ["output", "present?"], {"num_heads": "int",
                                                                                       "scale": "float"})
+
+_EMBED_LAYER_NORM = _schema("EmbedLayerNormalization", ["input_ids", "segment_ids?", "word_embedding",
+                                                        "position_embedding", "segment_embedding?", "gamma", "beta",
+                                                        "mask?", "position_ids?"],
+                            ["output", "mask_index?"], {"epsilon": "float"})
 
 
 def _msft(schema: OpSchema) -> onnxscript.values.Op:
@@ -167,6 +173,30 @@ def _(x, weight, bias, attention_mask, num_heads):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("eec::embed_layer_norm", mutates_args=())
+def embed_layer_norm(ids: torch.Tensor, word: torch.Tensor, position: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """An encoder's embeddings: layer_norm(word[ids] + position[:seq]), ids [batch, seq] -> [batch, seq, width].
+
+    ``position`` holds each position's embedding with any fixed per-token term added in (BERT's token type
+    0); one kernel on onnxruntime in place of the ~10 small nodes the exporter writes for a Hugging Face
+    embeddings module (measured on a 6-layer BERT at 70 tokens, 2 cores: the first segment 44 µs faster
+    in a slow spell of the machine, about 10% of it)."""
+    seq = ids.shape[1]
+    return torch.nn.functional.layer_norm(word[ids] + position[:seq], (word.shape[1],), weight, bias, eps)
+
+
+@embed_layer_norm.register_fake
+def _(ids, word, position, weight, bias, eps):
+    return word.new_empty(ids.shape[0], ids.shape[1], word.shape[1])
+
+
+def _embed_layer_norm_onnx(ids, word, position, weight, bias, eps: float):
+    output, _ = _msft(_EMBED_LAYER_NORM)(op.Cast(ids, to=INT32), None, word, position, None, weight, bias,
+                                         epsilon=eps, _num_outputs=2)
+    return output
+
+
 def _encoder_attention_onnx(x, weight, bias, attention_mask, num_heads: int):
     # mask_index of shape [batch, seq] is the raw 0/1 padding mask, in int32
     output, _ = _msft(_ATTENTION)(x, weight, bias, op.Cast(attention_mask, to=INT32), num_heads=num_heads,
@@ -193,4 +223,5 @@ TRANSLATIONS = {
     torch.ops.eec.skip_rms_norm.default: _skip_rms_norm_onnx,
     torch.ops.eec.gqa.default: _gqa_onnx,
     torch.ops.eec.encoder_attention.default: _encoder_attention_onnx,
+    torch.ops.eec.embed_layer_norm.default: _embed_layer_norm_onnx,
 }

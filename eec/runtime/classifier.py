@@ -62,6 +62,8 @@ from eec.runtime.classifier_manifest import (
     HIDDEN,
     MASK,
     PROBS,
+    ROLES,
+    UNPADDED,
     ClassifierManifest,
     TextSpec,
     check_meaning,
@@ -253,6 +255,9 @@ class TextInput:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         ids, truncated = self.encode(texts)
+        if len(ids) == 1:  # one text, as a server classifies a request: nothing to sort or pad (8 µs a text)
+            tokens = np.array(ids, np.int64)
+            return [(np.zeros(1, np.int64), tokens, {MASK: np.ones_like(tokens)})], 1, truncated
         order = np.argsort([len(i) for i in ids], kind="stable")
         out = []
         for start, stop in length_buckets([len(ids[r]) for r in order], batch_size):
@@ -308,8 +313,13 @@ class EarlyExitClassifier:
         # A split runs segments [0, local) here; `tail` sends the rest to the server.
         self.local = len(manifest.segments) if split is None else self.split_index(split)
         self.tail = None if split is None else RemoteClassifierTail(server, manifest_fingerprint(root), timeout)
+        self.threads = threads
         self.sessions = [{role: open_sessions(root, [file], threads, device=self.device)[0]
-                          for role, file in seg.graphs.items()} for seg in manifest.segments[: self.local]]
+                          for role, file in seg.graphs.items() if role in ROLES} for seg in manifest.segments[: self.local]]
+        # the graphs for calls without padding, opened at their first such call: a server that classifies one
+        # text a call opens only these, one that batches mixed lengths never does
+        self.twins = [{role: seg.graphs[twin] for role, twin in UNPADDED.items() if twin in seg.graphs}
+                      for seg in manifest.segments[: self.local]]
         self.text = TextInput(root, manifest.text) if manifest.text else None
         self._probs: np.ndarray | None = None
         self._labels: np.ndarray | None = None
@@ -476,6 +486,17 @@ class EarlyExitClassifier:
         result.stats.seconds = time.perf_counter() - start
         return result
 
+    def _graph(self, i: int, role: str, unpadded: bool):
+        """Segment ``i``'s session for ``role``, and whether it is the twin without the padding mask (taken for
+        a call without padding, where the artifact has one)."""
+        if unpadded and role in self.twins[i]:
+            twin = self.sessions[i].get(UNPADDED[role])
+            if twin is None:
+                twin = open_sessions(self.root, [self.twins[i][role]], self.threads, device=self.device)[0]
+                self.sessions[i][UNPADDED[role]] = twin
+            return twin, True
+        return self.sessions[i][role], False
+
     def _run(self, main: np.ndarray, side: dict[str, np.ndarray], base: np.ndarray | None, taus: list[float],
              metric: str | None, out: ClassifyResult, first: int = 0) -> None:
         """One batch through the segments, its samples leaving at their exits; written into ``out`` at the rows
@@ -488,25 +509,33 @@ class EarlyExitClassifier:
         rows = None  # which of the batch's samples are still in it; None: all of them (no gathering to do)
         conf = Confidence(metric) if metric else None
         last = len(self.manifest.segments) - 1
+        unpadded = MASK in side and bool(side[MASK].all())
         for i in range(first, self.local):
-            seg, graphs = self.manifest.segments[i], self.sessions[i]
+            seg = self.manifest.segments[i]
             stats.segment_samples.append(n if rows is None else len(rows))
-            feeds = {name: main if k == 0 else side[name] for k, name in enumerate(seg.inputs)}
             handing_over = self.tail is not None and i == self.local - 1
+            if i == last or ((conf is None or (taus[i] == math.inf and conf.metric not in STATEFUL))
+                             and not handing_over):
+                # the final classifier; or full mode, or an exit nobody may leave at whose scores no later exit
+                # reads: the head is waste
+                graph, alone = self._graph(i, PLAIN, unpadded)
+            else:
+                graph, alone = self._graph(i, WITH_HEAD, unpadded)
+            feeds = {seg.inputs[0]: main} if alone else \
+                {name: main if k == 0 else side[name] for k, name in enumerate(seg.inputs)}
             if i == last:
-                p, = graphs[PLAIN].run([PROBS], feeds)
+                p, = graph.run([PROBS], feeds)
                 leave = None
             elif (conf is None or (taus[i] == math.inf and conf.metric not in STATEFUL)) and not handing_over:
-                # full mode, or an exit nobody may leave at whose scores no later exit reads: the head is waste
-                main, = graphs[PLAIN].run([HIDDEN], feeds)
+                main, = graph.run([HIDDEN], feeds)
                 if conf is not None:
                     stats.exits[seg.exit] = stats.exits.get(seg.exit, 0)
                 continue
             else:
                 if conf is not None and conf.metric == "learned":
-                    main, p, learned = graphs[WITH_HEAD].run([HIDDEN, PROBS, EXIT_SCORE], feeds)
+                    main, p, learned = graph.run([HIDDEN, PROBS, EXIT_SCORE], feeds)
                 else:
-                    (main, p), learned = graphs[WITH_HEAD].run([HIDDEN, PROBS], feeds), None
+                    (main, p), learned = graph.run([HIDDEN, PROBS], feeds), None
                 if conf is None:  # full mode: the head ran only in case the server does not answer
                     leave = np.zeros(len(p), bool)
                 else:
@@ -535,6 +564,7 @@ class EarlyExitClassifier:
                 width = int(side[MASK].sum(1).max())
                 if width < side[MASK].shape[1]:
                     side[MASK], main = side[MASK][:, :width], main[:, :width]
+                unpadded = bool(side[MASK].all())
             main = np.ascontiguousarray(main)
             if conf is not None:
                 conf.keep(stay)

@@ -6,7 +6,9 @@ the previous segment's ``hidden``); an exit segment has a plain graph
 returning ``hidden`` (full mode, which must not pay for heads) and a
 ``with_head`` graph returning ``hidden``, ``probs`` and ``label`` (early
 exit); the last segment's plain graph ends in the final classifier and
-returns ``probs`` and ``label``.
+returns ``probs`` and ``label``. A text classifier's graphs take the padding
+mask too, and each may have an ``_unpadded`` twin without it, for calls
+whose texts are all one length.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from eec.runtime.manifest import MANIFEST, PLAIN, WITH_HEAD, _whole, check_tree,
 SCHEMA = "eec-classifier"
 SCHEMA_VERSION = 1
 ROLES = (PLAIN, WITH_HEAD)
+# A text classifier's graphs for calls without padding (every text one length: one text at a time), the
+# padding mask taken out (`eec.compiler.passes.drop_padding_mask`); optional, twins of the roles above.
+UNPADDED = {PLAIN: "plain_unpadded", WITH_HEAD: "with_head_unpadded"}
 INPUT, HIDDEN, PROBS, LABEL = "x", "hidden", "probs", "label"
 IDS, MASK = "input_ids", "attention_mask"  # a text classifier's inputs
 HIDDEN_IN = "hidden_in"  # a text classifier's later segments: the previous segment's hidden state
@@ -155,8 +160,12 @@ def check_fields(m: ClassifierManifest) -> None:
         if s.inputs != inputs:
             raise _bad(f"stages {s.start}-{s.stop}: inputs must be {inputs}, got {s.inputs!r}")
         roles = {PLAIN} if i == len(m.segments) - 1 else {PLAIN, WITH_HEAD}
-        if not (isinstance(s.graphs, dict) and set(s.graphs) == roles and all(isinstance(f, str) for f in s.graphs.values())):
-            raise _bad(f"stages {s.start}-{s.stop}: graphs must map {', '.join(sorted(roles))} to files, got {s.graphs!r}")
+        twins = {UNPADDED[r] for r in roles} if m.text else set()
+        if not (isinstance(s.graphs, dict) and roles <= set(s.graphs) <= roles | twins
+                and all(isinstance(f, str) for f in s.graphs.values())):
+            raise _bad(f"stages {s.start}-{s.stop}: graphs must map {', '.join(sorted(roles))} "
+                       + (f"(and optionally {', '.join(sorted(twins))}) " if twins else "")
+                       + f"to files, got {s.graphs!r}")
     if start != m.num_stages:
         raise _bad(f"segments cover stages 0..{start} of {m.num_stages}")
     if not (isinstance(m.files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in m.files.items())):
