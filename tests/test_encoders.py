@@ -363,13 +363,15 @@ def test_exits_auto_keeps_the_cheapest_set_on_hand_prices(tmp_path, encoders, mo
     measured = []
 
     def hand_prices(sessions, x, heads=True, rounds=50, inputs=None, side=None):
-        measured.append((len(sessions), heads, x.shape))
+        measured.append((len(sessions), heads, x.shape, inputs))
         return [p + h for p, h in zip(plain, head)] + [final] if heads else list(plain)
 
     monkeypatch.setattr(profiling, "measure", hand_prices)
     manifest = compile_encoder(art.parent / "bert", tmp_path / "auto.eec", exits="auto", data=data,
                                metric="max-prob", placement_eps=eps, criterion=criterion, rule=rule)
     assert measured[0][:2] == (4, True) and measured[1][:2] == (3, False) and measured[0][2][0] == 1
+    assert all(names in (["input_ids"], ["hidden_in"]) for _, _, _, inputs in measured for names in inputs)  # as a
+    # text alone runs: the graphs without the padding mask
 
     rows = [json.loads(line) for line in open(data)]
     texts, labels = [r["text"] for r in rows], np.array([int(r["label"][-1]) for r in rows])

@@ -139,9 +139,10 @@ def _place(src: SourceEncoder, candidates: list[int], tmp: Path, target: str, te
     ids, _ = model.text.encode(texts)
     median = sorted(range(len(ids)), key=lambda i: len(ids[i]))[len(ids) // 2]
     (_, one, side), = model.text.batches([texts[median]], 1)[0]
-    inputs = [seg.inputs for seg in manifest.segments]
-    with_head = measure([g.get(WITH_HEAD, g[PLAIN]) for g in model.sessions], one, inputs=inputs, side=side)
-    plain = measure([g[PLAIN] for g in model.sessions[:-1]], one, heads=False, inputs=inputs[:-1], side=side)
+    sessions, inputs = model.batch_one_graphs()  # a text alone runs the twins without the mask
+    with_head = measure(sessions, one, inputs=inputs, side=side)
+    sessions, inputs = model.batch_one_graphs(heads=False)
+    plain = measure(sessions, one, heads=False, inputs=inputs, side=side)
     probs, _ = model.calibration()
     return place_by_times(probs, with_head, plain, candidates, eps, metric, model.learned_scores,
                           ("layers", "text", "every layer"), meaning["rule"],

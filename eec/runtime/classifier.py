@@ -486,16 +486,26 @@ class EarlyExitClassifier:
         result.stats.seconds = time.perf_counter() - start
         return result
 
-    def _graph(self, i: int, role: str, unpadded: bool):
-        """Segment ``i``'s session for ``role``, and whether it is the twin without the padding mask (taken for
-        a call without padding, where the artifact has one)."""
+    def graph(self, i: int, role: str, unpadded: bool = False) -> tuple:
+        """Segment ``i``'s session for ``role`` and the inputs it takes; for a call without padding
+        (``unpadded``), the twin without the mask where the artifact has one, opened at its first use."""
+        inputs = self.manifest.segments[i].inputs
         if unpadded and role in self.twins[i]:
             twin = self.sessions[i].get(UNPADDED[role])
             if twin is None:
                 twin = open_sessions(self.root, [self.twins[i][role]], self.threads, device=self.device)[0]
                 self.sessions[i][UNPADDED[role]] = twin
-            return twin, True
-        return self.sessions[i][role], False
+            return twin, inputs[:1]
+        return self.sessions[i][role], inputs
+
+    def batch_one_graphs(self, heads: bool = True) -> tuple[list, list[list[str]]]:
+        """The sessions a call of one sample runs and their inputs: with ``heads`` every segment's (its exit
+        inside, the last one's classifier), else every segment's but the last one's, without heads. What
+        placement and profiles time at batch 1."""
+        n = len(self.manifest.segments)
+        roles = [WITH_HEAD if heads and i < n - 1 else PLAIN for i in range(n if heads else n - 1)]
+        picked = [self.graph(i, role, unpadded=self.text is not None) for i, role in enumerate(roles)]
+        return [session for session, _ in picked], [names for _, names in picked]
 
     def _run(self, main: np.ndarray, side: dict[str, np.ndarray], base: np.ndarray | None, taus: list[float],
              metric: str | None, out: ClassifyResult, first: int = 0) -> None:
@@ -514,15 +524,12 @@ class EarlyExitClassifier:
             seg = self.manifest.segments[i]
             stats.segment_samples.append(n if rows is None else len(rows))
             handing_over = self.tail is not None and i == self.local - 1
-            if i == last or ((conf is None or (taus[i] == math.inf and conf.metric not in STATEFUL))
-                             and not handing_over):
-                # the final classifier; or full mode, or an exit nobody may leave at whose scores no later exit
-                # reads: the head is waste
-                graph, alone = self._graph(i, PLAIN, unpadded)
-            else:
-                graph, alone = self._graph(i, WITH_HEAD, unpadded)
-            feeds = {seg.inputs[0]: main} if alone else \
-                {name: main if k == 0 else side[name] for k, name in enumerate(seg.inputs)}
+            plain = i == last or ((conf is None or (taus[i] == math.inf and conf.metric not in STATEFUL))
+                                  and not handing_over)
+            # plain: the final classifier; or full mode, or an exit nobody may leave at whose scores no later
+            # exit reads: the head is waste
+            graph, names = self.graph(i, PLAIN if plain else WITH_HEAD, unpadded)
+            feeds = {name: main if k == 0 else side[name] for k, name in enumerate(names)}
             if i == last:
                 p, = graph.run([PROBS], feeds)
                 leave = None

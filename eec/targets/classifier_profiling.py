@@ -18,7 +18,6 @@ import numpy as np
 
 from eec.runtime.classifier import EarlyExitClassifier
 from eec.runtime.classifier_manifest import HIDDEN, INPUT, PROBS
-from eec.runtime.manifest import PLAIN, WITH_HEAD
 
 
 @dataclass
@@ -65,8 +64,7 @@ def measure(sessions: list, x, heads: bool = True, rounds: int = 50, inputs: lis
 
 def segment_seconds(model: EarlyExitClassifier, x, rounds: int = 30) -> list[float]:
     """Median seconds of each segment's early-exit call at batch 1 on the first input (or text)."""
-    sessions = [g.get(WITH_HEAD, g[PLAIN]) for g in model.sessions]
-    inputs = [s.inputs for s in model.manifest.segments]
+    sessions, inputs = model.batch_one_graphs()
     if model.text is not None:
         (_, ids, side), = model.text.batches(list(x[:1]), 1)[0]
         return measure(sessions, ids, rounds=rounds, inputs=inputs, side=side)
