@@ -17,7 +17,8 @@ def attention_graph(extra_use: bool = False) -> onnx.ModelProto:
     """x [batch, seq, 8] -> Attention(x, w, b, Cast(mask)) + 1; ``extra_use``: the mask also feeds a ReduceSum
     output (its values matter beyond masking)."""
     rng = np.random.default_rng(0)
-    w = helper.make_tensor("w", TensorProto.FLOAT, [HIDDEN, 3 * HIDDEN], rng.standard_normal(3 * HIDDEN * HIDDEN).tolist())
+    w = helper.make_tensor("w", TensorProto.FLOAT, [HIDDEN, 3 * HIDDEN],
+                           rng.standard_normal(3 * HIDDEN * HIDDEN).tolist())
     b = helper.make_tensor("b", TensorProto.FLOAT, [3 * HIDDEN], rng.standard_normal(3 * HIDDEN).tolist())
     one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
     nodes = [helper.make_node("Cast", ["attention_mask"], ["mask32"], to=TensorProto.INT32),
@@ -27,10 +28,11 @@ def attention_graph(extra_use: bool = False) -> onnx.ModelProto:
     if extra_use:
         nodes.append(helper.make_node("ReduceSum", ["attention_mask"], ["lengths"], keepdims=0))
         outputs.append(helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"]))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN]),
-                                           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
-                              outputs, [w, b, one])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [w, b, one])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
 
 
 def session(model) -> ort.InferenceSession:

@@ -702,8 +702,9 @@ def _inspect_classifier(artifact: Path) -> None:
     for k, s in enumerate(m.segments):
         last = k == len(m.segments) - 1
         for role, file in s.graphs.items():
-            ends = ("the final classifier" if last else f"exit after {unit[:-1]} {s.exit}" if role.startswith("with_head")
-                    else "the hidden state (full mode)") + (", no padding" if role.endswith("_unpadded") else "")
+            ends = ("the final classifier" if last else f"exit after {unit[:-1]} {s.exit}"
+                    if role.startswith("with_head") else "the hidden state (full mode)")
+            ends += ", no padding" if role.endswith("_unpadded") else ""
             span = f"{max(s.start, 1)}-{s.stop - 1}" + (" (after the embeddings)" if s.start == 0 else "") \
                 if m.text else f"{s.start}-{s.stop - 1}"
             table.add_row(file, span, ends, f"{(artifact / file).stat().st_size / 1e6:.2f}")

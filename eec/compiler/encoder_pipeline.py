@@ -29,13 +29,13 @@ from eec.compiler.weights import store_weights_once
 from eec.errors import CompileError, InputError
 from eec.runtime.classifier_manifest import (
     EXIT_SCORE,
-    UNPADDED,
     HIDDEN,
     HIDDEN_IN,
     IDS,
     LABEL,
     MASK,
     PROBS,
+    UNPADDED,
     ClassifierManifest,
     ClassifierSegment,
     TextSpec,
@@ -166,9 +166,11 @@ def _build(src: SourceEncoder, kept: list[int], tmp: Path, target: str, texts, l
             head = src.heads.get(stop_layer) or SharedHead(src)  # a trained head, else the model's own classifier
             modules[PLAIN] = EncoderSegment(src, first_layer, stop_layer, None), [HIDDEN]
             outputs = [HIDDEN, PROBS, LABEL] + ([EXIT_SCORE] if src.learned_exit is not None else [])
-            modules[WITH_HEAD] = EncoderSegment(src, first_layer, stop_layer, head, learned_exit=src.learned_exit), outputs
+            modules[WITH_HEAD] = (EncoderSegment(src, first_layer, stop_layer, head, learned_exit=src.learned_exit),
+                                  outputs)
         else:
-            modules[PLAIN] = EncoderSegment(src, first_layer, stop_layer, SharedHead(src), keep_hidden=False), [PROBS, LABEL]
+            modules[PLAIN] = (EncoderSegment(src, first_layer, stop_layer, SharedHead(src), keep_hidden=False),
+                              [PROBS, LABEL])
         graphs = {}
         for role, (module, outputs) in modules.items():
             name = f"graphs/seg{k}" + ("" if role == PLAIN else f"_{role}")

@@ -315,7 +315,8 @@ class EarlyExitClassifier:
         self.tail = None if split is None else RemoteClassifierTail(server, manifest_fingerprint(root), timeout)
         self.threads = threads
         self.sessions = [{role: open_sessions(root, [file], threads, device=self.device)[0]
-                          for role, file in seg.graphs.items() if role in ROLES} for seg in manifest.segments[: self.local]]
+                          for role, file in seg.graphs.items() if role in ROLES}
+                         for seg in manifest.segments[: self.local]]
         # the graphs for calls without padding, opened at their first such call: a server that classifies one
         # text a call opens only these, one that batches mixed lengths never does
         self.twins = [{role: seg.graphs[twin] for role, twin in UNPADDED.items() if twin in seg.graphs}

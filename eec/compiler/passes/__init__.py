@@ -18,4 +18,5 @@ from eec.compiler.passes.q4_carry_over import Q4CarryOver
 from eec.compiler.passes.unused_norm_outputs import DropUnusedNormOutputs
 from eec.compiler.passes.weight_only import WeightOnly
 
-__all__ = ["DropPaddingMask", "DropUnusedNormOutputs", "Float16", "FuseExitHead", "Int8Dynamic", "Int8StaticQDQ", "Q4CarryOver", "WeightOnly"]
+__all__ = ["DropPaddingMask", "DropUnusedNormOutputs", "Float16", "FuseExitHead", "Int8Dynamic", "Int8StaticQDQ",
+           "Q4CarryOver", "WeightOnly"]

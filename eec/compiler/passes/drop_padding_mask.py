@@ -9,7 +9,7 @@ length, has no padding, so the mask says nothing there: a graph without it
 computes the same numbers (adding 0 to a score changes no bit).
 
 Rules:
-1. The graph must have an input named ``mask`` whose every use is a ``Cast``
+1. The graph must have the mask input (``attention_mask``) whose every use is a ``Cast``
    (or nothing) feeding only the mask slot (input 3) of ``com.microsoft``
    ``Attention`` nodes; otherwise the pass changes nothing, and the caller
    keeps one graph for every call.
