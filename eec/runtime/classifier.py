@@ -534,7 +534,7 @@ class EarlyExitClassifier:
             if i == last:
                 p, = graph.run([PROBS], feeds)
                 leave = None
-            elif (conf is None or (taus[i] == math.inf and conf.metric not in STATEFUL)) and not handing_over:
+            elif plain:
                 main, = graph.run([HIDDEN], feeds)
                 if conf is not None:
                     stats.exits[seg.exit] = stats.exits.get(seg.exit, 0)
