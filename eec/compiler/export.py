@@ -3,7 +3,9 @@
 Batch, sequence, past and total lengths are dynamic. The trace uses lengths
 of at least 2 (a length-1 trace specialises that dimension); decode with one
 token still runs. Every exported graph is run once in onnxruntime against
-the PyTorch module, on inputs of another shape, before it is accepted.
+the PyTorch module, on inputs of another shape, before it is accepted; a
+graph this process exported before from the same module comes from memory
+(`eec.compiler.export_cache`) and is checked the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from torch.export import Dim
 
+from eec.compiler.export_cache import EXPORTS
 from eec.compiler.ops import TRANSLATIONS
 from eec.compiler.passes import DropUnusedNormOutputs
 from eec.compiler.segments import HEAD_INPUTS, HEAD_OUTPUTS, PlannedHead, PlannedSegment, fill_outputs
@@ -141,6 +144,9 @@ def export_head(head: PlannedHead, root: Path) -> None:
 
 
 def _export(module, args, inputs, outputs, shapes, path: Path, what: str) -> None:
+    key = EXPORTS.key(module, args, inputs, outputs, shapes, path.name, OPSET)
+    if EXPORTS.write(key, path.parent):
+        return
     try:
         with _quiet(), torch.no_grad(), _registry_built_once():
             program = torch.onnx.export(
@@ -152,6 +158,7 @@ def _export(module, args, inputs, outputs, shapes, path: Path, what: str) -> Non
             program.save(str(path), external_data=True)
     except Exception as e:
         raise CompileError(f"exporting {what} to ONNX failed: {type(e).__name__}: {str(e)[:300]}") from e
+    EXPORTS.keep(key, path)
 
 
 def _verify(module, args, inputs, outputs, path: Path, what: str, rtol: float = 1e-4) -> None:
