@@ -547,10 +547,9 @@ def test_calls_without_padding_run_the_graphs_without_the_mask(encoders, family)
     clf = load(art)
     for seg in clf.manifest.segments:  # every graph has its twin
         assert {UNPADDED[role] for role in ("plain", "with_head") if role in seg.graphs} <= set(seg.graphs)
-    masked = [dict(graphs) for graphs in clf.sessions]
-    for graphs in clf.sessions:
-        for role in list(graphs):
-            graphs[role] = Refused()
+    assert not any(clf.sessions)  # each set is opened at its first call: nothing yet
+    for graphs, seg in zip(clf.sessions, clf.manifest.segments):
+        graphs.update({role: Refused() for role in ("plain", "with_head") if role in seg.graphs})
     lengths = [len(tok(t)["input_ids"]) for t in TEXTS]
     same = [t for t, n in zip(TEXTS, lengths) if n == lengths[0]]
     assert len(same) >= 2  # "the cat sat", "functions return values"
@@ -564,12 +563,12 @@ def test_calls_without_padding_run_the_graphs_without_the_mask(encoders, family)
     for i, r in enumerate(full):
         np.testing.assert_allclose(r.probs[0], ref[LAYERS][i], rtol=0, atol=2e-5)
     np.testing.assert_allclose(together.probs, ref[LAYERS][[TEXTS.index(t) for t in same]], rtol=0, atol=2e-5)
-    for graphs, opened in zip(clf.sessions, masked):  # the graphs with the mask back, the twins forgotten
+    for graphs in clf.sessions:  # the graphs with the mask opened at their first padded call, the twins forgotten
         graphs.clear()
-        graphs.update(opened)
     mixed = clf.classify(TEXTS, thresholds=taus, metric="max-prob", batch_size=len(TEXTS))
     runs, _, _ = clf.text.batches(TEXTS, len(TEXTS))
     assert len([r for rows, _, side in runs if not side["attention_mask"].all() for r in rows]) >= 4  # ran padded
+    assert {"plain", "with_head"} & set(clf.sessions[0])  # the first segment's masked graph, opened for them
     assert [int(r.exits[0]) for r in alone] == mixed.exits.tolist()
     assert [int(r.labels[0]) for r in alone] == mixed.labels.tolist()
     np.testing.assert_allclose(np.concatenate([r.probs for r in alone]), mixed.probs, rtol=0, atol=1e-6)

@@ -332,7 +332,8 @@ def calibrate_classifier(artifact: str | os.PathLike, x, y: np.ndarray | None, m
                 or y.max() >= model.manifest.num_classes:
             raise InputError(f"labels must be {n} whole numbers in 0..{model.manifest.num_classes - 1}")
         y = y.astype(np.int64)
-    sessions = [g.get(WITH_HEAD, g[PLAIN]) for g in model.sessions]
+    sessions = [model.graph(i, WITH_HEAD if WITH_HEAD in seg.graphs else PLAIN)[0]
+                for i, seg in enumerate(model.manifest.segments)]
     traced = trace_batches(sessions, [s.inputs for s in model.manifest.segments], model.manifest.num_classes, batches,
                            n, progress, learned=model.manifest.learned_exit)
     probs, learned = traced if model.manifest.learned_exit else (traced, None)

@@ -314,13 +314,18 @@ class EarlyExitClassifier:
         self.local = len(manifest.segments) if split is None else self.split_index(split)
         self.tail = None if split is None else RemoteClassifierTail(server, manifest_fingerprint(root), timeout)
         self.threads = threads
-        self.sessions = [{role: open_sessions(root, [file], threads, device=self.device)[0]
-                          for role, file in seg.graphs.items() if role in ROLES}
-                         for seg in manifest.segments[: self.local]]
-        # the graphs for calls without padding, opened at their first such call: a server that classifies one
-        # text a call opens only these, one that batches mixed lengths never does
         self.twins = [{role: seg.graphs[twin] for role, twin in UNPADDED.items() if twin in seg.graphs}
                       for seg in manifest.segments[: self.local]]
+        # A segment with twins without the padding mask (text classifiers) runs one set or the other by the
+        # call's padding, so each set is opened at its first call: a server that classifies one text a call
+        # holds only the twins' sessions, one that batches texts of mixed lengths mostly the masked ones
+        # (each session prepacks its weights). Without twins every call runs the same graphs: opened now.
+        self.sessions: list[dict] = [{} for _ in manifest.segments[: self.local]]
+        for i, seg in enumerate(manifest.segments[: self.local]):
+            if not self.twins[i]:
+                for role in seg.graphs:
+                    if role in ROLES:
+                        self._session(i, role)
         self.text = TextInput(root, manifest.text) if manifest.text else None
         self._probs: np.ndarray | None = None
         self._labels: np.ndarray | None = None
@@ -492,12 +497,18 @@ class EarlyExitClassifier:
         (``unpadded``), the twin without the mask where the artifact has one, opened at its first use."""
         inputs = self.manifest.segments[i].inputs
         if unpadded and role in self.twins[i]:
-            twin = self.sessions[i].get(UNPADDED[role])
-            if twin is None:
-                twin = open_sessions(self.root, [self.twins[i][role]], self.threads, device=self.device)[0]
-                self.sessions[i][UNPADDED[role]] = twin
-            return twin, inputs[:1]
-        return self.sessions[i][role], inputs
+            return self._session(i, UNPADDED[role]), inputs[:1]
+        return self._session(i, role), inputs
+
+    def _session(self, i: int, role: str):
+        """Segment ``i``'s session for ``role``, opened at its first use (two threads may both open it; one
+        is kept)."""
+        session = self.sessions[i].get(role)
+        if session is None:
+            file = self.manifest.segments[i].graphs[role]
+            session = self.sessions[i].setdefault(role, open_sessions(self.root, [file], self.threads,
+                                                                      device=self.device)[0])
+        return session
 
     def batch_one_graphs(self, heads: bool = True) -> tuple[list, list[list[str]]]:
         """The sessions a call of one sample runs and their inputs: with ``heads`` every segment's (its exit
