@@ -661,7 +661,7 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
 
     table = Table("graph", "layers", "head at its end", "size (MB)")
     for s in m.segments:
-        head = f"{s.exit.kind}, layer {s.exit.layer}" + ("" if s.exit.file else " (fused)")
+        head = f"{s.exit.kind}, layer {s.exit.layer}" + ("" if s.exit.file else " (inside the segment)")
         table.add_row(s.file, f"{s.start}-{s.stop}", head, megabytes(s.file))
     for file in dict.fromkeys(s.exit.file for s in m.segments if s.exit.file):  # in layer order
         users = [str(s.exit.layer) for s in m.segments if s.exit.file == file]
@@ -995,7 +995,7 @@ def targets_measure(
             out.print(f"layers {a}-{b} over {n} sequences, one token each: {t * 1e3:.2f} ms")
     for layer, t in table.heads.items():
         out.print(f"exit head at layer {layer}: {t * 1e3:.2f} ms")
-    for (a, b), t in table.fused.items():
+    for (a, b), t in table.with_head.items():
         out.print(f"layers {a}-{b} with the exit head inside: {t * 1e3:.2f} ms (1 token)")
     for n, (step_s, call_s, exit_s) in table.host.items():
         out.print(f"eec's own work in a decode step of {n} sequence(s), outside the graphs: {step_s * 1e6:.0f} µs a step, "

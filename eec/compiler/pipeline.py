@@ -449,7 +449,7 @@ class _Build:
                     apply_precision(tmp / file, self.precision, self.block_size, self.target.backend,
                                     feeds.get(fills.get(file, verifies.get(file, file))))
                 manifest = self._manifest(tmp, plan, self.precision)
-            self._fused(tmp, plan)
+            self._heads_inside(tmp, plan)
             step += 1
             progress("storing each weight once", step, total)
             store_once(tmp / GRAPHS, stored_order(plan))
@@ -472,7 +472,7 @@ class _Build:
         size = sum(f.stat().st_size for f in segment.parent.glob(segment.name + "*"))
         return self.speculative == "on" or self.speculative == "auto" and size <= FUSE_LIMIT
 
-    def _fused(self, tmp: Path, plan) -> None:
+    def _heads_inside(self, tmp: Path, plan) -> None:
         """Write the exit segments' graphs with their heads inside, as ``fuse_heads`` says; record
         them in the plan's specs."""
         for seg in plan.segments:

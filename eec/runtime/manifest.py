@@ -33,7 +33,7 @@ ROLES = (PLAIN, WITH_HEAD, FILL, VERIFY)
 class ExitSpec:
     layer: int  # the exit reads the hidden state after this many layers
     kind: str  # "shared" (the model's final norm + LM head), "trained" or "final"
-    file: str | None  # the head's own graph; None where it is fused (the final head)
+    file: str | None  # the head's own graph; None for the final head, which is inside the last segment's graph
     shortlist: int = 0  # vocabulary ids the head projects onto; 0: the whole vocabulary
 
 
@@ -50,7 +50,7 @@ class SegmentSpec:
     stop: int  # last layer (exclusive)
     inputs: list[str]
     outputs: list[str]
-    exit: ExitSpec | None  # the head at `stop`; the last segment's is the final head, fused
+    exit: ExitSpec | None  # the head at `stop`; the last segment's is the final head, inside its graph
     # "shared": attention is onnxruntime's GroupQueryAttention, whose past and present KV may be one
     # preallocated buffer it appends to in place; "concat": present = past + new, a fresh tensor per call.
     kv_cache: str = "concat"

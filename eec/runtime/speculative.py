@@ -64,15 +64,15 @@ def cycle(decoder: Decoder, token: int, exit_index: int, threshold: float, metri
     for _ in range(max_draft):
         x = np.asarray([[token]], dtype=np.int64)
         for j in range(exit_index + 1):
-            fused = j == exit_index and states[j].has(WITH_HEAD) and metric != CLASSIFIER
-            role = WITH_HEAD if fused else PLAIN
+            inside = j == exit_index and states[j].has(WITH_HEAD) and metric != CLASSIFIER  # the head in the call
+            role = WITH_HEAD if inside else PLAIN
             outputs = dict(zip(states[j].graphs[role].names, states[j].call(role, [0], x)))
             x = outputs["hidden_out"]
         hidden.append(x.copy())  # a one-position call's outputs are overwritten by the next call
         if metric == CLASSIFIER and not float(outputs["exit_score"][0]) >= threshold:
             drafts.append(-1)  # the classifier is unsure: verify without running the head
             break
-        if fused:
+        if inside:
             token, scores = int(outputs["exit_token"][0]), outputs["exit_scores"][0]
         else:
             token, scores = decoder.heads[exit_index](x)

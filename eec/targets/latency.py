@@ -76,7 +76,7 @@ class LatencyTable:
     fills: dict[tuple[int, int], list[float]] = field(default_factory=dict)
     # Segments with their exit head inside (`--fuse-heads`), one position: (start, stop) -> s. Early-exit
     # decoding runs them in place of the segment and its head (one call instead of two).
-    fused: dict[tuple[int, int], float] = field(default_factory=dict)
+    with_head: dict[tuple[int, int], float] = field(default_factory=dict)
     # The last segment's verify graph (speculative mode: the final head at every position), measured
     # like the segments: (start, stop) -> s at seq 1..8.
     verifies: dict[tuple[int, int], list[float]] = field(default_factory=dict)
@@ -177,11 +177,11 @@ class LatencyTable:
 
     def exit_cost(self, start: int, stop: int) -> float:
         """What asking for the exit at ``stop`` adds to the segment [start, stop)'s one-position call:
-        the head's call, or, where that segment was measured with its head inside, the fused call
+        the head's call, or, where that segment was measured with its head inside, that call
         over the plain one (a shortlist scales either, as `head_cost`)."""
-        if (start, stop) not in self.fused:
+        if (start, stop) not in self.with_head:
             return self.head_cost(stop)
-        return max(self.fused[(start, stop)] - self.range_cost(start, stop, 1), 0.0) * self.head_fraction
+        return max(self.with_head[(start, stop)] - self.range_cost(start, stop, 1), 0.0) * self.head_fraction
 
     def with_head_fraction(self, fraction: float) -> "LatencyTable":
         return replace(self, head_fraction=fraction)
@@ -191,7 +191,7 @@ class LatencyTable:
         d["segments"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.segments.items()]
         d["heads"] = {str(k): v for k, v in self.heads.items()}
         d["fills"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.fills.items()]
-        d["fused"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.fused.items()]
+        d["with_head"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.with_head.items()]
         d["verifies"] = [{"start": a, "stop": b, "seconds": v} for (a, b), v in self.verifies.items()]
         d["rows"] = [{"start": a, "stop": b, "seconds": {str(n): t for n, t in v.items()}} for (a, b), v in self.rows.items()]
         d["host"] = {str(n): v for n, v in self.host.items()}
@@ -204,7 +204,8 @@ class LatencyTable:
         d["segments"] = {(s["start"], s["stop"]): s["seconds"] for s in d["segments"]}
         d["heads"] = {int(k): v for k, v in d["heads"].items()}
         d["fills"] = {(s["start"], s["stop"]): s["seconds"] for s in d.get("fills", [])}
-        d["fused"] = {(s["start"], s["stop"]): s["seconds"] for s in d.get("fused", [])}
+        # "fused": what earlier profiles called it
+        d["with_head"] = {(s["start"], s["stop"]): s["seconds"] for s in d.get("with_head", d.pop("fused", []))}
         d["verifies"] = {(s["start"], s["stop"]): s["seconds"] for s in d.get("verifies", [])}
         d["rows"] = {(s["start"], s["stop"]): {int(n): t for n, t in s["seconds"].items()} for s in d.get("rows", [])}
         d["host"] = {int(n): list(v) for n, v in d.get("host", {}).items()}

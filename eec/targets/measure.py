@@ -124,7 +124,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
     total = SWEEPS * MAX_SEQ * (repeats + 1)
     done = 0
     table = LatencyTable(shape_of(manifest), manifest.precision, target.name, "measured", 0.0)
-    calls, fill_calls, fused_calls, verify_calls = [], [], [], []
+    calls, fill_calls, with_head_calls, verify_calls = [], [], [], []
     for spec, segment_graphs in zip(manifest.segments, graphs):
         state = SegmentKV(spec, segment_graphs, m.num_kv_heads, m.head_dim, 1, past + MAX_SEQ, m.context_length,
                           device=device)
@@ -146,11 +146,11 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
 
         calls.append(after_past(PLAIN))
         fill_calls.append(after_past(FILL))
-        fused_calls.append(after_past(WITH_HEAD))
+        with_head_calls.append(after_past(WITH_HEAD))
         verify_calls.append(after_past(VERIFY))
     head_x = rng.standard_normal((1, 1, m.hidden_size)).astype(np.float32)
     head_times: dict[int, list[float]] = {layer: [] for layer in head_calls}
-    fused_best: dict[int, float] = {}  # segment index -> lowest per-sweep median, one position
+    with_head_best: dict[int, float] = {}  # segment index -> lowest per-sweep median, one position
     # Every pass runs the whole chain in order, as decoding does, and times each call in it: a
     # segment timed alone in a loop keeps its weights in the CPU's caches, which decoding never does
     # once the model is larger than them (SmolLM2: its six segments timed alone summed to 2.8 ms,
@@ -171,7 +171,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
                   else rng.standard_normal((1, seq, m.hidden_size)).astype(np.float32) for spec in manifest.segments]
             times: list[list[float]] = [[] for _ in calls]
             fill_times: list[list[float]] = [[] for _ in calls]
-            fused_times: list[list[float]] = [[] for _ in calls]
+            with_head_times: list[list[float]] = [[] for _ in calls]
             verify_times: list[list[float]] = [[] for _ in calls]
             for r in range(repeats + 1):  # the first pass allocates and is not kept
                 progress(f"{seq} token(s) per call, pass {r + 1}", done, total)
@@ -191,11 +191,11 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
                         head(head_x)
                         if r:
                             head_times[layer].append(time.perf_counter() - start)
-                    if seq == 1 and fused_calls[j] is not None:  # as early exit runs it: segment and head in one
+                    if seq == 1 and with_head_calls[j] is not None:  # as early exit runs it: segment and head in one
                         start = time.perf_counter()
-                        fused_calls[j](xs[j])
+                        with_head_calls[j](xs[j])
                         if r:
-                            fused_times[j].append(time.perf_counter() - start)
+                            with_head_times[j].append(time.perf_counter() - start)
                     if r:
                         times[j].append(elapsed)
                 if verify_calls[-1] is not None:
@@ -208,9 +208,9 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
                     if r:
                         verify_times[-1].append(time.perf_counter() - start)
                 done += 1
-            for j, t in enumerate(fused_times):
+            for j, t in enumerate(with_head_times):
                 if t:
-                    fused_best[j] = min(fused_best.get(j, float("inf")), statistics.median(t))
+                    with_head_best[j] = min(with_head_best.get(j, float("inf")), statistics.median(t))
             for store, measured in ((best, times), (best_fill, fill_times), (best_verify, verify_times)):
                 medians = [statistics.median(t) if t else 0.0 for t in measured]
                 store[seq] = [min(a, b) for a, b in zip(store[seq], medians)] if seq in store else medians
@@ -222,7 +222,7 @@ def measure_artifact(path: Path, past: int = 128, repeats: int = 20,
             if verify_calls[j] is not None:
                 table.verifies.setdefault((spec.start, spec.stop), []).append(best_verify[seq][j])
     table.heads = {layer: statistics.median(t) for layer, t in head_times.items()}
-    table.fused = {(manifest.segments[j].start, manifest.segments[j].stop): t for j, t in fused_best.items()}
+    table.with_head = {(manifest.segments[j].start, manifest.segments[j].stop): t for j, t in with_head_best.items()}
     table.call_overhead = _overhead(m.hidden_size, repeats * 5, "cuda" if device == "tensorrt" else device)  # one artifact's cuts never overlap: no fit here
     if batch > 1:
         for spec, t in zip(manifest.segments, _rows_times(manifest, graphs, past, repeats, batch, device, rng, progress)):
@@ -335,7 +335,7 @@ def measure_artifacts(paths: list[Path], past: int = 128, repeats: int = 20,
         first.segments.update(t.segments)
         first.heads.update(t.heads)
         first.fills.update(t.fills)
-        first.fused.update(t.fused)
+        first.with_head.update(t.with_head)
         first.verifies.update(t.verifies)
         first.rows.update(t.rows)
         first.host_samples += t.host_samples

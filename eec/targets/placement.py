@@ -11,8 +11,8 @@ Rules:
 3. A token that leaves at exit e pays the segments up to e and the heads of
    every exit up to and including e; with exit classifiers (``gated``) only
    the head of e, since a classifier that says "stay" skips the head. A head
-   fused into its segment (`--fuse-heads`, measured as such) costs what the
-   fused call adds to the plain one. Each later segment then runs that
+   inside its segment's graph (`--fuse-heads`, measured as such) costs what
+   that call adds to the plain one. Each later segment then runs that
    token's position once more as part of the next deep token's call
    (catch-up), paying the segment's marginal cost of one more position in
    a long call: the slope of its measured times from 2 to 8 positions,

@@ -9,8 +9,8 @@ with it (`eec.runtime.evaluate`).
 
 Beside the measured speedup stands the *ideal* one: the expected cost of the
 measured exit distribution under the latency table measured on this device
-(`eec.targets.measure`, `eec.targets.placement.expected_cost`; a head fused
-into its segment priced as what the fused call adds), over the full
+(`eec.targets.measure`, `eec.targets.placement.expected_cost`; a head inside
+its segment's graph priced as what that call adds), over the full
 model's. Their ratio, realised / ideal, is what the runtime's own overhead
 (Python, KV copies, host reads) leaves of the possible gain.
 

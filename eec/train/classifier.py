@@ -1,4 +1,4 @@
-"""Exit classifiers: trained on calibration traces, fused into the segments.
+"""Exit classifiers: trained on calibration traces, written inside the segments' graphs.
 
 Each exit gets a small MLP (`eec.compiler.modules.ExitClassifier`) from its
 hidden state to the probability that its head's token equals the final
