@@ -47,6 +47,9 @@ def test_measured_profile_covers_every_segment_and_head(measured):
     # Each exit segment is also timed with its head inside (fused by default at this size), as early exit runs it.
     assert sorted(table.with_head) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)] and again.with_head == table.with_head
     assert all(t > 0 for t in table.with_head.values())
+    earlier = json.loads(path.read_text())  # a profile written when the field was called "fused"
+    earlier["fused"] = earlier.pop("with_head")
+    assert LatencyTable.from_json(json.dumps(earlier)).with_head == table.with_head
     # A range spanning several measured segments saves the calls it merges.
     assert table.range_cost(0, 2) == pytest.approx(sum(table.segments[p][0] for p in [(0, 1), (1, 2)]) - table.call_overhead)
     # eec's own work in a decode step, around the calls: the runtime's step timed in full mode and with
