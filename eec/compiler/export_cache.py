@@ -3,7 +3,7 @@
 torch.onnx's trace and decompositions take 3-6 s a graph even for a model of kilobytes (cProfile on a
 two-layer segment: about 3 s of decompositions and 1.5 s of tracing), and a process that compiles one
 model several ways (other precisions, targets or calibration settings: a benchmark, a notebook, the
-test suite, where 92 of 138 exports in a run were repeats) exports the same graphs again. The key is
+test suite, where 245 of 328 exports in a run were repeats) exports the same graphs again. The key is
 everything an export reads: the module tree's classes and plain attributes, its parameters and
 buffers (non-persistent ones too), the example inputs' shapes and types, the input and output names,
 the dynamic shapes and the file name (a graph's external data is named after its file). A graph
