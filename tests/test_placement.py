@@ -50,16 +50,16 @@ def test_hand_computed_cost():
     assert parts["segments"] == pytest.approx(0.6 * 3 + 0.4 * 12)
 
 
-def test_a_head_fused_into_its_segment_costs_what_fusing_adds():
+def test_a_head_inside_its_segment_costs_what_it_adds_to_the_call():
     t = LatencyTable(SHAPE, "fp32", "test", "measured", 0.0,
                      segments={(0, 3): [3.0] * 8, (3, 12): [9.0] * 8}, heads={3: 2.0})
     assert cost_breakdown(t, (3,), {3: 60, 12: 40})["heads"] == pytest.approx(2.0)  # the head as its own call
-    t.fused = {(0, 3): 3.5}  # the segment with its head inside: 0.5 more than without
+    t.with_head = {(0, 3): 3.5}  # the segment with its head inside: 0.5 more than without
     parts = cost_breakdown(t, (3,), {3: 60, 12: 40})
     assert parts["heads"] == pytest.approx(0.5) and parts["segments"] == pytest.approx(0.6 * 3 + 0.4 * 12)
     assert cost_breakdown(t, (3,), {3: 60, 12: 40}, gated=True)["heads"] == pytest.approx(0.6 * 2.0)  # classifiers: apart
     assert t.with_head_fraction(0.5).exit_cost(0, 3) == pytest.approx(0.25)  # a shortlist scales it
-    assert LatencyTable.from_json(t.to_json()).fused == {(0, 3): 3.5}
+    assert LatencyTable.from_json(t.to_json()).with_head == {(0, 3): 3.5}
 
 
 def test_hand_computed_catch_up_from_long_calls():
@@ -104,11 +104,11 @@ def test_hand_computed_cost_with_propagated_catch_up():
 
 def test_hand_computed_speculative_cost():
     # Cut at 3 and 6, drafting at 6: a draft call runs [0, 3) and [3, 6) over one position (3 + 3.2)
-    # and the fused head (0.5 over the plain [3, 6) call); the verify runs [6, 12) over the drafts
+    # and the head inside its segment (0.5 over the plain [3, 6) call); the verify runs [6, 12) over the drafts
     # through its verify graph: 9 + s at s positions, where the plain segment costs 8 + s.
     t = LatencyTable(SHAPE, "fp32", "test", "measured", 0.0,
                      segments={(0, 3): [3.0] * 8, (3, 6): [3.2] * 8, (6, 12): [8.0 + s for s in range(1, 9)]},
-                     heads={3: 2.0, 6: 2.0}, fused={(3, 6): 3.7}, verifies={(6, 12): [9.0 + s for s in range(1, 9)]})
+                     heads={3: 2.0, 6: 2.0}, with_head={(3, 6): 3.7}, verifies={(6, 12): [9.0 + s for s in range(1, 9)]})
     assert t.verify_cost(6, 12, 4) == pytest.approx(13.0) and t.verify_cost(3, 6, 4) == pytest.approx(3.2)
     # 10 cycles of 4 draft calls and 5 of 1, emitting 35 tokens.
     parts = speculative_breakdown(t, 6, {4: 10, 1: 5}, 35, splits=(3, 6))
