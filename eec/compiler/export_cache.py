@@ -52,8 +52,7 @@ class ExportCache:
         for name, sub in module.named_modules():
             h.update(f"{name}:{type(sub).__module__}.{type(sub).__qualname__}:{_attributes(sub)}".encode())
         for name, t in tensors:
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(f"{name}:{_tensor(t)}".encode())
         return h.hexdigest()
 
     def write(self, key: str | None, folder: Path) -> bool:
@@ -111,14 +110,12 @@ def _attributes(module: torch.nn.Module) -> list:
     for name, value in sorted(vars(module).items()):
         if name.startswith("_"):
             continue  # torch's own bookkeeping (_parameters, _buffers, _modules, hooks)
-        if isinstance(value, _PLAIN) or isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value):
+        if _plain(value):
             out.append((name, repr(value)))
         elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
             out.append((name, f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"))
         elif isinstance(value, torch.Tensor):
-            out.append((name, "tensor", tuple(value.shape), str(value.dtype),
-                        hashlib.blake2b(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-                                        .tobytes(), digest_size=16).hexdigest()))
+            out.append((name, _tensor(value)))
         else:  # an object the export may read (a model config): its type and its own plain values
             out.append((name, type(value).__qualname__, _plain_items(getattr(value, "__dict__", value))))
     return out
@@ -127,8 +124,18 @@ def _attributes(module: torch.nn.Module) -> list:
 def _plain_items(values) -> list:
     if not isinstance(values, dict):
         return []
-    return sorted((str(k), repr(v)) for k, v in values.items()
-                  if isinstance(v, _PLAIN) or isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v))
+    return sorted((str(k), repr(v)) for k, v in values.items() if _plain(v))
+
+
+def _plain(value) -> bool:
+    """A number, string, flag or None, or a tuple or list of them."""
+    return isinstance(value, _PLAIN) or isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value)
+
+
+def _tensor(t: torch.Tensor) -> str:
+    """A tensor's type, shape and a digest of its bytes."""
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return f"{t.dtype}:{tuple(t.shape)}:{hashlib.blake2b(data, digest_size=20).hexdigest()}"
 
 
 EXPORTS = ExportCache()

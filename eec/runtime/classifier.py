@@ -314,7 +314,8 @@ class EarlyExitClassifier:
         self.local = len(manifest.segments) if split is None else self.split_index(split)
         self.tail = None if split is None else RemoteClassifierTail(server, manifest_fingerprint(root), timeout)
         self.threads = threads
-        self.twins = [{role: seg.graphs[twin] for role, twin in UNPADDED.items() if twin in seg.graphs}
+        # the roles of each segment that have a twin without the padding mask
+        self.twins = [{role for role, twin in UNPADDED.items() if twin in seg.graphs}
                       for seg in manifest.segments[: self.local]]
         # A segment with twins without the padding mask (text classifiers) runs one set or the other by the
         # call's padding, so each set is opened at its first call: a server that classifies one text a call
