@@ -239,6 +239,21 @@ def test_bad_arguments_are_also_the_python_types_callers_expect(llama_compiled):
     assert issubclass(InputError, EecError) and issubclass(InputTypeError, InputError)
 
 
+def test_compile_options_by_object_or_by_name(source, tmp_path):
+    """`compile_model` takes a `CompileOptions`, fields changed by name on top; a misspelt name is a TypeError,
+    not an option silently left at its default."""
+    from eec.compiler import CompileOptions
+
+    manifest = compile_model(source / "hf", tmp_path / "a.eec", CompileOptions(exits=[1, 3], calibrate=False),
+                             exits=[2])
+    assert manifest.exits == [2] and manifest.calibration is None
+    with pytest.raises(TypeError, match="exitz"):
+        compile_model(source / "hf", tmp_path / "b.eec", exitz=[2])
+    with pytest.raises(InputError, match="--calibration-tokens"):
+        compile_model(source / "hf", tmp_path / "b.eec", calibration_tokens=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.eec"]
+
+
 # --- CLI options --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("exits", ["", ",,", " , "])

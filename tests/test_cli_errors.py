@@ -98,6 +98,22 @@ def test_unknown_metric_is_refused_before_compiling(tiny_hf_dir, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--calibration-tokens", "1"], "--calibration-tokens must be a whole number of at least 2, got 1"),
+    (["--block-size", "48"], "--block-size must be a power of two"),
+    (["--batch", "4"], "use it with --exits auto"),
+])
+def test_compile_options_are_refused_before_the_model_loads(tiny_hf_dir, tmp_path, monkeypatch, args, message):
+    import eec.compiler.pipeline as pipeline
+
+    def loaded(*_args):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(pipeline, "load_source", loaded)
+    run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", *args], message)
+    assert leftovers(tmp_path) == []
+
+
 def test_unknown_target_lists_known_ones(tiny_hf_dir, tmp_path):
     run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "a.eec", "--target", "tpu-v9"], "unknown target", "cpu")
 
@@ -229,4 +245,5 @@ def test_an_error_message_keeps_its_brackets(monkeypatch, tmp_path):
 def test_classifier_meaning_flags_on_a_decoder(tiny_hf_dir, llama_compiled, tmp_path):
     run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "x.eec", "--rule", "joint"], "for classifier networks")
     run_fails(["calibrate", llama_compiled.artifact, "--criterion", "accuracy"], "for classifier artifacts")
+    run_fails(["profile", llama_compiled.artifact, "--batch", "1,8"], "--batch is for classifier artifacts")
     assert not (tmp_path / "x.eec").exists()

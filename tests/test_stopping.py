@@ -76,3 +76,21 @@ def test_the_context_ends_a_generation_in_every_mode(llama_compiled, mode):
         rows = model.generate([long, PROMPT], max_new_tokens=10, ignore_eos=True, **options)
         assert (rows[0].tokens, rows[0].exits, rows[0].finish_reason) == (near.tokens, near.exits, "length")
         assert len(rows[1].tokens) == 10 and rows[1].finish_reason == "length"
+
+
+def test_the_command_line_says_when_the_context_ended_a_generation(llama_compiled):
+    """`finish_reason` is "length" for max_new_tokens and for the context alike; the command line tells them apart."""
+    from typer.testing import CliRunner
+
+    from eec.cli.main import app
+
+    context = load(llama_compiled.artifact).manifest.model.context_length
+    long = ",".join(str((7 * i) % 96) for i in range(context - 3))
+    said = {}
+    for asked in (3, 10):
+        result = CliRunner().invoke(app, ["generate", str(llama_compiled.artifact), long, "--ids",
+                                          "--max-new-tokens", str(asked), "--mode", "full"])
+        assert result.exit_code == 0, result.output
+        assert len(result.stdout.split()) == 3  # 3 tokens either way
+        said[asked] = f"stopped at the model's context ({context} positions)" in result.stderr
+    assert said == {3: False, 10: True}

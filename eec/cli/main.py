@@ -297,19 +297,17 @@ def compile_cmd(
                          "runs (eec generate --rule)")
     eps = 0.9 if eps is None else eps
     _torch_side()
-    from eec.compiler import compile_model
+    from eec.compiler import CompileOptions, compile_model
 
-    layers = _parse_exits(exits)
+    options = CompileOptions(exits=_parse_exits(exits), target=target, precision=precision, block_size=block_size,
+                             calibrate=calibrate, calibration_prompts=prompts, calibration_tokens=calibration_tokens,
+                             calibration_metric=metric, placement_eps=eps, placement_batch=batch, profile=profile,
+                             shortlist=_parse_shortlist(shortlist), exit_classifier=exit_classifier,
+                             candidates=_parse_candidates(candidates), catch_up=catch_up, fuse_heads=fuse_heads,
+                             speculative=speculative)
     output = output or default_output(model, target)
     with _progress() as update:
-        manifest = compile_model(model, output, exits=layers, target=target, precision=precision, block_size=block_size,
-                                 overwrite=overwrite, calibrate=calibrate, calibration_prompts=prompts,
-                                 calibration_tokens=calibration_tokens, calibration_metric=metric,
-                                 placement_eps=eps, placement_batch=batch, profile=profile,
-                                 shortlist=_parse_shortlist(shortlist),
-                                 exit_classifier=exit_classifier, candidates=_parse_candidates(candidates),
-                                 catch_up=catch_up, fuse_heads=fuse_heads, speculative=speculative,
-                                 progress=update)
+        manifest = compile_model(model, output, options, overwrite=overwrite, progress=update)
     for line in (manifest.placement or {}).get("report", []):
         err.print(line)
     if manifest.target != target:
@@ -502,8 +500,11 @@ def generate(
         for i, r in enumerate(results):
             sys.stdout.write(f"[{i}] {r.text if r.text is not None else ' '.join(map(str, r.tokens))}\n")
         tokens = sum(r.stats.new_tokens for r in results)
+        full = sum(_context_full(model, r.stats, max_new_tokens) for r in results)
         err.print(f"{len(results)} prompts, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tok/s with "
-                  f"prefill, up to {max_batch} at once)", highlight=False)
+                  f"prefill, up to {max_batch} at once)"
+                  + (f"; {full} stopped at the model's context ({model.manifest.model.context_length} positions)"
+                     if full else ""), highlight=False)
         return
     pieces = model.generate(_parse_ids(prompt) if ids else prompt, stream=True, **options)
     for piece in pieces:
@@ -511,7 +512,16 @@ def generate(
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    err.print(str(model.stats), highlight=False, soft_wrap=True)
+    full = _context_full(model, model.stats, max_new_tokens)
+    err.print(str(model.stats) + (f"; stopped at the model's context ({model.manifest.model.context_length} "
+                                  "positions)" if full else ""), highlight=False, soft_wrap=True)
+
+
+def _context_full(model, stats, max_new_tokens: int) -> bool:
+    """Whether a generation ended because the prompt and its new tokens filled the model's context (its
+    result says "length" either way: the command line says which)."""
+    return (stats.new_tokens < max_new_tokens
+            and stats.prompt_tokens + stats.new_tokens >= model.manifest.model.context_length)
 
 
 @app.command()
@@ -803,7 +813,8 @@ def profile(
     draft_layer: Optional[int] = typer.Option(None, help="speculative mode: the exit that drafts (default: the first)"),
     data: Optional[Path] = typer.Option(None, help="classifier artifacts: inputs as an .npz with x (and labels y "
                                         "for accuracy); text classifiers: JSONL or CSV with text (and label)"),
-    batch: str = typer.Option("1,64", help="classifier artifacts: batch sizes to time, comma-separated"),
+    batch: Optional[str] = typer.Option(None, help="classifier artifacts: batch sizes to time, comma-separated "
+                                        "(default 1,64)"),
     criterion: Optional[str] = typer.Option(None, help="classifier artifacts: what ε holds exits to, agreement "
                                             "with full mode (default) or accuracy (needs a labeled calibration)"),
 ) -> None:
@@ -815,12 +826,15 @@ def profile(
         given = [name for name, set_ in decoder_only.items() if set_]
         if given:
             raise InputError(f"{', '.join(given)} applies to decoder artifacts; {artifact} is a classifier")
-        return _profile_classifier(artifact, eps, data, batch, 5 if rounds is None else rounds, metric, criterion,
-                                   json_out, plot, threads, device)
+        return _profile_classifier(artifact, eps, data, batch or "1,64", 5 if rounds is None else rounds, metric,
+                                   criterion, json_out, plot, threads, device)
     if data is not None:
         raise InputError("--data is for classifier artifacts; decoders are profiled on --prompts")
     if criterion is not None:
         raise InputError("--criterion is for classifier artifacts; a decoder's ε is agreement with its full mode")
+    if batch is not None:
+        raise InputError("--batch is for classifier artifacts; a decoder is profiled one sequence at a time "
+                         "(`eec generate ARTIFACT --prompts FILE --max-batch N` reports a batch's tokens/s)")
     rounds = 2 if rounds is None else rounds
     from eec.calib.calibrate import default_prompts, read_prompts
     from eec.runtime import load

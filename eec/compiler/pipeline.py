@@ -79,154 +79,163 @@ def model_spec(src: SourceModel) -> ModelSpec:
     )
 
 
-def compile_model(
-    model: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    exits: list[int] | str | None = None,
-    target: str = "cpu",
-    precision: str | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    overwrite: bool = False,
-    calibrate: bool = True,
-    calibration_prompts: Path | None = None,
-    calibration_tokens: int = 48,
-    calibration_metric: str | None = None,
-    placement_eps: float = 0.9,
-    placement_batch: int = 1,
-    profile: Path | None = None,
-    shortlist: int | str = 0,
-    exit_classifier: bool = False,
-    candidates: list[int] | str | None = None,
-    catch_up: str = "exact",
-    fuse_heads: str = "auto",
-    speculative: str = "auto",
-    progress: Progress = no_progress,
-) -> Manifest:
+@dataclass(frozen=True)
+class CompileOptions:
+    """What `compile_model` builds from a model, besides where it writes it: checked at once (`check`),
+    before the model is loaded, then carried whole by the build (`_Build`) and the placement after it.
+
+    ``exits``: layer numbers, ``[]`` for the full model alone, ``"auto"`` to compile and calibrate every
+    candidate layer (``candidates``: a list, ``"all"`` for every layer, or by default the checkpoint's
+    trained heads, else quarter depths) and keep the exit set with the lowest expected latency at
+    ``placement_eps`` on the target (`eec.targets.placement`), from the measured ``profile`` when given,
+    else the target's latency model; the choice is in ``manifest.placement``. ``placement_batch``: price
+    it for that many sequences decoded at once (a server's batch; `eec.targets.placement` rule 6), where
+    an exit most rows pass now and then saves nothing. None: the checkpoint's heads, else quarter depths.
+
+    ``calibrate``: trace the built artifact on ``calibration_prompts`` (eec's own set by default),
+    ``calibration_tokens`` new tokens each, before it is moved into place (`eec.calib.calibrate`);
+    ``calibration_metric`` fixes the confidence metric (default: the one that exits most at ε = 0.9).
+
+    ``shortlist=K`` restricts every exit head to the K tokens the model emits most in the calibration
+    generations (`eec.calib.shortlist`); ``"auto"`` (with ``exits="auto"``) lets the placement search
+    choose K among `shortlist_sizes` and the full vocabulary, by expected latency.
+
+    ``exit_classifier`` trains a small classifier per exit on the traces (`eec.train.classifier`) and
+    puts it inside the segment: the exit head then runs only for tokens the classifier lets leave, and
+    the artifact's thresholds apply to its score (metric ``classifier``).
+
+    ``catch_up="propagate"`` adds a key/value fill graph to every segment after the first
+    (`eec.compiler.modules.KVFill`) and makes the runtime fill deeper layers' KV of exited positions from
+    the exit's hidden state (CALM's state propagation) instead of running those layers: cheaper, not
+    exact (`eec.runtime.core`). Calibration is unchanged.
+
+    ``fuse_heads`` ("auto", "on", "off"): also write each exit segment's graph with its exit head inside
+    (`eec.compiler.passes.FuseExitHead`), which early-exit decoding runs in one call instead of two. It
+    costs a second copy of the segment's weights on disk, so "auto" does it for segments of at most
+    `FUSE_LIMIT` bytes, where a call's fixed cost is a visible share; never with exit classifiers (their
+    head runs only for tokens that leave).
+
+    ``speculative`` ("auto", "on", "off"): also write the last segment's verify graph (the token at every
+    position), which speculative decoding needs (`eec.runtime.speculative`); "auto" where the artifact
+    has exits and the last segment is at most `FUSE_LIMIT` bytes in fp32, as for ``fuse_heads``.
+    """
+
+    exits: list[int] | str | None = None
+    target: str = "cpu"
+    precision: str | None = None  # None: the target's
+    block_size: int = DEFAULT_BLOCK_SIZE
+    calibrate: bool = True
+    calibration_prompts: Path | None = None
+    calibration_tokens: int = 48
+    calibration_metric: str | None = None
+    placement_eps: float = 0.9
+    placement_batch: int = 1
+    profile: Path | None = None
+    shortlist: int | str = 0
+    exit_classifier: bool = False
+    candidates: list[int] | str | None = None
+    catch_up: str = "exact"
+    fuse_heads: str = "auto"
+    speculative: str = "auto"
+
+    @property
+    def auto(self) -> bool:
+        """Whether the placement chooses the exits."""
+        return self.exits == "auto"
+
+    def check(self) -> None:
+        """Refuse bad options before the long work (the layers' range needs the model: `plan_segments`)."""
+        auto = self.auto
+        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InputError(f"--block-size must be a power of two of at least 16, got {self.block_size}")
+        if isinstance(self.exits, str) and not auto:
+            raise InputError(f"exits must be layer numbers or 'auto', got {self.exits!r}")
+        if auto and not self.calibrate:
+            raise InputError("--exits auto needs calibration traces; leave out --no-calibrate")
+        if auto and not 0 < self.placement_eps < 1:
+            raise InputError(f"--eps must be between 0 and 1, got {self.placement_eps}")
+        if self.shortlist == "auto" and not auto:
+            raise InputError("--shortlist auto is chosen by the placement search: use it with --exits auto")
+        if not (self.shortlist == "auto" or isinstance(self.shortlist, int) and self.shortlist >= 0):
+            raise InputError(f"--shortlist must be a number of tokens, 0 (the whole vocabulary) or 'auto', "
+                             f"got {self.shortlist!r}")
+        if self.shortlist and not self.calibrate:
+            raise InputError("a shortlist is built from the calibration generations; leave out --no-calibrate")
+        if self.exit_classifier and not self.calibrate:
+            raise InputError("exit classifiers are trained on the calibration traces; leave out --no-calibrate")
+        if self.calibrate and (not isinstance(self.calibration_tokens, int) or isinstance(self.calibration_tokens, bool)
+                               or self.calibration_tokens < 2):
+            raise InputError(f"--calibration-tokens must be a whole number of at least 2, got {self.calibration_tokens!r}")
+        batch = self.placement_batch
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise InputError(f"--batch must be a whole number of at least 1, got {batch!r}")
+        if batch > 1 and not auto:
+            raise InputError("--batch prices the --exits auto placement for a batch: use it with --exits auto")
+        if batch > 1 and self.catch_up == "propagate":
+            raise InputError("--batch prices the exact catch-up (exited rows ride deeper rows' calls); "
+                             "with --catch-up propagate place for one sequence")
+        if self.catch_up not in CATCH_UPS:
+            raise InputError(f"--catch-up must be one of {', '.join(CATCH_UPS)}, got {self.catch_up!r}")
+        if self.fuse_heads not in FUSE_HEADS:
+            raise InputError(f"--fuse-heads must be one of {', '.join(FUSE_HEADS)}, got {self.fuse_heads!r}")
+        if self.speculative not in FUSE_HEADS:
+            raise InputError(f"--speculative must be one of {', '.join(FUSE_HEADS)}, got {self.speculative!r}")
+        if self.candidates is not None and not auto:
+            raise InputError("--candidates are the layers --exits auto chooses among: use them with --exits auto")
+        if isinstance(self.candidates, str) and self.candidates != "all":
+            raise InputError(f"--candidates must be layer numbers or 'all', got {self.candidates!r}")
+        if isinstance(self.exits, list):
+            check_repeats(self.exits)  # the range needs the model; repeats can be refused before loading it
+        if self.calibrate and self.calibration_prompts is not None:
+            read_prompts(self.calibration_prompts, has_tokenizer=True)  # unreadable or empty: refuse now
+        if self.calibrate and self.calibration_metric is not None:
+            metric_index(self.calibration_metric)
+
+
+def compile_model(model: str | os.PathLike, out: str | os.PathLike, options: CompileOptions | None = None, *,
+                  overwrite: bool = False, progress: Progress = no_progress, **changes) -> Manifest:
     """Compile ``model`` into the artifact directory ``out`` and return its manifest.
 
-    The artifact is built in a temporary directory beside ``out`` and renamed
-    into place at the end, so a failure leaves nothing behind. With
-    ``calibrate`` (and at least one exit) the built artifact is traced on the
-    calibration prompts before it is moved into place (`eec.calib.calibrate`).
-
-    ``exits="auto"`` compiles and calibrates every candidate layer
-    (``candidates``: a list, ``"all"`` for every layer, or by default the
-    checkpoint's trained heads, else quarter depths), then keeps the
-    exit set with the lowest expected latency at ``placement_eps`` on the
-    target (`eec.targets.placement`), from the measured ``profile`` when
-    given, else the target's latency model; the choice is in
-    ``manifest.placement``. ``placement_batch``: price it for that many
-    sequences decoded at once (a server's batch; `eec.targets.placement`
-    rule 6), where an exit most rows pass now and then saves nothing.
-
-    ``shortlist=K`` restricts every exit head to the K tokens the model
-    emits most in the calibration generations (`eec.calib.shortlist`);
-    ``"auto"`` (with ``exits="auto"``) lets the placement search choose K
-    among `shortlist_sizes` and the full vocabulary, by expected latency.
-
-    ``exit_classifier`` trains a small classifier per exit on the traces
-    (`eec.train.classifier`) and fuses it into the segment: the exit head
-    then runs only for tokens the classifier lets leave, and the artifact's
-    thresholds apply to its score (metric ``classifier``).
-
-    ``catch_up="propagate"`` adds a key/value fill graph to every segment
-    after the first (`eec.compiler.modules.KVFill`) and makes the runtime
-    fill deeper layers' KV of exited positions from the exit's hidden state
-    (CALM's state propagation) instead of running those layers: cheaper,
-    not exact (`eec.runtime.core`). Calibration is unchanged.
-
-    ``fuse_heads`` ("auto", "on", "off"): also write each exit segment's graph
-    with its exit head inside (`eec.compiler.passes.FuseExitHead`), which
-    early-exit decoding runs in one call instead of two. It costs a second
-    copy of the segment's weights on disk, so "auto" fuses segments of at
-    most `FUSE_LIMIT` bytes, where a call's fixed cost is a visible share;
-    never with exit classifiers (their head runs only for tokens that leave).
-
-    ``speculative`` ("auto", "on", "off"): also write the last segment's verify
-    graph (the token at every position), which speculative decoding needs
-    (`eec.runtime.speculative`); "auto" where the artifact has exits and the
-    last segment is at most `FUSE_LIMIT` bytes in fp32, as for ``fuse_heads``.
+    What is built is ``options`` (`CompileOptions`, its defaults when None) with ``changes``, its fields
+    by name: ``compile_model(src, out, exits=[8, 16], precision="int4")``. The artifact is built in a
+    temporary directory beside ``out`` and renamed into place at the end, so a failure leaves nothing
+    behind; an existing ``out`` is replaced only with ``overwrite``.
     """
+    options = replace(options or CompileOptions(), **changes)
     out = Path(out).absolute()
-    tgt = get_target(target, placed=exits == "auto")
-    precision = check_precision(tgt, precision)
+    tgt = get_target(options.target, placed=options.auto)
+    precision = check_precision(tgt, options.precision)
     check_output(out, overwrite)
-    auto = _check_options(exits, block_size, calibrate, calibration_prompts, calibration_metric, placement_eps,
-                          shortlist, exit_classifier)
-    if not isinstance(placement_batch, int) or isinstance(placement_batch, bool) or placement_batch < 1:
-        raise InputError(f"--batch must be a whole number of at least 1, got {placement_batch!r}")
-    if placement_batch > 1 and not auto:
-        raise InputError("--batch prices the --exits auto placement for a batch: use it with --exits auto")
-    if placement_batch > 1 and catch_up == "propagate":
-        raise InputError("--batch prices the exact catch-up (exited rows ride deeper rows' calls); "
-                         "with --catch-up propagate place for one sequence")
-    if catch_up not in CATCH_UPS:
-        raise InputError(f"--catch-up must be one of {', '.join(CATCH_UPS)}, got {catch_up!r}")
-    if fuse_heads not in FUSE_HEADS:
-        raise InputError(f"--fuse-heads must be one of {', '.join(FUSE_HEADS)}, got {fuse_heads!r}")
-    if speculative not in FUSE_HEADS:
-        raise InputError(f"--speculative must be one of {', '.join(FUSE_HEADS)}, got {speculative!r}")
-    if candidates is not None and not auto:
-        raise InputError("--candidates are the layers --exits auto chooses among: use them with --exits auto")
-    if isinstance(candidates, str) and candidates != "all":
-        raise InputError(f"--candidates must be layer numbers or 'all', got {candidates!r}")
+    options.check()
 
     with output_lock(out):  # one writer per output; killed writers' staging folders removed
         check_output(out, overwrite)  # again under the lock: another writer may have finished meanwhile
         progress("loading model", 0, 1)
         src = load_source(model)
         shape = model_shape(src)
+        shortlist = options.shortlist
         if isinstance(shortlist, int) and shortlist >= shape.vocab_size:
             raise InputError(f"--shortlist {shortlist} is not smaller than the vocabulary ({shape.vocab_size} tokens)")
         table = None
-        if auto:
-            table = load_profile(profile, shape, precision) if profile else model_table(tgt, shape, precision)
+        if options.auto:
+            table = (load_profile(options.profile, shape, precision) if options.profile
+                     else model_table(tgt, shape, precision))
+        candidates = options.candidates
         if candidates == "all":
             candidates = list(range(1, shape.num_layers))
-        layers = (candidates or default_exits(src)) if auto else default_exits(src) if exits is None else exits
-        build = _Build(src, tgt, precision, block_size, calibrate, calibration_prompts, calibration_tokens,
-                       calibration_metric, progress, placed=auto, catch_up=catch_up, fuse_heads=fuse_heads,
-                       speculative=speculative, batch=placement_batch)
+        exits = options.exits
+        layers = (candidates or default_exits(src)) if options.auto else default_exits(src) if exits is None else exits
+        build = _Build(src, tgt, precision, options, progress)
         staged = build.run(layers, out)
         try:
-            if auto or (shortlist or exit_classifier) and staged.manifest.exits:
-                staged = _refine(build, staged, layers, table, placement_eps, out, shortlist, exit_classifier)
+            if options.auto or (shortlist or options.exit_classifier) and staged.manifest.exits:
+                staged = _refine(build, staged, layers, table, out)
             replace_dir(staged.path, out)
         except BaseException:
             shutil.rmtree(staged.path, ignore_errors=True)
             raise
         progress("done", 1, 1)
         return staged.manifest
-
-
-def _check_options(exits, block_size: int, calibrate: bool, prompts: Path | None, metric: str | None,
-                   placement_eps: float, shortlist: int | str, exit_classifier: bool) -> bool:
-    """Refuse bad options before the long work; returns whether exits are placed automatically."""
-    if block_size < 16 or block_size & (block_size - 1):
-        raise InputError(f"--block-size must be a power of two of at least 16, got {block_size}")
-    auto = exits == "auto"
-    if isinstance(exits, str) and not auto:
-        raise InputError(f"exits must be layer numbers or 'auto', got {exits!r}")
-    if auto and not calibrate:
-        raise InputError("--exits auto needs calibration traces; leave out --no-calibrate")
-    if auto and not 0 < placement_eps < 1:
-        raise InputError(f"--eps must be between 0 and 1, got {placement_eps}")
-    if shortlist == "auto" and not auto:
-        raise InputError("--shortlist auto is chosen by the placement search: use it with --exits auto")
-    if not (shortlist == "auto" or isinstance(shortlist, int) and shortlist >= 0):
-        raise InputError(f"--shortlist must be a number of tokens, 0 (the whole vocabulary) or 'auto', got {shortlist!r}")
-    if shortlist and not calibrate:
-        raise InputError("a shortlist is built from the calibration generations; leave out --no-calibrate")
-    if exit_classifier and not calibrate:
-        raise InputError("exit classifiers are trained on the calibration traces; leave out --no-calibrate")
-    if isinstance(exits, list):
-        check_repeats(exits)  # the range needs the model; repeats can be refused before loading it
-    if calibrate and prompts is not None:
-        read_prompts(prompts, has_tokenizer=True)  # unreadable or empty: refuse before the long work
-    if calibrate and metric is not None:
-        metric_index(metric)
-    return auto
 
 
 def model_shape(src: SourceModel) -> ModelShape:
@@ -260,8 +269,7 @@ def classifier_traces(root: Path, src: SourceModel) -> Traces:
     return collect_traces(model, prompts, CLASSIFIER_TOKENS)
 
 
-def _refine(build: "_Build", staged: "Staged", layers: list[int], table, eps: float, out: Path,
-            shortlist: int | str, classifier: bool) -> "Staged":
+def _refine(build: "_Build", staged: "Staged", layers: list[int], table, out: Path) -> "Staged":
     """After the first build and its calibration: choose the exit set (with ``table``), the
     shortlist and train exit classifiers on the traces, then rebuild with them.
 
@@ -270,6 +278,8 @@ def _refine(build: "_Build", staged: "Staged", layers: list[int], table, eps: fl
     prompts, `classifier_traces`), so every calibration token is one they never saw.
     """
     manifest, traces = staged.manifest, staged.traces
+    opt = build.options
+    eps, shortlist, classifier = opt.placement_eps, opt.shortlist, opt.exit_classifier
     vocab = manifest.model.vocab_size
     auto = table is not None
     split = shortlist == "auto"
@@ -291,7 +301,7 @@ def _refine(build: "_Build", staged: "Staged", layers: list[int], table, eps: fl
         if auto:
             judged = scored.subset(~fit) if split else scored
             placement = place_exits(judged, table.with_head_fraction(k / vocab if k else 1.0), eps, metric,
-                                    propagate=build.catch_up == "propagate", batch=build.batch)
+                                    propagate=opt.catch_up == "propagate", batch=opt.placement_batch)
         options[k] = (placement, classifiers, ids)
     if auto:  # placement's rule 5 across list sizes too: near the cheapest, the fewest exits
         cheapest = min(options[size][0].best.expected_s for size in options)
@@ -309,7 +319,7 @@ def _refine(build: "_Build", staged: "Staged", layers: list[int], table, eps: fl
         ranked = [(k, placement.best), *sorted(others, key=lambda sc: sc[1].expected_s)]  # the chosen set first
         record = {
             "epsilon": eps,
-            "batch": build.batch,
+            "batch": opt.placement_batch,
             "exits": exits,
             "candidates": list(traces.exits),
             "shortlist": k,
@@ -321,24 +331,25 @@ def _refine(build: "_Build", staged: "Staged", layers: list[int], table, eps: fl
             "report": describe(placement) + ([f"shortlist: {k} tokens" if k else "shortlist: none (whole vocabulary)"]
                                              if len(sizes) > 1 else []),
         }
-        if build.batch > 1 and not table.has_rows(0, table.shape.num_layers, build.batch):
+        batch = opt.placement_batch
+        if batch > 1 and not table.has_rows(0, table.shape.num_layers, batch):
             record["report"].append(
-                f"the latency table holds no calls over {build.batch} sequences: a step is priced as one sequence's "
-                f"call over {build.batch} positions, which costs less (`eec targets measure --batch {build.batch}`)")
+                f"the latency table holds no calls over {batch} sequences: a step is priced as one sequence's "
+                f"call over {batch} positions, which costs less (`eec targets measure --batch {batch}`)")
     if exits != list(traces.exits) or ids is not None or classifiers:
         shutil.rmtree(staged.path, ignore_errors=True)
         chosen = {layer: classifiers[layer] for layer in exits} if classifiers else None
         staged = build.run(exits, out, None if ids is None else ids.tolist(), chosen,
                            metric="classifier" if chosen else None)
         if record is not None and exits:
-            staged = _check_built(build, staged, record, table.with_head_fraction(k / vocab if k else 1.0), eps, out)
+            staged = _check_built(build, staged, record, table.with_head_fraction(k / vocab if k else 1.0), out)
     if record is not None:
         staged.manifest = replace(staged.manifest, placement=record)
         write_manifest(staged.path, staged.manifest)
     return staged
 
 
-def _check_built(build: "_Build", staged: "Staged", record: dict, table, eps: float, out: Path) -> "Staged":
+def _check_built(build: "_Build", staged: "Staged", record: dict, table, out: Path) -> "Staged":
     """Price the built artifact on its own calibration traces, which is what its thresholds come from.
 
     The search priced candidates on the candidate build's traces, rescored in fp32 for a shortlist;
@@ -348,8 +359,9 @@ def _check_built(build: "_Build", staged: "Staged", record: dict, table, eps: fl
     predicted slower than the full model once built is replaced by the full model.
     """
     exits = tuple(record["exits"])
-    built = evaluate(staged.traces, table, exits, eps, staged.manifest.calibration.metric,
-                     "risk", 0.1, propagate=build.catch_up == "propagate", batch=build.batch)
+    opt = build.options
+    built = evaluate(staged.traces, table, exits, opt.placement_eps, staged.manifest.calibration.metric,
+                     "risk", 0.1, propagate=opt.catch_up == "propagate", batch=opt.placement_batch)
     record["search_predicted_speedup"] = record["predicted_speedup"]
     record["predicted_speedup"] = round(built.speedup, 4)
     record["report"].append(f"built: on its own traces, exits {','.join(map(str, exits))} predict {built.speedup:.2f}x, "
@@ -389,28 +401,19 @@ class _Build:
 
     src: SourceModel
     target: Target
-    precision: str
-    block_size: int
-    calibrate: bool
-    prompts: Path | None
-    tokens: int
-    metric: str | None
+    precision: str  # the options' precision, or the target's default
+    options: CompileOptions
     progress: Progress
-    placed: bool  # --exits auto: the exit set may leave trained heads out
-    catch_up: str = "exact"
-    batch: int = 1  # sequences decoded together that --exits auto prices (placement rule 6)
-    fuse_heads: str = "auto"
-    speculative: str = "auto"
 
     def run(self, exits: list[int], out: Path, shortlist: list[int] | None = None,
             classifiers: dict | None = None, metric: str | None = None) -> Staged:
-        src, progress = self.src, self.progress
+        src, progress, opt = self.src, self.progress, self.options
         plan = plan_segments(src, exits, contrib_ops=self.target.contrib_ops, context=context_length(src.config),
-                             all_heads=not self.placed, shortlist=shortlist, classifiers=classifiers,
-                             fills=self.catch_up == "propagate", verify=self.speculative != "off")
+                             all_heads=not opt.auto, shortlist=shortlist, classifiers=classifiers,
+                             fills=opt.catch_up == "propagate", verify=opt.speculative != "off")
         fills = {seg.spec.graph(FILL): seg.spec.file for seg in plan.segments if seg.fill is not None}
         verifies = {seg.spec.graph(VERIFY): seg.spec.file for seg in plan.segments if seg.verify is not None}
-        total = len(plan.segments) + len(fills) + len(verifies) + len(plan.heads) + 4 + int(self.calibrate)
+        total = len(plan.segments) + len(fills) + len(verifies) + len(plan.heads) + 4 + int(opt.calibrate)
         step = 1
         tmp = new_stage(out, "build")
         try:
@@ -442,11 +445,11 @@ class _Build:
                 if needs_feeds(self.precision, self.target.backend):
                     write_manifest(tmp, manifest)
                     has_tok = src.tokenizer is not None
-                    prompts = (read_prompts(self.prompts, has_tok) if self.prompts
-                               else default_prompts(has_tok, src.config.vocab_size))
+                    given = opt.calibration_prompts
+                    prompts = read_prompts(given, has_tok) if given else default_prompts(has_tok, src.config.vocab_size)
                     feeds = record_feeds(tmp, prompts[:8])
                 for file in graphs:  # fill and verify graphs take their segment's inputs: the same feeds
-                    apply_precision(tmp / file, self.precision, self.block_size, self.target.backend,
+                    apply_precision(tmp / file, self.precision, opt.block_size, self.target.backend,
                                     feeds.get(fills.get(file, verifies.get(file, file))))
                 manifest = self._manifest(tmp, plan, self.precision)
             self._heads_inside(tmp, plan)
@@ -458,10 +461,10 @@ class _Build:
             progress("writing manifest", step, total)
             write_manifest(tmp, manifest)
             traces = None
-            if self.calibrate and manifest.exits:
-                manifest, traces = calibrate_dir(tmp, self.prompts, self.tokens, metric or self.metric,
-                                                 progress=lambda what, done, n: progress(f"calibrating: {what}",
-                                                                                         step + 1, total))
+            if opt.calibrate and manifest.exits:
+                manifest, traces = calibrate_dir(
+                    tmp, opt.calibration_prompts, opt.calibration_tokens, metric or opt.calibration_metric,
+                    progress=lambda what, done, n: progress(f"calibrating: {what}", step + 1, total))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -470,7 +473,7 @@ class _Build:
     def _verify_wanted(self, segment: Path) -> bool:
         """Whether to write the last segment's verify graph, as ``speculative`` says (``segment``: its fp32 graph)."""
         size = sum(f.stat().st_size for f in segment.parent.glob(segment.name + "*"))
-        return self.speculative == "on" or self.speculative == "auto" and size <= FUSE_LIMIT
+        return self.options.speculative == "on" or self.options.speculative == "auto" and size <= FUSE_LIMIT
 
     def _heads_inside(self, tmp: Path, plan) -> None:
         """Write the exit segments' graphs with their heads inside, as ``fuse_heads`` says; record
@@ -481,7 +484,7 @@ class _Build:
                 continue
             graph = tmp / spec.file
             size = sum(f.stat().st_size for f in graph.parent.glob(graph.name + "*"))  # the graph and its weights
-            if self.fuse_heads == "off" or self.fuse_heads == "auto" and size > FUSE_LIMIT:
+            if self.options.fuse_heads == "off" or self.options.fuse_heads == "auto" and size > FUSE_LIMIT:
                 continue
             file = spec.file.removesuffix(".onnx") + "_with_head.onnx"
             write_with_head(tmp / spec.file, tmp / spec.exit.file, tmp / file)
@@ -504,5 +507,5 @@ class _Build:
             tokenizer=tokenizer,
             files=hash_files(tmp),
             eec_version=__version__,
-            catch_up=self.catch_up,
+            catch_up=self.options.catch_up,
         )

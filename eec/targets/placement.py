@@ -47,8 +47,10 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -208,11 +210,12 @@ def full_cost(traces: Traces, table: LatencyTable, batch: int) -> float:
 def place_exits(traces: Traces, table: LatencyTable, eps: float, metric: str, rule: str = "risk",
                 delta: float = 0.1, propagate: bool = False, batch: int = 1) -> Placement:
     layers = tuple(sorted(traces.exits))
+    price = functools.partial(evaluate, traces, table, eps=eps, metric=metric, rule=rule, delta=delta,
+                              propagate=propagate, batch=batch)
     if len(layers) <= MAX_EXHAUSTIVE:
-        sets = [s for r in range(len(layers) + 1) for s in itertools.combinations(layers, r)]
-        ranked = [evaluate(traces, table, s, eps, metric, rule, delta, propagate, batch) for s in sets]
+        ranked = [price(s) for r in range(len(layers) + 1) for s in itertools.combinations(layers, r)]
     else:
-        ranked = _greedy(traces, table, layers, eps, metric, rule, delta, propagate, batch)
+        ranked = _greedy(price, layers)
     ranked.sort(key=lambda c: (c.expected_s, len(c.exits)))
     near = [c for c in ranked if c.expected_s <= ranked[0].expected_s * (1 + TOLERANCE)]
     best = min(near, key=lambda c: (len(c.exits), c.expected_s))
@@ -220,13 +223,12 @@ def place_exits(traces: Traces, table: LatencyTable, eps: float, metric: str, ru
     return Placement(best, [best, *ranked], full_cost(traces, table, batch), eps, batch)
 
 
-def _greedy(traces, table, layers, eps, metric, rule, delta, propagate, batch) -> list[Candidate]:
-    """Drop, one at a time, the exit whose removal lowers the expected cost most."""
-    current = evaluate(traces, table, layers, eps, metric, rule, delta, propagate, batch)
-    seen = [current, evaluate(traces, table, (), eps, metric, rule, delta, propagate, batch)]
+def _greedy(price: Callable[[tuple[int, ...]], Candidate], layers: tuple[int, ...]) -> list[Candidate]:
+    """Drop, one at a time, the exit whose removal lowers the expected cost (``price``) most."""
+    current = price(layers)
+    seen = [current, price(())]
     while current.exits:
-        options = [evaluate(traces, table, tuple(e for e in current.exits if e != drop), eps, metric, rule, delta,
-                            propagate, batch) for drop in current.exits]
+        options = [price(tuple(e for e in current.exits if e != drop)) for drop in current.exits]
         seen += options
         best = min(options, key=lambda c: c.expected_s)
         if best.expected_s >= current.expected_s:
