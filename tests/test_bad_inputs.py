@@ -254,6 +254,30 @@ def test_compile_options_by_object_or_by_name(source, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.eec"]
 
 
+def test_generation_options_by_object_or_by_name(llama_compiled):
+    """A `GenerationOptions` gives what the same fields by name give (alone, in a batch, through an engine);
+    names change it per call; a misspelt name is a TypeError and an options of another type an input error."""
+    from eec.runtime import Engine, GenerationOptions
+
+    model = load(llama_compiled.artifact)
+    asked = dict(max_new_tokens=5, thresholds=0.0, ignore_eos=True)
+    options = GenerationOptions(**asked)
+    def what(result):
+        return result.tokens, result.exits, result.finish_reason
+
+    by_name = what(model.generate([1, 2, 3], **asked))
+    assert len(by_name[0]) == 5 and llama_compiled.exits[0] in by_name[1]  # threshold 0: the first exit decides
+    assert what(model.generate([1, 2, 3], options)) == by_name
+    assert what(model.generate([[1, 2, 3], [4, 5]], options)[0]) == by_name
+    assert model.generate([1, 2, 3], options, mode="full").exits == [model.manifest.model.num_layers] * 5
+    with Engine(model, max_batch=2) as engine:
+        assert what(engine.submit([1, 2, 3], options).result()) == by_name
+    with pytest.raises(TypeError, match="max_new_token"):
+        model.generate([1, 2, 3], max_new_token=5)
+    with pytest.raises(InputTypeError, match="GenerationOptions"):
+        model.generate([1, 2, 3], 5)
+
+
 # --- CLI options --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("exits", ["", ",,", " , "])

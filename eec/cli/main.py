@@ -475,7 +475,7 @@ def generate(
                                   "last exit decides the token"),
 ) -> None:
     """Generate from ARTIFACT with early exits, streaming the text; or from every line of --prompts at once."""
-    from eec.runtime import load
+    from eec.runtime import GenerationOptions, load
 
     thresholds = None
     if threshold is not None:
@@ -488,14 +488,15 @@ def generate(
                          "`eec profile --data`")
     model = load(artifact, threads=threads, catch_up=catch_up, device=device, split=split, server=server,
                  timeout=timeout)
-    options = dict(max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=eps, metric=metric,
-                   rule=rule, delta=delta, chat=chat, max_draft=max_draft, draft_layer=draft_layer, monitor=monitor,
-                   stop=stop or None, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    options = GenerationOptions(max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=eps,
+                                rule=rule, delta=delta, chat=chat, stop=stop or None, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed)
+    how = dict(metric=metric, max_draft=max_draft, draft_layer=draft_layer, monitor=monitor)
     if prompts is not None:
         from eec.calib.calibrate import read_prompts
 
         start = time.perf_counter()
-        results = model.generate(read_prompts(prompts, model.codec is not None), max_batch=max_batch, **options)
+        results = model.generate(read_prompts(prompts, model.codec is not None), options, max_batch=max_batch, **how)
         elapsed = time.perf_counter() - start
         for i, r in enumerate(results):
             sys.stdout.write(f"[{i}] {r.text if r.text is not None else ' '.join(map(str, r.tokens))}\n")
@@ -506,7 +507,7 @@ def generate(
                   + (f"; {full} stopped at the model's context ({model.manifest.model.context_length} positions)"
                      if full else ""), highlight=False)
         return
-    pieces = model.generate(_parse_ids(prompt) if ids else prompt, stream=True, **options)
+    pieces = model.generate(_parse_ids(prompt) if ids else prompt, options, stream=True, **how)
     for piece in pieces:
         sys.stdout.write(piece if isinstance(piece, str) else f"{piece} ")
         sys.stdout.flush()

@@ -10,5 +10,7 @@
 from eec.runtime.manifest import Manifest, read_manifest
 from eec.runtime.engine import Engine, Event
 from eec.runtime.model import EarlyExitModel, GenerationResult, Stats, load
+from eec.runtime.options import GenerationOptions
 
-__all__ = ["EarlyExitModel", "Engine", "Event", "GenerationResult", "Manifest", "Stats", "load", "read_manifest"]
+__all__ = ["EarlyExitModel", "Engine", "Event", "GenerationOptions", "GenerationResult", "Manifest", "Stats", "load",
+           "read_manifest"]

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from eec.runtime.core import StepResult
     from eec.runtime.model import EarlyExitModel, GenerationResult, Stats
+    from eec.runtime.options import GenerationOptions
     from eec.runtime.sampling import Sampling
     from eec.runtime.text import PieceDecoder
 
@@ -239,15 +240,21 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def submit(self, prompt, **options) -> Request:
-        """Queue a prompt (text or token ids) with `EarlyExitModel.generate`'s options (``max_new_tokens``,
-        ``mode`` "full" or "early-exit", ``thresholds`` or ``epsilon``, ``rule``, ``delta``, ``stop``,
-        ``chat``, ``ignore_eos``, ``stream``, ``sink``); returns its `Request`. Safe from any thread. Bad
-        input raises here, before anything is queued; a full queue raises `Overloaded`."""
+    def submit(self, prompt, options: "GenerationOptions | None" = None, *, index: int | None = None,
+               stream: bool = False, sink=None, **changes) -> Request:
+        """Queue a prompt (text or token ids) with ``options`` (`eec.runtime.options.GenerationOptions`,
+        ``mode`` "full" or "early-exit") and ``changes`` to its fields by name; returns its `Request`.
+        ``stream``, ``sink``: as `EarlyExitModel.make_request`; ``index``: the number its events carry (by
+        default the submission's). Safe from any thread. Bad input raises here, before anything is queued;
+        a full queue raises `Overloaded`."""
+        from eec.runtime.options import GenerationOptions
+
+        options = GenerationOptions.of(options, changes)
         with self._lock:
-            index = options.pop("index", self._submitted)
+            index = self._submitted if index is None else index
             self._submitted += 1
-        request = self.model.make_request(prompt, index=index, metric=self.metric_name, **options)
+        request = self.model.make_request(prompt, options, index=index, metric=self.metric_name, stream=stream,
+                                          sink=sink)
         if len(request.ids) + 1 > self.kv_budget:
             raise InputError(f"the prompt is {len(request.ids)} tokens; this engine's KV budget is {self.kv_budget}")
         with self._lock:

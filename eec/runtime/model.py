@@ -23,6 +23,7 @@ from eec.runtime.engine import Engine, Event, Request
 from eec.runtime.kv import FILL, PLAIN, VERIFY, WITH_HEAD, HeadCall
 from eec.runtime.classifier_manifest import SCHEMA as CLASSIFIER_SCHEMA
 from eec.runtime.manifest import Manifest, artifact_schema, read_manifest
+from eec.runtime.options import GenerationOptions
 from eec.runtime.sampling import Sampling
 from eec.runtime.split import DEFAULT_TIMEOUT_S, RemoteTail, fingerprint, split_index
 from eec.runtime.sessions import MAX_CALL_TOKENS, open_graphs, open_sessions, pick_device
@@ -287,29 +288,23 @@ class EarlyExitModel:
     def generate(
         self,
         prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
+        options: GenerationOptions | None = None,
         *,
-        max_new_tokens: int = 128,
-        mode: str = "early-exit",
-        thresholds: float | Sequence[float] | Mapping[int, float] | None = None,
-        epsilon: float | None = None,
-        metric: str | None = None,
-        rule: str = "risk",
-        delta: float = 0.1,
         stream: bool = False,
-        chat: bool | None = None,
-        ignore_eos: bool = False,
-        stop: str | Sequence[str] | None = None,
+        metric: str | None = None,
         catch_up: str | None = None,
-        max_draft: int | None = None,
-        draft_layer: int | None = None,
         monitor: bool = False,
         max_batch: int = 8,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
+        max_draft: int | None = None,
+        draft_layer: int | None = None,
+        **changes,
     ):
-        """Greedy generation, of one prompt or of a list of them decoded together.
+        """Generation, of one prompt or of a list of them decoded together.
+
+        What each request asks is ``options`` (`eec.runtime.options.GenerationOptions`, its defaults
+        when None) with ``changes``, its fields by name: ``generate(prompt, max_new_tokens=32)``. The
+        other arguments say how the whole generation runs; ``metric`` is the confidence metric every
+        request's thresholds apply to (default: the calibration's).
 
         ``prompt`` is a string (wrapped in the chat template when the model has
         one, unless ``chat=False``) or token ids; or a list of such prompts,
@@ -355,14 +350,13 @@ class EarlyExitModel:
         stay unchecked; in a batch, an exited token whose position rides the
         deeper rows' call to the last segment is checked on the spot).
         """
-        options = dict(max_new_tokens=max_new_tokens, mode=mode, thresholds=thresholds, epsilon=epsilon,
-                       rule=rule, delta=delta, chat=chat, ignore_eos=ignore_eos, stop=stop,
-                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        options = GenerationOptions.of(options, changes)
+        mode = options.mode
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if monitor:
             self._check_monitor(mode, catch_up)
-            if Sampling.make(temperature, top_k, top_p, seed) is not None:
+            if Sampling.make(options.temperature, options.top_k, options.top_p, options.seed) is not None:
                 raise InputError("monitor checks greedy exits against the final head's token: it does not sample")
         if is_prompt_list(prompt):
             prompts = list(prompt)
@@ -371,11 +365,11 @@ class EarlyExitModel:
             if mode == "speculative":
                 if stream:
                     raise InputError("speculative decoding runs one sequence at a time: stream one prompt at a time")
-                return [self.generate(p, metric=metric, catch_up=catch_up, max_draft=max_draft, draft_layer=draft_layer,
-                                      **options) for p in prompts]
+                return [self.generate(p, options, metric=metric, catch_up=catch_up, max_draft=max_draft,
+                                      draft_layer=draft_layer) for p in prompts]
             engine = Engine(self, max_batch=min(max_batch, len(prompts)), metric=metric, catch_up=catch_up,
-                            monitor=monitor, capacity=self._capacity(max_new_tokens), early_exit=mode != "full")
-            requests = [engine.submit(p, index=i, **options) for i, p in enumerate(prompts)]  # all checked first
+                            monitor=monitor, capacity=self._capacity(options.max_new_tokens), early_exit=mode != "full")
+            requests = [engine.submit(p, options, index=i) for i, p in enumerate(prompts)]  # all checked first
             if stream:
                 for r in requests:  # text piece by piece, in the events `engine.step` returns (no queue)
                     r.stream = True
@@ -385,12 +379,12 @@ class EarlyExitModel:
             self.stats = results[-1].stats
             return results
         if mode == "speculative":
-            request = self.make_request(prompt, metric=metric, **options)
+            request = self.make_request(prompt, options, metric=metric)
             steps = self._speculative(request, catch_up, max_draft, draft_layer)
         else:
             engine = Engine(self, max_batch=1, metric=metric, catch_up=catch_up, monitor=monitor,
-                            capacity=self._capacity(max_new_tokens), early_exit=mode != "full")
-            request = engine.submit(prompt, **options)
+                            capacity=self._capacity(options.max_new_tokens), early_exit=mode != "full")
+            request = engine.submit(prompt, options)
             request.stream = stream  # its pieces are read from `request.piece` as it goes, not from a queue
             steps = self._one(engine, request)
         if stream:
@@ -399,32 +393,32 @@ class EarlyExitModel:
             pass
         return request.as_result()
 
-    def make_request(self, prompt, *, index: int = 0, metric: str | None = None, max_new_tokens: int = 128,
-                     mode: str = "early-exit", thresholds=None, epsilon: float | None = None, rule: str = "risk",
-                     delta: float = 0.1, chat: bool | None = None, ignore_eos: bool = False,
-                     stop: str | Sequence[str] | None = None, stream: bool = False, temperature: float | None = None,
-                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                     sink=None) -> Request:
-        """A checked `eec.runtime.engine.Request`: prompt encoded, thresholds resolved (`generate`'s options).
+    def make_request(self, prompt, options: GenerationOptions | None = None, *, index: int = 0,
+                     metric: str | None = None, stream: bool = False, sink=None) -> Request:
+        """A checked `eec.runtime.engine.Request`: prompt encoded, thresholds resolved, ``options`` checked
+        against this artifact (``metric``: the one its thresholds apply to, by default the calibration's).
         ``sink``: an object whose ``put`` takes each `Event` as it comes, then None (a streamed request's
         queue by default); a server's event loop hands it on without a thread waiting on a queue."""
+        o = GenerationOptions.of(options, {})
         if self.manifest.part is not None and self.manifest.part.role == "server":
             raise InputError("this is the server part of a split: it runs behind `eec serve` for a device, which "
                              "loads the device part")
-        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
-        if mode == "speculative" and thresholds is None and epsilon is None and self.manifest.calibration:
+        limit = o.max_new_tokens
+        if not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit < 1:
+            raise InputError(f"max_new_tokens must be a whole number of at least 1, got {limit!r}")
+        epsilon = o.epsilon
+        if o.mode == "speculative" and o.thresholds is None and epsilon is None and self.manifest.calibration:
             epsilon = SPECULATIVE_EPSILON
-        values, metric_id = self.resolve_thresholds(mode, thresholds, epsilon, metric, rule, delta)
-        sampling = Sampling.make(temperature, top_k, top_p, seed)
+        values, metric_id = self.resolve_thresholds(o.mode, o.thresholds, epsilon, metric, o.rule, o.delta)
+        sampling = Sampling.make(o.temperature, o.top_k, o.top_p, o.seed)
         if sampling is not None:
-            self._check_sampling(mode)
-        stops = stop_strings(stop)
+            self._check_sampling(o.mode)
+        stops = stop_strings(o.stop)
         if stops and self.codec is None:
             raise InputError("stop strings need the artifact's tokenizer; this artifact has none")
-        ids = self.encode(prompt, chat)
-        request = Request(index=index, ids=ids, max_new_tokens=int(max_new_tokens), thresholds=values, metric=metric_id,
-                          eos=frozenset() if ignore_eos else frozenset(self.manifest.eos_token_ids), stop=stops,
+        ids = self.encode(prompt, o.chat)
+        request = Request(index=index, ids=ids, max_new_tokens=int(limit), thresholds=values, metric=metric_id,
+                          eos=frozenset() if o.ignore_eos else frozenset(self.manifest.eos_token_ids), stop=stops,
                           stream=stream, sampling=sampling, rng=sampling.generator() if sampling else None)
         if self.codec is not None:
             request._decoder = self.codec.piece_decoder()

@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from eec.errors import ArtifactError, EecError, InputError, Overloaded
+from eec.runtime.options import GenerationOptions
 from eec.serve.metrics import Metrics
 from eec.serve.schemas import Chat, Classify, Completion, Generation
 
@@ -111,7 +112,7 @@ class Decoding:
     def healthy(self) -> bool:
         return self.engine._worker is not None and self.engine._worker.is_alive()
 
-    def options(self, body: Generation, ids: list[int]) -> dict[str, Any]:
+    def options(self, body: Generation, ids: list[int]) -> GenerationOptions:
         reason = body.unsupported()
         if reason:
             raise InputError(reason)
@@ -119,9 +120,10 @@ class Decoding:
         if limit is None:  # as OpenAI's chat API: up to the context
             limit = max(1, self.context - len(ids) - 1)
         epsilon = body.epsilon if body.epsilon is not None else self.epsilon
-        return dict(max_new_tokens=limit, mode=body.mode, epsilon=epsilon if body.mode == "early-exit" else None,
-                    stop=body.stop, temperature=1.0 if body.temperature is None else body.temperature,
-                    top_p=body.top_p, top_k=body.top_k, seed=body.seed)
+        return GenerationOptions(max_new_tokens=limit, mode=body.mode,
+                                 epsilon=epsilon if body.mode == "early-exit" else None, stop=body.stop,
+                                 temperature=1.0 if body.temperature is None else body.temperature,
+                                 top_p=body.top_p, top_k=body.top_k, seed=body.seed)
 
     def submit(self, prompts: list[list[int]], body: Generation) -> tuple[list, asyncio.Queue]:
         """Queue every prompt (all checked before any is queued: a bad one is a 400 for the whole request)."""
@@ -130,7 +132,7 @@ class Decoding:
         requests = []
         try:
             for i, (ids, options) in enumerate(zip(prompts, made)):
-                requests.append(self.engine.submit(ids, sink=_Sink(loop, queue, i), **options))
+                requests.append(self.engine.submit(ids, options, sink=_Sink(loop, queue, i)))
         except BaseException:
             for r in requests:
                 r.cancel()
