@@ -124,3 +124,54 @@ def test_tampered_calibration_is_refused(llama_compiled, tmp_path):
     with open(copy / "calibration.npz", "ab") as f:
         f.write(b"\0")
     run_fails(["generate", copy, "1,2", "--ids", "--eps", "0.9"], "sha256")
+
+
+def test_inspect_shows_what_each_epsilon_does_on_the_calibration_tokens(llama_compiled, tmp_path):
+    """`eec inspect` on a calibrated decoder: per ε, τ at each exit, the share of calibration tokens leaving at
+    each exit and their agreement, held to a cascade replayed token by token here."""
+    import hashlib
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from eec.calib.metrics import ALL_METRICS
+    from eec.calib.traces import Traces, thresholds_for
+    from eec.cli.main import INSPECT_EPS, app
+
+    art = tmp_path / "a.eec"
+    shutil.copytree(llama_compiled.artifact, art)
+    raw = json.loads((art / "manifest.json").read_text())
+    cal, n_layers = raw["calibration"], raw["model"]["num_layers"]
+    exits = llama_compiled.exits
+    rng = np.random.default_rng(0)  # scores that rise with depth; an exit agrees more often where it is confident
+    scores = np.full((600, len(exits), len(ALL_METRICS)), np.nan, np.float32)
+    margin = np.clip(rng.random((600, len(exits))) + np.arange(len(exits)) * 0.15, 0, 1)
+    scores[:, :, ALL_METRICS.index(cal["metric"])] = margin
+    agreed = rng.random((600, len(exits))) < 0.6 + 0.4 * margin
+    Traces(list(exits), scores, agreed, np.arange(600) // 20).save(art / cal["file"])
+    raw["files"][cal["file"]] = hashlib.sha256((art / cal["file"]).read_bytes()).hexdigest()
+    (art / "manifest.json").write_text(json.dumps(raw))
+
+    shown = CliRunner().invoke(app, ["inspect", str(art)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in shown.stdout.splitlines() if line.startswith("│") and line.split("│")[1].strip() in
+            {str(e) for e in INSPECT_EPS}}
+    traces = Traces.load(art / cal["file"])
+    stored = traces.scores[:, :, ALL_METRICS.index(cal["metric"])]  # float32, as written
+    left = set()
+    for eps in INSPECT_EPS:
+        taus = thresholds_for(traces, eps, cal["metric"])
+        leaving, agree, depth = [0] * len(exits), 0, []
+        for t in range(600):  # the first exit whose score reaches its τ takes the token
+            k = next((k for k in range(len(exits)) if stored[t, k] >= taus[exits[k]]), None)
+            if k is not None:
+                leaving[k] += 1
+            agree += bool(agreed[t, k]) if k is not None else 1
+            depth.append(n_layers if k is None else exits[k])
+        want = [*(f"{taus[e]:.3f}" for e in exits), ", ".join(f"{c / 600:.0%}" for c in leaving),
+                f"{np.mean(depth):.1f} of {n_layers}", f"{agree / 600:.3f}"]
+        assert rows[str(eps)] == want, (eps, rows[str(eps)], want)
+        left.add(sum(leaving))
+    assert len(left) > 1 and max(left) > 0  # the levels differ: a table that ignored ε would fail

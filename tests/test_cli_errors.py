@@ -177,6 +177,7 @@ def test_generate_and_inspect_work(llama_compiled):
     result = runner.invoke(app, ["inspect", str(llama_compiled.artifact)], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "exits: 1, 3, 4" in result.stdout
     assert "graphs/seg0_with_head.onnx" in result.stdout  # a tiny model's heads are fused by default
+    assert "calibrated on 32 prompts" in result.stdout  # eec's own prompts for an artifact without a tokenizer
 
 
 def test_bad_catch_up(tiny_hf_dir, llama_compiled, tmp_path):

@@ -685,6 +685,34 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
                 table.add_row(s.graph(role), f"{s.start}-{s.stop}", what, megabytes(s.graph(role)))
     out.print(table)
     out.print(f"exits: {', '.join(map(str, m.exits)) or 'none'}; catch-up: {m.catch_up}")
+    if m.exits and m.calibration is None:
+        out.print(f"not calibrated: `eec calibrate {artifact}` for --eps (fixed --threshold values work without)")
+    elif m.calibration is not None:
+        _calibration_report(artifact, m)
+    for line in (m.placement or {}).get("report", []):
+        out.print(line, highlight=False, soft_wrap=True)
+
+
+INSPECT_EPS = (0.8, 0.9, 0.95, 0.99)
+
+
+def _calibration_report(artifact: Path, m) -> None:
+    """What each ε does on a decoder's own calibration traces: τ per exit, where tokens leave, agreement."""
+    from eec.calib.traces import Traces, simulate, thresholds_for
+
+    cal, n = m.calibration, m.model.num_layers
+    traces = Traces.load(artifact / cal.file)  # read_manifest has checked its sha256
+    out.print(f"calibrated on {cal.prompts} prompts, {cal.tokens} tokens, metric {cal.metric}; on those tokens "
+              "(risk rule, δ = 0.1):")
+    table = Table("ε", *[f"τ at {k}" for k in traces.exits], "tokens leaving at " + ", ".join(map(str, traces.exits)),
+                  "mean layers", "agreement")
+    for eps in INSPECT_EPS:
+        taus = thresholds_for(traces, eps, cal.metric)
+        sim = simulate(traces, taus, cal.metric, n)
+        leaving = ", ".join(f"{sim.exits.get(k, 0) / max(len(traces), 1):.0%}" for k in traces.exits)
+        table.add_row(f"{eps}", *[f"{taus[k]:.3f}" for k in traces.exits], leaving, f"{sim.mean_depth:.1f} of {n}",
+                      f"{sim.agreement:.3f}")
+    out.print(table)
 
 
 def _is_classifier(artifact: Path) -> bool:
