@@ -420,22 +420,11 @@ def calibrate_cmd(
         raise InputError("--criterion and --rule are for classifier artifacts; a decoder's rule is chosen when it "
                          "runs (eec generate --rule)")
     from eec.calib.calibrate import calibrate
-    from eec.calib.traces import simulate, thresholds_for
+    from eec.runtime.manifest import read_manifest
 
     with _progress() as update:
-        spec = calibrate(artifact, prompts, max_new_tokens, metric, progress=update)
-    from eec.runtime import load
-
-    model = load(artifact)
-    table = Table("ε", *[f"τ at {e}" for e in model.exits], "exit rate", "mean depth", "agreement")
-    for eps in (0.8, 0.9, 0.95, 0.99):
-        taus = thresholds_for(model.traces, eps, spec.metric)
-        sim = simulate(model.traces, taus, spec.metric, model.num_layers)
-        table.add_row(f"{eps}", *[f"{taus[e]:.3f}" for e in model.exits], f"{sim.exit_rate:.2f}", f"{sim.mean_depth:.1f}",
-                      f"{sim.agreement:.3f}")
-    err.print(f"calibrated {artifact} on {spec.tokens} tokens from {spec.prompts} prompts; metric {spec.metric}")
-    err.print("on the calibration traces themselves (risk rule, δ = 0.1):")
-    err.print(table)
+        calibrate(artifact, prompts, max_new_tokens, metric, progress=update)
+    _calibration_report(artifact, read_manifest(artifact), err)
 
 
 @app.command()
@@ -688,7 +677,7 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
     if m.exits and m.calibration is None:
         out.print(f"not calibrated: `eec calibrate {artifact}` for --eps (fixed --threshold values work without)")
     elif m.calibration is not None:
-        _calibration_report(artifact, m)
+        _calibration_report(artifact, m, out)
     for line in (m.placement or {}).get("report", []):
         out.print(line, highlight=False, soft_wrap=True)
 
@@ -696,14 +685,15 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
 INSPECT_EPS = (0.8, 0.9, 0.95, 0.99)
 
 
-def _calibration_report(artifact: Path, m) -> None:
-    """What each ε does on a decoder's own calibration traces: τ per exit, where tokens leave, agreement."""
+def _calibration_report(artifact: Path, m, console: Console) -> None:
+    """What each ε does on a decoder's own calibration traces (``m``: its manifest, read and checked):
+    τ per exit, where tokens leave, how many layers they run, agreement with the final head."""
     from eec.calib.traces import Traces, simulate, thresholds_for
 
     cal, n = m.calibration, m.model.num_layers
     traces = Traces.load(artifact / cal.file)  # read_manifest has checked its sha256
-    out.print(f"calibrated on {cal.prompts} prompts, {cal.tokens} tokens, metric {cal.metric}; on those tokens "
-              "(risk rule, δ = 0.1):")
+    console.print(f"calibrated on {cal.prompts} prompts, {cal.tokens} tokens, metric {cal.metric}; on those tokens "
+                  "(risk rule, δ = 0.1):", highlight=False)
     table = Table("ε", *[f"τ at {k}" for k in traces.exits], "tokens leaving at " + ", ".join(map(str, traces.exits)),
                   "mean layers", "agreement")
     for eps in INSPECT_EPS:
@@ -712,7 +702,7 @@ def _calibration_report(artifact: Path, m) -> None:
         leaving = ", ".join(f"{sim.exits.get(k, 0) / max(len(traces), 1):.0%}" for k in traces.exits)
         table.add_row(f"{eps}", *[f"{taus[k]:.3f}" for k in traces.exits], leaving, f"{sim.mean_depth:.1f} of {n}",
                       f"{sim.agreement:.3f}")
-    out.print(table)
+    console.print(table)
 
 
 def _is_classifier(artifact: Path) -> bool:
