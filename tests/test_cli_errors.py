@@ -248,3 +248,16 @@ def test_classifier_meaning_flags_on_a_decoder(tiny_hf_dir, llama_compiled, tmp_
     run_fails(["calibrate", llama_compiled.artifact, "--criterion", "accuracy"], "for classifier artifacts")
     run_fails(["profile", llama_compiled.artifact, "--batch", "1,8"], "--batch is for classifier artifacts")
     assert not (tmp_path / "x.eec").exists()
+
+
+def test_generate_reports_the_bandwidth_its_tokens_read(llama_compiled):
+    """Full mode reads every layer's matrices and the final head per token: GB/s = their bytes (fp32, counted
+    from the transformers model) x tokens/s, both as printed."""
+    result = runner.invoke(app, ["generate", str(llama_compiled.artifact), "1,2,3", "--ids", "--max-new-tokens", "40",
+                                 "--mode", "full"])
+    assert result.exit_code == 0, result.output
+    tok_s = float(re.search(r"([\d.]+) tok/s decode", result.stderr).group(1))
+    gb_s = float(re.search(r"weights read at ([\d.]+) GB/s", result.stderr).group(1))
+    hf = llama_compiled.hf
+    matrices = sum(p.numel() for n, p in hf.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    assert gb_s == pytest.approx(matrices * 4 * tok_s / 1e9, abs=0.006, rel=0.01)

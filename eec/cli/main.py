@@ -503,8 +503,25 @@ def generate(
     sys.stdout.write("\n")
     sys.stdout.flush()
     full = _context_full(model, model.stats, max_new_tokens)
-    err.print(str(model.stats) + (f"; stopped at the model's context ({model.manifest.model.context_length} "
-                                  "positions)" if full else ""), highlight=False, soft_wrap=True)
+    err.print(str(model.stats) + _bandwidth(model, model.stats, mode, draft_layer)
+              + (f"; stopped at the model's context ({model.manifest.model.context_length} positions)" if full else ""),
+              highlight=False, soft_wrap=True)
+
+
+def _bandwidth(model, stats, mode: str, draft_layer: int | None) -> str:
+    """The weights a decoded token read, times tokens/s, as gpt-fast prints beside tokens/s: how near a
+    decode is to the memory's bandwidth (the exits a generation took lower what a token reads)."""
+    from eec.targets.profiling import bytes_per_token, speculative_bytes_per_token
+
+    if stats.tokens_per_s <= 0 or model.split is not None:
+        return ""  # one token, or a split whose deeper layers' weights are read on the server
+    if mode == "speculative" and stats.cycles:
+        read = speculative_bytes_per_token(model, draft_layer or model.exits[0], stats.cycles, stats.new_tokens)
+    else:
+        running = {e: 0.0 for e in model.exits} if mode == "early-exit" else None  # a head runs at every exit passed
+        read = bytes_per_token(model, stats.exits, running, gated=model.manifest.calibration is not None
+                               and model.manifest.calibration.metric == "classifier")
+    return f"; weights read at {read * stats.tokens_per_s / 1e9:.2f} GB/s"
 
 
 def _context_full(model, stats, max_new_tokens: int) -> bool:
