@@ -175,6 +175,12 @@ def test_parts_written_by_eec_split_hold_their_own_layers_and_decode_as_the_whol
         assert httpx.post(part_server.url + "/v1/completions", json={"prompt": [1]}).status_code == 404
     finally:
         part_server.close()
+    shown = {part: CliRunner().invoke(app, ["inspect", str(path)], env={"COLUMNS": "250"})
+             for part, path in (("device", dev), ("server", srv))}
+    n = whole_manifest.model.num_layers
+    assert f"the device part of a split at layer 3: layers 0-3 here, 3-{n} on the server" in shown["device"].stdout
+    assert f"the server part of a split at layer 3: layers 3-{n} here" in shown["server"].stdout
+    assert "calibrated on" in shown["device"].stdout and "calibrate" not in shown["server"].stdout
     with pytest.raises(InputError, match="server's URL"):
         load(dev)
     with pytest.raises(InputError, match="server part"):

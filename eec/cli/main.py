@@ -673,6 +673,14 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
               f"vocab {spec.vocab_size}, context {spec.context_length}")
     out.print(f"precision {m.precision}, target {m.target}, tokenizer {'yes' if m.tokenizer else 'no (token ids)'}, "
               f"chat template {'yes' if m.tokenizer and m.tokenizer.chat_template else 'no'}")
+    if m.part is not None:
+        n, at = spec.num_layers, m.part.at
+        out.print(f"the {m.part.role} part of a split at layer {at}: "
+                  + (f"layers 0-{at} here, {at}-{n} on the server (`eec generate {artifact} --server URL`)"
+                     if m.part.role == "device" else
+                     f"layers {at}-{n} here, behind `eec serve`, for a device that runs layers 0-{at}")
+                  + f"; the whole model's exits: {', '.join(map(str, m.part.exits))}", highlight=False)
+
     def megabytes(file: str) -> str:  # the graph and its external weights
         return f"{sum((artifact / f).stat().st_size for f in m.files if f.startswith(file)) / 1e6:.1f}"
 
@@ -691,7 +699,7 @@ def inspect(artifact: Path = typer.Argument(..., help="compiled artifact directo
                 table.add_row(s.graph(role), f"{s.start}-{s.stop}", what, megabytes(s.graph(role)))
     out.print(table)
     out.print(f"exits: {', '.join(map(str, m.exits)) or 'none'}; catch-up: {m.catch_up}")
-    if m.exits and m.calibration is None:
+    if m.exits and m.calibration is None and m.part is None:  # a split's device part holds the calibration
         out.print(f"not calibrated: `eec calibrate {artifact}` for --eps (fixed --threshold values work without)")
     elif m.calibration is not None:
         _calibration_report(artifact, m, out)
