@@ -131,13 +131,10 @@ def test_inspect_shows_what_each_epsilon_does_on_the_calibration_tokens(llama_co
     each exit and their agreement, held to a cascade replayed token by token here."""
     import hashlib
     import json
-    import shutil
-
-    from typer.testing import CliRunner
 
     from eec.calib.metrics import ALL_METRICS
     from eec.calib.traces import Traces, thresholds_for
-    from eec.cli.main import INSPECT_EPS, app
+    from eec.cli.main import INSPECT_EPS
 
     art = tmp_path / "a.eec"
     shutil.copytree(llama_compiled.artifact, art)
