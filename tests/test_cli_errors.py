@@ -246,7 +246,7 @@ def test_an_error_message_keeps_its_brackets(monkeypatch, tmp_path):
 def test_classifier_meaning_flags_on_a_decoder(tiny_hf_dir, llama_compiled, tmp_path):
     run_fails(["compile", tiny_hf_dir, "-o", tmp_path / "x.eec", "--rule", "joint"], "for classifier networks")
     run_fails(["calibrate", llama_compiled.artifact, "--criterion", "accuracy"], "for classifier artifacts")
-    run_fails(["profile", llama_compiled.artifact, "--batch", "1,8"], "--batch is for classifier artifacts")
+    run_fails(["profile", llama_compiled.artifact, "--batch", "0,8"], "--batch must be whole numbers of at least 1")
     assert not (tmp_path / "x.eec").exists()
 
 

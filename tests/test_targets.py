@@ -269,6 +269,54 @@ def test_profile_command(llama_compiled, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_batch_profile_counts_every_rows_tokens_against_full_mode_at_that_batch(llama_compiled, monkeypatch):
+    """A clock where a step costs 1 ms in full mode and 0.5 ms early (whatever the rows): tok/s at b rows is
+    b x 1000 and 2000, the speedup 2.0 at every batch; one row's tokens only, or full mode of another
+    batch as the base, would be off by the batch size."""
+    from types import SimpleNamespace
+
+    from eec.targets import profiling
+
+    model = load(llama_compiled.artifact)
+    clock, real = [0.0], model.generate
+
+    def stepped(prompts, **kwargs):
+        results = real(prompts, **kwargs)
+        assert kwargs.get("max_batch", len(prompts)) == len(prompts)  # the warm-up leaves it out
+        steps = max(len(r.tokens) for r in results)  # the rows decode together, a step each token
+        clock[0] += steps * (1e-3 if kwargs.get("mode") == "full" else 0.5e-3)
+        return results
+
+    monkeypatch.setattr(model, "generate", stepped)
+    monkeypatch.setattr(profiling, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    rows = profiling.profile_batches(model, prompts, [0.9], [1, 2, 5], tokens=6, rounds=2)
+    assert [(r.batch, r.epsilon) for r in rows] == [(b, e) for b in (1, 2, 5) for e in (None, 0.9)]
+    for r in rows:
+        assert r.tokens_per_s == pytest.approx(r.batch * (1000 if r.epsilon is None else 2000))
+        assert r.speedup == pytest.approx(1.0 if r.epsilon is None else 2.0)
+
+
+def test_profile_at_batch_sizes_and_of_an_artifact_without_exits(llama_compiled, llama_src, tmp_path):
+    json_out = tmp_path / "p.json"
+    result = runner.invoke(app, ["profile", str(llama_compiled.artifact), "--eps", "0.9", "--tokens", "6", "--rounds",
+                                 "1", "--batch", "1,3", "--no-speculative", "--json", str(json_out)],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    batch = [r for r in json.loads(json_out.read_text()) if r["mode"] == "batch"]
+    assert [(r["batch"], r["epsilon"]) for r in batch] == [(1, None), (1, 0.9), (3, None), (3, 0.9)]
+    assert all(r["tokens_per_s"] > 0 for r in batch) and [r["speedup"] for r in batch][::2] == [1.0, 1.0]
+    assert "tok/s at 3" in result.stdout and "speedup at 3" in result.stdout
+    # `--exits auto` writes the full model alone where no exit pays: profiled in full mode, not refused as
+    # uncalibrated (it has nothing to calibrate).
+    full = tmp_path / "full.eec"
+    compile_model(llama_src / "hf", full, exits=[], calibrate=False)
+    result = runner.invoke(app, ["profile", str(full), "--tokens", "6", "--rounds", "1", "--json", str(json_out)])
+    assert result.exit_code == 0, result.output
+    assert [r["mode"] for r in json.loads(json_out.read_text())] == ["full"]
+    assert "has no exits" in result.stderr
+
+
 def teacher_forced_agreement(compiled, eps: float, tokens: int) -> float:
     """What the profile must report as agreement at ``eps``, computed with transformers: on the default
     profile prompts, each of transformers' greedy tokens teacher-forced, the token of the first exit

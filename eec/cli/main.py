@@ -792,6 +792,20 @@ def _classifier_report(artifact: Path) -> None:
     err.print(table)
 
 
+def _print_batch_rows(rows) -> None:
+    """Aggregate tokens/s per batch size, full mode and each ε, with the speedup at that batch."""
+    batches = list(dict.fromkeys(r.batch for r in rows))
+    levels = list(dict.fromkeys(r.epsilon for r in rows))
+    by = {(r.batch, r.epsilon): r for r in rows}
+    table = Table("ε", *[f"tok/s at {b}" for b in batches], *[f"speedup at {b}" for b in batches])
+    for e in levels:
+        table.add_row("full" if e is None else f"{e}", *[f"{by[(b, e)].tokens_per_s:.1f}" for b in batches],
+                      *[f"{by[(b, e)].speedup:.2f}x" for b in batches])
+    out.print("sequences decoded together (the prompts in turn, every row's new tokens over the wall time, "
+              "prefill included):", highlight=False)
+    out.print(table)
+
+
 def _profile_classifier(artifact: Path, eps: str, data: Optional[Path], batch: str, rounds: int,
                         metric: Optional[str], criterion: Optional[str], json_out: Optional[Path], plot: Optional[Path],
                         threads: Optional[int], device: str) -> None:
@@ -857,8 +871,9 @@ def profile(
     draft_layer: Optional[int] = typer.Option(None, help="speculative mode: the exit that drafts (default: the first)"),
     data: Optional[Path] = typer.Option(None, help="classifier artifacts: inputs as an .npz with x (and labels y "
                                         "for accuracy); text classifiers: JSONL or CSV with text (and label)"),
-    batch: Optional[str] = typer.Option(None, help="classifier artifacts: batch sizes to time, comma-separated "
-                                        "(default 1,64)"),
+    batch: Optional[str] = typer.Option(None, help="batch sizes to time, comma-separated: a decoder's prompts "
+                                        "decoded that many at once (default: one at a time only); a classifier's "
+                                        "inputs (default 1,64)"),
     criterion: Optional[str] = typer.Option(None, help="classifier artifacts: what ε holds exits to, agreement "
                                             "with full mode (default) or accuracy (needs a labeled calibration)"),
 ) -> None:
@@ -876,21 +891,21 @@ def profile(
         raise InputError("--data is for classifier artifacts; decoders are profiled on --prompts")
     if criterion is not None:
         raise InputError("--criterion is for classifier artifacts; a decoder's ε is agreement with its full mode")
-    if batch is not None:
-        raise InputError("--batch is for classifier artifacts; a decoder is profiled one sequence at a time "
-                         "(`eec generate ARTIFACT --prompts FILE --max-batch N` reports a batch's tokens/s)")
     rounds = 2 if rounds is None else rounds
     from eec.calib.calibrate import default_prompts, read_prompts
     from eec.runtime import load
     from eec.runtime.model import SPECULATIVE_EPSILON
     from eec.targets.measure import busy_warning
-    from eec.targets.profiling import profile_artifact
+    from eec.targets.profiling import profile_artifact, profile_batches
 
     levels = _parse_floats(eps, "--eps")
     if not levels or any(not 0 < e < 1 for e in levels):
         raise InputError(f"--eps must be numbers between 0 and 1, got {eps!r}")
     if tokens < 2 or rounds < 1:
         raise InputError("--tokens must be at least 2 and --rounds at least 1")
+    batches = _parse_ids(batch) if batch is not None else []
+    if any(b < 1 for b in batches):
+        raise InputError(f"--batch must be whole numbers of at least 1, got {batch!r}")
     for path in (json_out, plot):
         if path is not None and not path.parent.exists():
             raise InputError(f"output folder {path.parent} does not exist")
@@ -899,6 +914,9 @@ def profile(
     model = load(artifact, threads=threads, catch_up=catch_up, device=device)
     if model.exits and model.manifest.calibration is None:
         raise InputError(f"{artifact} is not calibrated; run `eec calibrate {artifact}` first")
+    if not model.exits:  # every ε runs the full model (`--exits auto` writes one where no exit pays)
+        err.print(f"{artifact} has no exits: it is the full model at every ε, profiled in full mode alone")
+        levels = []
     can_verify = any(s.graph("verify") for s in model.manifest.segments) and model.catch_up == "exact"
     if speculative and not can_verify:
         raise InputError(f"{artifact} cannot run speculative mode: it needs the verify graph (compile with "
@@ -915,6 +933,8 @@ def profile(
     with _progress() as update:
         rows = profile_artifact(model, the_prompts, levels, tokens, rounds, metric, draft_eps, draft_layer,
                                 progress=update)
+        batch_rows = profile_batches(model, the_prompts, levels, batches, tokens, rounds, metric,
+                                     progress=update) if batches else []
     table = Table("ε", "tok/s", "speedup", "ideal", "real/ideal", "agreement", "GB/s",
                   "ideal ms/token: segments + heads + catch-up", "exits per layer")
     for r in rows:
@@ -931,6 +951,8 @@ def profile(
                       f"{r.gb_per_s:.1f}", f"{c['segments']:.3f} + {c['heads']:.3f} + {c['catch_up']:.3f}",
                       " ".join(f"{k}:{v}" for k, v in r.exits.items()))
     out.print(table)
+    if batch_rows:
+        _print_batch_rows(batch_rows)
     from eec.targets.profiling import verdict
 
     for line in verdict(rows):
@@ -938,7 +960,7 @@ def profile(
     if json_out is not None:
         import json
 
-        _write_atomic(json_out, json.dumps([r.to_dict() for r in rows], indent=2))
+        _write_atomic(json_out, json.dumps([r.to_dict() for r in [*rows, *batch_rows]], indent=2))
     if plot is not None:
         _plot_profile(rows, plot, artifact.name)
 
