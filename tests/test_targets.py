@@ -314,7 +314,8 @@ def test_profile_at_batch_sizes_and_of_an_artifact_without_exits(llama_compiled,
     result = runner.invoke(app, ["profile", str(full), "--tokens", "6", "--rounds", "1", "--json", str(json_out)])
     assert result.exit_code == 0, result.output
     assert [r["mode"] for r in json.loads(json_out.read_text())] == ["full"]
-    assert "has no exits" in result.stderr
+    assert "has no exits" in result.stderr and "nothing to choose between" in result.stdout
+    assert "recommended" not in result.stdout  # no advice to keep exits that pay: it has none
 
 
 def teacher_forced_agreement(compiled, eps: float, tokens: int) -> float:

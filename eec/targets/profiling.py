@@ -251,6 +251,8 @@ def verdict(rows: Sequence[ProfileRow]) -> list[str]:
         return []
     lines = [f"full mode: {full.tokens_per_s:.1f} tok/s on this machine"]
     levels = [r for r in rows if r.mode == "early-exit" and r.epsilon is not None]
+    if not levels and not any(r.mode == "speculative" for r in rows):
+        return lines + ["this artifact is the full model (no exits): nothing to choose between"]
     for r in levels:
         lines.append(f"early exit at ε = {r.epsilon}: {r.tokens_per_s:.1f} tok/s, {r.speedup:.2f}x full mode, "
                      f"agreeing with it on {r.agreement:.1%} of tokens")
