@@ -70,6 +70,7 @@ def test_the_context_ends_a_generation_in_every_mode(llama_compiled, mode):
     # The same tokens as a generation asked for exactly 3 (which the context does not cut).
     three = model.generate(long, max_new_tokens=3, ignore_eos=True, **options)
     assert (near.tokens, near.exits) == (three.tokens, three.exits)
+    assert near.stats.context_full and not three.stats.context_full  # both "length"; the stats say which
     if mode == "speculative":  # lossless: full mode's tokens
         assert near.tokens == model.generate(long, mode="full", max_new_tokens=3, ignore_eos=True).tokens
     else:

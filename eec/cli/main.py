@@ -490,7 +490,7 @@ def generate(
         for i, r in enumerate(results):
             sys.stdout.write(f"[{i}] {r.text if r.text is not None else ' '.join(map(str, r.tokens))}\n")
         tokens = sum(r.stats.new_tokens for r in results)
-        full = sum(_context_full(model, r.stats, max_new_tokens) for r in results)
+        full = sum(r.stats.context_full for r in results)
         err.print(f"{len(results)} prompts, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tok/s with "
                   f"prefill, up to {max_batch} at once)"
                   + (f"; {full} stopped at the model's context ({model.manifest.model.context_length} positions)"
@@ -502,33 +502,13 @@ def generate(
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    full = _context_full(model, model.stats, max_new_tokens)
-    err.print(str(model.stats) + _bandwidth(model, model.stats, mode, draft_layer)
-              + (f"; stopped at the model's context ({model.manifest.model.context_length} positions)" if full else ""),
-              highlight=False, soft_wrap=True)
+    from eec.targets.profiling import decode_gb_per_s
 
-
-def _bandwidth(model, stats, mode: str, draft_layer: int | None) -> str:
-    """The weights a decoded token read, times tokens/s, as gpt-fast prints beside tokens/s: how near a
-    decode is to the memory's bandwidth (the exits a generation took lower what a token reads)."""
-    from eec.targets.profiling import bytes_per_token, speculative_bytes_per_token
-
-    if stats.tokens_per_s <= 0 or model.split is not None:
-        return ""  # one token, or a split whose deeper layers' weights are read on the server
-    if mode == "speculative" and stats.cycles:
-        read = speculative_bytes_per_token(model, draft_layer or model.exits[0], stats.cycles, stats.new_tokens)
-    else:
-        running = {e: 0.0 for e in model.exits} if mode == "early-exit" else None  # a head runs at every exit passed
-        read = bytes_per_token(model, stats.exits, running, gated=model.manifest.calibration is not None
-                               and model.manifest.calibration.metric == "classifier")
-    return f"; weights read at {read * stats.tokens_per_s / 1e9:.2f} GB/s"
-
-
-def _context_full(model, stats, max_new_tokens: int) -> bool:
-    """Whether a generation ended because the prompt and its new tokens filled the model's context (its
-    result says "length" either way: the command line says which)."""
-    return (stats.new_tokens < max_new_tokens
-            and stats.prompt_tokens + stats.new_tokens >= model.manifest.model.context_length)
+    stats = model.stats
+    gb_s = None if model.split is not None else decode_gb_per_s(model, stats, mode, metric, draft_layer)
+    err.print(str(stats) + ("" if gb_s is None else f"; weights read at {gb_s:.2f} GB/s")
+              + (f"; stopped at the model's context ({model.manifest.model.context_length} positions)"
+                 if stats.context_full else ""), highlight=False, soft_wrap=True)
 
 
 @app.command()

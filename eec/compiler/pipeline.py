@@ -84,13 +84,14 @@ class CompileOptions:
     """What `compile_model` builds from a model, besides where it writes it: checked at once (`check`),
     before the model is loaded, then carried whole by the build (`_Build`) and the placement after it.
 
-    ``exits``: layer numbers, ``[]`` for the full model alone, ``"auto"`` to compile and calibrate every
+    ``exits``: layer numbers, ``[]`` for the full model alone, None for the checkpoint's trained heads (else
+    quarter depths), or ``"auto"`` to compile and calibrate every
     candidate layer (``candidates``: a list, ``"all"`` for every layer, or by default the checkpoint's
     trained heads, else quarter depths) and keep the exit set with the lowest expected latency at
     ``placement_eps`` on the target (`eec.targets.placement`), from the measured ``profile`` when given,
     else the target's latency model; the choice is in ``manifest.placement``. ``placement_batch``: price
     it for that many sequences decoded at once (a server's batch; `eec.targets.placement` rule 6), where
-    an exit most rows pass now and then saves nothing. None: the checkpoint's heads, else quarter depths.
+    an exit most rows pass now and then saves nothing.
 
     ``calibrate``: trace the built artifact on ``calibration_prompts`` (eec's own set by default),
     ``calibration_tokens`` new tokens each, before it is moved into place (`eec.calib.calibrate`);

@@ -126,6 +126,7 @@ class Request:
             self.finish_reason, cut = "stop", True
         elif len(self.tokens) >= self.max_new_tokens or not room:
             self.finish_reason = "length"
+            stats.context_full = len(self.tokens) < self.max_new_tokens  # "length" either way: say which
         if self.finish_reason and piece is not None and not cut:
             self.text += self._decoder.rest(self.tokens, self.text)  # a split character's bytes still waiting
         elif self.finish_reason:

@@ -56,6 +56,7 @@ class Stats:
     checked: int = 0  # monitored early exit: exited tokens the final head judged on catching up
     agreed: int = 0  # of them, the ones the final head would have emitted too
     fallbacks: int = 0  # split: tokens the device decided because the server did not answer
+    context_full: bool = False  # it ended because the model's context had no room for another token
 
     @property
     def tokens_per_s(self) -> float:

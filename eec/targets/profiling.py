@@ -96,6 +96,28 @@ def bytes_per_token(model: EarlyExitModel, exits: dict[int, int], thresholds: di
     return cost / total
 
 
+def decided_by_classifier(model: EarlyExitModel, metric: str | None) -> bool:
+    """Whether exits are decided by exit classifiers (the ``classifier`` metric, given or the artifact's),
+    so that a token runs only the head it leaves by."""
+    cal = model.manifest.calibration
+    return (metric or (cal.metric if cal else "")) == "classifier"
+
+
+def decode_gb_per_s(model: EarlyExitModel, stats, mode: str, metric: str | None = None,
+                    draft_layer: int | None = None) -> float | None:
+    """Weight bytes a generation's decoded tokens read, times its tokens/s (gpt-fast's figure beside
+    tokens/s: how near a decode came to the memory's bandwidth; the exits it took lower what a token
+    reads). None for a generation of one token."""
+    if stats.tokens_per_s <= 0:
+        return None
+    if mode == "speculative" and stats.cycles:
+        read = speculative_bytes_per_token(model, draft_layer or model.exits[0], stats.cycles, stats.new_tokens)
+    else:
+        running = dict.fromkeys(model.exits) if mode == "early-exit" else None  # a head runs at every exit passed
+        read = bytes_per_token(model, stats.exits, running, decided_by_classifier(model, metric))
+    return read * stats.tokens_per_s / 1e9
+
+
 def speculative_bytes_per_token(model: EarlyExitModel, draft: int, cycles: dict[int, int], tokens: int) -> float:
     """Mean weight bytes speculative mode reads per emitted token: each draft call the segments up to
     the exit at ``draft`` and its head, each cycle's verify the deeper segments once."""
@@ -158,7 +180,7 @@ def profile_artifact(model: EarlyExitModel, prompts: Sequence, epsilons: Sequenc
     full_parts = cost_breakdown(table, (), {model.num_layers: 1}, splits)
     full_cost = sum(full_parts.values())
     rows = []
-    gated = (metric or (model.manifest.calibration.metric if model.manifest.calibration else "")) == "classifier"
+    gated = decided_by_classifier(model, metric)
     for e in levels:
         if e == SPECULATIVE:
             same = [sum(int(a == b) for a, b in zip(spoken[k], ref)) for k, ref in enumerate(references)]
