@@ -2,9 +2,9 @@
 
 Runs a batch of prompts through one `eec.runtime.engine.Engine` and times, for every step after the
 prefill, the interval between two `Batch.step` calls and every `run_with_iobinding` inside it
-(`time.perf_counter`); the host time is the step less its calls, and its parts: before the first
-call of a step, after the last one inside `Batch.step`, and between steps (`Engine`). Medians of
-``--rounds`` runs. Usage:
+(`time.perf_counter`; full mode's own step, `Batch.full`, where every row is in full mode); the host
+time is the step less its calls, and its parts: before the first call of a step, after the last one
+inside the step, and between steps (`Engine`). Medians of ``--rounds`` runs. Usage:
 
     .venv/bin/python bench/step_host.py ARTIFACT.eec --prompts P.txt [--batch 8] [--mode full|early-exit]
 """
@@ -43,7 +43,7 @@ def main() -> None:
     options = dict(mode="full") if args.mode == "full" else dict(epsilon=args.eps)
 
     marks: list[tuple[str, float]] = []
-    run, step = ort.InferenceSession.run_with_iobinding, core.Batch.step
+    run, step, full = ort.InferenceSession.run_with_iobinding, core.Batch.step, core.Batch.full
 
     def timed_run(self, *a, **k):
         marks.append(("call", time.perf_counter()))
@@ -57,9 +57,15 @@ def main() -> None:
         marks.append(("end", time.perf_counter()))
         return out
 
-    ort.InferenceSession.run_with_iobinding, core.Batch.step = timed_run, timed_step
+    def timed_full(self, *a, **k):
+        marks.append(("step", time.perf_counter()))
+        out = full(self, *a, **k)
+        marks.append(("end", time.perf_counter()))
+        return out
+
+    ort.InferenceSession.run_with_iobinding, core.Batch.step, core.Batch.full = timed_run, timed_step, timed_full
     steps, calls, graph = [], [], []
-    parts: dict[str, list[float]] = {"before the call": [], "after it, in Batch.step": [], "between steps": []}
+    parts: dict[str, list[float]] = {"before the call": [], "after it, in the step": [], "between steps": []}
     for _ in range(args.rounds):
         engine = Engine(model, max_batch=args.batch, early_exit=args.mode != "full")
         for i in range(args.batch):
@@ -73,7 +79,7 @@ def main() -> None:
         n = len(starts) - 1
         steps.append((starts[-1] - starts[0]) / n)
         for (k1, a), (k2, b) in zip(marks, marks[1:]):  # the host time's parts, one-call steps only
-            name = {("step", "call"): "before the call", ("return", "end"): "after it, in Batch.step",
+            name = {("step", "call"): "before the call", ("return", "end"): "after it, in the step",
                     ("end", "step"): "between steps"}.get((k1, k2))
             if name:
                 parts[name].append(b - a)

@@ -286,3 +286,59 @@ def test_kv_is_appended_in_place(llama_compiled):
                                            atol=2e-4, rtol=1e-4)
                 np.testing.assert_allclose(kv.buffers[2 * i + 1][slot, :, : len(seq)],
                                            cache.layers[layer].values[0].numpy(), atol=2e-4, rtol=1e-4)
+
+
+def test_full_mode_step_across_idle_rows_refills_and_growth(llama_compiled):
+    """Full mode's own step (`Batch.full`): three rows decoded together, then two with the middle
+    slot idle (its block gets a dummy position it must forget), then a slot released and refilled
+    with a longer prompt, the buffers growing on the way: every row's tokens are transformers'
+    greedy ones for its sequence and its KV is transformers' cache (the attention mask bound once
+    per block must follow every row's own length through all of it)."""
+    hf, model = llama_compiled.hf, load(llama_compiled.artifact)
+    batch = model.new_batch(rows=3, capacity=8, early_exit=False)
+    prompts = {0: PROMPTS[0], 1: PROMPTS[1], 2: PROMPTS[3]}
+    sequences = {s: list(p) for s, p in prompts.items()}
+    for slot, r in zip(prompts, batch.prefill(list(prompts), list(prompts.values()))):
+        sequences[slot].append(r.token)
+
+    def steps(slots, n):
+        for _ in range(n):
+            tokens, _, _ = batch.full(slots, [sequences[s][-1] for s in slots])
+            for s, t in zip(slots, tokens.tolist()):
+                sequences[s].append(t)
+
+    steps([0, 1, 2], 4)
+    steps([0, 2], 3)  # one call over slots 0..2, slot 1 taking no part
+    steps([1], 2)
+    batch.release(0)
+    prompts[0], sequences[0] = PROMPTS[4], list(PROMPTS[4])  # shorter than what slot 0 held: its mask row is rewritten
+    sequences[0].append(batch.prefill([0], [prompts[0]])[0].token)
+    steps([0, 1, 2], 5)
+    assert batch.kv[0].generation > 0, "the buffers never grew"
+    for slot, prompt in prompts.items():
+        new = len(sequences[slot]) - len(prompt)
+        assert sequences[slot][len(prompt):] == hf_greedy(hf, prompt, new), slot
+        assert_kv_is_transformers(hf, batch, slot, sequences[slot][:-1])  # the last token is not fed yet
+
+
+def test_one_engine_serves_full_and_early_exit_requests(tiny_compiled, monkeypatch):
+    """Rows in full mode and rows with exits in one engine: each request gets what it gets alone. Steps
+    with an early-exit row run the general step; once only full-mode rows are left, full mode's own."""
+    from eec.runtime.core import Batch
+
+    model = load(tiny_compiled.artifact)
+    n = tiny_compiled.hf.config.num_hidden_layers
+    asks = [dict(mode="full", max_new_tokens=14), dict(thresholds=0.25, max_new_tokens=6)] * 2 + [
+        dict(mode="full", max_new_tokens=9)]
+    solo = [model.generate(p, **a) for p, a in zip(PROMPTS, asks)]
+    assert any(e < n for r in solo[1::2] for e in r.exits), "the early-exit requests must leave early"
+    calls = {"full": 0, "step": 0}
+    for name in calls:
+        method = getattr(Batch, name)
+        monkeypatch.setattr(Batch, name, lambda self, *a, _m=method, _n=name, **k: (
+            calls.__setitem__(_n, calls[_n] + 1), _m(self, *a, **k))[1])
+    engine = Engine(model, max_batch=3)
+    requests = [engine.submit(p, **a) for p, a in zip(PROMPTS, asks)]
+    engine.run()
+    assert same([r.result() for r in requests], solo)
+    assert calls["full"] > 0 and calls["step"] > 0, calls

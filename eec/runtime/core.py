@@ -127,6 +127,13 @@ class Batch:
         self.unchecked: list[list[int]] = [[] for _ in range(rows)]
         self.checked = np.zeros(rows, dtype=np.int64)  # exited tokens the final head has judged (monitor)
         self.agreed = np.zeros(rows, dtype=np.int64)  # of them, the ones it would have emitted too
+        # Full mode's step (`full`): each segment's KV with where its plain graph's hidden state is among
+        # its outputs (None: the last), where the final head's outputs are, and its token input per batch size.
+        self._chain = [(kv, kv.graphs[PLAIN].names.index("hidden_out") if spec.emits_hidden else None)
+                       for spec, kv in zip(specs, self.kv)]
+        names = self.kv[-1].graphs[PLAIN].names
+        self._final_at = tuple(names.index(n) if n in names else None for n in ("token", "top_ids", "top_logits"))
+        self._ids: dict[int, np.ndarray] = {}
 
     def length(self, slot: int) -> int:
         """Positions the row has fed (the first segment's KV: it runs every position)."""
@@ -255,6 +262,26 @@ class Batch:
                     self.unchecked[slots[i]].append(results[i].token)
             going = [i for i in going if results[i].exit_layer < 0]
         raise AssertionError("unreachable: the last segment always returns")
+
+    def full(self, slots: Sequence[int], tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Full mode's step, a strategy of its own: each row's last token through every segment, one
+        call a segment over all the rows, nothing else. Returns the final head's ``token`` ([rows])
+        and its ``top_ids`` and ``top_logits`` ([rows, k], None where the head lacks them), the call's
+        own arrays: the next step overwrites them. Rows in full mode never leave, so they have no
+        pending positions, no riders, no decisions or traces to make: `step` does that work for every
+        mode, and at batch 1 its bookkeeping was the host time that separated eec's decode loop from
+        a minimal one (`bench/step_host.py`). Not for a split's device part (`tail`)."""
+        x = self._ids.get(len(slots))
+        if x is None:
+            x = self._ids[len(slots)] = np.zeros((len(slots), 1), dtype=np.int64)
+        x[:, 0] = tokens
+        for kv, hidden in self._chain:
+            outputs = kv.call(PLAIN, slots, x)
+            if hidden is not None:
+                x = outputs[hidden]
+        token, top_ids, top_logits = self._final_at
+        return outputs[token], (outputs[top_ids] if top_ids is not None else None), (
+            outputs[top_logits] if top_logits is not None else None)
 
     def _riders(self, kv: SegmentKV, slots: list[int], results: list[StepResult]) -> list[int]:
         """Rows that left at an earlier exit this step and owe this segment exactly one position: they

@@ -228,6 +228,10 @@ class Engine:
             raise InputError(f"max_waiting must be a whole number of requests, got {max_waiting!r}")
         self.max_waiting = max_waiting
         self.batch = model.new_batch(max_batch, min(capacity, context), catch_up, early_exit=early_exit, monitor=monitor)
+        # Full mode's own step (`Batch.full`) serves a step whose rows are all in full mode; not a split's
+        # device, whose last layers answer from a server.
+        self._full, self._layers = self.batch.tail is None, self.batch.specs[-1].exit.layer
+        self._context = context
         self.monitor = monitor
         self._stats = Stats
         self.slots: list[Request | None] = [None] * max_batch
@@ -294,17 +298,32 @@ class Engine:
             for slot, result in zip(admitted, results):
                 request = self.slots[slot]
                 request.stats.prefill_s = elapsed
-                events.append(self._emit(slot, request, result, 0.0))
-        if running:
+                events.append(self._emit(request, request.choose(result), result.exit_layer, 0.0, result.fallback))
+        if running and self._full and all(self.slots[s].thresholds is None for s in running):
+            self._step_full(running, events)
+        elif running:
             start = time.perf_counter()
             results = self.batch.step(running, [[self.slots[s].tokens[-1]] for s in running],
                                       [self.slots[s].thresholds for s in running], self.metric,
                                       sample=[self.slots[s].sampling is not None for s in running])
             elapsed = time.perf_counter() - start
             for slot, result in zip(running, results):
-                events.append(self._emit(slot, self.slots[slot], result, elapsed))
+                request = self.slots[slot]
+                events.append(self._emit(request, request.choose(result), result.exit_layer, elapsed, result.fallback))
         self._retire()
         return events
+
+    def _step_full(self, running: list[int], events: list) -> None:
+        """A step of rows that are all in full mode: `Batch.full`, and each row's token accepted."""
+        slots = self.slots
+        start = time.perf_counter()
+        tokens, top_ids, top_logits = self.batch.full(running, [slots[s].tokens[-1] for s in running])
+        elapsed = time.perf_counter() - start
+        for r, slot in enumerate(running):
+            request = slots[slot]
+            token = int(tokens[r]) if request.sampling is None else request.sampling.draw(
+                top_ids[r], top_logits[r], request.rng)
+            events.append(self._emit(request, token, self._layers, elapsed))
 
     def run(self) -> None:
         """Step until nothing is running or waiting (in the caller's thread)."""
@@ -400,10 +419,11 @@ class Engine:
                 admitted.append(slot)
         return admitted
 
-    def _emit(self, slot: int, request: Request, result: "StepResult", elapsed: float) -> tuple[Request, Event]:
+    def _emit(self, request: Request, token: int, layer: int, elapsed: float,
+              fallback: bool = False) -> tuple[Request, Event]:
         # A sequence (prompt and new tokens) holds at most the context, as transformers counts it.
-        room = len(request.ids) + len(request.tokens) + 1 < self.model.manifest.model.context_length
-        return request, request.accept(request.choose(result), result.exit_layer, elapsed, room, result.fallback)
+        room = len(request.ids) + len(request.tokens) + 1 < self._context
+        return request, request.accept(token, layer, elapsed, room, fallback)
 
     def _retire(self) -> None:
         slot = 0

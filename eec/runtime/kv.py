@@ -90,6 +90,16 @@ class SegmentKV:
         if self.shared:
             shape = (rows, kv_heads, max(1, min(capacity, context)), head_dim)
             self.buffers = [self._new_buffer(np.zeros(shape, self.kv_dtype)) for _ in range(self.layers)]
+            self.capacity = shape[2]  # positions the buffers hold per row before they grow
+            # One-position calls on the CPU read the attention mask from this array, bound once per block
+            # of rows at the buffers' whole capacity: GroupQueryAttention takes each row's length from
+            # its mask's sum and appends at it, and the mask's width (its total length) only sizes the
+            # present KV, which is the buffer anyway. Binding a mask of the call's own length (an
+            # OrtValue made from a slice every call) was 25-55 µs of host time a token at batch 1
+            # (SmolLM2 int4, 2 cores; the same graph's tokens either way). ``masked``: the leading
+            # ones each row of it holds, zeros after.
+            self.mask = np.zeros((rows, self.capacity), dtype=np.int64)
+            self.masked = [0] * rows
         else:
             self.row_kv = [[np.zeros((1, kv_heads, 0, head_dim), self.kv_dtype)] * self.layers for _ in range(rows)]
 
@@ -102,11 +112,6 @@ class SegmentKV:
         """A KV buffer holding ``values``: the array itself on the CPU, a device OrtValue on a GPU."""
         return values if self.device == "cpu" else ort.OrtValue.ortvalue_from_numpy(values, self.device, 0)
 
-    @property
-    def capacity(self) -> int:
-        """Positions the shared KV buffers hold per row before they grow."""
-        return self.buffers[0].shape()[2] if self.device != "cpu" else self.buffers[0].shape[2]
-
     def _grow(self, needed: int) -> None:
         if needed > self.context:
             raise ValueError(f"{needed} positions do not fit this model's context of {self.context}")
@@ -118,6 +123,9 @@ class SegmentKV:
             new[:, :, : host.shape[2]] = host
             grown.append(self._new_buffer(new))
         self.buffers = grown
+        mask = np.zeros((self.rows, capacity), dtype=np.int64)
+        mask[:, : self.capacity] = self.mask
+        self.mask, self.capacity = mask, capacity
         self.generation += 1
 
     def kv_of(self, slot: int) -> list[np.ndarray]:
@@ -395,41 +403,49 @@ class SegmentKV:
 
     def _call_one_position(self, graph: BoundGraph, first: int, x: np.ndarray, taking: np.ndarray | None) -> list[np.ndarray]:
         """One position for each row of the block ``first..first+len(x)-1``; rows not ``taking`` part
-        keep their length (None: all take part). Inputs and small outputs stay bound to fixed arrays per block size, so
-        a call rebinds the mask alone (each bind is ~1 us of a ~70 us segment)."""
+        keep their length (None: all take part). Inputs, small outputs and (on the CPU) the mask stay
+        bound to fixed arrays per block, so a call binds nothing: it writes the new ids or hidden
+        states, positions and each row's next mask entry into them."""
         rows = x.shape[0]
         end = first + rows
-        pasts = self.lengths[first:end]
-        # One row is the common case (one sequence): Python ints, no array reductions.
-        top = int(pasts[0]) if rows == 1 else int(pasts.max())
+        if rows == 1:  # the common case (one sequence): Python ints, no array reductions
+            top = int(self.lengths[first])
+            pasts = None
+        else:
+            pasts = self.lengths[first:end]
+            top = int(pasts.max())
         if top + 1 > self.capacity:
             self._grow(top + 1)
-        self._bind_kv(graph, first, end)
-        io, name = graph.binding, self.spec.inputs[0]
-        fixed = graph.one.get(rows) if graph.small else None
-        if graph.small and fixed is None:
+        if graph.span != (first, end, self.generation):
+            self._bind_kv(graph, first, end)
+        io = graph.binding
+        fixed = graph.one.get(rows)
+        if fixed is None:
             graph.one.clear()
-            fixed = graph.one[rows] = self._bind_fixed(graph, name, x)
-        if fixed is not None:
-            x_fixed, positions, outputs = fixed
-            x_fixed[...] = x
-            if rows == 1:
-                positions[0, 0] = top
-            else:
-                positions[:, 0] = pasts
-            if self.device != "cpu":  # a host input bound for a GPU graph is copied when bound, not when run
-                io.bind_cpu_input(name, x_fixed)
-                io.bind_cpu_input("position_ids", positions)
+            fixed = graph.one[rows] = self._bind_fixed(graph, self.spec.inputs[0], x)
+        x_fixed, positions, outputs = fixed
+        x_fixed[...] = x
+        if pasts is None:
+            positions[0, 0] = top
         else:
-            io.bind_cpu_input(name, np.ascontiguousarray(x))
-            io.bind_cpu_input("position_ids", pasts[:, None].astype(np.int64))
-            outputs = []
-        if rows == 1:
-            io.bind_cpu_input("attention_mask", self._ones[:, : top + 1])
-        else:
-            io.bind_cpu_input("attention_mask", self._mask(pasts + 1, top + 1))
+            positions[:, 0] = pasts
+        if self.device == "cpu":
+            masked = self.masked
+            for r, past in enumerate((top,) if pasts is None else pasts.tolist()):  # each row's mask: past + 1 ones
+                slot = first + r
+                if masked[slot] != past + 1:
+                    if masked[slot] == past:
+                        self.mask[slot, past] = 1
+                    else:
+                        self.mask[slot, : past + 1] = 1
+                        self.mask[slot, past + 1:] = 0
+                    masked[slot] = past + 1
+        else:  # a host input bound for a GPU graph is copied when bound, not when run
+            io.bind_cpu_input(self.spec.inputs[0], x_fixed)
+            io.bind_cpu_input("position_ids", positions)
+            io.bind_cpu_input("attention_mask", self._ones[:, : top + 1] if pasts is None else self._mask(pasts + 1, top + 1))
         graph.session.run_with_iobinding(io)
-        if rows == 1:
+        if pasts is None:
             self.lengths[first] = top + (taking is None or bool(taking[0]))
         elif taking is None:
             self.lengths[first:end] += 1
@@ -450,6 +466,10 @@ class SegmentKV:
             outputs.append(array)
         for input_name, array in ((name, x), ("position_ids", positions)):
             graph.binding.bind_input(input_name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        if self.device == "cpu":  # the mask rows of the block the binding holds (`_bind_kv`), at full width
+            first = graph.span[0]
+            graph.binding.bind_input("attention_mask", "cpu", 0, np.int64, [rows, self.capacity],
+                                     self.mask.ctypes.data + first * self.mask.strides[0])
         return x, positions, outputs
 
 
