@@ -5,13 +5,22 @@ greedily from the same prompt ids, its KV bound in place in buffers of 256 posit
 five statements around each call (token and position written, mask bound, run, token read; genai's
 token is the argmax of its logits). What this measures is the graphs in a Python loop, without either
 runtime: set beside eec's `generate` against its minimal loop (`bench/threads.py`-style tok/s) and
-genai's own C++ loop, it splits a gap between the two runtimes into graph and driving. Usage:
+genai's own C++ loop, it splits a gap between the two runtimes into graph and driving.
+
+``--engine ARTIFACT.eec`` measures the driving alone: eec's `Engine.step` (full mode, one row) and the
+minimal loop run *the same session* (the artifact's one segment), alternated token by token, so both
+read the same weights at the same addresses and every pair of steps sees the same machine. Two
+sessions of the same graph in one process run 1.5-3.5% apart on this machine (each its own prepacked
+weights; the later-opened ones faster, medians of 6 rounds), more than the driving costs: only the
+same session compares the two loops fairly. Usage:
 
     .venv/bin/python bench/loop_ab.py EEC.eec/graphs/seg0.onnx GENAI_DIR/model.onnx [ROUNDS]
+    .venv/bin/python bench/loop_ab.py --engine EEC.eec [ROUNDS]
 """
 import sys
 import time
 import statistics
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -25,8 +34,8 @@ PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 3451
 
 
 class Graph:
-    def __init__(self, path: str, options):
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    def __init__(self, path: str, options, session: ort.InferenceSession | None = None):
+        self.session = session or ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         outputs = self.session.get_outputs()
         past = [i for i in self.session.get_inputs() if "past" in i.name]
@@ -47,6 +56,15 @@ class Graph:
         return int(first.reshape(-1, first.shape[-1])[-1].argmax()) if self.argmax else int(first.reshape(-1)[-1])
 
     def decode(self) -> tuple[float, list[int]]:
+        steps = self.steps()
+        tokens = [next(steps)]
+        start = time.perf_counter()
+        for _ in range(TOKENS - 1):
+            tokens.append(next(steps))
+        return (TOKENS - 1) / (time.perf_counter() - start), tokens
+
+    def steps(self):
+        """The prompt's first token, then one token a step."""
         io, n = self.binding(), len(PROMPT)
         io.bind_cpu_input("input_ids", np.array([PROMPT], np.int64))
         io.bind_cpu_input("attention_mask", np.ones((1, n), np.int64))
@@ -55,7 +73,8 @@ class Graph:
         for o in self.small:
             io.bind_output(o.name, "cpu")
         self.session.run_with_iobinding(io)
-        tokens = [self.token(io.copy_outputs_to_cpu()[0])]
+        token = self.token(io.copy_outputs_to_cpu()[len(self.pairs)])  # the presents were bound first
+        yield token
         io = self.binding()  # a fresh binding for the one-position calls
         x, position, ones = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), np.ones((1, CAPACITY), np.int64)
         io.bind_input("input_ids", "cpu", 0, np.int64, [1, 1], x.ctypes.data)
@@ -66,17 +85,56 @@ class Graph:
             array = np.zeros([d if isinstance(d, int) else 1 for d in o.shape], np.int64 if "int64" in o.type else np.float32)
             io.bind_output(o.name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
             fixed.append(array)
-        start = time.perf_counter()
-        for _ in range(TOKENS - 1):
-            x[0, 0], position[0, 0] = tokens[-1], n
+        while True:
+            x[0, 0], position[0, 0] = token, n
             io.bind_cpu_input("attention_mask", ones[:, : n + 1])
             self.session.run_with_iobinding(io)
             n += 1
-            tokens.append(self.token(fixed[0]))
-        return (TOKENS - 1) / (time.perf_counter() - start), tokens
+            token = self.token(fixed[0])
+            yield token
+
+
+def engine_against_loop(artifact: str, rounds: int) -> None:
+    """eec's one-row full-mode `Engine.step` and the minimal loop over the same session, a token of
+    each in turn (which goes first alternates by round): medians of per-token time ratios."""
+    from eec.runtime import load
+    from eec.runtime.engine import Engine
+    from eec.runtime.kv import PLAIN
+
+    model = load(artifact, threads=2)
+    if len(model.manifest.segments) != 1:
+        raise SystemExit("--engine takes an artifact of one segment (eec compile --exits none)")
+    session = Engine(model, max_batch=1, early_exit=False).batch.kv[0].graphs[PLAIN].session
+    loop = Graph(str(Path(artifact) / model.manifest.segments[0].file), None, session)
+    ratios, eec_us, loop_us = [], [], []
+    for r in range(rounds + 1):  # the first round warms up
+        engine = Engine(model, max_batch=1, early_exit=False, capacity=64 + TOKENS)
+        request = engine.submit(PROMPT, mode="full", max_new_tokens=TOKENS, ignore_eos=True)
+        engine.step()
+        steps = loop.steps()
+        tokens = [next(steps)]
+        times: dict[str, list[int]] = {"eec": [], "loop": []}
+        pair = [("eec", engine.step), ("loop", lambda: tokens.append(next(steps)))]
+        for _ in range(TOKENS - 2):
+            for name, step in pair if r % 2 else pair[::-1]:
+                start = time.perf_counter_ns()
+                step()
+                times[name].append(time.perf_counter_ns() - start)
+        if request.tokens != tokens:  # the same graph from the same prompt: the same greedy tokens
+            raise SystemExit(f"eec and the loop decoded different tokens: {request.tokens[:8]} against {tokens[:8]}")
+        if r:
+            ratios.append(statistics.median([a / b for a, b in zip(times["eec"], times["loop"])]))
+            eec_us.append(statistics.median(times["eec"]) / 1e3)
+            loop_us.append(statistics.median(times["loop"]) / 1e3)
+    print(f"eec Engine.step {statistics.median(eec_us):.0f} µs, minimal loop {statistics.median(loop_us):.0f} µs a token "
+          f"(one session); eec / loop time: {statistics.median(ratios):.4f} (median of {rounds} rounds: "
+          f"{', '.join(f'{x:.3f}' for x in ratios)})")
 
 
 def main() -> None:
+    if sys.argv[1] == "--engine":
+        engine_against_loop(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 8)
+        return
     options = session_options(2)
     graphs = [Graph(sys.argv[1], options), Graph(sys.argv[2], options)]
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 8
