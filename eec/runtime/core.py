@@ -129,7 +129,7 @@ class Batch:
         self.agreed = np.zeros(rows, dtype=np.int64)  # of them, the ones it would have emitted too
         # Full mode's step (`full`): each segment's KV with where its plain graph's hidden state is among
         # its outputs (None: the last), where the final head's outputs are, and its token input per batch size.
-        self._chain = [(kv, kv.graphs[PLAIN].names.index("hidden_out") if spec.emits_hidden else None)
+        self._chain = [(kv, kv.graphs[PLAIN], kv.graphs[PLAIN].names.index("hidden_out") if spec.emits_hidden else None)
                        for spec, kv in zip(specs, self.kv)]
         names = self.kv[-1].graphs[PLAIN].names
         self._final_at = tuple(names.index(n) if n in names else None for n in ("token", "top_ids", "top_logits"))
@@ -271,12 +271,17 @@ class Batch:
         pending positions, no riders, no decisions or traces to make: `step` does that work for every
         mode, and at batch 1 its bookkeeping was the host time that separated eec's decode loop from
         a minimal one (`bench/step_host.py`). Not for a split's device part (`tail`)."""
-        x = self._ids.get(len(slots))
+        rows = len(slots)
+        x = self._ids.get(rows)
         if x is None:
-            x = self._ids[len(slots)] = np.zeros((len(slots), 1), dtype=np.int64)
-        x[:, 0] = tokens
-        for kv, hidden in self._chain:
-            outputs = kv.call(PLAIN, slots, x)
+            x = self._ids[rows] = np.zeros((rows, 1), dtype=np.int64)
+        if rows == 1:
+            x[0, 0] = tokens[0]
+        else:
+            x[:, 0] = tokens
+        block = rows == 1 or all(b == a + 1 for a, b in zip(slots, slots[1:]))  # as the engine keeps them
+        for kv, graph, hidden in self._chain:
+            outputs = kv.block_step(graph, slots[0], x) if block and kv.shared else kv.call(PLAIN, slots, x)
             if hidden is not None:
                 x = outputs[hidden]
         token, top_ids, top_logits = self._final_at

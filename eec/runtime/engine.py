@@ -242,6 +242,7 @@ class Engine:
         self._worker: threading.Thread | None = None
         self._closing = False
         self._cancels = False  # a request was cancelled since the last step looked (`_drop_cancelled`)
+        self._ended = False  # a running request finished since the last `_retire`
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -287,9 +288,11 @@ class Engine:
         """Admit what fits, prefill it, decode one token for every running row, retire what finished.
         Returns the events produced, in row order. Runs in one thread at a time."""
         events: list[tuple[Request, Event]] = []
-        self._drop_cancelled()
+        if self._cancels:
+            self._drop_cancelled()
         running = list(range(self.live))  # rows that had their prefill before this step
-        admitted = self._admit()
+        # Read without the lock: a request arriving now waits a step.
+        admitted = self._admit() if self._waiting and self.live < self.rows else None
         if admitted:
             start = time.perf_counter()
             results = self.batch.prefill(admitted, [self.slots[s].ids for s in admitted],
@@ -310,7 +313,8 @@ class Engine:
             for slot, result in zip(running, results):
                 request = self.slots[slot]
                 events.append(self._emit(request, request.choose(result), result.exit_layer, elapsed, result.fallback))
-        self._retire()
+        if self._ended:
+            self._retire()
         return events
 
     def _step_full(self, running: list[int], events: list) -> None:
@@ -423,9 +427,13 @@ class Engine:
               fallback: bool = False) -> tuple[Request, Event]:
         # A sequence (prompt and new tokens) holds at most the context, as transformers counts it.
         room = len(request.ids) + len(request.tokens) + 1 < self._context
-        return request, request.accept(token, layer, elapsed, room, fallback)
+        event = request.accept(token, layer, elapsed, room, fallback)
+        if event.finish_reason is not None:
+            self._ended = True
+        return request, event
 
     def _retire(self) -> None:
+        self._ended = False
         slot = 0
         while slot < self.live:
             request = self.slots[slot]

@@ -401,6 +401,11 @@ class SegmentKV:
         return [np.concatenate([rows[s][1][k][s - rows[s][0]: s - rows[s][0] + 1] for s in slots], axis=0)
                 for k in range(graph.small)]
 
+    def block_step(self, graph: BoundGraph, first: int, x: np.ndarray) -> list[np.ndarray]:
+        """`call` of one position for every row of the block ``first..first+len(x)-1`` (shared KV), with
+        nothing to check on the way: full mode's step, whose rows the engine keeps together."""
+        return self._call_one_position(graph, first, x, None)
+
     def _call_one_position(self, graph: BoundGraph, first: int, x: np.ndarray, taking: np.ndarray | None) -> list[np.ndarray]:
         """One position for each row of the block ``first..first+len(x)-1``; rows not ``taking`` part
         keep their length (None: all take part). Inputs, small outputs and (on the CPU) the mask stay
