@@ -342,3 +342,32 @@ def test_one_engine_serves_full_and_early_exit_requests(tiny_compiled, monkeypat
     engine.run()
     assert same([r.result() for r in requests], solo)
     assert calls["full"] > 0 and calls["step"] > 0, calls
+
+
+def test_pending_positions_survive_a_row_move_and_the_next_sequence(llama_compiled):
+    """A row that keeps leaving at the first exit queues a position a token for the deeper segments
+    (appended into a buffer of its own). Moved to another slot (as the engine keeps rows together) with
+    its positions still queued, while a new sequence in its old slot queues its own: once the moved row
+    goes deep, its KV at every layer is transformers' for its sequence, and so is the new row's."""
+    hf, model = llama_compiled.hf, load(llama_compiled.artifact)
+    first = llama_compiled.exits[0]
+    batch = model.new_batch(rows=2, capacity=8)
+    sequences = {1: list(PROMPTS[0])}
+    sequences[1].append(batch.prefill([1], [PROMPTS[0]])[0].token)
+
+    def steps(slot, n, thresholds):
+        for _ in range(n):
+            sequences[slot].append(batch.step([slot], [sequences[slot][-1:]], thresholds)[0].token)
+
+    steps(1, 20, {first: -math.inf})  # every token leaves at the first exit: 20 positions queued deeper
+    assert len(batch.kv[1].pending[1]) == 20
+    batch.move(1, 0)
+    sequences[0] = sequences.pop(1)
+    sequences[1] = list(PROMPTS[3])
+    sequences[1].append(batch.prefill([1], [PROMPTS[3]])[0].token)
+    steps(1, 12, {first: -math.inf})  # the new sequence queues its own positions in slot 1
+    steps(0, 1, None)  # the moved row goes deep: its 20 queued positions catch up
+    steps(1, 1, None)
+    for slot in (0, 1):
+        assert all(kv.pending[slot] is None for kv in batch.kv)
+        assert_kv_is_transformers(hf, batch, slot, sequences[slot][:-1])

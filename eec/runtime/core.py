@@ -255,9 +255,8 @@ class Batch:
                     if results[i].exit_layer < 0:
                         self._remote(j, slots[i], xs[i], per_row[i], metric, sampled[i], results[i])
                 return results
-            for i in leaving:
-                # Copied: a one-position call's outputs are overwritten by the next call.
-                self.kv[j + 1].add_pending(slots[i], np.array(xs[i]))
+            for i in leaving:  # copied by add_pending: a one-position call's outputs are overwritten by the next call
+                self.kv[j + 1].add_pending(slots[i], xs[i])
                 if self.monitor:
                     self.unchecked[slots[i]].append(results[i].token)
             going = [i for i in going if results[i].exit_layer < 0]
