@@ -292,8 +292,8 @@ def test_full_mode_step_across_idle_rows_refills_and_growth(llama_compiled):
     """Full mode's own step (`Batch.full`): three rows decoded together, then two with the middle
     slot idle (its block gets a dummy position it must forget), then a slot released and refilled
     with a longer prompt, the buffers growing on the way: every row's tokens are transformers'
-    greedy ones for its sequence and its KV is transformers' cache (the attention mask bound once
-    per block must follow every row's own length through all of it)."""
+    greedy ones for its sequence and its KV is transformers' cache (a row's mask bound once at the
+    buffers' width must follow its own length through all of it)."""
     hf, model = llama_compiled.hf, load(llama_compiled.artifact)
     batch = model.new_batch(rows=3, capacity=8, early_exit=False)
     prompts = {0: PROMPTS[0], 1: PROMPTS[1], 2: PROMPTS[3]}
@@ -310,9 +310,11 @@ def test_full_mode_step_across_idle_rows_refills_and_growth(llama_compiled):
     steps([0, 1, 2], 4)
     steps([0, 2], 3)  # one call over slots 0..2, slot 1 taking no part
     steps([1], 2)
+    steps([0], 2)  # one row alone: its mask row is the one bound at the buffers' width
     batch.release(0)
     prompts[0], sequences[0] = PROMPTS[4], list(PROMPTS[4])  # shorter than what slot 0 held: its mask row is rewritten
     sequences[0].append(batch.prefill([0], [prompts[0]])[0].token)
+    steps([0], 2)
     steps([0, 1, 2], 5)
     assert batch.kv[0].generation > 0, "the buffers never grew"
     for slot, prompt in prompts.items():

@@ -92,13 +92,15 @@ class SegmentKV:
             shape = (rows, kv_heads, max(1, min(capacity, context)), head_dim)
             self.buffers = [self._new_buffer(np.zeros(shape, self.kv_dtype)) for _ in range(self.layers)]
             self.capacity = shape[2]  # positions the buffers hold per row before they grow
-            # One-position calls on the CPU read the attention mask from this array, bound once per block
-            # of rows at the buffers' whole capacity: GroupQueryAttention takes each row's length from
-            # its mask's sum and appends at it, and the mask's width (its total length) only sizes the
-            # present KV, which is the buffer anyway. Binding a mask of the call's own length (an
-            # OrtValue made from a slice every call) was 25-55 µs of host time a token at batch 1
-            # (SmolLM2 int4, 2 cores; the same graph's tokens either way). ``masked``: the leading
-            # ones each row of it holds, zeros after.
+            # A one-row, one-position call on the CPU reads the attention mask from this array, bound
+            # once per row at the buffers' whole capacity: GroupQueryAttention takes the row's length
+            # from its mask's sum and appends at it, and for one row the mask's width (its total
+            # length) only sizes the present KV, which is the buffer anyway. Binding a mask of the
+            # call's own length (an OrtValue made from a slice every call) was 25-55 µs of host time a
+            # token at batch 1 (SmolLM2 int4, 2 cores; the same tokens either way, and no slower a call
+            # at a width of 2048). Over several rows the kernel's work grows with the width (the code
+            # model at 8 rows: 2.6% slower a call at 192 positions, 5.6% at 2048), so a call over
+            # several rows binds a mask of its own length. ``masked``: the leading ones each row holds.
             self.mask = np.zeros((rows, self.capacity), dtype=np.int64)
             self.masked = [0] * rows
         else:
@@ -423,9 +425,9 @@ class SegmentKV:
 
     def _call_one_position(self, graph: BoundGraph, first: int, x: np.ndarray, taking: np.ndarray | None) -> list[np.ndarray]:
         """One position for each row of the block ``first..first+len(x)-1``; rows not ``taking`` part
-        keep their length (None: all take part). Inputs, small outputs and (on the CPU) the mask stay
-        bound to fixed arrays per block, so a call binds nothing: it writes the new ids or hidden
-        states, positions and each row's next mask entry into them."""
+        keep their length (None: all take part). Inputs and small outputs stay bound to fixed arrays
+        per block, and for one row on the CPU the mask too, so such a call binds nothing: it writes
+        the new ids or hidden states, the position and the row's next mask entry into them."""
         rows = x.shape[0]
         end = first + rows
         if rows == 1:  # the common case (one sequence): Python ints, no array reductions
@@ -449,17 +451,17 @@ class SegmentKV:
             positions[0, 0] = top
         else:
             positions[:, 0] = pasts
-        if self.device == "cpu":
-            masked = self.masked
-            for r, past in enumerate((top,) if pasts is None else pasts.tolist()):  # each row's mask: past + 1 ones
-                slot = first + r
-                if masked[slot] != past + 1:
-                    if masked[slot] == past:
-                        self.mask[slot, past] = 1
-                    else:
-                        self.mask[slot, : past + 1] = 1
-                        self.mask[slot, past + 1:] = 0
-                    masked[slot] = past + 1
+        if self.device == "cpu" and pasts is None:  # the row's mask: past + 1 ones
+            masked = self.masked[first]
+            if masked != top + 1:
+                if masked == top:
+                    self.mask[first, top] = 1
+                else:
+                    self.mask[first, : top + 1] = 1
+                    self.mask[first, top + 1:] = 0
+                self.masked[first] = top + 1
+        elif self.device == "cpu":
+            io.bind_cpu_input("attention_mask", self._mask(pasts + 1, top + 1))
         else:  # a host input bound for a GPU graph is copied when bound, not when run
             io.bind_cpu_input(self.spec.inputs[0], x_fixed)
             io.bind_cpu_input("position_ids", positions)
@@ -486,9 +488,9 @@ class SegmentKV:
             outputs.append(array)
         for input_name, array in ((name, x), ("position_ids", positions)):
             graph.binding.bind_input(input_name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-        if self.device == "cpu":  # the mask rows of the block the binding holds (`_bind_kv`), at full width
+        if self.device == "cpu" and rows == 1:  # the mask row of the slot the binding holds (`_bind_kv`), at full width
             first = graph.span[0]
-            graph.binding.bind_input("attention_mask", "cpu", 0, np.int64, [rows, self.capacity],
+            graph.binding.bind_input("attention_mask", "cpu", 0, np.int64, [1, self.capacity],
                                      self.mask.ctypes.data + first * self.mask.strides[0])
         return x, positions, outputs
 
