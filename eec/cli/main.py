@@ -1037,6 +1037,7 @@ def targets_measure(
                               "`eec compile --exits auto --batch` (default: one sequence only)"),
 ) -> None:
     """Time every segment of the ARTIFACTS at 1..8 tokens per call and every exit head, on this device."""
+    from eec.targets.latency import segment_chains
     from eec.targets.measure import busy_warning, measure_artifacts
 
     if not output.parent.exists():
@@ -1060,8 +1061,12 @@ def targets_measure(
     for n, (step_s, call_s, exit_s) in table.host.items():
         out.print(f"eec's own work in a decode step of {n} sequence(s), outside the graphs: {step_s * 1e6:.0f} µs a step, "
                   f"{call_s * 1e6:.0f} µs a segment call, {exit_s * 1e6:.0f} µs an exit decision")
-    fitted = (f"; fixed cost per segment call {table.segment_overhead * 1e6:.0f} µs" if table.segment_overhead
-              else "; measure an artifact without exits too to fit the fixed cost per segment call")
+    if table.segment_overhead:
+        fitted = f"; fixed cost per segment call {table.segment_overhead * 1e6:.0f} µs"
+    elif segment_chains(table.segments):  # measured, and too small to show above the noise
+        fitted = "; no fixed cost per segment call measurable (a range's call cost no less than its parts)"
+    else:
+        fitted = "; measure an artifact without exits too to fit the fixed cost per segment call"
     out.print(f"per-call overhead {table.call_overhead * 1e6:.0f} µs{fitted}; wrote {output}")
 
 

@@ -228,7 +228,19 @@ def _cover(parts: list[tuple[int, int]], start: int, stop: int) -> list[tuple[in
 
 def fit_segment_overhead(segments: dict[tuple[int, int], list[float]]) -> float:
     """Mean fixed cost per segment call at one token: for each measured range that is also a chain of
-    k > 1 shorter measured ranges, (sum of the chain - the range) / (k - 1). 0 when no range is."""
+    k > 1 shorter measured ranges, (sum of the chain - the range) / (k - 1). 0 when no range is, or
+    when the chains cost no more than the ranges (`segment_chains` tells the two apart)."""
+    fits = _chain_fits(segments)
+    return max(sum(fits) / len(fits), 0.0) if fits else 0.0
+
+
+def segment_chains(segments: dict[tuple[int, int], list[float]]) -> int:
+    """How many measured ranges are also a chain of shorter measured ranges: what the fixed cost per
+    segment call is fitted from (none: an artifact without exits was not measured beside one with)."""
+    return len(_chain_fits(segments))
+
+
+def _chain_fits(segments: dict[tuple[int, int], list[float]]) -> list[float]:
     fits = []
     for (a, b), times in segments.items():
         shorter = sorted(k for k in segments if k != (a, b) and a <= k[0] and k[1] <= b)
@@ -237,7 +249,7 @@ def fit_segment_overhead(segments: dict[tuple[int, int], list[float]]) -> float:
         except InputError:
             continue
         fits.append((sum(segments[p][0] for p in chain) - times[0]) / (len(chain) - 1))
-    return max(sum(fits) / len(fits), 0.0) if fits else 0.0
+    return fits
 
 
 def fit_host(samples: list[list[float]]) -> dict[int, list[float]]:
