@@ -385,9 +385,7 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         """Finish cancelled requests: waiting ones leave the queue, running ones their rows (`_retire`).
-        Nothing to scan, per step, unless a request was cancelled since the last look."""
-        if not self._cancels:
-            return
+        `step` calls it only when a request was cancelled since the last look: nothing to scan otherwise."""
         with self._lock:
             self._cancels = False
             gone = [r for r in self._waiting if r._cancelled]
@@ -402,9 +400,8 @@ class Engine:
         self._retire()
 
     def _admit(self) -> list[int]:
-        """Move waiting requests into the free rows after the live ones, while they fit."""
-        if not self._waiting or self.live == self.rows:  # read without the lock: a request arriving now waits a step
-            return []
+        """Move waiting requests into the free rows after the live ones, while they fit (`step` calls it
+        only when a request waits and a row is free)."""
         reserved = sum(len(r.ids) + r.max_new_tokens for r in self.slots[: self.live])
         admitted = []
         with self._lock:
