@@ -16,7 +16,7 @@ weights; the later-opened ones faster, medians of 6 rounds), more than the drivi
 same session compares the two loops fairly. Usage:
 
     .venv/bin/python bench/loop_ab.py EEC.eec/graphs/seg0.onnx GENAI_DIR/model.onnx [ROUNDS] [--vocab N]
-    .venv/bin/python bench/loop_ab.py --engine EEC.eec [ROUNDS]
+    .venv/bin/python bench/loop_ab.py --engine EEC.eec [ROUNDS] [--batch B]
 
 ``--vocab N`` takes the prompt's ids modulo N, for a model whose vocabulary is not SmolLM2's.
 """
@@ -45,7 +45,7 @@ class Graph:
         self.presents = [o.name for o in outputs if "present" in o.name]
         self.small = [o for o in outputs if "present" not in o.name]
         self.pairs = list(zip([i.name for i in past], self.presents))
-        self.buffers = [np.zeros((1, i.shape[1], CAPACITY, HEAD_DIM), np.float32) for i in past]
+        self.past = past
         self.argmax = self.small[0].name == "logits"  # genai returns logits, eec its token first
 
     def binding(self):
@@ -55,51 +55,60 @@ class Graph:
             io.bind_output(name_out, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
         return io
 
-    def token(self, first: np.ndarray) -> int:
-        return int(first.reshape(-1, first.shape[-1])[-1].argmax()) if self.argmax else int(first.reshape(-1)[-1])
+    def tokens(self, first: np.ndarray) -> np.ndarray:
+        """Each row's next token from the call's first small output (its last position)."""
+        rows = first.shape[0]
+        if self.argmax:
+            return first.reshape(rows, -1, first.shape[-1])[:, -1].argmax(-1)
+        return first.reshape(rows, -1)[:, -1].copy()  # the next call overwrites the bound output
 
     def decode(self, prompt: list[int] = PROMPT) -> tuple[float, list[int]]:
-        steps = self.steps(prompt)
+        steps = (int(t[0]) for t in self.steps([prompt]))
         tokens = [next(steps)]
         start = time.perf_counter()
         for _ in range(TOKENS - 1):
             tokens.append(next(steps))
         return (TOKENS - 1) / (time.perf_counter() - start), tokens
 
-    def steps(self, prompt: list[int] = PROMPT):
-        """The prompt's first token, then one token a step."""
-        io, n = self.binding(), len(prompt)
-        io.bind_cpu_input("input_ids", np.array([prompt], np.int64))
-        io.bind_cpu_input("attention_mask", np.ones((1, n), np.int64))
+    def steps(self, prompts: list[list[int]]):
+        """The prompts' (one a row, all of one length) first tokens, then each row's next one a step."""
+        rows, n = len(prompts), len(prompts[0])
+        self.buffers = [np.zeros((rows, i.shape[1], CAPACITY, HEAD_DIM), np.float32) for i in self.past]
+        io = self.binding()
+        io.bind_cpu_input("input_ids", np.array(prompts, np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((rows, n), np.int64))
         if "position_ids" in self.inputs:
-            io.bind_cpu_input("position_ids", np.arange(n, dtype=np.int64)[None])
+            io.bind_cpu_input("position_ids", np.tile(np.arange(n, dtype=np.int64), (rows, 1)))
         for o in self.small:
             io.bind_output(o.name, "cpu")
         self.session.run_with_iobinding(io)
-        token = self.token(io.copy_outputs_to_cpu()[len(self.pairs)])  # the presents were bound first
+        token = self.tokens(io.copy_outputs_to_cpu()[len(self.pairs)])  # the presents were bound first
         yield token
         io = self.binding()  # a fresh binding for the one-position calls
-        x, position, ones = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), np.ones((1, CAPACITY), np.int64)
-        io.bind_input("input_ids", "cpu", 0, np.int64, [1, 1], x.ctypes.data)
+        x, position, ones = np.zeros((rows, 1), np.int64), np.zeros((rows, 1), np.int64), np.ones((rows, CAPACITY), np.int64)
+        io.bind_input("input_ids", "cpu", 0, np.int64, [rows, 1], x.ctypes.data)
         if "position_ids" in self.inputs:
-            io.bind_input("position_ids", "cpu", 0, np.int64, [1, 1], position.ctypes.data)
+            io.bind_input("position_ids", "cpu", 0, np.int64, [rows, 1], position.ctypes.data)
         fixed = []
         for o in self.small:
-            array = np.zeros([d if isinstance(d, int) else 1 for d in o.shape], np.int64 if "int64" in o.type else np.float32)
+            shape = [rows if k == 0 else (d if isinstance(d, int) else 1) for k, d in enumerate(o.shape)]
+            array = np.zeros(shape, np.int64 if "int64" in o.type else np.float32)
             io.bind_output(o.name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
             fixed.append(array)
         while True:
-            x[0, 0], position[0, 0] = token, n
+            x[:, 0], position[:, 0] = token, n
             io.bind_cpu_input("attention_mask", ones[:, : n + 1])
             self.session.run_with_iobinding(io)
             n += 1
-            token = self.token(fixed[0])
+            token = self.tokens(fixed[0])
             yield token
 
 
-def engine_against_loop(artifact: str, rounds: int) -> None:
-    """eec's one-row full-mode `Engine.step` and the minimal loop over the same session, a token of
-    each in turn (which goes first alternates by round): medians of per-token time ratios."""
+def engine_against_loop(artifact: str, rounds: int, rows: int = 1) -> None:
+    """eec's full-mode `Engine.step` over ``rows`` requests and the minimal loop over as many rows of
+    the same session, a step of each in turn (which goes first alternates by round): medians of
+    per-step time ratios. Row r's prompt is the poem prompt's ids plus r (modulo the vocabulary):
+    prompts of one length, each row its own tokens."""
     from eec.runtime import load
     from eec.runtime.engine import Engine
     from eec.runtime.kv import PLAIN
@@ -107,25 +116,29 @@ def engine_against_loop(artifact: str, rounds: int) -> None:
     model = load(artifact, threads=2)
     if len(model.manifest.segments) != 1:
         raise SystemExit("--engine takes an artifact of one segment (eec compile --exits none)")
-    session = Engine(model, max_batch=1, early_exit=False).batch.kv[0].graphs[PLAIN].session
-    prompt = [i % model.manifest.model.vocab_size for i in PROMPT]  # any model's vocabulary
+    session = Engine(model, max_batch=rows, early_exit=False).batch.kv[0].graphs[PLAIN].session
+    vocab = model.manifest.model.vocab_size
+    prompts = [[(i + r) % vocab for i in PROMPT] for r in range(rows)]
     loop = Graph(str(Path(artifact) / model.manifest.segments[0].file), None, session)
     ratios, eec_us, loop_us = [], [], []
     for r in range(rounds + 1):  # the first round warms up
-        engine = Engine(model, max_batch=1, early_exit=False, capacity=64 + TOKENS)
-        request = engine.submit(prompt, mode="full", max_new_tokens=TOKENS, ignore_eos=True)
-        engine.step()
-        steps = loop.steps(prompt)
+        engine = Engine(model, max_batch=rows, early_exit=False, capacity=64 + TOKENS)
+        requests = [engine.submit(p, mode="full", max_new_tokens=TOKENS, ignore_eos=True) for p in prompts]
+        engine.step()  # every prompt's prefill, together
+        steps = loop.steps(prompts)
         tokens = [next(steps)]
         times: dict[str, list[int]] = {"eec": [], "loop": []}
         pair = [("eec", engine.step), ("loop", lambda: tokens.append(next(steps)))]
-        for _ in range(TOKENS - 2):
+        for _ in range(TOKENS - 1):
             for name, step in pair if r % 2 else pair[::-1]:
                 start = time.perf_counter_ns()
                 step()
                 times[name].append(time.perf_counter_ns() - start)
-        if request.tokens != tokens:  # the same graph from the same prompt: the same greedy tokens
-            raise SystemExit(f"eec and the loop decoded different tokens: {request.tokens[:8]} against {tokens[:8]}")
+        looped = np.stack(tokens, axis=1)
+        for k, request in enumerate(requests):  # the same graph from the same prompt: the same greedy tokens
+            if request.tokens != looped[k].tolist():
+                raise SystemExit(f"row {k}: eec and the loop decoded different tokens: {request.tokens[:8]} "
+                                 f"against {looped[k, :8].tolist()}")
         if r:
             ratios.append(statistics.median([a / b for a, b in zip(times["eec"], times["loop"])]))
             eec_us.append(statistics.median(times["eec"]) / 1e3)
@@ -133,14 +146,19 @@ def engine_against_loop(artifact: str, rounds: int) -> None:
     # Whichever runs first in a pair pays for the other's call having just streamed the weights: the
     # two orders alternate by round, and the figure is the mean of each order's median.
     first, second = statistics.median(ratios[0::2]), statistics.median(ratios[1::2])
-    print(f"eec Engine.step {statistics.median(eec_us):.0f} µs, minimal loop {statistics.median(loop_us):.0f} µs a token "
-          f"(one session); eec / loop time: {(first + second) / 2:.4f} (eec first {first:.3f}, the loop first "
-          f"{second:.3f}; rounds {', '.join(f'{x:.3f}' for x in ratios)})")
+    print(f"{rows} row{'s' if rows > 1 else ''}: eec Engine.step {statistics.median(eec_us):.0f} µs, minimal loop "
+          f"{statistics.median(loop_us):.0f} µs a step (one session); eec / loop time: {(first + second) / 2:.4f} "
+          f"(eec first {first:.3f}, the loop first {second:.3f}; rounds {', '.join(f'{x:.3f}' for x in ratios)})")
 
 
 def main() -> None:
     if sys.argv[1] == "--engine":
-        engine_against_loop(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 8)
+        rows = 1
+        if "--batch" in sys.argv:
+            at = sys.argv.index("--batch")
+            rows = int(sys.argv[at + 1])
+            del sys.argv[at: at + 2]
+        engine_against_loop(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 8, rows)
         return
     vocab = None
     if "--vocab" in sys.argv:

@@ -1,8 +1,9 @@
 """Where a decode step's time goes: onnxruntime's calls against eec's host work around them.
 
 Runs a batch of prompts through one `eec.runtime.engine.Engine` and times, for every step after the
-prefill, the interval between two `Batch.step` calls and every `run_with_iobinding` inside it
-(`time.perf_counter`; full mode's own step, `Batch.full`, where every row is in full mode); the host
+prefill, the interval between two steps of the batch (`Batch.step`, or the mode's own: `Batch.full` where every
+row is in full mode, `Batch.early` for greedy early exit) and every `run_with_iobinding` inside one
+(`time.perf_counter`); the host
 time is the step less its calls, and its parts: before the first call of a step, after the last one
 inside the step, and between steps (`Engine`). Medians of ``--rounds`` runs. Usage:
 
@@ -43,7 +44,7 @@ def main() -> None:
     options = dict(mode="full") if args.mode == "full" else dict(epsilon=args.eps)
 
     marks: list[tuple[str, float]] = []
-    run, step, full = ort.InferenceSession.run_with_iobinding, core.Batch.step, core.Batch.full
+    run = ort.InferenceSession.run_with_iobinding
 
     def timed_run(self, *a, **k):
         marks.append(("call", time.perf_counter()))
@@ -51,19 +52,17 @@ def main() -> None:
         marks.append(("return", time.perf_counter()))
         return out
 
-    def timed_step(self, *a, **k):
-        marks.append(("step", time.perf_counter()))
-        out = step(self, *a, **k)
-        marks.append(("end", time.perf_counter()))
-        return out
+    def timed(strategy):
+        def step(self, *a, **k):
+            marks.append(("step", time.perf_counter()))
+            out = strategy(self, *a, **k)
+            marks.append(("end", time.perf_counter()))
+            return out
+        return step
 
-    def timed_full(self, *a, **k):
-        marks.append(("step", time.perf_counter()))
-        out = full(self, *a, **k)
-        marks.append(("end", time.perf_counter()))
-        return out
-
-    ort.InferenceSession.run_with_iobinding, core.Batch.step, core.Batch.full = timed_run, timed_step, timed_full
+    ort.InferenceSession.run_with_iobinding = timed_run
+    for name in ("step", "full", "early"):  # each mode's step: the general one, full mode's, early exit's
+        setattr(core.Batch, name, timed(getattr(core.Batch, name)))
     steps, calls, graph = [], [], []
     parts: dict[str, list[float]] = {"before the call": [], "after it, in the step": [], "between steps": []}
     for _ in range(args.rounds):

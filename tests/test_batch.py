@@ -325,7 +325,7 @@ def test_full_mode_step_across_idle_rows_refills_and_growth(llama_compiled):
 
 def test_one_engine_serves_full_and_early_exit_requests(tiny_compiled, monkeypatch):
     """Rows in full mode and rows with exits in one engine: each request gets what it gets alone. Steps
-    with an early-exit row run the general step; once only full-mode rows are left, full mode's own."""
+    with an early-exit row run early exit's step; once only full-mode rows are left, full mode's own."""
     from eec.runtime.core import Batch
 
     model = load(tiny_compiled.artifact)
@@ -334,7 +334,7 @@ def test_one_engine_serves_full_and_early_exit_requests(tiny_compiled, monkeypat
         dict(mode="full", max_new_tokens=9)]
     solo = [model.generate(p, **a) for p, a in zip(PROMPTS, asks)]
     assert any(e < n for r in solo[1::2] for e in r.exits), "the early-exit requests must leave early"
-    calls = {"full": 0, "step": 0}
+    calls = {"full": 0, "early": 0}
     for name in calls:
         method = getattr(Batch, name)
         monkeypatch.setattr(Batch, name, lambda self, *a, _m=method, _n=name, **k: (
@@ -343,7 +343,7 @@ def test_one_engine_serves_full_and_early_exit_requests(tiny_compiled, monkeypat
     requests = [engine.submit(p, **a) for p, a in zip(PROMPTS, asks)]
     engine.run()
     assert same([r.result() for r in requests], solo)
-    assert calls["full"] > 0 and calls["step"] > 0, calls
+    assert calls["full"] > 0 and calls["early"] > 0, calls
 
 
 def test_pending_positions_survive_a_row_move_and_the_next_sequence(llama_compiled):
@@ -373,3 +373,41 @@ def test_pending_positions_survive_a_row_move_and_the_next_sequence(llama_compil
     for slot in (0, 1):
         assert all(kv.pending[slot] is None for kv in batch.kv)
         assert_kv_is_transformers(hf, batch, slot, sequences[slot][:-1])
+
+
+def test_early_exit_step_is_the_general_steps(tiny_compiled):
+    """Early exit's own step (`Batch.early`, arrays) against the general `Batch.step` (per-row
+    bookkeeping), each on a batch of its own, fed the same tokens: every step gives the same token and
+    exit for every row, and afterwards every row's KV and pending positions are the same. Rows with
+    exits at each depth, a row in full mode, one that does not ask the first exit, and an idle slot
+    between rows (so the first call spans a dummy row); then every row leaves at the first exit for a
+    while (the step ends there, the positions queue), then the mixed rows again (they catch up)."""
+    model = load(tiny_compiled.artifact)
+    first, second = tiny_compiled.exits
+    n = tiny_compiled.hf.config.num_hidden_layers
+    mixed = {0: {first: 0.3, second: 0.3}, 2: {first: 0.5, second: 0.2}, 3: None, 4: {second: 0.25},
+             5: {first: -math.inf}}
+    slots = sorted(mixed)
+    fast, general = (model.new_batch(rows=6, capacity=8) for _ in range(2))
+    assert fast.can_exit_early
+    prompts = [PROMPTS[k % len(PROMPTS)] for k in range(len(slots))]
+    tokens = [r.token for r in fast.prefill(slots, prompts)]
+    assert tokens == [r.token for r in general.prefill(slots, prompts)]
+    seen = set()
+    for step in range(24):
+        thresholds = [{first: -math.inf} if 8 <= step < 16 else mixed[s] for s in slots]
+        got_tokens, got_layers = fast.early(slots, tokens, thresholds, 0)
+        want = general.step(slots, [[t] for t in tokens], thresholds, 0)
+        assert got_tokens.tolist() == [r.token for r in want], step
+        assert got_layers.tolist() == [r.exit_layer for r in want], step
+        seen.update(got_layers.tolist())
+        tokens = got_tokens.tolist()
+    assert seen == {first, second, n}, seen
+    for a, b in zip(fast.kv, general.kv):
+        assert a.lengths.tolist() == b.lengths.tolist()
+        for s in slots:
+            assert (a.pending[s] is None) == (b.pending[s] is None), s
+            if a.pending[s] is not None:
+                np.testing.assert_array_equal(a.pending[s], b.pending[s])
+            for x, y in zip(a.kv_of(s), b.kv_of(s)):
+                np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
