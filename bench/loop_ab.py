@@ -7,8 +7,9 @@ token is the argmax of its logits). What this measures is the graphs in a Python
 runtime: set beside eec's `generate` against its minimal loop (`bench/threads.py`-style tok/s) and
 genai's own C++ loop, it splits a gap between the two runtimes into graph and driving.
 
-``--engine ARTIFACT.eec`` measures the driving alone: eec's `Engine.step` (full mode, one row) and the
-minimal loop run *the same session* (the artifact's one segment), alternated token by token (which
+``--engine ARTIFACT.eec`` measures the driving alone: eec's `Engine.step` (full mode, one row, or
+``--batch B`` rows) and the minimal loop run *the same session* (the artifact's one segment), alternated
+step by step (which
 goes first alternates by round, and both orders count equally), so both
 read the same weights at the same addresses and every pair of steps sees the same machine. Two
 sessions of the same graph in one process run 1.5-3.5% apart on this machine (each its own prepacked
