@@ -320,7 +320,7 @@ def test_the_replay_makes_the_engines_calls(llama_compiled, threshold, monkeypat
     n = llama_compiled.hf.config.num_hidden_layers
     steps: list[list[tuple]] = []
     prefilling = [False]
-    call, step, prefill, rounds = SegmentKV.call, core.Batch.step, core.Batch.prefill, core.Batch._rounds
+    call, block, prefill, rounds = SegmentKV.call, SegmentKV.block_step, core.Batch.prefill, core.Batch._rounds
     in_rounds = []
 
     def recorded_call(self, role, slots, x, counts=None):
@@ -328,10 +328,16 @@ def test_the_replay_makes_the_engines_calls(llama_compiled, threshold, monkeypat
             steps[-1].append((self.spec.start, self.spec.stop, len(slots), x.shape[1]))
         return call(self, role, slots, x, counts)
 
-    def recorded_step(self, *a, **k):
-        if not prefilling[0]:
-            steps.append([])
-        return step(self, *a, **k)
+    def recorded_block(self, graph, first, x):  # early exit's step calls a block of rows directly
+        steps[-1].append((self.spec.start, self.spec.stop, x.shape[0], x.shape[1]))
+        return block(self, graph, first, x)
+
+    def recorded(strategy):
+        def run(self, *a, **k):
+            if not prefilling[0]:
+                steps.append([])
+            return strategy(self, *a, **k)
+        return run
 
     def recorded_prefill(self, *a, **k):  # its calls, and the step it ends with, are the prompt's
         prefilling[0] = True
@@ -341,7 +347,9 @@ def test_the_replay_makes_the_engines_calls(llama_compiled, threshold, monkeypat
             prefilling[0] = False
 
     monkeypatch.setattr(SegmentKV, "call", recorded_call)
-    monkeypatch.setattr(core.Batch, "step", recorded_step)
+    monkeypatch.setattr(SegmentKV, "block_step", recorded_block)
+    for name in ("step", "early"):  # the general step, and early exit's own (it goes on as `step` does)
+        monkeypatch.setattr(core.Batch, name, recorded(getattr(core.Batch, name)))
     monkeypatch.setattr(core.Batch, "prefill", recorded_prefill)
     monkeypatch.setattr(core.Batch, "_rounds", lambda self, *a: in_rounds.append(1) or rounds(self, *a))
     prompts = PROMPTS_FOR_REPLAY
