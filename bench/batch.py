@@ -2,7 +2,11 @@
 
 Each peer runs in its own worker process (eec's onnxruntime thread pool is
 process-wide, and genai brings its own onnxruntime); peers alternate round by
-round, and each figure is the median of the rounds. A batch of B takes the
+round, each round starting with the next peer (so that no peer always runs
+right after the same other), and each figure is the median of the rounds. The
+same artifact given as both eec peers measures how far apart two identical
+peers come out on the machine: 3-6% on the 2-core machine these figures come
+from, more than some of the gaps measured. A batch of B takes the
 first B prompts (cycling through the file), each cut to the same number of
 tokens (``--prompt-tokens``), so every peer sees the same batch without
 padding rules of its own; every sequence generates ``--tokens`` new tokens
@@ -107,8 +111,10 @@ def main() -> None:
         peers["genai"] = args.genai
     speed = {p: {b: [] for b in batches} for p in peers}
     exits: dict[int, dict] = {}
+    names = list(peers)
     for r in range(args.rounds):
-        for peer, path in peers.items():
+        for peer in names[r % len(names):] + names[: r % len(names)]:  # each peer first in turn
+            path = peers[peer]
             env = dict(os.environ)
             if peer == "genai" and args.genai_path:
                 env["PYTHONPATH"] = str(args.genai_path)
