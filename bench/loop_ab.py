@@ -86,7 +86,8 @@ class Graph:
         token = self.tokens(io.copy_outputs_to_cpu()[len(self.pairs)])  # the presents were bound first
         yield token
         io = self.binding()  # a fresh binding for the one-position calls
-        x, position, ones = np.zeros((rows, 1), np.int64), np.zeros((rows, 1), np.int64), np.ones((rows, CAPACITY), np.int64)
+        x, position = np.zeros((rows, 1), np.int64), np.zeros((rows, 1), np.int64)
+        ones = np.ones((rows, CAPACITY), np.int64)
         io.bind_input("input_ids", "cpu", 0, np.int64, [rows, 1], x.ctypes.data)
         if "position_ids" in self.inputs:
             io.bind_input("position_ids", "cpu", 0, np.int64, [rows, 1], position.ctypes.data)

@@ -67,6 +67,22 @@ class StepResult:
     fallback: bool = False  # split: the server did not answer, the token is the device's last exit's
 
 
+@dataclass
+class _Rows:
+    """One step's rows (`Batch.step`): their slots and, per row, its input to the segment at hand, its
+    thresholds, whether it samples, its result so far and its last position's hidden state at the
+    previous exit (the cosine metric's other half)."""
+
+    slots: list[int]
+    xs: list[np.ndarray]
+    thresholds: list[Thresholds]
+    metric: int
+    trace: bool
+    sampled: list[bool]
+    results: list[StepResult]
+    previous: list[np.ndarray | None]
+
+
 class Positions:
     """A row's hidden states, one per position, in a buffer that doubles when full: adding and reading
     the latest ones cost what they hold, not the whole history (a split sends the new ones per token)."""
@@ -219,14 +235,14 @@ class Batch:
             xs = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in inputs]
         else:  # a split's server: its first segment takes the device's hidden states
             xs = [np.asarray(h, dtype=np.float32) for h in inputs]
-        previous: list[np.ndarray | None] = [None] * n  # last position's hidden state at the previous exit
-        return self._descend(0, slots, xs, list(range(n)), per_row, metric, trace, sampled, results, previous)
+        state = _Rows(slots, xs, per_row, metric, trace, sampled, results, [None] * n)
+        return self._descend(state, 0, list(range(n)))
 
-    def _descend(self, first: int, slots: list[int], xs: list[np.ndarray], going: list[int], per_row: list,
-                 metric: int, trace: bool, sampled: list[bool], results: list[StepResult],
-                 previous: list) -> list[StepResult]:
-        """`step` from segment ``first`` on, for the rows ``going`` (indices into ``slots``) whose inputs
-        to that segment are ``xs``; the other rows' results are already filled in."""
+    def _descend(self, state: _Rows, first: int, going: list[int]) -> list[StepResult]:
+        """`step` from segment ``first`` on, for the rows ``going`` (indices into ``state.slots``) whose
+        inputs to that segment are in ``state.xs``; the other rows' results are already filled in."""
+        slots, xs, per_row, results, sampled = state.slots, state.xs, state.thresholds, state.results, state.sampled
+        metric, trace, previous = state.metric, state.trace, state.previous
         last = len(self.kv) - 1
         for j in range(first, last + 1):
             spec, kv = self.specs[j], self.kv[j]
@@ -261,8 +277,7 @@ class Batch:
                     self._keep(slots[i], xs[i])
             leaving = []
             if asked:
-                leaving = self._decide(j, role, asked, outputs, xs, previous, per_row, metric, trace, sampled,
-                                       results)
+                leaving = self._decide(state, j, role, asked, outputs)
             else:
                 for i in going:
                     previous[i] = xs[i][-1]
@@ -332,12 +347,11 @@ class Batch:
             deeper.add_pending(slots[r], hidden[r])
         if leave.all():
             return out_tokens, layers
-        slots = list(slots)
         results = [StepResult(token=int(out_tokens[r]), exit_layer=layer if leave[r] else -1) for r in range(rows)]
         xs = [np.array(h) for h in hidden]  # the next call may overwrite the outputs
         going = np.flatnonzero(~leave).tolist()
-        self._descend(1, slots, xs, going, list(thresholds), metric, False, [False] * rows, results,
-                      [h[-1] for h in xs])
+        self._descend(_Rows(list(slots), xs, list(thresholds), metric, False, [False] * rows, results,
+                            [h[-1] for h in xs]), 1, going)
         for r in going:
             out_tokens[r], layers[r] = results[r].token, results[r].exit_layer
         return out_tokens, layers
@@ -490,10 +504,11 @@ class Batch:
             result.exit_tokens[layer], result.scores[layer] = token, np.append(scores, [np.nan, np.nan])
         return token, layer
 
-    def _decide(self, j: int, role: str, asked: list[int], outputs: dict[int, dict[str, np.ndarray]],
-                xs: list[np.ndarray], previous: list, per_row: list, metric: int, trace: bool, sampled: list[bool],
-                results: list[StepResult]) -> list[int]:
+    def _decide(self, state: _Rows, j: int, role: str, asked: list[int],
+                outputs: dict[int, dict[str, np.ndarray]]) -> list[int]:
         """The rows of ``asked`` that leave at segment ``j``'s exit (their results filled in)."""
+        xs, previous, per_row, results = state.xs, state.previous, state.thresholds, state.results
+        metric, trace, sampled = state.metric, state.trace, state.sampled
         spec, layer = self.specs[j], self.specs[j].exit.layer
         gates = {i: float(outputs[i]["exit_score"][0]) if spec.scores_exit else np.nan for i in asked}
         judged = asked
