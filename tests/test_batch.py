@@ -378,10 +378,11 @@ def test_pending_positions_survive_a_row_move_and_the_next_sequence(llama_compil
 def test_early_exit_step_is_the_general_steps(tiny_compiled):
     """Early exit's own step (`Batch.early`, arrays) against the general `Batch.step` (per-row
     bookkeeping), each on a batch of its own, fed the same tokens: every step gives the same token and
-    exit for every row, and afterwards every row's KV and pending positions are the same. Rows with
-    exits at each depth, a row in full mode, one that does not ask the first exit, and an idle slot
-    between rows (so the first call spans a dummy row); then every row leaves at the first exit for a
-    while (the step ends there, the positions queue), then the mixed rows again (they catch up)."""
+    exit for every row, the same top tokens and logits for the rows that sample (every other step),
+    and afterwards every row's KV and pending positions are the same. Rows with exits at each depth,
+    a row in full mode, one that does not ask the first exit, and an idle slot between rows (so the
+    first call spans a dummy row); then every row leaves at the first exit for a while (the step ends
+    there, the positions queue), then the mixed rows again (they catch up)."""
     model = load(tiny_compiled.artifact)
     first, second = tiny_compiled.exits
     n = tiny_compiled.hf.config.num_hidden_layers
@@ -389,17 +390,26 @@ def test_early_exit_step_is_the_general_steps(tiny_compiled):
              5: {first: -math.inf}}
     slots = sorted(mixed)
     fast, general = (model.new_batch(rows=6, capacity=8) for _ in range(2))
-    assert fast.can_exit_early
+    assert fast.can_exit_early and fast.can_sample_early
     prompts = [PROMPTS[k % len(PROMPTS)] for k in range(len(slots))]
     tokens = [r.token for r in fast.prefill(slots, prompts)]
     assert tokens == [r.token for r in general.prefill(slots, prompts)]
     seen = set()
     for step in range(24):
         thresholds = [{first: -math.inf} if 8 <= step < 16 else mixed[s] for s in slots]
-        got_tokens, got_layers = fast.early(slots, tokens, thresholds, 0)
-        want = general.step(slots, [[t] for t in tokens], thresholds, 0)
+        sample = [True, False, True, False, True] if step % 2 else None
+        got_tokens, got_layers, tops = fast.early(slots, tokens, thresholds, 0, sample)
+        want = general.step(slots, [[t] for t in tokens], thresholds, 0, sample=sample or False)
         assert got_tokens.tolist() == [r.token for r in want], step
         assert got_layers.tolist() == [r.exit_layer for r in want], step
+        if sample is None:
+            assert tops is None
+        for r, result in enumerate(want if sample else []):
+            if not sample[r]:
+                assert tops[r] is None
+                continue
+            np.testing.assert_array_equal(tops[r][0], result.top_ids)
+            np.testing.assert_allclose(tops[r][1], result.top_logits, rtol=1e-6, atol=1e-6)
         seen.update(got_layers.tolist())
         tokens = got_tokens.tolist()
     assert seen == {first, second, n}, seen
@@ -411,3 +421,33 @@ def test_early_exit_step_is_the_general_steps(tiny_compiled):
                 np.testing.assert_array_equal(a.pending[s], b.pending[s])
             for x, y in zip(a.kv_of(s), b.kv_of(s)):
                 np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_and_greedy_rows_in_early_exits_step(tiny_compiled, monkeypatch):
+    """Seeded sampled requests beside greedy ones, through the engine: with early exit's own step
+    serving them all, each request gets what the general step gives it (the same draws from the same
+    deciding heads' top tokens), and early exit's step did run."""
+    from eec.runtime.core import Batch
+
+    model = load(tiny_compiled.artifact)
+    asks = [dict(thresholds=0.3, temperature=0.8, seed=s, max_new_tokens=12) for s in (1, 2, 3)] + [
+        dict(thresholds=0.3, max_new_tokens=12)] * 2
+
+    def run(sample_early):
+        engine = Engine(model, max_batch=3)
+        engine._sample_early = sample_early
+        requests = [engine.submit(p, **a) for p, a in zip(PROMPTS, asks)]
+        engine.run()
+        return [r.result() for r in requests]
+
+    calls = []
+    early = Batch.early
+    monkeypatch.setattr(Batch, "early", lambda self, *a: calls.append(a[-1]) or early(self, *a))
+    general = run(False)
+    assert all(sample is None for sample in calls)  # greedy-only steps still take it: none sampled
+    calls.clear()
+    got = run(True)
+    assert any(sample is not None and any(sample) for sample in calls)
+    assert same(got, general)
+    n = tiny_compiled.hf.config.num_hidden_layers
+    assert any(e < n for r in got[:3] for e in r.exits), "the sampled rows must leave early too"

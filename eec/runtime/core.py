@@ -159,6 +159,12 @@ class Batch:
                                and all(n in with_head for n in ("hidden_out", "exit_token", "exit_scores")))
         self._early_at = tuple(with_head.index(n) for n in ("hidden_out", "exit_token", "exit_scores")) \
             if self.can_exit_early else None
+        # Sampled rows need the top tokens of whichever head decides: the first exit's inside its
+        # segment's graph, and every deeper head's (older artifacts' heads lack them: `step` then).
+        self.can_sample_early = self.can_exit_early and "exit_top_ids" in with_head and all(
+            n in kv.graphs[PLAIN].names for kv in self.kv[-1:] for n in ("top_ids", "top_logits"))
+        self._early_tops = tuple(with_head.index(n) for n in ("exit_top_ids", "exit_top_logits")) \
+            if self.can_sample_early else None
 
     def length(self, slot: int) -> int:
         """Positions the row has fed (the first segment's KV: it runs every position)."""
@@ -318,16 +324,17 @@ class Batch:
         return outputs[token], (outputs[top_ids] if top_ids is not None else None), (
             outputs[top_logits] if top_logits is not None else None)
 
-    def early(self, slots: Sequence[int], tokens: Sequence[int], thresholds: Sequence[Thresholds],
-              metric: int) -> tuple[np.ndarray, np.ndarray]:
-        """Early exit's step for greedy rows, a strategy of its own: `step`'s tokens and exits for
-        ``metric``, one of the heads' scores (`can_exit_early`). The first segment runs over every row
-        in one call with its head inside, and the rows leave or stay as arrays; only when a row stays
-        does the step go on as `step` does (catch-ups, riders, deeper exits), from the second segment.
-        Most steps end at the first exit, and there the general step's per-row objects and dicts
-        were host time: on the same sessions this step takes 1.7% off the step at batch 1 and 5.6%
-        at batch 8 (code model, 0.2 and 0.65 ms steps). Returns each row's token and the layers it
-        passed through."""
+    def early(self, slots: Sequence[int], tokens: Sequence[int], thresholds: Sequence[Thresholds], metric: int,
+              sample: Sequence[bool] | None = None) -> tuple[np.ndarray, np.ndarray, list | None]:
+        """Early exit's step, a strategy of its own: `step`'s tokens and exits for ``metric``, one of
+        the heads' scores (`can_exit_early`). The first segment runs over every row in one call with
+        its head inside, and the rows leave or stay as arrays; only when a row stays does the step go
+        on as `step` does (catch-ups, riders, deeper exits), from the second segment. Most steps end
+        at the first exit, and there the general step's per-row objects and dicts were host time: on
+        the same sessions this step takes 1.7% off the step at batch 1 and 5.6% at batch 8 (code
+        model, 0.2 and 0.65 ms steps). Returns each row's token and the layers it passed through,
+        and with ``sample`` (per row; `can_sample_early`) each sampled row's deciding head's top
+        token ids and logits (None for the others; None in all for greedy rows)."""
         rows = len(slots)
         x = self._ids.get(rows)
         if x is None:
@@ -342,19 +349,26 @@ class Batch:
         leave = outputs[at_scores][:, metric] >= limits  # a row not asking this exit stays (inf)
         out_tokens = np.array(outputs[at_token], dtype=np.int64).reshape(rows)
         layers = np.full(rows, layer, dtype=np.int64)
+        tops = None
+        if sample is not None and any(sample):  # copied: a deeper call of this graph would overwrite them
+            ids, logits = (np.array(outputs[k]) for k in self._early_tops)
+            tops = [(ids[r], logits[r]) if sample[r] and leave[r] else None for r in range(rows)]
         deeper = self.kv[1]
         for r in np.flatnonzero(leave).tolist():
             deeper.add_pending(slots[r], hidden[r])
         if leave.all():
-            return out_tokens, layers
+            return out_tokens, layers, tops
+        sampled = [False] * rows if tops is None else list(sample)
         results = [StepResult(token=int(out_tokens[r]), exit_layer=layer if leave[r] else -1) for r in range(rows)]
         xs = [np.array(h) for h in hidden]  # the next call may overwrite the outputs
         going = np.flatnonzero(~leave).tolist()
-        self._descend(_Rows(list(slots), xs, list(thresholds), metric, False, [False] * rows, results,
+        self._descend(_Rows(list(slots), xs, list(thresholds), metric, False, sampled, results,
                             [h[-1] for h in xs]), 1, going)
         for r in going:
             out_tokens[r], layers[r] = results[r].token, results[r].exit_layer
-        return out_tokens, layers
+            if sampled[r]:
+                tops[r] = results[r].top_ids, results[r].top_logits
+        return out_tokens, layers, tops
 
     def _riders(self, kv: SegmentKV, slots: list[int], results: list[StepResult]) -> list[int]:
         """Rows that left at an earlier exit this step and owe this segment exactly one position: they

@@ -232,8 +232,10 @@ class Engine:
         # Full mode's own step (`Batch.full`) serves a step whose rows are all in full mode; not a split's
         # device, whose last layers answer from a server.
         self._full, self._layers = self.batch.tail is None, self.batch.specs[-1].exit.layer
-        # Early exit's own step (`Batch.early`) serves greedy rows whose metric is one of the heads' scores.
+        # Early exit's own step (`Batch.early`) serves rows whose metric is one of the heads' scores: greedy
+        # ones, and sampled ones where the heads return their top tokens.
         self._early = self.batch.can_exit_early and self.metric < len(GRAPH_METRICS)
+        self._sample_early = self._early and self.batch.can_sample_early
         self._context = context
         self.monitor = monitor
         self._stats = Stats
@@ -307,7 +309,8 @@ class Engine:
                 events.append(self._emit(request, request.choose(result), result.exit_layer, 0.0, result.fallback))
         if running and self._full and all(self.slots[s].thresholds is None for s in running):
             self._step_full(running, events)
-        elif running and self._early and all(self.slots[s].sampling is None for s in running):
+        elif running and self._early and (
+                self._sample_early or all(self.slots[s].sampling is None for s in running)):
             self._step_early(running, events)
         elif running:
             start = time.perf_counter()
@@ -335,14 +338,18 @@ class Engine:
             events.append(self._emit(request, token, self._layers, elapsed))
 
     def _step_early(self, running: list[int], events: list) -> None:
-        """A step of greedy rows with a confidence score from the heads: `Batch.early`."""
+        """A step of rows whose confidence score comes from the heads: `Batch.early`."""
         slots = self.slots
+        sample = [slots[s].sampling is not None for s in running]
         start = time.perf_counter()
-        tokens, layers = self.batch.early(running, [slots[s].tokens[-1] for s in running],
-                                          [slots[s].thresholds for s in running], self.metric)
+        tokens, layers, tops = self.batch.early(running, [slots[s].tokens[-1] for s in running],
+                                                [slots[s].thresholds for s in running], self.metric,
+                                                sample if any(sample) else None)
         elapsed = time.perf_counter() - start
         for r, slot in enumerate(running):
-            events.append(self._emit(slots[slot], int(tokens[r]), int(layers[r]), elapsed))
+            request = slots[slot]
+            token = int(tokens[r]) if request.sampling is None else request.sampling.draw(*tops[r], request.rng)
+            events.append(self._emit(request, token, int(layers[r]), elapsed))
 
     def run(self) -> None:
         """Step until nothing is running or waiting (in the caller's thread)."""
