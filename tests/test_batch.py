@@ -423,6 +423,32 @@ def test_early_exit_step_is_the_general_steps(tiny_compiled):
                 np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
 
 
+def test_early_exit_step_of_one_row_is_the_general_steps(tiny_compiled):
+    """One greedy row (`Batch.early`'s scalar path) against the general step: the same token and exit
+    every step, tokens leaving at the first exit and going deeper, and the same KV and pending
+    positions afterwards."""
+    model = load(tiny_compiled.artifact)
+    first, second = tiny_compiled.exits
+    fast, general = (model.new_batch(rows=2, capacity=8) for _ in range(2))
+    token = fast.prefill([1], [PROMPTS[0]])[0].token
+    assert token == general.prefill([1], [PROMPTS[0]])[0].token
+    seen = set()
+    for step in range(24):
+        thresholds = [{first: -math.inf} if 8 <= step < 14 else {first: 0.4, second: 0.3}]
+        got_tokens, got_layers, _ = fast.early([1], [token], thresholds, 0)
+        want = general.step([1], [[token]], thresholds, 0)[0]
+        assert (got_tokens[0], got_layers[0]) == (want.token, want.exit_layer), step
+        seen.add(got_layers[0])
+        token = got_tokens[0]
+    assert first in seen and len(seen) >= 2, seen
+    for a, b in zip(fast.kv, general.kv):
+        assert a.lengths[1] == b.lengths[1] and (a.pending[1] is None) == (b.pending[1] is None)
+        if a.pending[1] is not None:
+            np.testing.assert_array_equal(a.pending[1], b.pending[1])
+        for x, y in zip(a.kv_of(1), b.kv_of(1)):
+            np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+
+
 def test_sampled_and_greedy_rows_in_early_exits_step(tiny_compiled, monkeypatch):
     """Seeded sampled requests beside greedy ones, through the engine: with early exit's own step
     serving them all, each request gets what the general step gives it (the same draws from the same
