@@ -8,7 +8,11 @@ that request's own threshold (the batch shrinks at every exit); finished
 requests (end of sequence, a stop string, ``max_new_tokens``, the context)
 are retired and their rows given to the next. Live rows are kept in the
 first slots, so one call covers them: a retired row's slot takes the last
-live row (`Batch.move`).
+live row (`Batch.move`). A step runs the strategy its rows' modes allow: full
+mode's own (`Batch.full`) when every row is in full mode, early exit's own
+(`Batch.early`) when the confidence comes from the heads' scores, greedy or
+sampled, and the general `Batch.step` otherwise (the classifier and cosine
+metrics, the monitor, a split's device).
 
 A request can be cancelled from any thread (`Request.cancel`, a client gone):
 its row and KV are released before the next step. ``max_waiting`` bounds the
