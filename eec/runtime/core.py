@@ -361,11 +361,11 @@ class Batch:
         if sample is not None and any(sample):  # copied: a deeper call of this graph would overwrite them
             ids, logits = (np.array(outputs[k]) for k in self._early_tops)
             tops = [(ids[r], logits[r]) if sample[r] and leave[r] else None for r in range(rows)]
-        deeper = self.kv[1]
-        for r in np.flatnonzero(leave).tolist():
-            deeper.add_pending(slots[r], hidden[r])
         if leave.all():
+            self.kv[1].pending.add_rows(np.asarray(slots), hidden[:, 0])
             return out_tokens, layers, tops
+        if leave.any():
+            self.kv[1].pending.add_rows(np.asarray(slots)[leave], hidden[leave, 0])
         sampled = [False] * rows if tops is None else list(sample)
         results = [StepResult(token=int(out_tokens[r]), exit_layer=layer if leave[r] else -1) for r in range(rows)]
         xs = [np.array(h) for h in hidden]  # the next call may overwrite the outputs
