@@ -477,3 +477,51 @@ def test_sampled_and_greedy_rows_in_early_exits_step(tiny_compiled, monkeypatch)
     assert same(got, general)
     n = tiny_compiled.hf.config.num_hidden_layers
     assert any(e < n for r in got[:3] for e in r.exits), "the sampled rows must leave early too"
+
+
+def test_pending_store_against_a_list_per_row():
+    """`Pending` (one store for every row, counts) against plain Python lists of positions per row,
+    through a random sequence of its operations: appends of several positions, one position for
+    several rows at once, growth past the first capacity, a row moved, a row forgotten, a queue set
+    from outside (copied, even from the store's own view), and positions of another shape refused
+    while any row holds some."""
+    from eec.runtime.kv import Pending
+
+    rng = np.random.default_rng(0)
+    pending, reference = Pending(5), [[] for _ in range(5)]
+
+    def check():
+        for slot, want in enumerate(reference):
+            got = pending[slot]
+            assert (got is None) == (not want), slot
+            if want:
+                np.testing.assert_array_equal(got, np.stack(want))
+
+    for _ in range(300):
+        op = int(rng.choice([0, 0, 0, 1, 1, 1, 2, 3, 4]))  # mostly appends: the store must grow
+        slot, other = (int(s) for s in rng.choice(5, size=2, replace=False))
+        if op == 0:
+            rows = rng.normal(size=(int(rng.integers(1, 5)), 3)).astype(np.float32)
+            pending.add(slot, rows)
+            reference[slot] += list(rows)
+        elif op == 1:
+            slots = np.sort(rng.choice(5, size=int(rng.integers(1, 6)), replace=False))
+            rows = rng.normal(size=(len(slots), 3)).astype(np.float32)
+            pending.add_rows(slots, rows)
+            for s, row in zip(slots, rows):
+                reference[s].append(row)
+        elif op == 2:
+            pending.move(slot, other)
+            reference[other], reference[slot] = reference[slot], []
+        elif op == 3:
+            pending[slot] = None
+            reference[slot] = []
+        elif op == 4 and reference[other]:
+            pending[slot] = pending[other]  # a view of the store itself
+            reference[slot] = list(reference[other])
+        check()
+    assert pending.store.shape[1] > 16  # it grew on the way
+    if not any(reference):
+        pending.add(0, np.zeros((1, 3), np.float32))
+    with pytest.raises(ValueError, match="cannot join"):
+        pending.add(0, np.zeros((1, 4), np.float32))
