@@ -1,10 +1,9 @@
 """Where a decode step's time goes: onnxruntime's calls against eec's host work around them.
 
 Runs a batch of prompts through one `eec.runtime.engine.Engine` and times, for every step after the
-prefill, the interval between two steps of the batch (`Batch.step`, or the mode's own: `Batch.full` where every
-row is in full mode, `Batch.early` for greedy early exit) and every `run_with_iobinding` inside one
-(`time.perf_counter`); the host
-time is the step less its calls, and its parts: before the first call of a step, after the last one
+prefill, the interval between two steps of the batch (`Batch.step`, or the mode's own: `Batch.full`
+where every row is in full mode, `Batch.early` for early exit scored by the heads) and every
+`run_with_iobinding` inside one (`time.perf_counter`); the host time is the step less its calls, and its parts: before the first call of a step, after the last one
 inside the step, and between steps (`Engine`). Medians of ``--rounds`` runs. Usage:
 
     .venv/bin/python bench/step_host.py ARTIFACT.eec --prompts P.txt [--batch 8] [--mode full|early-exit]

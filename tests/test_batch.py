@@ -413,14 +413,19 @@ def test_early_exit_step_is_the_general_steps(tiny_compiled):
         seen.update(got_layers.tolist())
         tokens = got_tokens.tolist()
     assert seen == {first, second, n}, seen
-    for a, b in zip(fast.kv, general.kv):
-        assert a.lengths.tolist() == b.lengths.tolist()
+    assert_same_rows(fast, general, slots)
+
+
+def assert_same_rows(a, b, slots):
+    """Every segment of batches ``a`` and ``b`` holds the same lengths, pending positions and KV for ``slots``."""
+    for x, y in zip(a.kv, b.kv):
+        assert x.lengths.tolist() == y.lengths.tolist()
         for s in slots:
-            assert (a.pending[s] is None) == (b.pending[s] is None), s
-            if a.pending[s] is not None:
-                np.testing.assert_array_equal(a.pending[s], b.pending[s])
-            for x, y in zip(a.kv_of(s), b.kv_of(s)):
-                np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+            assert (x.pending[s] is None) == (y.pending[s] is None), s
+            if x.pending[s] is not None:
+                np.testing.assert_array_equal(x.pending[s], y.pending[s])
+            for p, q in zip(x.kv_of(s), y.kv_of(s)):
+                np.testing.assert_allclose(p, q, atol=1e-5, rtol=1e-5)
 
 
 def test_early_exit_step_of_one_row_is_the_general_steps(tiny_compiled):
@@ -441,12 +446,7 @@ def test_early_exit_step_of_one_row_is_the_general_steps(tiny_compiled):
         seen.add(got_layers[0])
         token = got_tokens[0]
     assert first in seen and len(seen) >= 2, seen
-    for a, b in zip(fast.kv, general.kv):
-        assert a.lengths[1] == b.lengths[1] and (a.pending[1] is None) == (b.pending[1] is None)
-        if a.pending[1] is not None:
-            np.testing.assert_array_equal(a.pending[1], b.pending[1])
-        for x, y in zip(a.kv_of(1), b.kv_of(1)):
-            np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+    assert_same_rows(fast, general, [1])
 
 
 def test_sampled_and_greedy_rows_in_early_exits_step(tiny_compiled, monkeypatch):

@@ -161,8 +161,7 @@ class Batch:
             if self.can_exit_early else None
         # Sampled rows need the top tokens of whichever head decides: the first exit's inside its
         # segment's graph, and every deeper head's (older artifacts' heads lack them: `step` then).
-        self.can_sample_early = self.can_exit_early and "exit_top_ids" in with_head and all(
-            n in kv.graphs[PLAIN].names for kv in self.kv[-1:] for n in ("top_ids", "top_logits"))
+        self.can_sample_early = self.can_exit_early and "exit_top_ids" in with_head and None not in self._final_at
         self._early_tops = tuple(with_head.index(n) for n in ("exit_top_ids", "exit_top_logits")) \
             if self.can_sample_early else None
 
@@ -299,6 +298,19 @@ class Batch:
             going = [i for i in going if results[i].exit_layer < 0]
         raise AssertionError("unreachable: the last segment always returns")
 
+    def _last_tokens(self, slots: Sequence[int], tokens: Sequence[int]) -> tuple[np.ndarray, bool]:
+        """The rows' tokens in this batch size's own [rows, 1] array (the calls bind it once), and
+        whether the rows form one block in order, as the engine keeps them (one call's binding)."""
+        rows = len(slots)
+        x = self._ids.get(rows)
+        if x is None:
+            x = self._ids[rows] = np.zeros((rows, 1), dtype=np.int64)
+        if rows == 1:
+            x[0, 0] = tokens[0]
+            return x, True
+        x[:, 0] = tokens
+        return x, all(b == a + 1 for a, b in zip(slots, slots[1:]))
+
     def full(self, slots: Sequence[int], tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Full mode's step, a strategy of its own: each row's last token through every segment, one
         call a segment over all the rows, nothing else. Returns the final head's ``token`` ([rows])
@@ -307,15 +319,7 @@ class Batch:
         pending positions, no riders, no decisions or traces to make: `step` does that work for every
         mode, and at batch 1 its bookkeeping was the host time that separated eec's decode loop from
         a minimal one (`bench/step_host.py`). Not for a split's device part (`tail`)."""
-        rows = len(slots)
-        x = self._ids.get(rows)
-        if x is None:
-            x = self._ids[rows] = np.zeros((rows, 1), dtype=np.int64)
-        if rows == 1:
-            x[0, 0] = tokens[0]
-        else:
-            x[:, 0] = tokens
-        block = rows == 1 or all(b == a + 1 for a, b in zip(slots, slots[1:]))  # as the engine keeps them
+        x, block = self._last_tokens(slots, tokens)
         for kv, graph, hidden in self._chain:
             outputs = kv.block_step(graph, slots[0], x) if block and kv.shared else kv.call(PLAIN, slots, x)
             if hidden is not None:
@@ -331,19 +335,18 @@ class Batch:
         its head inside, and the rows leave or stay as arrays; only when a row stays does the step go
         on as `step` does (catch-ups, riders, deeper exits), from the second segment. Most steps end
         at the first exit, and there the general step's per-row objects and dicts were host time: on
-        the same sessions this step takes 1.7% off the step at batch 1 and 5.6% at batch 8 (code
-        model, 0.2 and 0.65 ms steps). Returns each row's token and the layers it passed through
-        (arrays, or lists of one), and with ``sample`` (per row; `can_sample_early`) each sampled
-        row's deciding head's top token ids and logits (None for the others; None in all for greedy
-        rows)."""
+        the same sessions this step takes 7-10% off the step at batch 1 (one row decides with Python
+        numbers) and 4-7% at batch 8 (code model, 0.2 and 0.65 ms steps). Returns each row's token
+        and the layers it passed through (arrays, or lists of one), and with ``sample`` (per row;
+        `can_sample_early`) each sampled row's deciding head's top token ids and logits (None for the
+        others; None in all for greedy rows)."""
         rows = len(slots)
-        x = self._ids.get(rows)
-        if x is None:
-            x = self._ids[rows] = np.zeros((rows, 1), dtype=np.int64)
-        x[:, 0] = tokens
-        kv, graph = self.kv[0], self.kv[0].graphs[WITH_HEAD]
-        block = rows == 1 or all(b == a + 1 for a, b in zip(slots, slots[1:]))
-        outputs = kv.block_step(graph, slots[0], x) if block and kv.shared else kv.call(WITH_HEAD, slots, x)
+        x, block = self._last_tokens(slots, tokens)
+        kv = self.kv[0]
+        if block and kv.shared:
+            outputs = kv.block_step(kv.graphs[WITH_HEAD], slots[0], x)
+        else:
+            outputs = kv.call(WITH_HEAD, slots, x)
         at_hidden, at_token, at_scores = self._early_at
         hidden, layer = outputs[at_hidden], self.specs[0].exit.layer  # hidden: [rows, 1, size]
         if rows == 1 and not sample:  # one greedy sequence: Python scalars, no array arithmetic (~10 µs a step)
@@ -361,11 +364,10 @@ class Batch:
         if sample is not None and any(sample):  # copied: a deeper call of this graph would overwrite them
             ids, logits = (np.array(outputs[k]) for k in self._early_tops)
             tops = [(ids[r], logits[r]) if sample[r] and leave[r] else None for r in range(rows)]
-        if leave.all():
-            self.kv[1].pending.add_rows(np.asarray(slots), hidden[:, 0])
-            return out_tokens, layers, tops
         if leave.any():
             self.kv[1].pending.add_rows(np.asarray(slots)[leave], hidden[leave, 0])
+        if leave.all():
+            return out_tokens, layers, tops
         sampled = [False] * rows if tops is None else list(sample)
         results = [StepResult(token=int(out_tokens[r]), exit_layer=layer if leave[r] else -1) for r in range(rows)]
         xs = [np.array(h) for h in hidden]  # the next call may overwrite the outputs

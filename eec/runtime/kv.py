@@ -75,9 +75,6 @@ class Pending:
         self.counts = np.zeros(rows, dtype=np.int64)
         self.store: np.ndarray | None = None
 
-    def __len__(self) -> int:
-        return len(self.counts)
-
     def __getitem__(self, slot: int) -> np.ndarray | None:
         n = self.counts[slot]
         return self.store[slot, :n] if n else None
@@ -113,15 +110,15 @@ class Pending:
     def _fit(self, end: int, like: np.ndarray) -> None:
         """A store that holds ``end`` positions a row, of ``like``'s type and shape after its first axis."""
         store = self.store
-        if store is not None and end <= store.shape[1] and store.dtype == like.dtype and store.shape[2:] == like.shape[1:]:
-            return
         if store is not None and (store.dtype != like.dtype or store.shape[2:] != like.shape[1:]):
             if self.counts.any():
                 raise ValueError(f"pending positions of shape {like.shape[1:]} ({like.dtype}) cannot join "
                                  f"queued ones of shape {store.shape[2:]} ({store.dtype})")
             store = None
-        grown = np.empty((len(self.counts), max(16, end, 2 * (0 if store is None else store.shape[1])),
-                          *like.shape[1:]), like.dtype)
+        if store is not None and end <= store.shape[1]:
+            return
+        capacity = max(16, end, 0 if store is None else 2 * store.shape[1])
+        grown = np.empty((len(self.counts), capacity, *like.shape[1:]), like.dtype)
         if store is not None:
             top = int(self.counts.max())
             grown[:, :top] = store[:, :top]
